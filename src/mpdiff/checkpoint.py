@@ -1,0 +1,73 @@
+"""Network files: safetensors weights + JSON config in the file's metadata (no pickle anywhere).
+
+A network file holds the state_dict of a :class:`~mpdiff.networks.Precond` (parameters and
+buffers) and, in its metadata, ``format = "mpdiff-network/1"``, ``network`` (the
+:class:`~mpdiff.presets.NetworkConfig` as a dict) and free-form fields such as ``nimg`` or
+``sigma_rel``. EMA snapshots and post-hoc reconstructions are network files too.
+"""
+
+import os
+
+import torch
+
+from .errors import CheckpointError
+from .fileio import load_tensors, read_metadata, save_tensors
+from .presets import NetworkConfig
+
+NETWORK_FORMAT = "mpdiff-network/1"
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def storage_dtype(name):
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise CheckpointError(f"unknown storage dtype {name!r}; expected one of {', '.join(_DTYPES)}") from None
+
+
+def save_network(path, state_dict, config, dtype="float32", **metadata):
+    """Write `state_dict` (floating tensors cast to `dtype`) with its NetworkConfig, atomically."""
+    target = storage_dtype(dtype)
+    tensors = {k: (v.to(target) if v.is_floating_point() else v) for k, v in state_dict.items()}
+    config_dict = config.to_dict() if isinstance(config, NetworkConfig) else dict(config)
+    save_tensors(path, tensors, dict(metadata, format=NETWORK_FORMAT, network=config_dict, dtype=dtype))
+
+
+def read_network_metadata(path):
+    meta = read_metadata(path)
+    if meta.get("format") != NETWORK_FORMAT:
+        raise CheckpointError(f"{path}: not an mpdiff network file (format {meta.get('format')!r}, "
+                              f"expected {NETWORK_FORMAT!r})")
+    return meta
+
+
+def load_network(path, device="cpu", eval_mode=True):
+    """Build the network described in a network file and load its weights (float32).
+
+    Returns (net, metadata). Mismatched or damaged files raise CheckpointError naming the file.
+    """
+    from .model import build_network
+
+    path = os.fspath(path)
+    meta = read_network_metadata(path)
+    config = NetworkConfig.from_dict(meta["network"], source=path)
+    tensors, _ = load_tensors(path)
+    with torch.device("meta"):
+        net = build_network(config, device="meta")
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match its network config "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for key, ref in expected.items():
+        if tuple(tensors[key].shape) != tuple(ref.shape):
+            raise CheckpointError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, "
+                                  f"expected {tuple(ref.shape)}")
+    net = build_network(config, device="cpu")
+    net.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items()})
+    net = net.to(device)
+    if eval_mode:
+        net.eval().requires_grad_(False)
+    return net, meta
