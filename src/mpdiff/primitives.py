@@ -112,6 +112,11 @@ class MPConv(torch.nn.Module):
     (standard WN, which projects the gradient onto the sphere's tangent plane, Eq. 59), and
     scaled by gain / sqrt(fan_in) so unit-RMS inputs give unit-RMS outputs (Eq. 46). No bias.
 
+    Forced WN uses the same eps as :func:`normalize` (as NVIDIA's code does), so a row of RMS r
+    ends at norm sqrt(fan_in) * r / (r + 1e-4), i.e. sqrt(fan_in) to ~1e-4 relative. Rescaling
+    exactly instead changes the Adam trajectory by ~1e-4 relative (measured; see docs/NUMERICS.md),
+    so we keep the reference behaviour.
+
     Eval forward skips the in-place step (EMA weights are re-normalized on use). When autograd
     is off, the effective weight is cached and reused until the weight or gain changes.
     """
