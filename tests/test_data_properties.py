@@ -1,0 +1,170 @@
+"""Property tests: hostile dataset.json and image bytes give a dataset or a DatasetError, nothing else."""
+
+import io
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from mpdiff.data import open_dataset, write_dataset_json
+from mpdiff.errors import DatasetError
+
+# Deterministic (derandomize) and small: the file runs in a few seconds. No deadline: a slow
+# example is not a failure; a hang would show as the test never finishing.
+SETTINGS = dict(max_examples=60, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+NAMES = ["a.png", "b.png", "sub/c.png"]
+
+
+def png(seed, size=4):
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.RandomState(seed).randint(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("props")
+    for i, name in enumerate(NAMES):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(png(i))
+    return root
+
+
+def open_or_error(path):
+    try:
+        ds = open_dataset(os.fspath(path), progress=False)
+    except DatasetError as e:
+        assert "\n" not in str(e)
+        event("DatasetError")
+        return None
+    event("opened")
+    return ds
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 2**70) | st.floats() | st.text(max_size=12) | st.sampled_from(NAMES),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8) | st.just("labels"), inner, max_size=4),
+    max_leaves=20)
+classes = st.integers(-2, 12) | st.floats(-1, 5) | st.booleans() | st.none() | st.text(max_size=3)
+entries = st.lists(st.tuples(st.sampled_from(NAMES + ["gone.png", "A.png"]), classes).map(list), max_size=5)
+valid_entries = st.permutations(NAMES).flatmap(
+    lambda names: st.lists(st.integers(0, 12), min_size=len(names), max_size=len(names)).map(
+        lambda cls: [[name, c] for name, c in zip(names, cls)]))
+near_valid_docs = st.fixed_dictionaries({"labels": st.none() | entries | valid_entries | valid_entries.map(lambda e: e[:-1])},
+                                        optional={"num_classes": st.none() | st.integers(-1, 15) | st.floats(0, 12)})
+
+
+def check_consistent(ds, doc):
+    """A dataset that opened must carry exactly the labels the file states."""
+    assert isinstance(doc, dict)
+    if doc["labels"] is None:
+        assert ds.labels is None and ds.num_classes == 0
+        return
+    stated = {path: cls for path, cls in doc["labels"]}
+    assert sorted(stated) == sorted(NAMES) and len(doc["labels"]) == len(NAMES)
+    assert ds.labels.tolist() == [stated[name] for name in sorted(NAMES)]
+    declared = doc.get("num_classes")
+    assert ds.num_classes == (max(stated.values()) + 1 if declared is None else declared)
+    assert ds.labels.max() < ds.num_classes
+
+
+@settings(**SETTINGS)
+@given(doc=json_values | near_valid_docs)
+def test_any_json_labels_open_consistently_or_fail_cleanly(base_dir, doc):
+    (base_dir / "dataset.json").write_text(json.dumps(doc))
+    ds = open_or_error(base_dir)
+    if ds is not None:
+        check_consistent(ds, doc)
+
+
+@settings(**SETTINGS)
+@given(data=st.binary(max_size=200) | st.sampled_from([b'{"labels": null}', b'\xef\xbb\xbf{"labels": null}',
+                                                       b"[" * 100000, b'{"labels": [["a.png", 1' + b"0" * 5000 + b"]]}"]))
+def test_any_bytes_as_labels_file_open_or_fail_cleanly(base_dir, data):
+    (base_dir / "dataset.json").write_bytes(data)
+    ds = open_or_error(base_dir)
+    if ds is not None:
+        check_consistent(ds, json.loads(data))
+
+
+VALID_IMAGES = [png(7, 8), png(8, 4)]
+for fmt in ["JPEG", "BMP", "WEBP"]:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buffer, fmt)
+    VALID_IMAGES.append(buffer.getvalue())
+
+
+@st.composite
+def damaged_images(draw):
+    """A valid image with some bytes replaced and maybe cut short, or plain random bytes."""
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=300))
+    data = bytearray(draw(st.sampled_from(VALID_IMAGES)))
+    for _ in range(draw(st.integers(0, 3))):
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    return bytes(data[: draw(st.integers(0, len(data)))]) if draw(st.booleans()) else bytes(data)
+
+
+@settings(**SETTINGS)
+@given(data=damaged_images())
+def test_any_bytes_as_image_give_valid_dataset_or_error(data):
+    with tempfile.TemporaryDirectory() as root:
+        with open(os.path.join(root, "x.png"), "wb") as f:
+            f.write(data)
+        ds = open_or_error(root)
+    if ds is not None:
+        assert len(ds) == 1 and ds.images.dtype == np.uint8 and ds.channels in (1, 3)
+        assert ds.resolution >= 4 and ds.resolution & (ds.resolution - 1) == 0
+
+
+def zip_bytes(compression):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
+        archive.writestr("a.png", png(1))
+        archive.writestr("dataset.json", '{"labels": [["a.png", 3]]}')
+    return buffer.getvalue()
+
+
+ZIPS = [zip_bytes(zipfile.ZIP_STORED), zip_bytes(zipfile.ZIP_DEFLATED)]
+
+
+@settings(**SETTINGS)
+@given(data=st.data())
+def test_damaged_zip_gives_dataset_or_error(data):
+    archive = bytearray(data.draw(st.sampled_from(ZIPS)))
+    for _ in range(data.draw(st.integers(1, 4))):
+        archive[data.draw(st.integers(0, len(archive) - 1))] = data.draw(st.integers(0, 255))
+    with tempfile.TemporaryDirectory() as root:
+        path = os.path.join(root, "d.zip")
+        with open(path, "wb") as f:
+            cut = data.draw(st.integers(0, len(archive))) if data.draw(st.booleans()) else len(archive)
+            f.write(bytes(archive[:cut]))
+        ds = open_or_error(path)
+    if ds is not None:
+        assert len(ds) == 1 and ds.images.dtype == np.uint8
+
+
+@settings(**SETTINGS)
+@given(assignment=st.lists(st.integers(0, 40), min_size=1, max_size=6), extra=st.integers(0, 3),
+       paths=st.permutations(["x/1.png", "x/2.png", "y/3.png", "4.png", "z/w/5.png", "6.png"]))
+def test_write_dataset_json_round_trip(assignment, extra, paths):
+    chosen = paths[: len(assignment)]
+    with tempfile.TemporaryDirectory() as root:
+        for i, name in enumerate(chosen):
+            os.makedirs(os.path.join(root, os.path.dirname(name)), exist_ok=True)
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(png(i))
+        num_classes = max(assignment) + 1 + extra
+        write_dataset_json(root, list(zip(chosen, assignment)), num_classes=num_classes)
+        ds = open_or_error(root)
+    assert ds is not None
+    expected = dict(zip(chosen, assignment))
+    assert ds.labels.tolist() == [expected[name] for name in sorted(chosen)] and ds.num_classes == num_classes
