@@ -1,0 +1,47 @@
+"""Writing images: PNG files (atomically) and sample grids."""
+
+import io
+import math
+
+import numpy as np
+from PIL import Image
+
+from .fileio import write_bytes
+
+
+def to_pil(image_uint8):
+    """uint8 array [C, H, W] (C = 1 or 3) -> PIL image."""
+    array = np.asarray(image_uint8)
+    if array.shape[0] == 1:
+        return Image.fromarray(array[0], mode="L")
+    return Image.fromarray(np.transpose(array, (1, 2, 0)), mode="RGB")
+
+
+def save_png(path, image_uint8):
+    buffer = io.BytesIO()
+    to_pil(image_uint8).save(buffer, format="PNG")
+    write_bytes(path, buffer.getvalue())
+
+
+def make_grid(images_uint8, columns=None, pad=1, upscale=1):
+    """Tile uint8 images [N, C, H, W] into one uint8 image [C, H', W'] (row-major)."""
+    images = np.asarray(images_uint8)
+    n, c, h, w = images.shape
+    columns = columns or int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / columns))
+    if upscale > 1:
+        images = images.repeat(upscale, axis=2).repeat(upscale, axis=3)
+        h, w = h * upscale, w * upscale
+    grid = np.zeros((c, rows * (h + pad) + pad, columns * (w + pad) + pad), dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, y:y + h, x:x + w] = image
+    return grid
+
+
+def save_grid(path, images_uint8, columns=None, upscale=None):
+    images_uint8 = np.asarray(images_uint8)
+    if upscale is None:  # make tiny images (e.g. 8x8 digits) visible
+        upscale = max(1, 64 // images_uint8.shape[-1])
+    save_png(path, make_grid(images_uint8, columns=columns, upscale=upscale))
