@@ -1,0 +1,493 @@
+"""Power-function EMA and post-hoc reconstruction (SPEC §5, §11 items 6-8)."""
+
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import quad
+
+from mpdiff import phema
+from mpdiff.checkpoint import save_network
+from mpdiff.errors import CheckpointError, ConfigError
+from mpdiff.fileio import load_tensors, read_metadata
+
+
+# ------------------------------------------------------------------------------------------------
+# Profile math.
+
+
+def test_sigma_rel_gamma_round_trip():
+    sigma_rel = np.linspace(0.002, 0.288, 301)
+    assert np.allclose(phema.gamma_to_sigma_rel(phema.sigma_rel_to_gamma(sigma_rel)), sigma_rel, rtol=1e-9, atol=0)
+    gamma = np.geomspace(0.01, 1e4, 101)
+    assert np.allclose(phema.sigma_rel_to_gamma(phema.gamma_to_sigma_rel(gamma)), gamma, rtol=1e-9, atol=0)
+
+
+def test_gamma_table_of_spec():
+    table = {0.015: 63.66, 0.034: 26.39, 0.050: 16.97, 0.100: 6.94, 0.130: 4.60, 0.150: 3.56,
+             0.200: 1.83, 0.250: 0.72}  # SPEC §5.3
+    gamma = phema.sigma_rel_to_gamma(list(table))
+    assert np.round(gamma, 2).tolist() == list(table.values())
+
+
+def test_sigma_rel_to_gamma_broadcasts_and_is_the_largest_root():
+    sigma_rel = np.array([[0.05, 0.1, 0.2], [0.01, 0.05, 0.28]])
+    gamma = phema.sigma_rel_to_gamma(sigma_rel)
+    assert gamma.shape == (2, 3) and gamma[0, 0] == gamma[1, 1]
+    c = sigma_rel ** -2
+    assert np.allclose(gamma ** 3 + 7 * gamma ** 2 + (16 - c) * gamma + (12 - c), 0, atol=1e-6 * c * gamma)
+    assert np.all(gamma > 0)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 12 ** -0.5, 0.3, float("nan"), [0.05, 0.5]])
+def test_sigma_rel_outside_valid_range_raises(bad):
+    with pytest.raises(ConfigError, match="sigma_rel"):
+        phema.sigma_rel_to_gamma(bad)
+
+
+def test_profile_has_unit_mass_and_the_stated_width():
+    for sigma_rel in (0.03, 0.1, 0.25):
+        t = 3.0e6
+        p = lambda tau: phema.power_function_profile(tau, t, sigma_rel)
+        mass = quad(p, 0, t, limit=200)[0]
+        mean = quad(lambda tau: tau * p(tau), 0, t, limit=200)[0]
+        var = quad(lambda tau: (tau - mean) ** 2 * p(tau), 0, t, limit=200)[0]
+        assert mass == pytest.approx(1, rel=1e-9)
+        assert math.sqrt(var) / t == pytest.approx(sigma_rel, rel=1e-7)
+        assert p(0.0) == 0  # no weight on the initial parameters
+    assert phema.power_function_profile(2.0, 1.0, 0.1) == 0
+
+
+def test_first_update_beta_is_zero_and_later_betas_follow_eq_127():
+    assert np.all(phema.power_function_beta([0.05, 0.1, 0.2], 2048, 2048) == 0)
+    gamma = phema.sigma_rel_to_gamma(0.1)
+    assert phema.power_function_beta(0.1, 10 * 2048, 2048) == pytest.approx(0.9 ** (gamma + 1), rel=1e-12)
+
+
+@pytest.mark.parametrize("t_a, sigma_a, t_b, sigma_b", [
+    (1.0, 0.05, 1.0, 0.10), (0.4, 0.10, 1.0, 0.05), (1.0, 0.20, 0.3, 0.03), (0.7, 0.25, 0.7, 0.25)])
+def test_inner_product_equals_numerical_integration(t_a, sigma_a, t_b, sigma_b):
+    product = lambda tau: (phema.power_function_profile(tau, t_a, sigma_a) *
+                           phema.power_function_profile(tau, t_b, sigma_b))
+    numeric = quad(product, 0, min(t_a, t_b), limit=500, epsabs=0, epsrel=1e-12)[0]
+    closed = phema.power_function_inner_product(t_a, sigma_a, t_b, sigma_b)
+    assert closed == pytest.approx(numeric, rel=1e-8)
+    assert phema.power_function_inner_product(t_b, sigma_b, t_a, sigma_a) == pytest.approx(closed, rel=1e-12)
+
+
+def test_inner_product_is_overflow_safe_and_scales_as_one_over_time():
+    small = phema.power_function_inner_product(1.0, 0.01, 3.0, 0.012)
+    large = phema.power_function_inner_product(1e12, 0.01, 3e12, 0.012)  # t^gamma would overflow (gamma ~ 150)
+    assert np.isfinite(large) and large > 0
+    assert large * 1e12 == pytest.approx(small, rel=1e-10)
+
+
+def test_discrete_response_sums_to_one_and_ends_at_t():
+    response = phema.power_function_response([50, 80], [[0.05], [0.2]], 100)
+    assert response.shape == (2, 2, 100)
+    assert np.allclose(response.sum(-1), 1)
+    assert np.all(response[..., 0, 51:] == 0) and np.all(response[..., 1, 81:] == 0)
+    assert np.argmax(response[0, 0]) == 50
+
+
+def _two_profile_inputs(num_times, t_end=1.0):
+    times = np.arange(1, num_times + 1) * t_end / num_times
+    return np.repeat(times, 2), np.tile([0.05, 0.10], num_times)
+
+
+def test_coefficients_sum_to_one_and_have_shape_inputs_by_outputs():
+    in_t, in_sigma_rel = _two_profile_inputs(12, t_end=12 * 8 * 2 ** 20)
+    coefficients = phema.solve_posthoc_coefficients(in_t, in_sigma_rel, in_t[-1], [0.02, 0.07, 0.15, 0.25])
+    assert coefficients.shape == (24, 4)
+    assert np.allclose(coefficients.sum(axis=0), 1, rtol=0, atol=1e-12)
+
+
+def test_reconstructing_a_tracked_profile_gives_one_hot_coefficients():
+    in_t, in_sigma_rel = _two_profile_inputs(10, t_end=10 * 4096)
+    coefficients = phema.solve_posthoc_coefficients(in_t, in_sigma_rel, in_t[-1], [0.05, 0.10])
+    expected = np.zeros((20, 2))
+    expected[18, 0] = expected[19, 1] = 1
+    assert np.allclose(coefficients, expected, atol=1e-6)
+
+
+def test_reconstruction_error_of_a_synthetic_target_falls_with_snapshot_count():
+    errors = []
+    for num_times in (4, 8, 16, 32, 64):
+        in_t, in_sigma_rel = _two_profile_inputs(num_times)
+        errors.append(phema.profile_reconstruction_error(in_t, in_sigma_rel, 1.0, 0.07)[1])
+    assert all(b < 0.5 * a for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 1e-3
+
+
+def test_reconstructed_profile_matches_target_between_snapshot_times():
+    in_t, in_sigma_rel = _two_profile_inputs(64)
+    coefficients = phema.solve_posthoc_coefficients(in_t, in_sigma_rel, 1.0, 0.13)[:, 0]
+    tau = np.linspace(0.01, 0.99, 50) + 0.5 / 64  # away from the jumps at snapshot times
+    approx = phema.reconstructed_profile(tau, in_t, in_sigma_rel, coefficients)
+    target = phema.power_function_profile(tau, 1.0, 0.13)
+    assert np.max(np.abs(approx - target)) < 0.02 * target.max()
+
+
+# ------------------------------------------------------------------------------------------------
+# Half-life conversion (traditional EMA).
+
+
+def test_halflife_conversion_approaches_the_small_halflife_formula():
+    t = 2147.5  # config A: 50 Mimg half-life after 2147.5 Mimg (SPEC §5.2)
+    assert phema.halflife_to_sigma_rel(50, t) == pytest.approx(50 / (t * math.log(2)), rel=1e-9)
+    assert round(float(phema.halflife_to_sigma_rel(50, t)), 4) == 0.0336
+    ratio = phema.halflife_to_sigma_rel(np.array([1e-6, 1e-3, 1e-2]), 1.0) / (np.array([1e-6, 1e-3, 1e-2]) / math.log(2))
+    assert np.allclose(ratio, 1, rtol=1e-9)
+    # Not the approximation once the mass on the initial weights matters.
+    assert phema.halflife_to_sigma_rel(0.5, 1.0) < 0.6 * 0.5 / math.log(2)
+
+
+def test_halflife_conversion_round_trips_on_the_short_branch():
+    halflife = np.array([1e-5, 1e-3, 0.05, 0.2, 0.5, 0.6])
+    sigma_rel = phema.halflife_to_sigma_rel(halflife, 1.0)
+    assert np.allclose(phema.sigma_rel_to_halflife(sigma_rel, 1.0), halflife, rtol=1e-8)
+    assert phema.sigma_rel_to_halflife(0.1, 7e6) == pytest.approx(7e6 * phema.sigma_rel_to_halflife(0.1, 1.0))
+    with pytest.raises(ConfigError):
+        phema.sigma_rel_to_halflife(0.37, 1.0)  # wider than any traditional EMA gets
+
+
+@pytest.mark.parametrize("halflife_steps", [20, 300])
+def test_halflife_conversion_matches_a_tracked_traditional_ema(halflife_steps):
+    """The exact conversion (truncated exponential + mass on theta(0)) is the width a tracker really has."""
+    steps, batch = 1000, 4
+    weights = _response_weights(lambda module: phema.TraditionalEMA(module, halflife_steps * batch, rampup_ratio=None),
+                                steps, batch, every=1, include_initial=True)
+    tau = np.arange(steps + 1) / steps
+    mean = np.sum(weights * tau)
+    sigma_rel = math.sqrt(np.sum(weights * (tau - mean) ** 2))
+    assert weights.sum() == pytest.approx(1, abs=1e-5)
+    assert sigma_rel == pytest.approx(float(phema.halflife_to_sigma_rel(halflife_steps, steps)), rel=5e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Trackers.
+
+
+class _Vector(torch.nn.Module):
+    """A module whose only parameter is a vector, plus a buffer, to drive trackers with any trajectory."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.zeros(size))
+        self.register_buffer("counter", torch.zeros(()))
+
+
+def _response_weights(make_tracker, steps, batch, every, include_initial=False, naive_delta=False):
+    """Weights a tracker gives to the weights of each step: drive theta(step k) = e_k (one-hot)."""
+    module = _Vector(steps + 1)
+    with torch.no_grad():
+        module.theta[0] = 1  # theta(0): the initial weights
+    tracker = make_tracker(module)
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            module.theta.zero_()
+            module.theta[step] = 1
+        if step % every == 0:
+            tracker.update(step * batch, batch if naive_delta else every * batch)
+    weights = tracker.averaged_state_dict()["theta"].double().numpy()
+    return weights if include_initial else weights[1:]
+
+
+def _closed_form_average(trajectory, step_times, sigma_rel, t_end):
+    """Integral of the power profile at t_end against theta(tau) = trajectory[k] on (step_times[k-1], step_times[k]]."""
+    starts = np.concatenate([[0.0], step_times[:-1]])
+    profile = lambda tau: float(phema.power_function_profile(tau, t_end, sigma_rel))
+    masses = np.array([quad(profile, a, b, epsabs=0, epsrel=1e-11)[0] for a, b in zip(starts, step_times)])
+    return masses @ trajectory
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_power_ema_tracker_equals_closed_form_average(every):
+    """SPEC §11 item 8: updates every step and every 4 steps (4x the images per update) are both exact."""
+    steps, batch, size = 64, 32, 5
+    rng = np.random.default_rng(0)
+    trajectory = np.cumsum(rng.normal(size=(steps, size)), axis=0) + 3 * np.sin(np.arange(steps) / 7)[:, None]
+    module = _Vector(size)
+    tracker = phema.PowerFunctionEMA(module, sigma_rels=(0.05, 0.10, 0.2))
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            module.theta.copy_(torch.from_numpy(trajectory[step - 1]))
+        if step % every == 0:
+            tracker.update(step * batch, every * batch)
+    seen = trajectory[every - 1::every]                      # the weights the tracker saw ...
+    seen_times = np.arange(every, steps + 1, every) * batch  # ... each held over the images since the last update
+    for index, sigma_rel in enumerate(tracker.sigma_rels):
+        expected = _closed_form_average(seen, seen_times.astype(np.float64), sigma_rel, steps * batch)
+        got = tracker.averaged_state_dict(index)["theta"].double().numpy()
+        assert np.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_spaced_updates_keep_the_profile_width_while_per_step_decay_widens_it():
+    """Update every 4 steps with beta from the images since the last update: the width stays sigma_rel.
+    Reusing the per-step beta at each spaced update (the common mistake) makes the average much longer."""
+    steps, batch, sigma_rel = 512, 16, 0.05
+    tau = np.arange(1, steps + 1) / steps
+
+    def width(weights):
+        mean = np.sum(weights * tau)
+        return math.sqrt(np.sum(weights * (tau - mean) ** 2))
+
+    make = lambda module: phema.PowerFunctionEMA(module, sigma_rels=[sigma_rel])
+    every_step = width(_response_weights(make, steps, batch, every=1))
+    spaced = width(_response_weights(make, steps, batch, every=4))
+    naive = width(_response_weights(make, steps, batch, every=4, naive_delta=True))
+    assert every_step == pytest.approx(sigma_rel, rel=0.02)
+    assert spaced == pytest.approx(sigma_rel, rel=0.03)
+    assert naive > 1.5 * sigma_rel
+
+
+def test_first_tracker_update_copies_the_live_weights():
+    module = torch.nn.Linear(3, 2)
+    tracker = phema.PowerFunctionEMA(module)
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    tracker.update(64, 64)
+    for index in range(2):
+        assert torch.equal(tracker.averaged_state_dict(index)["weight"], module.weight.detach())
+
+
+def test_traditional_ema_beta_uses_images_since_last_update_and_rampup():
+    module = _Vector(1)
+    tracker = phema.TraditionalEMA(module, halflife_img=1000, rampup_ratio=0.09)
+    expected = 0.0
+    for step, nimg in enumerate([100, 400, 20000, 30000], start=1):
+        delta = nimg - ([0, 100, 400, 20000][step - 1])
+        with torch.no_grad():
+            module.theta.fill_(float(step))
+        tracker.update(nimg, delta)
+        beta = 0.5 ** (delta / min(1000, 0.09 * nimg))
+        expected = beta * expected + (1 - beta) * step
+    assert tracker.averaged_state_dict()["theta"].item() == pytest.approx(expected, rel=1e-6)
+    assert tracker.current_halflife(100) == pytest.approx(9.0) and tracker.current_halflife(1e9) == 1000
+
+
+def test_traditional_ema_is_the_same_with_spaced_updates_without_rampup():
+    make = lambda module: phema.TraditionalEMA(module, halflife_img=40 * 8, rampup_ratio=None)
+    every_step = _response_weights(make, 200, 8, every=1, include_initial=True)
+    spaced = _response_weights(make, 200, 8, every=4, include_initial=True)
+    assert spaced[0] == pytest.approx(every_step[0], rel=1e-5)  # same mass left on theta(0)
+    # A spaced update gives step 4j the weight that every-step updates spread over steps 4j-3 .. 4j.
+    assert np.allclose(spaced[4::4], every_step[1:].reshape(-1, 4).sum(axis=1), rtol=1e-5, atol=1e-7)
+
+
+def test_tracker_state_dict_round_trip_through_torch_save(tmp_path):
+    module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+    tracker = phema.PowerFunctionEMA(module, sigma_rels=(0.05, 0.1))
+    for step in range(1, 6):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn_like(p))
+        tracker.update(step * 10, 10)
+    torch.save(tracker.state_dict(), tmp_path / "ema.pt")
+    state = torch.load(tmp_path / "ema.pt", weights_only=True)
+    other = phema.PowerFunctionEMA(module, sigma_rels=(0.2,))
+    other.load_state_dict(state)
+    assert other.sigma_rels == (0.05, 0.1) and other.nimg == 50
+    for a, b in zip(tracker.averages, other.averages):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    traditional = phema.TraditionalEMA(module, halflife_img=20)
+    traditional.update(10, 10)
+    restored = phema.TraditionalEMA(module, halflife_img=1)
+    restored.load_state_dict(traditional.state_dict())
+    assert restored.halflife_img == 20 and torch.equal(restored.averaged_state_dict()["0.weight"],
+                                                        traditional.averaged_state_dict()["0.weight"])
+    with pytest.raises(CheckpointError, match="do not match"):
+        phema.PowerFunctionEMA(torch.nn.Linear(4, 8)).load_state_dict(state)
+
+
+def test_averaged_state_dict_has_buffers_and_copy_to_loads_it():
+    module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+    tracker = phema.PowerFunctionEMA(module, sigma_rels=(0.05, 0.1))
+    tracker.update(8, 8)
+    with torch.no_grad():
+        module[0].weight.add_(1)
+        module[1].running_mean.fill_(3)
+    tracker.update(16, 8)
+    state = tracker.averaged_state_dict(0.1)
+    assert set(state) == set(module.state_dict())
+    assert torch.equal(state["1.running_mean"], module[1].running_mean)  # buffers from the live module
+    assert not torch.equal(state["0.weight"], module[0].weight)           # parameters averaged
+    fresh = tracker.copy_to(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8)), 1)
+    assert torch.equal(fresh[0].weight, state["0.weight"])
+    with pytest.raises(ConfigError, match="not tracked"):
+        tracker.averaged_state_dict(0.07)
+
+
+# ------------------------------------------------------------------------------------------------
+# Snapshots and reconstruction.
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(6, 5)
+        self.register_buffer("freqs", torch.randn(7))        # like MPFourier: fixed, never trained
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+
+CONFIG = {"kind": "tiny-test-module", "width": 5}
+
+
+def _make_run(run_dir, num_times=6, batch=16, every=2, sigma_rels=(0.05, 0.10), extra=(), dtype="float32"):
+    """Train nothing, just walk the weights; snapshots of `sigma_rels` every `every` steps + trackers of `extra`."""
+    torch.manual_seed(1)
+    module = _Tiny()
+    tracker = phema.PowerFunctionEMA(module, sigma_rels)
+    tracked = phema.PowerFunctionEMA(module, extra) if extra else None
+    snapshot_dir = os.path.join(run_dir, "snapshots")
+    for step in range(1, num_times * every + 1):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(0.1 * torch.randn_like(p) + 0.05)
+            module.steps += 1
+        tracker.update(step * batch, batch)
+        if tracked is not None:
+            tracked.update(step * batch, batch)
+        if step % every == 0:
+            tracker.save_snapshots(snapshot_dir, CONFIG, step=step, batch_size=batch, dtype=dtype)
+    return module, tracker, tracked
+
+
+def test_snapshot_files_are_network_files_listed_in_order(tmp_path):
+    _make_run(tmp_path, num_times=3)
+    records = phema.list_snapshots(tmp_path)
+    assert [(r.nimg, r.sigma_rel) for r in records] == [(n, s) for n in (32, 64, 96) for s in (0.05, 0.1)]
+    assert os.path.basename(records[0].path) == "ema-000000000032-0.050.safetensors"
+    assert phema.list_snapshots(tmp_path / "snapshots") == records
+    meta = read_metadata(records[-1].path)
+    assert meta["kind"] == "ema-snapshot" and meta["network"] == CONFIG
+    assert (meta["nimg"], meta["step"], meta["batch_size"]) == (96, 6, 16)
+    assert records[0].signature == (("freqs", (7,)), ("linear.bias", (5,)), ("linear.weight", (5, 6)),
+                                    ("steps", ()))
+
+
+def _expect_listing_error(path, culprit, match):
+    with pytest.raises(CheckpointError, match=match) as info:
+        phema.list_snapshots(path)
+    assert os.path.basename(culprit) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_listing_errors_name_the_culprit(tmp_path):
+    _expect_listing_error(tmp_path / "missing", "missing", "no such directory")
+    (tmp_path / "empty").mkdir()
+    _expect_listing_error(tmp_path / "empty", "empty", "no EMA snapshots")
+
+    def fresh(name):
+        run = tmp_path / name
+        _make_run(run, num_times=2)
+        return run, run / "snapshots"
+
+    run, snaps = fresh("duplicate")
+    shutil.copy(snaps / "ema-000000000032-0.050.safetensors", snaps / "ema-000000000032-0.050-copy.safetensors")
+    _expect_listing_error(run, "ema-000000000032-0.050", "duplicates")
+
+    run, snaps = fresh("keys")
+    state = _Tiny().state_dict()
+    state["extra"] = torch.zeros(2)
+    phema.save_snapshot(snaps / phema.snapshot_name(96, 0.05), state, 96, 0.05, 6, 16, CONFIG)
+    _expect_listing_error(run, "ema-000000000096-0.050", "names/shapes differ")
+
+    run, snaps = fresh("config")
+    phema.save_snapshot(snaps / phema.snapshot_name(96, 0.05), _Tiny().state_dict(), 96, 0.05, 6, 16,
+                        dict(CONFIG, width=7))
+    _expect_listing_error(run, "ema-000000000096-0.050", "network config differs")
+
+    run, snaps = fresh("dtype")
+    phema.save_snapshot(snaps / phema.snapshot_name(96, 0.05), _Tiny().state_dict(), 96, 0.05, 6, 16, CONFIG,
+                        dtype="float16")
+    _expect_listing_error(run, "ema-000000000096-0.050", "float16")
+
+    run, snaps = fresh("damaged")
+    victim = snaps / "ema-000000000064-0.100.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-20])
+    _expect_listing_error(run, victim.name, "damaged")
+
+    run, snaps = fresh("renamed")
+    os.rename(snaps / "ema-000000000064-0.100.safetensors", snaps / "ema-000000000128-0.100.safetensors")
+    _expect_listing_error(run, "ema-000000000128-0.100", "does not match its metadata")
+
+    run, snaps = fresh("foreign")
+    save_network(snaps / "ema-000000000096-0.050.safetensors", _Tiny().state_dict(), CONFIG, nimg=96, sigma_rel=0.05)
+    _expect_listing_error(run, "ema-000000000096-0.050", "not an mpdiff EMA snapshot")
+
+
+def test_reconstructing_a_tracked_profile_returns_the_stored_average(tmp_path):
+    module, tracker, _ = _make_run(tmp_path, num_times=8)
+    paths = phema.reconstruct(tmp_path, [0.10, 0.05], progress=False)
+    assert [os.path.basename(p) for p in paths] == ["phema-000000000256-0.050.safetensors",
+                                                    "phema-000000000256-0.100.safetensors"]
+    assert os.path.dirname(paths[0]) == os.path.join(str(tmp_path), "phema")
+    for path, sigma_rel in zip(paths, (0.05, 0.10)):
+        tensors, meta = load_tensors(path)
+        stored = tracker.averaged_state_dict(sigma_rel)
+        assert torch.allclose(tensors["linear.weight"], stored["linear.weight"], atol=1e-5)
+        assert torch.equal(tensors["freqs"], module.freqs)                   # identical in all inputs: copied
+        assert tensors["steps"].item() == 16                                  # integer: from the latest input
+        assert meta["kind"] == "phema-reconstruction" and meta["nimg"] == 256 and meta["sigma_rel"] == sigma_rel
+        assert meta["network"] == CONFIG and len(meta["coefficients"]) == 16
+        assert sum(meta["coefficients"]) == pytest.approx(1, abs=1e-9)
+        assert max(meta["coefficients"]) == pytest.approx(1, abs=1e-5)
+
+
+def test_reconstruction_of_an_untracked_profile_matches_a_tracker(tmp_path):
+    module, _, tracked = _make_run(tmp_path, num_times=24, every=2, extra=(0.07, 0.2))
+    out = tmp_path / "out"
+    one_pass = phema.reconstruct(tmp_path, [0.07, 0.2], out_dir=out, progress=False)
+    for path, sigma_rel in zip(one_pass, (0.07, 0.2)):
+        tensors = load_tensors(path)[0]
+        want = tracked.averaged_state_dict(sigma_rel)["linear.weight"]
+        assert torch.allclose(tensors["linear.weight"], want, rtol=0, atol=2e-3 * want.abs().max().item())
+        assert torch.equal(tensors["freqs"], module.freqs)  # buffers copied, not re-summed with rounding
+    # One output per pass gives the same files as both in one pass.
+    separate = phema.reconstruct(tmp_path, [0.07, 0.2], out_dir=tmp_path / "out1", batch_outputs=1, progress=False)
+    for a, b in zip(one_pass, separate):
+        assert torch.equal(load_tensors(a)[0]["linear.weight"], load_tensors(b)[0]["linear.weight"])
+
+
+def test_reconstruction_at_an_earlier_time_uses_only_earlier_snapshots(tmp_path):
+    _make_run(tmp_path, num_times=6)
+    [path] = phema.reconstruct(tmp_path, 0.08, at_nimg=100, dtype="float16", progress=False)
+    tensors, meta = load_tensors(path)
+    assert meta["nimg"] == 100 and os.path.basename(path) == "phema-000000000100-0.080.safetensors"
+    assert meta["inputs"] == [phema.snapshot_name(n, s) for n in (32, 64, 96) for s in (0.05, 0.1)]
+    assert tensors["linear.weight"].dtype == torch.float16
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sigma_rels=0.3), "sigma_rel"),
+    (dict(sigma_rels=[0.1, 0.0]), "sigma_rel"),
+    (dict(sigma_rels=[]), "no target"),
+    (dict(sigma_rels=[0.0701, 0.0704]), "collide"),
+    (dict(sigma_rels=0.1, at_nimg=97), "last snapshot"),
+    (dict(sigma_rels=0.1, at_nimg=0), "last snapshot"),
+    (dict(sigma_rels=0.1, at_nimg=10), "no snapshot"),
+    (dict(sigma_rels=0.1, dtype="float64"), "dtype"),
+])
+def test_reconstruct_rejects_bad_targets(tmp_path, kwargs, match):
+    _make_run(tmp_path, num_times=3)
+    with pytest.raises((ConfigError, CheckpointError), match=match):
+        phema.reconstruct(tmp_path, progress=False, **kwargs)
+    assert not (tmp_path / "phema").exists()
+
+
+def test_plot_ema_profile_writes_a_png_with_small_error_for_dense_snapshots(tmp_path):
+    pytest.importorskip("matplotlib")
+    from mpdiff.ema_plots import plot_ema_profile
+
+    _make_run(tmp_path / "sparse", num_times=3)
+    _make_run(tmp_path / "dense", num_times=24)
+    sparse_path, sparse_error = plot_ema_profile(tmp_path / "sparse", 0.07)
+    dense_path, dense_error = plot_ema_profile(tmp_path / "dense", 0.07, out_path=tmp_path / "p.png")
+    assert open(sparse_path, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.exists(dense_path)
+    assert os.path.dirname(sparse_path) == os.path.join(str(tmp_path / "sparse"), "phema")
+    assert dense_error < 0.5 * sparse_error
