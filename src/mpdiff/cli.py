@@ -92,7 +92,7 @@ def cli(debug):
 @click.option("--ema", default=None, help="Tracked EMA sigma_rel values, e.g. 0.05,0.10 [preset].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--status", default="16Ki", show_default=True, help="Stats/progress interval in images.")
-@click.option("--snapshot", default="32Ki", show_default=True, help="EMA snapshot interval in images.")
+@click.option("--snapshot", default="16Ki", show_default=True, help="EMA snapshot interval in images.")
 @click.option("--checkpoint", default="64Ki", show_default=True, help="Checkpoint interval in images.")
 @click.option("--sample", default=None, help="Sample-grid interval in images (always one at the end).")
 @click.option("--slice", "slice_", default=None, help="Stop this invocation after N more images.")

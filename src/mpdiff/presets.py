@@ -139,11 +139,11 @@ def _small_presets():
     digits = Preset(
         name="digits",
         description="Config-G U-Net for the built-in 8x8 digits (class-conditional, 10 classes)",
-        network=NetworkConfig(img_resolution=8, img_channels=1, label_dim=10, model_channels=64,
+        network=NetworkConfig(img_resolution=8, img_channels=1, label_dim=10, model_channels=32,
                               channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(4,),
                               logvar_channels=128, use_fp16=False),
-        training=TrainingConfig(batch=256, lr=0.0100, decay=2000, rampup_img=100_000,
-                                duration=512 * 1024, P_mean=-0.8, P_std=1.6),
+        training=TrainingConfig(batch=256, lr=0.0100, decay=1000, rampup_img=16 * 1024,
+                                duration=192 * 1024, P_mean=-0.8, P_std=1.6),
         dataset="digits (built in)",
     )
     return {digits.name: digits}

@@ -48,7 +48,7 @@ class RunOptions:
     seed: int = 0
     batch_gpu: Optional[int] = None     # micro-batch limit (gradient accumulation); None = whole batch
     status_nimg: int = 16 * 1024        # stats row + progress update every N images
-    snapshot_nimg: int = 32 * 1024      # EMA snapshots for post-hoc EMA every N images
+    snapshot_nimg: int = 16 * 1024      # EMA snapshots for post-hoc EMA every N images
     checkpoint_nimg: int = 64 * 1024    # training-state checkpoint every N images (and at the end)
     sample_nimg: Optional[int] = None   # sample grid every N images (always one at the end)
     snapshot_dtype: str = "float32"     # storage dtype of EMA snapshots
