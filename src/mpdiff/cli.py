@@ -209,7 +209,7 @@ def info(preset, as_json):
         return
     click.echo(f"{desc['name']}: {desc['description']}")
     click.echo(f"  parameters  {desc['params']:,} ({desc['mparams']:.2f} M)")
-    click.echo(f"  compute     {desc['gflops']:.2f} Gflops per network evaluation")
+    click.echo(f"  compute     {desc['gflops']:.4g} Gflops per network evaluation")
     t = desc["training"]
     click.echo(f"  training    batch {t['batch']}, lr {t['lr']}, decay {t['decay']}, duration {t['duration']:,} images, "
                f"P_mean {t['P_mean']}, P_std {t['P_std']}, dropout {desc['network']['dropout']}")

@@ -196,7 +196,7 @@ def describe_preset(name_or_preset):
         "dataset": preset.dataset,
         "params": int(result["params"]),
         "mparams": round(result["params"] / 1e6, 2),
-        "gflops": round(result["flops"] / 1e9, 2),  # per network evaluation, batch 1
+        "gflops": float(f"{result['flops'] / 1e9:.5g}"),  # per network evaluation, batch 1 (5 significant digits)
         "gflops_by_op": {op: round(flops / 1e9, 4) for op, flops in result["by_op"].items()
                          if round(flops / 1e9, 4)},
         "network": preset.network.to_dict(),
