@@ -47,7 +47,7 @@ def test_run_directory_contents(reference_run):
     assert os.listdir(d / "tensorboard")
     snaps = sorted(os.listdir(d / "snapshots"))
     assert snaps[0] == "ema-000000000256-0.050.safetensors" and len(snaps) == 8
-    assert (d / "samples" / "final.png").exists()
+    assert (d / "samples" / "grid-final.png").exists()
     # Old checkpoints are pruned only after the newer one verified (keep 2 by default).
     assert sorted(os.listdir(d / "checkpoints")) == ["training-state-000000000512.safetensors",
                                                      "training-state-000000001024.safetensors"]

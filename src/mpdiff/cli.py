@@ -137,7 +137,7 @@ def train(preset, dataset, run_dir, cond, batch, batch_gpu, duration, lr, decay,
         max_nonfinite_steps=max_nonfinite_steps, device=device, progress=progress, tensorboard=tensorboard)
     trainer = run_training(preset, options, net_over, train_over)
     if trainer.nimg >= trainer.tc.duration:
-        click.echo(f"done: {options.run_dir} (samples: {os.path.join(options.run_dir, 'samples', 'final.png')})")
+        click.echo(f"done: {options.run_dir} (samples: {os.path.join(options.run_dir, 'samples', 'grid-final.png')})")
     else:
         click.echo(f"stopped at {trainer.nimg} images (slice); run the same command again to continue")
 

@@ -353,7 +353,7 @@ class Trainer:
             if writer is not None:
                 writer.close()
         if self.nimg >= tc.duration:
-            grid = self.sample_grid(name="final.png")
+            grid = self.sample_grid(name="grid-final.png")
             self.say(f"training complete at {self.nimg} images; samples: {grid}")
         return self.nimg
 
