@@ -51,10 +51,16 @@ def load_network(path, device="cpu", eval_mode=True):
 
     path = os.fspath(path)
     meta = read_network_metadata(path)
+    if not isinstance(meta.get("network"), dict):
+        raise CheckpointError(f"{path}: metadata has no network config (a JSON object under 'network')")
     config = NetworkConfig.from_dict(meta["network"], source=path)
     tensors, _ = load_tensors(path)
-    with torch.device("meta"):
-        net = build_network(config, device="meta")
+    try:  # the config comes from the file: building it must fail as a clear error, never a traceback
+        with torch.device("meta"):
+            net = build_network(config, device="meta")
+    except (TypeError, ValueError, RuntimeError, ArithmeticError, IndexError, KeyError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{path}: its network config cannot be built ({type(e).__name__}: {reason})") from None
     expected = net.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -5,6 +5,7 @@ import os
 import re
 import sys
 import traceback
+from fractions import Fraction
 
 import click
 
@@ -18,9 +19,9 @@ def parse_nimg(text, option="value"):
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]i?)?\s*", str(text))
     if not match:
         raise ConfigError(f"{option}: cannot parse {text!r}; expected an image count like 4096, 512Ki, 8Mi or 10M")
-    value = float(match.group(1)) * _UNITS[(match.group(2) or "").lower()]
-    if value != int(value) or value <= 0:
-        raise ConfigError(f"{option}: {text!r} must be a positive whole number of images")
+    value = Fraction(match.group(1)) * _UNITS[(match.group(2) or "").lower()]  # exact: '4.1M' is 4100000
+    if value.denominator != 1 or not 0 < value < 2 ** 63:
+        raise ConfigError(f"{option}: {text!r} must be a positive whole number of images below 2^63")
     return int(value)
 
 
@@ -44,14 +45,14 @@ def parse_range(text, option):
         lo, hi, n = float(lo), float(hi), int(n)
     except ValueError:
         raise ConfigError(f"{option}: cannot parse {text!r}; expected A:B:N, e.g. 0.02:0.25:12") from None
-    if n < 1:
-        raise ConfigError(f"{option}: N must be at least 1")
+    if not 1 <= n <= 10_000:
+        raise ConfigError(f"{option}: N must be from 1 to 10000")
     return [round(float(v), 6) for v in np.linspace(lo, hi, n)]
 
 
 class _Group(click.Group):
     def invoke(self, ctx):
-        debug = "--debug" in sys.argv or os.environ.get("MPDIFF_DEBUG")
+        debug = ctx.params.get("debug") or os.environ.get("MPDIFF_DEBUG")
         try:
             return super().invoke(ctx)
         except MpdiffError as e:

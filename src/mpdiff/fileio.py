@@ -10,12 +10,36 @@ import contextlib
 import errno
 import json
 import os
+import pickle
+import re
 import tempfile
+import warnings
 
 import torch
 from safetensors.torch import load_file, safe_open, save
 
 from .errors import CheckpointError, MpdiffError
+
+
+def _default_file_mode():
+    """0o666 minus the umask: what open() would give a new file (mkstemp's temporaries are 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _default_file_mode()  # read once: os.umask can only be read by setting it
+
+
+def _why(e):
+    """A short reason for an OSError, naming the common disk conditions plainly."""
+    if e.errno == errno.ENOSPC:
+        return "disk full"
+    if e.errno == errno.EDQUOT:
+        return "disk quota exceeded"
+    if e.errno == errno.EFBIG:
+        return "file too large for this file system or process limit"
+    return e.strerror or str(e)
 
 
 def _fsync_dir(path):
@@ -46,13 +70,14 @@ def atomic_write(path, mode="wb"):
             yield f
             f.flush()
             os.fsync(f.fileno())
+            with contextlib.suppress(OSError):  # some file systems have no modes; the data is what counts
+                os.fchmod(f.fileno(), _FILE_MODE)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(e, OSError):
-            why = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-            raise MpdiffError(f"{path}: write failed ({why}); the previous file, if any, is intact") from None
+            raise MpdiffError(f"{path}: write failed ({_why(e)}); the previous file, if any, is intact") from None
         raise
     _fsync_dir(directory)
 
@@ -73,9 +98,12 @@ def write_json(path, obj):
 def append_line(path, line):
     """Append one line (e.g. JSONL stats). Appends are not atomic renames, but a torn last line
     is the only possible damage, and readers (:func:`read_jsonl`) drop it."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line.rstrip("\n") + "\n")
-        f.flush()
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line.rstrip("\n") + "\n")
+            f.flush()
+    except OSError as e:
+        raise MpdiffError(f"{os.fspath(path)}: append failed ({_why(e)})") from None
 
 
 def read_jsonl(path):
@@ -124,17 +152,39 @@ def load_tensors(path, device="cpu"):
 
 
 def safe_torch_load(path):
-    """Load a torch file without executing code (weights_only); refuse anything else clearly."""
+    """Load a torch file without executing code (weights_only); refuse anything else clearly.
+
+    torch's restricted unpickler only builds tensors, containers and numbers; a pickle that names any
+    other callable (``os.system``, a class) is refused before anything it names is imported or called.
+    """
     path = os.fspath(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if os.path.getsize(path) == 0:
+            raise CheckpointError(f"{path}: empty file")
+        with warnings.catch_warnings():  # torch warns about pickle protocols; the error below says enough
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused to load: {_unpickling_reason(e)}, and unpickling it could run "
+                              f"code; only plain state_dicts of tensors are accepted (convert the file with "
+                              f"trusted code first, see docs/COMPATIBILITY.md)") from None
+    except CheckpointError:
+        raise
     except Exception as e:
-        raise CheckpointError(
-            f"{path}: refused to load: it is not a plain tensor file and loading it could run code "
-            f"({_short(e)}). Convert it to a state_dict with trusted code first (see docs/COMPATIBILITY.md)"
-        ) from None
+        raise CheckpointError(f"{path}: not a readable torch weights file ({_short(e)})") from None
+
+
+def _unpickling_reason(e):
+    """The part of torch's weights_only error that says what was refused (its first line is boilerplate)."""
+    text = str(e)
+    match = re.search(r"GLOBAL ([\w.]+)", text)
+    if match:
+        return f"it would import and call {match.group(1)}"
+    if "Unsupported operand" in text:
+        return "it is a general Python pickle, not a torch weights file"
+    return "it holds objects other than tensors"
 
 
 def _short(e):

@@ -4,10 +4,11 @@ import glob
 import os
 
 import numpy as np
+import torch
 
 from .checkpoint import load_network
 from .data import decode_images, write_dataset_json
-from .errors import CheckpointError
+from .errors import CheckpointError, MpdiffError
 from .fileio import safe_torch_load
 from .images import save_grid, save_png
 from .sampling import generate
@@ -36,6 +37,10 @@ def resolve_network(source, sigma_rel=None, device="cpu"):
             state = state["state_dict"]
         if not isinstance(state, dict):
             raise CheckpointError(f"{source}: expected a state_dict (a dict of tensors)")
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                raise CheckpointError(f"{source}: expected a state_dict of tensors, but {str(key)[:80]!r} is a "
+                                      f"{type(value).__name__}")
         return load_edm2(state, device=device).requires_grad_(False), source
     net, _ = load_network(source, device=device)
     return net, source
@@ -69,7 +74,10 @@ def write_samples(out_dir, images_uint8, seeds, classes, num_classes=0, grid_pat
     The grid goes next to the folder (default ``<out_dir>-grid.png``), not inside it, so that the
     folder stays a valid dataset (every image in it has a label entry).
     """
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise MpdiffError(f"{out_dir}: cannot write here ({e.strerror or e})") from None
     entries = []
     for image, seed, cls in zip(images_uint8, seeds, classes):
         name = f"{seed:06d}.png"

@@ -6,12 +6,50 @@ Names follow NVIDIA's release (`edm2-img512-s`, ...). The command line, the test
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 from .errors import ConfigError
 
 MIB = 2 ** 20  # images; "Mi" in the paper and CLI
+
+
+def _type_ok(value, annotation):
+    """Does a JSON-decoded value (lists already made tuples) fit a field annotation?"""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:
+        return any(_type_ok(value, a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        kinds = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        return len(kinds) == len(value) and all(map(_type_ok, value, kinds))
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation in (int, float):  # JSON has one number type; a float field takes 1 as 1.0
+        ok = (int,) if annotation is int else (int, float)
+        return isinstance(value, ok) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _from_dict(cls, d, source, what):
+    """Build a config dataclass from a JSON object, refusing unknown fields and values of the wrong type."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: the {what} config must be a JSON object, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"{source}: unknown {what} option(s) {', '.join(map(str, unknown))}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    for name, value in kwargs.items():
+        if not _type_ok(value, fields[name].type):
+            expected = str(fields[name].type).replace("typing.", "")
+            raise ConfigError(f"{source}: {what} option {name} = {str(value)[:40]!r} has the wrong type "
+                              f"(expected {expected})")
+    return cls(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -44,12 +82,7 @@ class NetworkConfig:
 
     @classmethod
     def from_dict(cls, d, source="config"):
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ConfigError(f"{source}: unknown network option(s) {', '.join(unknown)}")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**kwargs)
+        return _from_dict(cls, d, source, "network")
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -74,11 +107,7 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, d, source="config"):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown training option(s) {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return _from_dict(cls, d, source, "training")
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)

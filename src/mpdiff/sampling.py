@@ -114,6 +114,9 @@ def generate(net, seeds, class_idx=None, batch_size=64, num_steps=32, sigma_min=
     return torch.cat(outputs), all_classes
 
 
+MAX_SEEDS = 10_000_000  # a typo such as 0-99999999999 must not exhaust memory
+
+
 def parse_seeds(text):
     """'0-999' or '1,5,7-9' -> list of ints (inclusive ranges)."""
     from .errors import ConfigError
@@ -126,6 +129,8 @@ def parse_seeds(text):
                 lo, hi = int(lo), int(hi)
                 if hi < lo:
                     raise ValueError
+                if len(seeds) + hi - lo + 1 > MAX_SEEDS:
+                    raise ConfigError(f"--seeds: {text!r} gives more than {MAX_SEEDS:,} seeds")
                 seeds += range(lo, hi + 1)
             elif part:
                 seeds.append(int(part))

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -31,7 +32,7 @@ from .fileio import append_line, load_tensors, read_jsonl, save_tensors, write_j
 from .images import save_grid
 from .loss import edm2_loss, learning_rate, make_optimizer, set_learning_rate, zero_nonfinite_grads
 from .model import build_network
-from .phema import PowerFunctionEMA
+from .phema import PowerFunctionEMA, sigma_rel_to_gamma
 from .presets import get_preset
 
 log = logging.getLogger("mpdiff.training")
@@ -61,7 +62,8 @@ class RunOptions:
     slice_nimg: Optional[int] = None    # stop this invocation after N more images (job slicing)
 
     # Fields that may differ between the invocations of one run.
-    RUNTIME_FIELDS = ("progress", "tensorboard", "device", "slice_nimg", "sample_nimg", "status_nimg", "grid_steps")
+    RUNTIME_FIELDS = ("run_dir", "progress", "tensorboard", "device", "slice_nimg", "sample_nimg", "status_nimg",
+                      "grid_steps")
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -92,7 +94,7 @@ def _validate(network, training, options, dataset):
                           f"(channel_mult has {levels} levels)")
     if training.batch <= 0:
         raise ConfigError(f"--batch must be positive, got {training.batch}")
-    batch_gpu = options.batch_gpu or training.batch
+    batch_gpu = training.batch if options.batch_gpu is None else options.batch_gpu
     if batch_gpu <= 0 or training.batch % batch_gpu != 0:
         raise ConfigError(f"--batch-gpu {batch_gpu} must divide --batch {training.batch}")
     if training.duration <= 0 or training.duration % training.batch != 0:
@@ -107,6 +109,20 @@ def _validate(network, training, options, dataset):
     if options.keep_checkpoints < 1:
         raise ConfigError("--keep-checkpoints must be at least 1")
     storage_dtype(options.snapshot_dtype)
+    if not training.lr > 0:
+        raise ConfigError(f"--lr must be positive, got {training.lr}")
+    if training.decay is not None and not training.decay > 0:
+        raise ConfigError(f"--decay must be positive (0 on the command line: constant learning rate), "
+                          f"got {training.decay}")
+    if training.rampup_img < 0:
+        raise ConfigError(f"--rampup must be at least 0 images, got {training.rampup_img}")
+    if not training.P_std > 0:
+        raise ConfigError(f"--p-std must be positive, got {training.P_std}")
+    if not 0 <= network.dropout < 1:
+        raise ConfigError(f"--dropout must be in [0, 1), got {network.dropout}")
+    if network.model_channels < 1:
+        raise ConfigError(f"--channels must be positive, got {network.model_channels}")
+    sigma_rel_to_gamma(training.ema_sigma_rels)  # ConfigError for EMA lengths outside (0, 0.2887)
 
 
 def _seed_for(*parts):
@@ -198,6 +214,13 @@ class Trainer:
         if meta.get("config") != _contract(self.config):
             raise ConfigError(f"{path}: checkpoint was written with a different configuration; "
                               f"use a new --run-dir or the original options")
+        try:
+            self._restore(tensors, meta, path)
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            raise CheckpointError(f"{path}: incomplete training state ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+
+    def _restore(self, tensors, meta, path):
         net_sd = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
         try:
             self.net.load_state_dict(net_sd)
@@ -230,6 +253,9 @@ class Trainer:
                 continue
             self.say(f"resumed from {path} at {self.nimg} images")
             return path
+        if paths:  # never restart from scratch over a run whose checkpoints all failed to load
+            raise CheckpointError(f"{self.path('checkpoints')}: none of the {len(paths)} checkpoints is usable "
+                                  f"(reasons in log.txt); move them away to start the run over")
         return None
 
     # ---------------------------------------------------------------- logging
@@ -237,6 +263,8 @@ class Trainer:
         append_line(self.path("log.txt"), f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}")
         if self.opt_.progress:
             tqdm.write(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
         log.info(message)
 
     # ---------------------------------------------------------------- training step
@@ -413,12 +441,16 @@ def train(preset="digits", options=None, network_overrides=None, training_overri
                 existing = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"{config_path}: unreadable ({e}); move it away or use a new --run-dir") from None
-        if _contract(existing) != _contract(config):
+        try:
+            existing_contract = _contract(existing)
+        except (KeyError, TypeError, AttributeError):
+            raise ConfigError(f"{config_path}: not an mpdiff run config; move it away or use a new --run-dir") from None
+        if existing_contract != _contract(config):
             changed = sorted(k for k in _contract(config) if _contract(existing).get(k) != _contract(config)[k])
             raise ConfigError(f"{options.run_dir} holds a run with different options ({', '.join(changed)} differ); "
                               f"re-run the original command to resume, or choose a new --run-dir")
-    else:
+    trainer = Trainer(config, network_config, training_config, dataset, options)  # options refused here write nothing
+    if not os.path.exists(config_path):
         write_json(config_path, config)
-    trainer = Trainer(config, network_config, training_config, dataset, options)
     trainer.run()
     return trainer
