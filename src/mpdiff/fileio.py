@@ -96,14 +96,25 @@ def write_json(path, obj):
 
 
 def append_line(path, line):
-    """Append one line (e.g. JSONL stats). Appends are not atomic renames, but a torn last line
-    is the only possible damage, and readers (:func:`read_jsonl`) drop it."""
+    """Append one line (JSONL stats, log.txt) by rewriting the file atomically.
+
+    The old content plus the new line go through :func:`atomic_write`, so a crash leaves either the
+    old file or the new one, never a torn line. Stats and logs are small (one row per status
+    interval), so the rewrite costs far less than a training step.
+    """
+    path = os.fspath(path)
     try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(line.rstrip("\n") + "\n")
-            f.flush()
+        with open(path, "rb") as f:
+            old = f.read()
+    except FileNotFoundError:
+        old = b""
     except OSError as e:
-        raise MpdiffError(f"{os.fspath(path)}: append failed ({_why(e)})") from None
+        raise MpdiffError(f"{path}: append failed ({_why(e)})") from None
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise MpdiffError(f"{path}: append failed (No such file or directory)")
+    write_bytes(path, old + line.rstrip("\n").encode("utf-8") + b"\n")
 
 
 def read_jsonl(path):
