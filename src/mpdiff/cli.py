@@ -151,7 +151,7 @@ def train(preset, dataset, run_dir, cond, batch, batch_gpu, duration, lr, decay,
 @click.option("--out", "out_dir", required=True, help="Output folder (one PNG per seed + dataset.json).")
 @click.option("--class", "class_idx", type=int, default=None, help="Fixed class [default: random per seed].")
 @click.option("--steps", type=int, default=32, show_default=True, help="Heun steps (NFE = 2*steps - 1).")
-@click.option("--batch", type=int, default=64, show_default=True)
+@click.option("--batch", type=int, default=256, show_default=True, help="Images per sampler batch.")
 @click.option("--sigma-rel", type=float, default=None, help="EMA profile to use from a run directory.")
 @click.option("--guide", default=None, help="Guide network for CFG/autoguidance.")
 @click.option("--guidance", type=float, default=1.0, show_default=True)

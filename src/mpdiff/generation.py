@@ -84,10 +84,20 @@ def write_samples(out_dir, images_uint8, seeds, classes, num_classes=0, grid_pat
         save_png(os.path.join(out_dir, name), image)
         entries.append((name, cls))
     write_dataset_json(out_dir, entries, num_classes=num_classes or None)
-    order = np.argsort([(-1 if c is None else c) for c in classes], kind="stable")
-    grid_images = np.asarray(images_uint8)[order][:256]
-    save_grid(grid_path or default_grid_path(out_dir), grid_images)
+    save_grid(grid_path or default_grid_path(out_dir), *_grid_layout(np.asarray(images_uint8), classes))
     return out_dir
+
+
+def _grid_layout(images, classes, per_class=16, max_images=256):
+    """Class-conditional: one column per class, up to `per_class` rows; else the first images."""
+    present = sorted({c for c in classes if c is not None})
+    if not present:
+        return images[:max_images], None
+    columns = {c: [i for i, k in enumerate(classes) if k == c][:per_class] for c in present}
+    rows = max(len(v) for v in columns.values())
+    blank = np.zeros_like(images[0])
+    tiles = [images[columns[c][r]] if r < len(columns[c]) else blank for r in range(rows) for c in present]
+    return np.stack(tiles), len(present)
 
 
 def default_grid_path(out_dir):

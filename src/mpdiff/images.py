@@ -23,7 +23,7 @@ def save_png(path, image_uint8):
     write_bytes(path, buffer.getvalue())
 
 
-def make_grid(images_uint8, columns=None, pad=1, upscale=1):
+def make_grid(images_uint8, columns=None, pad=1, upscale=1, pad_value=80):
     """Tile uint8 images [N, C, H, W] into one uint8 image [C, H', W'] (row-major)."""
     images = np.asarray(images_uint8)
     n, c, h, w = images.shape
@@ -32,7 +32,7 @@ def make_grid(images_uint8, columns=None, pad=1, upscale=1):
     if upscale > 1:
         images = images.repeat(upscale, axis=2).repeat(upscale, axis=3)
         h, w = h * upscale, w * upscale
-    grid = np.zeros((c, rows * (h + pad) + pad, columns * (w + pad) + pad), dtype=np.uint8)
+    grid = np.full((c, rows * (h + pad) + pad, columns * (w + pad) + pad), pad_value, dtype=np.uint8)
     for i, image in enumerate(images):
         r, col = divmod(i, columns)
         y, x = pad + r * (h + pad), pad + col * (w + pad)

@@ -68,16 +68,18 @@ def seed_generator(seed, device="cpu"):
 def seed_inputs(seeds, shape, num_classes=0, class_idx=None, device="cpu"):
     """Initial unit noise and class labels per seed, each from that seed's own generator.
 
+    `class_idx`: None (random per seed), one class for all, or a list with one class per seed.
     Returns (noise [N, *shape], labels one-hot [N, num_classes] or None, class ids list).
     An image therefore depends only on its seed and class, never on its batch.
     """
+    per_seed = list(class_idx) if isinstance(class_idx, (list, tuple)) else [class_idx] * len(seeds)
     noise, classes = [], []
-    for seed in seeds:
+    for seed, fixed in zip(seeds, per_seed):
         gen = seed_generator(seed)
         noise.append(torch.randn(shape, generator=gen, dtype=torch.float32))
         if num_classes:
-            cls = int(torch.randint(num_classes, [], generator=gen)) if class_idx is None else int(class_idx)
-            classes.append(cls)
+            drawn = int(torch.randint(num_classes, [], generator=gen))  # drawn always: same stream either way
+            classes.append(drawn if fixed is None else int(fixed))
     noise = torch.stack(noise).to(device)
     if not num_classes:
         return noise, None, [None] * len(seeds)
@@ -86,7 +88,7 @@ def seed_inputs(seeds, shape, num_classes=0, class_idx=None, device="cpu"):
 
 
 @torch.no_grad()
-def generate(net, seeds, class_idx=None, batch_size=64, num_steps=32, sigma_min=0.002, sigma_max=80.0,
+def generate(net, seeds, class_idx=None, batch_size=256, num_steps=32, sigma_min=0.002, sigma_max=80.0,
              rho=7.0, guide=None, guidance=1.0, progress=True, device="cpu", **sampler_kwargs):
     """Sample one image per seed. Returns (images float32 [N, C, H, W] in data space, classes).
 
@@ -100,8 +102,10 @@ def generate(net, seeds, class_idx=None, batch_size=64, num_steps=32, sigma_min=
     denoise = guided(net, guide, guidance)
     outputs, all_classes = [], []
     batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
-    for batch in tqdm(batches, disable=not progress, desc="generating", unit="batch"):
-        noise, labels, classes = seed_inputs(batch, shape, net.label_dim, class_idx, device)
+    per_seed = list(class_idx) if isinstance(class_idx, (list, tuple)) else [class_idx] * len(seeds)
+    for start, batch in tqdm(list(zip(range(0, len(seeds), batch_size), batches)), disable=not progress,
+                             desc="generating", unit="batch"):
+        noise, labels, classes = seed_inputs(batch, shape, net.label_dim, per_seed[start:start + len(batch)], device)
         gens = [seed_generator(s + (1 << 31)) for s in batch]  # separate stream for churn noise
 
         def noise_fn(full_shape, gens=gens):

@@ -324,18 +324,17 @@ class Trainer:
         net = build_network(self.net_config, device=self.device)
         self.ema.copy_to(net, sigma_rel)
         classes = max(1, self.net_config.label_dim)
-        per_class = 10 if classes <= 10 else 1
-        seeds = list(range(classes * per_class)) if classes > 1 else list(range(64))
-        class_ids = [s % classes for s in seeds] if classes > 1 else [None] * len(seeds)
-        images = []
-        for cls in sorted(set(class_ids), key=lambda c: -1 if c is None else c):
-            group = [s for s, c in zip(seeds, class_ids) if c == cls]
-            x, _ = generate(net, group, class_idx=cls, num_steps=self.opt_.grid_steps, progress=False,
-                            device=self.device)
-            images.append(decode_images(x))
-        grid = torch.stack([img for block in zip(*images) for img in block]) if classes > 1 else images[0]
+        if classes > 1:  # rows of one sample per class (up to 10 classes x 10 rows), one batch
+            shown = min(classes, 10)
+            seeds = list(range(shown * 10))
+            class_ids = [s % shown for s in seeds]
+        else:
+            seeds, class_ids = list(range(64)), None
+        x, _ = generate(net, seeds, class_idx=class_ids, num_steps=self.opt_.grid_steps, progress=False,
+                        device=self.device)
+        grid = decode_images(x)
         path = self.path("samples", name or f"grid-{self.nimg // 1000:07d}.png")
-        save_grid(path, grid.numpy(), columns=classes if classes > 1 else None)
+        save_grid(path, grid.numpy(), columns=min(classes, 10) if classes > 1 else None)
         return path
 
     # ---------------------------------------------------------------- main loop
