@@ -5,8 +5,9 @@
 
 Speed: writes a synthetic run (random tensors in network-file format) to a temporary directory, then,
 each in a fresh process so that peak RSS belongs to that phase alone and with the files dropped from the
-page cache first: reads every file's bytes once, and runs :func:`mpdiff.phema.reconstruct` for 1 and for
-8 targets (outputs written and fsync'ed). The temporary data is removed.
+page cache first: reads every file's bytes once, and runs :func:`mpdiff.phema.reconstruct` for 1, 8 and
+16 targets (``--targets``; outputs written to an empty directory and fsync'ed). Memory is the peak resident
+size during the phase above the resident size at its start. The temporary data is removed.
 
 Accuracy: trains a small denoiser on the built-in digits while tracking sigma_rel 0.05 and 0.10 as
 snapshots and 0.07 directly, for several snapshot intervals, and reports
@@ -53,8 +54,31 @@ def make_synthetic_run(run_dir, total_mb, num_times, seed=0):
     return sum(np.prod(s) for s in shapes) * 4 / 2 ** 20  # MB of parameters per file
 
 
+def _status_mb(field):
+    """VmRSS / VmHWM (current / peak resident memory) from /proc/self/status, in MB; None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _start_rss_mb():
+    """Resident memory now, with the peak reset to it where Linux allows (so imports' transient peaks don't hide
+    the phase's own); falls back to the peak so far."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return _status_mb("VmRSS")
+    except OSError:
+        return _peak_rss_mb()
+
+
 def _peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return _status_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def evict_from_page_cache(directory):
@@ -67,13 +91,15 @@ def evict_from_page_cache(directory):
             os.close(fd)
 
 
-def _phase(name, run_dir, threads, queue):
+def _phase(name, run_dir, threads, batch_outputs, queue):
     torch.set_num_threads(threads)
     from safetensors import safe_open  # noqa: F401  (imports outside the timed region)
     import tqdm  # noqa: F401
     snapshot_dir = os.path.join(run_dir, "snapshots")
+    out_dir = os.path.join(run_dir, "out")
+    shutil.rmtree(out_dir, ignore_errors=True)  # write new files, as a first reconstruction does
     evict_from_page_cache(snapshot_dir)
-    baseline = _peak_rss_mb()
+    baseline = _start_rss_mb()
     start = time.perf_counter()
     if name == "read":
         for file_name in sorted(os.listdir(snapshot_dir)):
@@ -83,43 +109,47 @@ def _phase(name, run_dir, threads, queue):
     else:
         num_targets = int(name.split("-")[1])
         targets = np.linspace(0.02, 0.25, num_targets) if num_targets > 1 else [0.13]
-        phema.reconstruct(run_dir, targets, out_dir=os.path.join(run_dir, "out"), progress=False)
+        kwargs = {} if batch_outputs is None else {"batch_outputs": batch_outputs}
+        phema.reconstruct(run_dir, targets, out_dir=out_dir, progress=False, **kwargs)
     queue.put((time.perf_counter() - start, baseline, _peak_rss_mb()))
 
 
-def run_in_fresh_process(name, run_dir, threads):
+def run_in_fresh_process(name, run_dir, threads, batch_outputs=None):
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_phase, args=(name, run_dir, threads, queue))
+    process = context.Process(target=_phase, args=(name, run_dir, threads, batch_outputs, queue))
     process.start()
     result = queue.get()
     process.join()
     return result
 
 
-def bench_speed(total_mb, num_times, tmp_root, threads, repeats):
+def bench_speed(total_mb, num_times, tmp_root, threads, repeats, num_targets=(1, 8, 16), batch_outputs=None):
     run_dir = tempfile.mkdtemp(prefix="bench-phema-", dir=tmp_root)
     try:
         start = time.perf_counter()
         file_mb = make_synthetic_run(run_dir, total_mb, num_times)
         print(f"synthetic run: {2 * num_times} snapshots x {file_mb:.1f} MB = {2 * num_times * file_mb:.0f} MB "
               f"(written in {time.perf_counter() - start:.1f} s)")
+        print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
         print(f"cold page cache for every phase (posix_fadvise DONTNEED); best of {repeats} fresh processes; "
-              f"torch threads {threads}; {os.cpu_count()} CPUs")
+              f"torch threads {threads}; batch_outputs "
+              f"{'default' if batch_outputs is None else batch_outputs}")
         print()
-        print("| phase | time (s) | x read | peak RSS (MB) | RSS above start (MB) | outputs + 1 snapshot (MB) |")
+        print("| phase | time (s) | x read | peak RSS (MB) | RSS above start (MB) | outputs written (MB) |")
         print("| --- | --- | --- | --- | --- | --- |")
         read_time = None
-        for name in ("read", "reconstruct-1", "reconstruct-8"):
-            runs = [run_in_fresh_process(name, run_dir, threads) for _ in range(repeats)]
+        for name in ["read"] + [f"reconstruct-{n}" for n in num_targets]:
+            runs = [run_in_fresh_process(name, run_dir, threads, batch_outputs) for _ in range(repeats)]
             seconds = min(r[0] for r in runs)
             baseline = min(r[1] for r in runs)
             peak = max(r[2] for r in runs)
             read_time = read_time or seconds
             targets = 0 if name == "read" else int(name.split("-")[1])
-            expected = f"{(targets + 1) * file_mb:.0f}" if targets else "-"
+            expected = f"{targets * file_mb:.0f}" if targets else "-"
             print(f"| {name} | {seconds:.2f} | {seconds / read_time:.2f} | {peak:.0f} | {peak - baseline:.0f} | "
                   f"{expected} |")
+        print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -196,11 +226,14 @@ def main():
     parser.add_argument("--tmp", default=None, help="where to put the temporary run (default: system temp)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per phase; the best time counts")
+    parser.add_argument("--targets", default="1,8,16", help="comma-separated numbers of targets to reconstruct")
+    parser.add_argument("--batch-outputs", type=int, default=None, help="targets per pass (default: reconstruct's)")
     args = parser.parse_args()
     if args.accuracy:
         bench_accuracy()
     else:
-        bench_speed(args.total_mb, args.times, args.tmp, args.threads, args.repeats)
+        bench_speed(args.total_mb, args.times, args.tmp, args.threads, args.repeats,
+                    tuple(int(n) for n in args.targets.split(",")), args.batch_outputs)
 
 
 if __name__ == "__main__":

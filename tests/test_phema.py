@@ -1,5 +1,6 @@
 """Power-function EMA and post-hoc reconstruction (SPEC §5, §11 items 6-8)."""
 
+import errno
 import math
 import os
 import shutil
@@ -11,7 +12,7 @@ from scipy.integrate import quad
 
 from mpdiff import phema
 from mpdiff.checkpoint import save_network
-from mpdiff.errors import CheckpointError, ConfigError
+from mpdiff.errors import CheckpointError, ConfigError, MpdiffError
 from mpdiff.fileio import load_tensors, read_metadata
 
 
@@ -478,6 +479,146 @@ def test_reconstruct_rejects_bad_targets(tmp_path, kwargs, match):
     with pytest.raises((ConfigError, CheckpointError), match=match):
         phema.reconstruct(tmp_path, progress=False, **kwargs)
     assert not (tmp_path / "phema").exists()
+
+
+def _write_varied_snapshots(run_dir, dtype, num_times=5):
+    """Snapshots holding every kind of tensor reconstruct must treat differently (see the test below)."""
+    generator = torch.Generator().manual_seed(3)
+    frozen = torch.randn(6, 4, generator=generator)
+    shared_head = torch.randn(12, generator=generator)
+    for time_index in range(1, num_times + 1):
+        for sigma_rel in (0.05, 0.10):
+            state = {
+                "w": torch.randn(7, 5, generator=generator),                    # trained: averaged
+                "frozen": frozen,                                               # same in all: copied
+                "mask": torch.tensor([0.0, -math.inf, 1.0]),                    # copied: mixing infs gives nan
+                "partly": torch.cat([shared_head, torch.randn(20, generator=generator)]),  # same at first only
+                "scale": torch.randn((), generator=generator),                  # 0-dim
+                "empty": torch.zeros(0, 3),
+                "steps": torch.tensor(time_index * 10, dtype=torch.int64),      # integer: latest
+            }
+            phema.save_snapshot(os.path.join(run_dir, "snapshots", phema.snapshot_name(time_index * 64, sigma_rel)),
+                                state, time_index * 64, sigma_rel, step=time_index, batch_size=64,
+                                network_config=CONFIG, dtype=dtype)
+
+
+def _float64_reconstruction(run_dir, sigma_rels):
+    """sum_i x_ij theta_i in float64, straight from the snapshot files: what reconstruct must write."""
+    inputs = phema.list_snapshots(run_dir)
+    x = phema.solve_posthoc_coefficients([r.nimg for r in inputs], [r.sigma_rel for r in inputs],
+                                         inputs[-1].nimg, sigma_rels)
+    thetas = [load_tensors(r.path)[0] for r in inputs]
+    return [{key: sum(float(x[i, j]) * theta[key].double() for i, theta in enumerate(thetas))
+             for key in ("w", "partly", "scale")} for j in range(len(sigma_rels))], thetas
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_streaming_reconstruction_equals_the_float64_sum_of_the_snapshots(tmp_path, monkeypatch, dtype):
+    _write_varied_snapshots(tmp_path, dtype)
+    targets = [0.03, 0.07, 0.2]
+    want, thetas = _float64_reconstruction(tmp_path, targets)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        default = phema.reconstruct(tmp_path, targets, out_dir=tmp_path / "default", progress=False)
+        assert torch.get_num_threads() == 2  # set to 1 for the pass only
+    finally:
+        torch.set_num_threads(threads)
+    # Ranges of 8 bytes (every tensor read in many pieces, "partly" identical in its first pieces only),
+    # most inputs reopened for every read, and one target per pass.
+    monkeypatch.setattr(phema, "_MIN_READ_BYTES", 8)
+    monkeypatch.setattr(phema, "_MAX_READ_BYTES", 8)
+    monkeypatch.setattr(phema, "_MAX_OPEN_INPUTS", 3)
+    pieces = phema.reconstruct(tmp_path, targets, out_dir=tmp_path / "pieces", batch_outputs=1, progress=True)
+    for j, (a, b) in enumerate(zip(default, pieces)):
+        tensors, meta = load_tensors(a)
+        other, other_meta = load_tensors(b)
+        assert meta == other_meta and set(tensors) == set(other) == set(thetas[0])
+        for key in tensors:  # chunking, grouping and file handling change nothing, bit for bit
+            assert torch.equal(tensors[key], other[key]), key
+        for key, value in want[j].items():  # float64 accumulation: within a float32 rounding of the exact sum
+            assert tensors[key].dtype == torch.float32
+            assert torch.allclose(tensors[key].double(), value, rtol=0, atol=2e-7 * value.abs().max().item()), key
+        assert torch.equal(tensors["frozen"], thetas[0]["frozen"].float())
+        assert torch.equal(tensors["mask"], thetas[0]["mask"].float())
+        assert tensors["steps"].item() == 50 and tensors["empty"].shape == (0, 3)
+
+
+def test_reconstruct_names_a_snapshot_damaged_after_listing(tmp_path, monkeypatch):
+    _make_run(tmp_path, num_times=4)
+    victim = tmp_path / "snapshots" / "ema-000000000064-0.100.safetensors"
+    intact = victim.read_bytes()
+    real_select, real_pass = phema.select_inputs, phema._stream_pass
+
+    def damage_then(real):
+        def wrapper(*args, **kwargs):
+            victim.write_bytes(intact[:-20])
+            return real(*args, **kwargs)
+        return wrapper
+
+    for name, real in (("select_inputs", real_select), ("_stream_pass", real_pass)):  # header, then data
+        victim.write_bytes(intact)
+        monkeypatch.setattr(phema, name, damage_then(real))
+        with pytest.raises(CheckpointError, match="damaged snapshot") as info:
+            phema.reconstruct(tmp_path, [0.07, 0.12], progress=False)
+        assert victim.name in str(info.value) and "\n" not in str(info.value)
+        assert not (tmp_path / "phema").exists() or not os.listdir(tmp_path / "phema")
+        monkeypatch.undo()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to tell which file is fsync'ed")
+def test_disk_full_while_finishing_one_output_names_it_and_leaves_no_temporaries(tmp_path, monkeypatch):
+    _make_run(tmp_path, num_times=4)
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if "0.120.safetensors" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(MpdiffError) as info:
+        phema.reconstruct(tmp_path, [0.07, 0.12, 0.2], progress=False)
+    message = str(info.value)
+    assert message.startswith(str(tmp_path / "phema" / "phema-000000000128-0.120.safetensors"))
+    assert "disk full" in message and "\n" not in message
+    assert sorted(os.listdir(tmp_path / "phema")) == ["phema-000000000128-0.070.safetensors",
+                                                      "phema-000000000128-0.200.safetensors"]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda data: data + b"\0" * 8,                                     # extended
+    lambda data: data[:8] + b"\xff" * (len(data) - 8),                 # garbled header
+    lambda data: (10 ** 12).to_bytes(8, "little") + data[8:],          # impossible header length
+    lambda data: data.replace(b'"F32"', b'"Q32"', 1),                  # unknown dtype
+    lambda data: b"",
+])
+def test_listing_reads_headers_and_refuses_damaged_files(tmp_path, damage):
+    _make_run(tmp_path, num_times=2)
+    victim = tmp_path / "snapshots" / "ema-000000000064-0.050.safetensors"
+    victim.write_bytes(damage(victim.read_bytes()))
+    _expect_listing_error(tmp_path, victim.name, "damaged")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_streamed_output_files_hold_what_save_network_writes(tmp_path, dtype):
+    from safetensors import safe_open
+
+    _make_run(tmp_path, num_times=3)
+    [path] = phema.reconstruct(tmp_path, 0.07, dtype=dtype, progress=False)
+    tensors, meta = load_tensors(path)  # safetensors' own loader accepts the file
+    assert int.from_bytes(open(path, "rb").read(8), "little") % 8 == 0  # tensor data aligned as safetensors does
+    assert tensors["linear.weight"].dtype == tensors["freqs"].dtype == getattr(torch, dtype)
+    assert tensors["steps"].dtype == torch.int64 and tensors["steps"].item() == 6
+    extra = {key: value for key, value in meta.items() if key not in ("format", "network", "dtype")}
+    save_network(tmp_path / "saved.safetensors", tensors, CONFIG, dtype=dtype, **extra)
+    assert load_tensors(tmp_path / "saved.safetensors")[1] == meta
+    raw_meta = []
+    for file in (path, tmp_path / "saved.safetensors"):  # the metadata strings themselves, as other tools see them
+        with safe_open(file, framework="pt") as f:
+            raw_meta.append(f.metadata())
+    assert raw_meta[0] == raw_meta[1]
+    assert os.listdir(os.path.dirname(path)) == [os.path.basename(path)]  # no temporaries left
 
 
 def test_plot_ema_profile_writes_a_png_with_small_error_for_dense_snapshots(tmp_path):

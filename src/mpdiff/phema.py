@@ -13,6 +13,8 @@ Three layers, from pure to stateful:
 Time is measured in training images (``nimg``) throughout, as in the official code.
 """
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
@@ -22,11 +24,11 @@ from typing import Optional
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from .checkpoint import NETWORK_FORMAT, save_network, storage_dtype
 from .errors import CheckpointError, ConfigError
+from .fileio import atomic_write
 
 SIGMA_REL_MAX = 12 ** -0.5  # gamma -> 0 (uniform profile); the open upper end of the valid range (Eq. 123)
 
@@ -475,12 +477,55 @@ def _first_line(error):
     return lines[0][:160] if lines else type(error).__name__
 
 
+# Bytes per element of the safetensors dtypes that torch tensors can have.
+_SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+                         "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+_MAX_HEADER_BYTES = 100 * 2 ** 20       # safetensors' own limit on the JSON header
+
+
+def _read_safetensors_header(path):
+    """(data_start, tensors, metadata) of a safetensors file, reading only its header.
+
+    The format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape, data_offsets
+    relative to the data section; "__metadata__" -> str -> str) and the data section. Checked as safetensors
+    checks on opening: the tensors must tile the data section exactly, so a truncated file is refused.
+    (safetensors' safe_open checks the same, but on a cold page cache it faults in far more than the
+    header: 5 ms per 10 MB snapshot against 0.2 ms, so listing cost most of a full read of the files.)
+    Raises ValueError, KeyError, TypeError or OSError.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError("file is shorter than the safetensors header length")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > min(_MAX_HEADER_BYTES, size - 8):
+            raise ValueError(f"header length {header_len} does not fit in the file ({size} bytes)")
+        tensors = json.loads(f.read(header_len).decode("utf-8"))
+    if not isinstance(tensors, dict):
+        raise ValueError("header is not a JSON object")
+    metadata = tensors.pop("__metadata__", None) or {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError("header metadata is not a string -> string map")
+    data_end = 0
+    for name, entry in sorted(tensors.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+        begin, end = (int(o) for o in entry["data_offsets"])
+        if entry["dtype"] not in _SAFETENSORS_ITEMSIZE:
+            raise ValueError(f"tensor {name} has unknown dtype {entry['dtype']!r}")
+        if begin != data_end or end - begin != math.prod(entry["shape"]) * _SAFETENSORS_ITEMSIZE[entry["dtype"]]:
+            raise ValueError(f"tensor {name} has inconsistent data offsets {entry['data_offsets']}")
+        data_end = end
+    if 8 + header_len + data_end != size:
+        raise ValueError(f"file has {size} bytes but its header describes {8 + header_len + data_end} "
+                         f"(truncated or extended)")
+    return 8 + header_len, tensors, metadata
+
+
 def _read_snapshot_record(path):
     try:
-        with safe_open(path, framework="pt") as f:
-            raw_meta = f.metadata() or {}
-            signature = tuple(sorted((key, tuple(f.get_slice(key).get_shape())) for key in f.keys()))
-    except Exception as e:  # safetensors raises its own types for truncated or garbled headers
+        _, tensors, raw_meta = _read_safetensors_header(path)
+        signature = tuple(sorted((key, tuple(int(d) for d in entry["shape"])) for key, entry in tensors.items()))
+    except Exception as e:  # any way a header can be garbled
         raise CheckpointError(f"{path}: unreadable or damaged snapshot ({_first_line(e)})") from None
     try:
         meta = {k: json.loads(v) for k, v in raw_meta.items()}
@@ -570,28 +615,274 @@ def select_inputs(records, at_nimg=None):
     return at_nimg, inputs
 
 
-def _prefetch(path):
-    """Ask the OS to start reading a file in the background (overlaps I/O with accumulation)."""
-    if hasattr(os, "posix_fadvise"):
+# Streaming: a pass reads every input byte once, one element range of one tensor from all inputs together,
+# mixes all its targets from that [inputs x range] block with one matmul (float64 accumulation, so the
+# result does not depend on how targets are grouped, and large alternating coefficients lose nothing) and
+# appends each target's range to its output file. Every output byte is thus written once and never held
+# whole in memory; that is what keeps many targets cheap. A reader thread fetches the next range while the
+# current one is mixed; the files are finished (fsync, rename) several at once.
+
+_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_MAX_OPEN_INPUTS = 256                  # files kept open at once; any further inputs are reopened for each read
+_MIN_READ_BYTES = 64 * 2 ** 10          # per input and range: tiny networks would otherwise do tiny reads
+_MAX_READ_BYTES = 16 * 2 ** 20          # per input and range
+_MIX_BLOCK_BYTES = 2 ** 20              # float64 [inputs x columns] block per matmul: stays in the CPU cache
+_FINISHERS = 8                          # output files fsync'ed at once (their fsyncs overlap)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorSpan:
+    dtype: torch.dtype
+    shape: tuple
+    begin: int                          # byte offsets relative to the start of the data section
+    end: int
+
+    @property
+    def numel(self):
+        return math.prod(self.shape)
+
+
+def _float_tensor_spans(path):
+    """(data_start, {name: _TensorSpan}) for the floating tensors of a snapshot file, from its header."""
+    try:
+        data_start, tensors, _ = _read_safetensors_header(path)
+        spans = {name: _TensorSpan(_FLOAT_DTYPES[entry["dtype"]], tuple(int(d) for d in entry["shape"]),
+                                   *(int(o) for o in entry["data_offsets"]))
+                 for name, entry in tensors.items() if entry["dtype"] in _FLOAT_DTYPES}
+    except Exception as e:  # the file changed or broke after it was listed
+        raise CheckpointError(f"{path}: damaged snapshot ({_first_line(e)})") from None
+    return data_start, spans
+
+
+class _InputReader:
+    """Reads element ranges of the floating tensors of many snapshot files with pread.
+
+    The first `max_open` files stay open (hundreds of snapshots would exhaust file descriptors); the
+    others are reopened for every read. Safe to use from two threads.
+    """
+
+    def __init__(self,
+        paths,                              # Snapshot files, in input order.
+        max_open,                           # How many of them stay open between reads.
+    ):
+        self.paths = list(paths)
+        self.fds = {}
+        self.data_starts, self.spans = [], []
         try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            finally:
+            for index, path in enumerate(self.paths):
+                data_start, spans = _float_tensor_spans(path)
+                if not self.spans or spans == self.spans[0]:
+                    spans = self.spans[0] if self.spans else spans      # the usual case: share one dict
+                elif {k: (v.dtype, v.shape) for k, v in spans.items()} != \
+                        {k: (v.dtype, v.shape) for k, v in self.spans[0].items()}:
+                    raise CheckpointError(f"{path}: floating tensors differ in name, shape or dtype "
+                                          f"from {self.paths[0]}")
+                self.data_starts.append(data_start)
+                self.spans.append(spans)
+                if index < max_open:
+                    self.fds[index] = self._open(index)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, index):
+        try:
+            return os.open(self.paths[index], os.O_RDONLY)
+        except OSError as e:
+            raise CheckpointError(f"{self.paths[index]}: cannot open snapshot ({e.strerror or e})") from None
+
+    def _offset(self, index, name, first_element):
+        span = self.spans[index][name]
+        return self.data_starts[index] + span.begin + first_element * span.dtype.itemsize
+
+    def read(self, index, name, first_element, buffer):
+        """Fill `buffer` (writable, contiguous) with tensor `name` of input `index` from `first_element` on."""
+        fd = self.fds.get(index)
+        own = fd is None
+        fd = self._open(index) if own else fd
+        try:
+            view, offset, done = memoryview(buffer), self._offset(index, name, first_element), 0
+            while done < len(view):
+                count = os.preadv(fd, [view[done:]], offset + done)
+                if count == 0:
+                    raise OSError(f"file ends inside tensor {name}")
+                done += count
+        except OSError as e:  # the file changed or broke after it was listed
+            raise CheckpointError(f"{self.paths[index]}: damaged snapshot ({e.strerror or e})") from None
+        finally:
+            if own:
                 os.close(fd)
-        except OSError:
-            pass
+
+    def prefetch(self, name, first_element, count):
+        """Ask the OS to read the same range of every open input in the background (one deep I/O queue)."""
+        if hasattr(os, "posix_fadvise"):
+            for index, fd in self.fds.items():
+                nbytes = count * self.spans[index][name].dtype.itemsize
+                with contextlib.suppress(OSError):  # only a hint; read() reports real problems
+                    os.posix_fadvise(fd, self._offset(index, name, first_element), nbytes, os.POSIX_FADV_WILLNEED)
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
 
 
-def reconstruct(run_dir, sigma_rels, at_nimg=None, out_dir=None, batch_outputs=8, dtype="float32", progress=True):
+def _mix(weights, stack, out):
+    """out[T, n] (float32) = weights[T, N] (float64) @ stack[N, n], in cache-sized float64 blocks."""
+    block = max(256, _MIX_BLOCK_BYTES // (8 * stack.shape[0]))
+    for start in range(0, stack.shape[1], block):
+        out[:, start:start + block] = weights @ stack[:, start:start + block].to(torch.float64)
+
+
+def _all_equal(stack):
+    """Whether every row of [N, n] equals the first; trained weights are rejected on their first element."""
+    rows = range(1, stack.shape[0])
+    return all(torch.equal(stack[0, :1], stack[i, :1]) for i in rows) and \
+        all(torch.equal(stack[0], stack[i]) for i in rows)
+
+
+def _ranges(count, step):
+    return [(start, min(start + step, count)) for start in range(0, count, step)]
+
+
+def _file_order(spans):
+    return sorted(spans, key=lambda name: spans[name].begin)
+
+
+def _stream_pass(reader, weights, range_elements, on_bytes, emit):
+    """One pass over all inputs; calls emit(block) with each float32 [T, range] block of the outputs.
+
+    Ranges come tensor by tensor in the inputs' file order (so reads are sequential), each tensor's in
+    order. For each: read the range of every input into one [N, range] block, then mix all targets at
+    once, or copy it if it is bit-identical in every input (buffers, frozen weights: exact even for
+    inf; the float64 mix would give the same finite values). Two input blocks, one being mixed and one
+    being filled by a background thread, and one output block. `on_bytes(n)` feeds the progress bar.
+    """
+    num_inputs = len(reader.paths)
+    spans = reader.spans[0]
+    plan = [(name, a, b) for name in _file_order(spans) for a, b in _ranges(spans[name].numel, range_elements)]
+    itemsize = max((span.dtype.itemsize for span in spans.values()), default=1)
+    blocks = [torch.empty(num_inputs, range_elements * itemsize, dtype=torch.uint8) for _ in range(2)]
+    mixed = torch.empty(weights.shape[0], range_elements, dtype=torch.float32)
+
+    def gather(name, a, b, block):
+        nbytes = (b - a) * spans[name].dtype.itemsize
+        reader.prefetch(name, a, b - a)
+        rows = block.numpy()
+        for index in range(num_inputs):
+            reader.read(index, name, a, rows[index, :nbytes])
+        return block[:, :nbytes].view(spans[name].dtype)           # [N, b - a]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as background:
+        pending = background.submit(gather, *plan[0], blocks[0]) if plan else None
+        for step, (name, a, b) in enumerate(plan):
+            stack = pending.result()
+            if step + 1 < len(plan):
+                pending = background.submit(gather, *plan[step + 1], blocks[(step + 1) % 2])
+            on_bytes(stack.numel() * stack.element_size())
+            out = mixed[:, :b - a]
+            if _all_equal(stack):
+                out[:] = stack[0]                                   # identical in every input: copied exactly
+            else:
+                _mix(weights, stack, out)
+            emit(out)
+
+
+@contextlib.contextmanager
+def _torch_threads(count):
+    """Set torch's intra-op threads for a while. The pass runs one thread reading and one mixing, and is
+    limited by the reads; parallel torch ops there gain nothing on an idle machine and, when other
+    processes hold the cores, wait at every op for a descheduled worker (5x slower on a busy 2-core VM)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+_STORAGE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # safetensors names of storage dtypes
+
+
+def _raw_tensors(path, keep):
+    """{name: (safetensors dtype, shape, bytes)} of the tensors of a snapshot file for which keep(dtype) holds."""
+    try:
+        data_start, tensors, _ = _read_safetensors_header(path)
+        raw = {}
+        with open(path, "rb") as f:
+            for name, entry in tensors.items():
+                if keep(entry["dtype"]):
+                    begin, end = (int(o) for o in entry["data_offsets"])
+                    f.seek(data_start + begin)
+                    data = f.read(end - begin)
+                    if len(data) != end - begin:
+                        raise ValueError(f"file ends inside tensor {name}")
+                    raw[name] = (entry["dtype"], [int(d) for d in entry["shape"]], data)
+    except Exception as e:  # the file changed or broke after it was listed
+        raise CheckpointError(f"{path}: damaged snapshot ({_first_line(e)})") from None
+    return raw
+
+
+def _network_header(shapes, raw, network, dtype, **metadata):
+    """Start (length prefix + JSON header) of the network file :func:`save_network` would write.
+
+    Float tensors `shapes` (name -> shape, stored as `dtype`) come first, in this order, then the `raw`
+    tensors (name -> (safetensors dtype, shape, bytes)). Same metadata, JSON-encoded value by value;
+    header padded to 8 bytes like safetensors' own. Knowing the whole layout up front lets each output be
+    written while it is computed, without holding it in memory or serialising a copy of it.
+    """
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * storage_dtype(dtype).itemsize
+        header[name] = {"dtype": _STORAGE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    for name, (code, shape, data) in raw.items():
+        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    meta = dict(metadata, format=NETWORK_FORMAT, network=dict(network), dtype=dtype)  # as save_network
+    encoded = json.dumps({"__metadata__": {k: json.dumps(v) for k, v in meta.items()}, **header},
+                         separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded
+
+
+def _write_pass(reader, weights, paths, headers, raw, range_elements, dtype, on_bytes):
+    """One pass: stream the outputs of len(paths) targets into their files, each started with its header and
+    ended with the `raw` tensors. Each file is written atomically; an error before the pass is complete
+    leaves none of its outputs."""
+    target = storage_dtype(dtype)
+    outputs = [atomic_write(path) for path in paths]
+    with contextlib.ExitStack() as open_files:  # on an error every temporary output is removed
+        files = [open_files.enter_context(output) for output in outputs]
+        for f, header in zip(files, headers):
+            f.write(header)
+
+        def emit(block):
+            block = block.to(target)
+            for row, f in enumerate(files):
+                f.write(block[row].view(torch.uint8).numpy())
+
+        _stream_pass(reader, weights, range_elements, on_bytes, emit)
+        for f in files:
+            for _, _, data in raw.values():
+                f.write(data)
+        open_files.pop_all()  # complete: finished below, several at once so that their fsyncs overlap
+    with concurrent.futures.ThreadPoolExecutor(max_workers=_FINISHERS) as finishing:
+        finished = [finishing.submit(output.__exit__, None, None, None) for output in outputs]
+    for future in finished:  # all have run (each removes its own temporary on failure); report the first error
+        future.result()
+
+
+def reconstruct(run_dir, sigma_rels, at_nimg=None, out_dir=None, batch_outputs=64, dtype="float32", progress=True):
     """Post-hoc EMA: write network files for new profiles `sigma_rels` at time `at_nimg`; returns their paths.
 
     * Inputs are all snapshots with 0 < nimg <= at_nimg. `at_nimg` (images) defaults to the last snapshot
       time; any integer time up to it is allowed, and then only the snapshots at or before it are used
       (the profile ends at at_nimg, so later snapshots carry weights it must not see).
-    * Targets are processed in groups of `batch_outputs`; each group reads every input once, one file
-      at a time, and accumulates ``out_j += x_ij * theta_i`` in float32 (memory: the group's float32
-      outputs + about one snapshot).
+    * Targets are processed in passes of up to `batch_outputs`. A pass reads every input byte once, one
+      tensor range from all inputs at a time, mixes all its targets with one float64 matmul per range and
+      appends the results to the pass's output files, which are open for the whole pass. Memory is about
+      one snapshot, however many targets.
     * Floating tensors that are bit-identical in every input (buffers such as MPFourier frequencies,
       frozen parameters) are copied verbatim from the first input instead of averaged; all other
       floating tensors are averaged; integer tensors are taken from the latest input.
@@ -609,50 +900,33 @@ def reconstruct(run_dir, sigma_rels, at_nimg=None, out_dir=None, batch_outputs=8
     if not np.all(np.isfinite(coefficients)):
         raise ConfigError("post-hoc EMA coefficients are not finite (snapshot profiles too similar to solve)")
     out_dir = os.path.join(run_dir_of(run_dir), PHEMA_DIR) if out_dir is None else os.fspath(out_dir)
-    network = inputs[0].network
-    groups = [list(range(start, min(start + int(batch_outputs), len(targets))))
-              for start in range(0, len(targets), int(batch_outputs))]
+    groups = _ranges(len(targets), int(batch_outputs))
 
-    paths = []
-    with tqdm(total=len(groups) * len(inputs), unit="file", desc="phema", disable=not progress) as bar:
-        for group in groups:
-            weights = torch.from_numpy(coefficients[:, group]).to(torch.float32)  # [inputs, group]
-            sums = {}           # key -> float32 [len(group), numel]: all outputs of the group, stacked
-            shapes = {}
-            verbatim = {}       # key -> tensor of the first input, while identical in every input so far
-            latest = {}         # non-floating tensors of the latest input
-            for i, record in enumerate(inputs):
-                if i + 1 < len(inputs):
-                    _prefetch(inputs[i + 1].path)
-                column = weights[i].reshape(-1, 1)
-                try:
-                    with safe_open(record.path, framework="pt") as f:
-                        for key in f.keys():
-                            tensor = f.get_tensor(key)
-                            if not tensor.is_floating_point():
-                                latest[key] = tensor
-                                continue
-                            if i == 0:
-                                verbatim[key] = tensor
-                                shapes[key] = tensor.shape
-                            elif key in verbatim and not torch.equal(verbatim[key], tensor):
-                                del verbatim[key]
-                            value = tensor.to(torch.float32).reshape(1, -1)
-                            if i == 0:
-                                sums[key] = column * value
-                            else:
-                                sums[key].addcmul_(column, value)  # out_j += x_ij * theta_i, one pass for the group
-                except Exception as e:  # the file changed or broke after it was listed
-                    raise CheckpointError(f"{record.path}: damaged snapshot ({_first_line(e)})") from None
-                bar.update(1)
-            for row, j in enumerate(group):
-                state = {key: verbatim[key] if key in verbatim else total[row].reshape(shapes[key])
-                         for key, total in sums.items()}
-                state.update(latest)
-                path = os.path.join(out_dir, phema_name(at_nimg, targets[j]))
-                save_network(path, state, network, dtype=dtype, nimg=at_nimg, sigma_rel=targets[j],
-                             kind=RECONSTRUCTION_KIND, coefficients=[float(c) for c in coefficients[:, j]],
-                             inputs=[os.path.basename(r.path) for r in inputs])
-                paths.append(path)
-            del sums, verbatim, latest
+    reader = _InputReader([r.path for r in inputs], max_open=_MAX_OPEN_INPUTS)
+    try:
+        spans = reader.spans[0]
+        latest = _raw_tensors(inputs[-1].path, keep=lambda code: code not in _FLOAT_DTYPES)  # integers: latest input
+        shapes = {name: spans[name].shape for name in _file_order(spans)}
+        snapshot_bytes = sum(span.end - span.begin for span in spans.values())
+        # Elements per range: two input blocks [N, range] and the output block [T, range] hold about one snapshot.
+        itemsize = max((span.dtype.itemsize for span in spans.values()), default=1)
+        per_element = 2 * len(inputs) * itemsize + 4 * len(groups[0])
+        range_elements = max(1, min(max(snapshot_bytes // per_element, _MIN_READ_BYTES // itemsize),
+                                    _MAX_READ_BYTES // itemsize))
+
+        paths = []
+        with tqdm(total=len(groups) * len(inputs) * snapshot_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                  desc="phema", disable=not progress) as bar, _torch_threads(1):
+            for first, last in groups:
+                weights = torch.from_numpy(np.ascontiguousarray(coefficients[:, first:last].T))  # [T, N] float64
+                group_paths = [os.path.join(out_dir, phema_name(at_nimg, targets[j])) for j in range(first, last)]
+                headers = [_network_header(shapes, latest, inputs[0].network, dtype, nimg=at_nimg,
+                                           sigma_rel=targets[j], kind=RECONSTRUCTION_KIND,
+                                           coefficients=[float(c) for c in coefficients[:, j]],
+                                           inputs=[os.path.basename(r.path) for r in inputs])
+                           for j in range(first, last)]
+                _write_pass(reader, weights, group_paths, headers, latest, range_elements, dtype, bar.update)
+                paths += group_paths
+    finally:
+        reader.close()
     return paths

@@ -33,8 +33,9 @@ def ema_sweep(run_dir, sigma_rels, seeds, num_steps=32, at_nimg=None, out_dir=No
     paths = reconstruct(run_dir, sigma_rels, at_nimg=at_nimg, out_dir=os.path.join(out_dir, "networks"),
                         progress=progress)
     rows = []
-    for sigma_rel, path in zip(sigma_rels, paths):
+    for path in paths:  # reconstruct() sorts and de-duplicates targets: read each one's sigma_rel back
         net, meta = load_network(path)
+        sigma_rel = round(float(meta["sigma_rel"]), 6)
         images, classes = generate(net, seeds, num_steps=num_steps, progress=progress)
         result = evaluate(decode_images(images).numpy(), classes if net.label_dim else None)
         rows.append({"sigma_rel": sigma_rel, "nimg": meta["nimg"], "accuracy": result["accuracy"],
