@@ -42,6 +42,19 @@ def read_network_metadata(path):
     return meta
 
 
+def check_state_dict(expected, tensors, context):
+    """Raise CheckpointError("<context> (...)") unless `tensors` has exactly the keys and shapes of
+    `expected` (a state_dict, e.g. of a network built on the meta device)."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{context} (missing {missing[:4]}, unexpected {unexpected[:4]})")
+    for key, ref in expected.items():
+        if tuple(tensors[key].shape) != tuple(ref.shape):
+            raise CheckpointError(f"{context} (tensor {key} has shape {tuple(tensors[key].shape)}, "
+                                  f"expected {tuple(ref.shape)})")
+
+
 def load_network(path, device="cpu", eval_mode=True):
     """Build the network described in a network file and load its weights (float32).
 
@@ -61,16 +74,7 @@ def load_network(path, device="cpu", eval_mode=True):
     except (TypeError, ValueError, RuntimeError, ArithmeticError, IndexError, KeyError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise CheckpointError(f"{path}: its network config cannot be built ({type(e).__name__}: {reason})") from None
-    expected = net.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match its network config "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for key, ref in expected.items():
-        if tuple(tensors[key].shape) != tuple(ref.shape):
-            raise CheckpointError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, "
-                                  f"expected {tuple(ref.shape)}")
+    check_state_dict(net.state_dict(), tensors, f"{path}: weights do not match its network config")
     net = build_network(config, device="cpu")
     net.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items()})
     net = net.to(device)

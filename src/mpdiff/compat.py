@@ -7,6 +7,7 @@ network from it with :func:`load_edm2`. Our module and tensor names equal the of
 
 import torch
 
+from .checkpoint import check_state_dict
 from .errors import CheckpointError
 from .model import build_network
 from .presets import NetworkConfig
@@ -59,15 +60,8 @@ def load_edm2(state_dict, device="cpu", **kwargs):
     config = dict(infer_config(sd), **kwargs)
     config = NetworkConfig.from_dict(config, source="load_edm2")
     net = build_network(config, device="cpu")
-    ours = net.state_dict()
-    missing = sorted(set(ours) - set(sd))
-    unexpected = sorted(set(sd) - set(ours))
-    if missing or unexpected:
-        raise CheckpointError(f"load_edm2: state_dict does not match the network built from "
-                              f"{config.to_dict()} (missing {missing[:4]}, unexpected {unexpected[:4]})")
-    for k, v in ours.items():
-        if v.shape != sd[k].shape:
-            raise CheckpointError(f"load_edm2: {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
+    check_state_dict(net.state_dict(), sd, f"load_edm2: state_dict does not match the network built from "
+                                           f"{config.to_dict()}")
     net.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()})
     net.config = config
     return net.to(device).eval()
