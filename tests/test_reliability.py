@@ -386,7 +386,7 @@ BAD_NETWORK_FILES = {
     "config that cannot be built": "its network config cannot be built (RuntimeError: ",
     "config value of the wrong type": ("network option model_channels = 'sixteen' has the wrong type",  # patch 10
                                        "its network config cannot be built (TypeError: "),
-    "unknown config field": "unknown network option(s) turbo",
+    "unknown config field": "unknown network option(s) 'turbo'",
     "weights of another shape": "tensor unet.emb_label.weight has shape (32, 10), expected (32, 5)",
     "a tensor missing": "weights do not match its network config (missing [",
 }

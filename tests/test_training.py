@@ -169,3 +169,23 @@ def test_info_command_json():
     assert result.exit_code == 0
     info = json.loads(result.output)
     assert info["params"] == 124_713_253 and abs(info["gflops"] - 45.5) / 45.5 < 0.02
+
+
+def test_traditional_ema_is_tracked_saved_and_resumed(tmp_path):
+    from mpdiff.checkpoint import load_network
+    train_cfg = dict(TINY_TRAIN, ema_halflife_img=32)
+    whole, sliced = tmp_path / "whole", tmp_path / "sliced"
+    train("digits", run_options(whole), TINY_NET, train_cfg)
+    for _ in range(2):
+        train("digits", run_options(sliced, slice_nimg=512, checkpoint_nimg=256), TINY_NET, train_cfg)
+    net, meta = load_network(whole / "ema-traditional.safetensors")
+    assert meta["kind"] == "traditional-ema" and meta["halflife_img"] == 32 and meta["nimg"] == 1024
+    a, _ = final_state(whole)
+    b, _ = final_state(sliced)
+    traditional = {k: v for k, v in a.items() if k.startswith("tema.")}
+    assert traditional and all(torch.equal(v, b[k]) for k, v in traditional.items())
+    # A 32-image half-life (half a step) is a much shorter average than sigma_rel 0.05 (~50 images):
+    # close to the raw weights, but not equal to them.
+    raw, avg = a["net.unet.out_conv.weight"], a["tema.unet.out_conv.weight"]
+    assert not torch.equal(raw, avg)
+    assert (avg - raw).norm() < (a["ema.0.unet.out_conv.weight"] - raw).norm()

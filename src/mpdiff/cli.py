@@ -91,6 +91,8 @@ def cli(debug):
 @click.option("--p-mean", type=float, default=None, help="P_mean of the noise distribution [preset].")
 @click.option("--p-std", type=float, default=None, help="P_std of the noise distribution [preset].")
 @click.option("--ema", default=None, help="Tracked EMA sigma_rel values, e.g. 0.05,0.10 [preset].")
+@click.option("--ema-halflife", default=None,
+              help="Also track a traditional EMA with this half-life in images (saved as RUN_DIR/ema-traditional.safetensors).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--status", default="16Ki", show_default=True, help="Stats/progress interval in images.")
 @click.option("--snapshot", default="16Ki", show_default=True, help="EMA snapshot interval in images.")
@@ -106,7 +108,7 @@ def cli(debug):
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--tensorboard/--no-tensorboard", default=True, show_default=True)
 def train(preset, dataset, run_dir, cond, batch, batch_gpu, duration, lr, decay, rampup, channels, dropout,
-          p_mean, p_std, ema, seed, status, snapshot, checkpoint, sample, slice_, snapshot_dtype,
+          p_mean, p_std, ema, ema_halflife, seed, status, snapshot, checkpoint, sample, slice_, snapshot_dtype,
           max_nonfinite_steps, device, attn, progress, tensorboard):
     """Train a model (resumes automatically when the run directory has checkpoints)."""
     from .training import RunOptions, train as run_training
@@ -129,6 +131,8 @@ def train(preset, dataset, run_dir, cond, batch, batch_gpu, duration, lr, decay,
         train_over["rampup_img"] = 0 if str(rampup) == "0" else parse_nimg(rampup, "--rampup")
     if ema is not None:
         train_over["ema_sigma_rels"] = tuple(parse_floats(ema, "--ema"))
+    if ema_halflife is not None:
+        train_over["ema_halflife_img"] = parse_nimg(ema_halflife, "--ema-halflife")
     options = RunOptions(
         run_dir=run_dir or os.path.join("runs", preset), dataset=dataset, use_labels=cond, seed=seed,
         batch_gpu=batch_gpu, status_nimg=parse_nimg(status, "--status"),

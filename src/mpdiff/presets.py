@@ -42,7 +42,7 @@ def _from_dict(cls, d, source, what):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
     if unknown:
-        raise ConfigError(f"{source}: unknown {what} option(s) {', '.join(map(str, unknown))}")
+        raise ConfigError(f"{source}: unknown {what} option(s) {', '.join(repr(str(k))[:40] for k in unknown)}")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
     for name, value in kwargs.items():
         if not _type_ok(value, fields[name].type):
@@ -101,6 +101,7 @@ class TrainingConfig:
     betas: Tuple[float, float] = (0.9, 0.99)
     loss_scaling: float = 1.0
     ema_sigma_rels: Tuple[float, ...] = (0.050, 0.100)
+    ema_halflife_img: Optional[int] = None  # also track a traditional EMA with this half-life (images)
 
     def to_dict(self):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

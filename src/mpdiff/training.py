@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import storage_dtype
+from .checkpoint import save_network, storage_dtype
 from .data import decode_images, encode_images, open_dataset
 from .errors import CheckpointError, ConfigError, NumericalError
 from .fileio import append_line, load_tensors, read_jsonl, save_tensors, write_json, write_text
 from .images import save_grid
 from .loss import edm2_loss, learning_rate, make_optimizer, set_learning_rate, zero_nonfinite_grads
 from .model import build_network
-from .phema import PowerFunctionEMA, sigma_rel_to_gamma
+from .phema import PowerFunctionEMA, TraditionalEMA, sigma_rel_to_gamma
 from .presets import get_preset
 
 log = logging.getLogger("mpdiff.training")
@@ -122,6 +122,8 @@ def _validate(network, training, options, dataset):
         raise ConfigError(f"--dropout must be in [0, 1), got {network.dropout}")
     if network.model_channels < 1:
         raise ConfigError(f"--channels must be positive, got {network.model_channels}")
+    if training.ema_halflife_img is not None and not training.ema_halflife_img > 0:
+        raise ConfigError(f"--ema-halflife must be a positive number of images, got {training.ema_halflife_img}")
     sigma_rel_to_gamma(training.ema_sigma_rels)  # ConfigError for EMA lengths outside (0, 0.2887)
 
 
@@ -160,6 +162,9 @@ class Trainer:
         self.net = build_network(network_config, device=self.device).train()
         self.optimizer = make_optimizer(self.net.parameters(), betas=training_config.betas)
         self.ema = PowerFunctionEMA(self.net, training_config.ema_sigma_rels)
+        self.traditional_ema = None  # the classic alternative (config A), opt-in
+        if training_config.ema_halflife_img:
+            self.traditional_ema = TraditionalEMA(self.net, training_config.ema_halflife_img)
         self.nimg = 0
         self.step = 0
         self.counters = {"nonfinite_loss_steps": 0, "nonfinite_grad_steps": 0, "nonfinite_grad_values": 0,
@@ -187,6 +192,9 @@ class Trainer:
         for i, average in enumerate(self.ema.state_dict()["averages"]):
             for name, value in average.items():
                 tensors[f"ema.{i}.{name}"] = value
+        if self.traditional_ema is not None:
+            for name, value in self.traditional_ema.state_dict()["averages"][0].items():
+                tensors[f"tema.{name}"] = value
         meta = {"format": CHECKPOINT_FORMAT, "nimg": self.nimg, "step": self.step, "counters": self.counters,
                 "config": _contract(self.config), "optim_param_groups": opt_state["param_groups"],
                 "ema_sigma_rels": list(self.ema.sigma_rels), "ema_nimg": self.ema.nimg}
@@ -239,6 +247,11 @@ class Trainer:
                 averages[int(idx)][name] = value
         self.ema.load_state_dict({"sigma_rels": meta["ema_sigma_rels"], "nimg": meta["ema_nimg"],
                                   "averages": averages}, source=path)
+        if self.traditional_ema is not None:
+            average = {k[5:]: v for k, v in tensors.items() if k.startswith("tema.")}
+            self.traditional_ema.load_state_dict({"halflife_img": self.tc.ema_halflife_img, "rampup_ratio":
+                                                  self.traditional_ema.rampup_ratio, "nimg": meta["nimg"],
+                                                  "averages": [average]}, source=path)
         self.nimg, self.step = int(meta["nimg"]), int(meta["step"])
         self.counters.update(meta["counters"])
 
@@ -311,12 +324,18 @@ class Trainer:
         self.nimg += batch
         self.step += 1
         self.ema.update(self.nimg, batch)
+        if self.traditional_ema is not None:
+            self.traditional_ema.update(self.nimg, batch)
         return total_loss / batch, lr
 
     # ---------------------------------------------------------------- outputs
     def save_snapshots(self):
         self.ema.save_snapshots(self.path("snapshots"), self.net_config, step=self.step, batch_size=self.tc.batch,
                                 dtype=self.opt_.snapshot_dtype)
+        if self.traditional_ema is not None:  # latest only; not a post-hoc EMA input
+            save_network(self.path("ema-traditional.safetensors"), self.traditional_ema.averaged_state_dict(),
+                         self.net_config, dtype=self.opt_.snapshot_dtype, kind="traditional-ema",
+                         nimg=self.nimg, halflife_img=self.tc.ema_halflife_img)
 
     def sample_grid(self, name=None, sigma_rel=None):
         from .sampling import generate
