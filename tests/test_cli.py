@@ -21,6 +21,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+
+from mpdiff.threads import torch_threads
 from click.testing import CliRunner
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -71,10 +73,8 @@ def succeeds(args):
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+from mpdiff.threads import torch_threads
+
 from mpdiff import phema
 from mpdiff.checkpoint import load_network
 from mpdiff.data import load_builtin_digits
@@ -21,10 +23,8 @@ TARGET = 0.07
 @pytest.fixture(autouse=True)
 def _one_thread():
     # These networks are tiny; a second thread only adds synchronisation cost.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def _train(net, forward, steps, batch, snapshot_every, run_dir, network_config, lr):

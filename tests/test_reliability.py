@@ -5,7 +5,6 @@ Every test here is a row of the table in docs/RELIABILITY.md. The same inputs th
 are in tests/test_cli.py; the dataset rows at library level are in tests/test_data.py.
 """
 
-import contextlib
 import errno
 import glob
 import hashlib
@@ -17,6 +16,8 @@ import shutil
 
 import pytest
 import torch
+
+from mpdiff.threads import torch_threads
 
 import mpdiff.fileio as fileio
 from mpdiff import training
@@ -44,15 +45,9 @@ def tiny_train(run_dir, network=None, training_changes=None, **option_changes):
                  dict(TINY_TRAIN, **(training_changes or {})))
 
 
-@contextlib.contextmanager
 def single_thread():
     """Tiny networks run fastest on one thread, and do not stall when other processes load the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    return torch_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -25,6 +25,7 @@ from torch import nn
 
 from .errors import CheckpointError, DatasetError, MpdiffError
 from .fileio import load_tensors, save_tensors
+from .threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -127,22 +128,10 @@ class DigitClassifier(nn.Module):
 
 
 @contextlib.contextmanager
-def _one_thread():
-    """The classifier's layers are tiny: more threads only add contention (measured 2-15x
-    slower on a busy 2-core machine) and another source of rounding differences."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@contextlib.contextmanager
 def _deterministic_cpu(seed):
     """Seed torch, force deterministic kernels and one thread; restore all of it afterwards."""
     was_deterministic = torch.are_deterministic_algorithms_enabled()
-    with torch.random.fork_rng(devices=[]), _one_thread():
+    with torch.random.fork_rng(devices=[]), torch_threads(1):
         torch.manual_seed(seed)
         torch.use_deterministic_algorithms(True)
         try:
@@ -239,7 +228,7 @@ def classifier_outputs(classifier, images, batch_size=1000):
     """(features float64 [N, D], predicted classes int64 [N]) for uint8 images [N, 1, 8, 8]."""
     images = torch.as_tensor(np.asarray(images))
     features, predicted = [], []
-    with _one_thread():
+    with torch_threads(1):
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
             features.append(classifier.features(batch).double())

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from .checkpoint import NETWORK_FORMAT, save_network, storage_dtype
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write
+from .threads import torch_threads
 
 SIGMA_REL_MAX = 12 ** -0.5  # gamma -> 0 (uniform profile); the open upper end of the valid range (Eq. 123)
 
@@ -788,19 +789,6 @@ def _stream_pass(reader, weights, range_elements, on_bytes, emit):
             emit(out)
 
 
-@contextlib.contextmanager
-def _torch_threads(count):
-    """Set torch's intra-op threads for a while. The pass runs one thread reading and one mixing, and is
-    limited by the reads; parallel torch ops there gain nothing on an idle machine and, when other
-    processes hold the cores, wait at every op for a descheduled worker (5x slower on a busy 2-core VM)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 _STORAGE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # safetensors names of storage dtypes
 
 
@@ -916,7 +904,7 @@ def reconstruct(run_dir, sigma_rels, at_nimg=None, out_dir=None, batch_outputs=6
 
         paths = []
         with tqdm(total=len(groups) * len(inputs) * snapshot_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-                  desc="phema", disable=not progress) as bar, _torch_threads(1):
+                  desc="phema", disable=not progress) as bar, torch_threads(1):
             for first, last in groups:
                 weights = torch.from_numpy(np.ascontiguousarray(coefficients[:, first:last].T))  # [T, N] float64
                 group_paths = [os.path.join(out_dir, phema_name(at_nimg, targets[j])) for j in range(first, last)]
