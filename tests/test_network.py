@@ -1,7 +1,5 @@
 """Config-G U-Net and preconditioning (SPEC §1.1, §3; issue 3)."""
 
-import math
-
 import pytest
 import torch
 

@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import sys
 import traceback
 from fractions import Fraction
 

@@ -7,7 +7,7 @@ Names follow NVIDIA's release (`edm2-img512-s`, ...). The command line, the test
 import dataclasses
 import json
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from .errors import ConfigError

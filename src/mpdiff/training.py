@@ -10,6 +10,7 @@ A run directory holds:
 """
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -30,7 +31,7 @@ from .data import decode_images, encode_images, open_dataset
 from .errors import CheckpointError, ConfigError, NumericalError
 from .fileio import append_line, load_tensors, read_jsonl, save_tensors, write_json, write_text
 from .images import save_grid
-from .loss import edm2_loss, learning_rate, make_optimizer, set_learning_rate, zero_nonfinite_grads
+from .loss import edm2_loss, learning_rate, make_optimizer, sample_sigma, set_learning_rate, zero_nonfinite_grads
 from .model import build_network
 from .phema import PowerFunctionEMA, TraditionalEMA, sigma_rel_to_gamma
 from .presets import get_preset
@@ -133,6 +134,11 @@ def _seed_for(*parts):
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(seed, dataset_size, epoch):
+    return torch.randperm(dataset_size, generator=torch.Generator().manual_seed(_seed_for(seed, "epoch", epoch)))
+
+
 def batch_indices(seed, dataset_size, start, count):
     """Dataset indices for global sample positions start..start+count-1: each epoch is a
     permutation seeded by (seed, epoch), so the data order depends only on the image count."""
@@ -140,9 +146,8 @@ def batch_indices(seed, dataset_size, start, count):
     pos = start
     while len(out) < count:
         epoch, offset = divmod(pos, dataset_size)
-        perm = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(_seed_for(seed, "epoch", epoch)))
         take = min(count - len(out), dataset_size - offset)
-        out += perm[offset:offset + take].tolist()
+        out += _epoch_permutation(seed, dataset_size, epoch)[offset:offset + take].tolist()
         pos += take
     return out
 
@@ -288,7 +293,7 @@ class Trainer:
         torch.manual_seed(step_seed)  # dropout and anything else drawing from the global RNG
         gen = torch.Generator().manual_seed(step_seed)
         indices = torch.tensor(batch_indices(self.opt_.seed, len(self.dataset), self.nimg, batch))
-        sigma = (torch.randn([batch], generator=gen) * tc.P_std + tc.P_mean).exp()
+        sigma = sample_sigma(batch, tc.P_mean, tc.P_std, generator=gen)
         noise = torch.randn([batch, *self.images.shape[1:]], generator=gen)
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = 0.0
