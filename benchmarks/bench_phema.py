@@ -27,7 +27,6 @@ import torch
 
 from mpdiff import phema
 
-
 # ------------------------------------------------------------------------------------------------
 # Speed and memory.
 
@@ -93,8 +92,8 @@ def evict_from_page_cache(directory):
 
 def _phase(name, run_dir, threads, batch_outputs, queue):
     torch.set_num_threads(threads)
-    from safetensors import safe_open  # noqa: F401  (imports outside the timed region)
     import tqdm  # noqa: F401
+    from safetensors import safe_open  # noqa: F401  (imports outside the timed region)
     snapshot_dir = os.path.join(run_dir, "snapshots")
     out_dir = os.path.join(run_dir, "out")
     shutil.rmtree(out_dir, ignore_errors=True)  # write new files, as a first reconstruction does
@@ -160,8 +159,8 @@ def bench_speed(total_mb, num_times, tmp_root, threads, repeats, num_targets=(1,
 
 def train_and_reconstruct(snapshot_every, steps=512, batch=64, width=256, lr=3e-3, seed=0, target=0.07):
     """Relative weight error of the post-hoc target vs tracking it directly (as tests/test_phema_e2e.py)."""
-    from mpdiff.data import load_builtin_digits
-    from mpdiff.fileio import load_tensors
+    from mpdiff.data.digits import load_builtin_digits
+    from mpdiff.storage.tensors import load_tensors
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)

@@ -15,9 +15,10 @@ import time
 import torch
 
 from mpdiff import build_network, get_preset
-from mpdiff.loss import edm2_loss, make_optimizer
-from mpdiff.phema import PowerFunctionEMA
-from mpdiff.sampling import generate
+from mpdiff.diffusion.generate import generate
+from mpdiff.diffusion.loss import edm2_loss
+from mpdiff.ema.trackers import PowerFunctionEMA
+from mpdiff.train.optim import make_optimizer
 
 
 def sync(device):

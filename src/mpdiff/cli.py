@@ -1,14 +1,26 @@
 """The `mpdiff` command line: thin wrappers that parse options and call the library."""
 
+import dataclasses
 import json
 import os
 import re
 import traceback
 from fractions import Fraction
+from typing import Optional
 
 import click
 
-from .errors import ConfigError, MpdiffError
+from mpdiff.config import (
+    SAMPLING,
+    STORAGE_DTYPES,
+    Cadence,
+    NetworkConfig,
+    RunOptions,
+    TrainingConfig,
+    flag_for,
+)
+from mpdiff.errors import ConfigError, MpdiffError
+from mpdiff.presets import DEFAULT_PRESET
 
 _UNITS = {"": 1, "k": 1000, "m": 1000 ** 2, "g": 1000 ** 3, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30}
 
@@ -57,7 +69,8 @@ class _Group(click.Group):
         except MpdiffError as e:
             if debug:
                 traceback.print_exc()
-            click.echo(f"error: {e}", err=True)
+            message = e.render(flag_for) if isinstance(e, ConfigError) else str(e)  # fields -> our flags
+            click.echo(f"error: {message}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; run the same command again to resume", err=True)
@@ -73,75 +86,74 @@ def cli(debug):
 
 # ------------------------------------------------------------------------------------------ train
 
-@cli.command()
-@click.option("--preset", default="digits", show_default=True, help="Preset name (see `mpdiff info`).")
-@click.option("--data", "dataset", default="digits", show_default=True,
-              help="'digits' (built in) or a folder / ZIP of images with optional dataset.json.")
-@click.option("--run-dir", default=None, help="Run directory [default: runs/<preset>].")
-@click.option("--cond/--uncond", default=True, show_default=True, help="Use class labels if the data has them.")
-@click.option("--batch", type=int, default=None, help="Total batch size [preset].")
-@click.option("--batch-gpu", type=int, default=None, help="Micro-batch limit (gradient accumulation).")
-@click.option("--duration", default=None, help="Training length in images, e.g. 512Ki or 2Mi [preset].")
-@click.option("--lr", type=float, default=None, help="Reference learning rate alpha_ref [preset].")
-@click.option("--decay", type=float, default=None, help="t_ref in iterations; 0 = constant LR [preset].")
-@click.option("--rampup", default=None, help="LR warm-up length in images [preset].")
-@click.option("--channels", type=int, default=None, help="Base channel count C0 [preset].")
-@click.option("--dropout", type=float, default=None, help="Dropout probability [preset].")
-@click.option("--p-mean", type=float, default=None, help="P_mean of the noise distribution [preset].")
-@click.option("--p-std", type=float, default=None, help="P_std of the noise distribution [preset].")
-@click.option("--ema", default=None, help="Tracked EMA sigma_rel values, e.g. 0.05,0.10 [preset].")
-@click.option("--ema-halflife", default=None,
-              help="Also track a traditional EMA with this half-life in images (saved as RUN_DIR/ema-traditional.safetensors).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--status", default="16Ki", show_default=True, help="Stats/progress interval in images.")
-@click.option("--snapshot", default="16Ki", show_default=True, help="EMA snapshot interval in images.")
-@click.option("--checkpoint", default="64Ki", show_default=True, help="Checkpoint interval in images.")
-@click.option("--sample", default=None, help="Sample-grid interval in images (always one at the end).")
-@click.option("--slice", "slice_", default=None, help="Stop this invocation after N more images.")
-@click.option("--snapshot-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
-              show_default=True)
-@click.option("--max-nonfinite-steps", type=int, default=50, show_default=True,
-              help="Stop after this many consecutive steps with non-finite loss or gradients.")
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--attn", type=click.Choice(["matmul", "sdpa"]), default=None, help="Attention kernel [preset].")
-@click.option("--progress/--no-progress", default=True, show_default=True)
-@click.option("--tensorboard/--no-tensorboard", default=True, show_default=True)
-def train(preset, dataset, run_dir, cond, batch, batch_gpu, duration, lr, decay, rampup, channels, dropout,
-          p_mean, p_std, ema, ema_halflife, seed, status, snapshot, checkpoint, sample, slice_, snapshot_dtype,
-          max_nonfinite_steps, device, attn, progress, tensorboard):
-    """Train a model (resumes automatically when the run directory has checkpoints)."""
-    from .training import RunOptions, train as run_training
+# The train command's options are the config fields that have a flag (mpdiff.config); their help
+# and defaults are read from there. Preset-dependent fields default to None = "from the preset".
+_TRAIN_SECTIONS = (("network", NetworkConfig), ("training", TrainingConfig), ("cadence", Cadence),
+                   ("run", RunOptions))
 
-    net_over, train_over = {}, {}
-    if channels is not None:
-        net_over["model_channels"] = channels
-    if dropout is not None:
-        net_over["dropout"] = dropout
-    if attn is not None:
-        net_over["attn_impl"] = attn
-    for key, value in [("batch", batch), ("lr", lr), ("P_mean", p_mean), ("P_std", p_std)]:
-        if value is not None:
-            train_over[key] = value
-    if decay is not None:
-        train_over["decay"] = decay or None
-    if duration is not None:
-        train_over["duration"] = parse_nimg(duration, "--duration")
-    if rampup is not None:
-        train_over["rampup_img"] = 0 if str(rampup) == "0" else parse_nimg(rampup, "--rampup")
-    if ema is not None:
-        train_over["ema_sigma_rels"] = tuple(parse_floats(ema, "--ema"))
-    if ema_halflife is not None:
-        train_over["ema_halflife_img"] = parse_nimg(ema_halflife, "--ema-halflife")
-    options = RunOptions(
-        run_dir=run_dir or os.path.join("runs", preset), dataset=dataset, use_labels=cond, seed=seed,
-        batch_gpu=batch_gpu, status_nimg=parse_nimg(status, "--status"),
-        snapshot_nimg=parse_nimg(snapshot, "--snapshot"), checkpoint_nimg=parse_nimg(checkpoint, "--checkpoint"),
-        sample_nimg=None if sample is None else parse_nimg(sample, "--sample"),
-        slice_nimg=None if slice_ is None else parse_nimg(slice_, "--slice"), snapshot_dtype=snapshot_dtype,
-        max_nonfinite_steps=max_nonfinite_steps, device=device, progress=progress, tensorboard=tensorboard)
-    trainer = run_training(preset, options, net_over, train_over)
-    if trainer.nimg >= trainer.tc.duration:
-        click.echo(f"done: {options.run_dir} (samples: {os.path.join(options.run_dir, 'samples', 'grid-final.png')})")
+
+def _train_fields():
+    """[(section, dataclass field)] of every config field that has a command-line flag, in flag order."""
+    return [(section, f) for section, cls in _TRAIN_SECTIONS for f in dataclasses.fields(cls)
+            if f.metadata.get("flag")]
+
+
+def _click_option(section, field):
+    flag, help_text, parse = field.metadata["flag"], field.metadata["help"], field.metadata.get("parse")
+    if section == "run":  # not preset-dependent: the dataclass default is the command's default
+        default, shown = field.default, True
+        if field.name == "run_dir":
+            help_text, shown = "Run directory [default: runs/<preset>].", False
+        kind = None if parse else _CLICK_TYPES.get(field.type)
+        if field.name == "snapshot_dtype":
+            kind = click.Choice(STORAGE_DTYPES)
+        return click.option(flag, field.name, default=default, type=kind, show_default=shown, help=help_text)
+    kind = None if parse else _CLICK_TYPES.get(field.type)
+    if field.name == "attn_impl":
+        kind = click.Choice(["matmul", "sdpa"])
+    return click.option(flag, field.name, default=None, type=kind, help=help_text + " [preset]")
+
+
+_CLICK_TYPES = {int: int, float: float, Optional[int]: int, Optional[float]: float, Optional[str]: str, str: str}
+
+
+def _parsed(field, value):
+    """A flag's text as the field's value (image counts and lists parsed; `--decay 0` = constant LR)."""
+    parse, flag = field.metadata.get("parse"), flag_for(field.name)
+    if parse == "nimg":
+        if field.name == "rampup_img" and str(value) == "0":
+            return 0
+        return parse_nimg(value, flag)
+    if parse == "floats":
+        return tuple(parse_floats(value, flag))
+    if field.name == "decay":
+        return value or None
+    return value
+
+
+def _train_options(func):
+    for section, field in reversed(_train_fields()):
+        func = _click_option(section, field)(func)
+    return func
+
+
+@cli.command()
+@click.option("--preset", default=DEFAULT_PRESET, show_default=True, help="Preset name (see `mpdiff info`).")
+@_train_options
+def train(preset, **values):
+    """Train a model (resumes automatically when the run directory has checkpoints)."""
+    from mpdiff.train.loop import train as run_training
+
+    overrides = {section: {} for section, _ in _TRAIN_SECTIONS}
+    for section, field in _train_fields():
+        value = values[field.name]
+        if value is not None or section == "run":
+            overrides[section][field.name] = value if value is None else _parsed(field, value)
+    run = RunOptions(**overrides["run"])
+    trainer = run_training(preset, run, network=overrides["network"], training=overrides["training"],
+                           cadence=overrides["cadence"])
+    if trainer.nimg >= trainer.training.duration:
+        click.echo(f"done: {trainer.layout.run_dir} (samples: {trainer.layout.grid()})")
     else:
         click.echo(f"stopped at {trainer.nimg} images (slice); run the same command again to continue")
 
@@ -153,18 +165,19 @@ def train(preset, dataset, run_dir, cond, batch, batch_gpu, duration, lr, decay,
 @click.option("--seeds", default="0-99", show_default=True, help="Seeds, e.g. 0-999 or 1,5,7-9.")
 @click.option("--out", "out_dir", required=True, help="Output folder (one PNG per seed + dataset.json).")
 @click.option("--class", "class_idx", type=int, default=None, help="Fixed class [default: random per seed].")
-@click.option("--steps", type=int, default=32, show_default=True, help="Heun steps (NFE = 2*steps - 1).")
-@click.option("--batch", type=int, default=256, show_default=True, help="Images per sampler batch.")
+@click.option("--steps", type=int, default=SAMPLING.num_steps, show_default=True, help="Heun steps (NFE = 2*steps - 1).")
+@click.option("--batch", type=int, default=SAMPLING.batch_size, show_default=True, help="Images per sampler batch.")
 @click.option("--sigma-rel", type=float, default=None, help="EMA profile to use from a run directory.")
 @click.option("--guide", default=None, help="Guide network for CFG/autoguidance.")
 @click.option("--guidance", type=float, default=1.0, show_default=True)
 @click.option("--grid", default=None, help="Grid image path [default: OUT-grid.png, next to the folder].")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default=RunOptions.device, show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def generate(source, seeds, out_dir, class_idx, steps, batch, sigma_rel, guide, guidance, grid, device, progress):
     """Sample images from a run directory or a network file."""
-    from .generation import default_grid_path, generate_to_folder, resolve_network
-    from .sampling import parse_seeds
+    from mpdiff.diffusion.generate import generate_to_folder, parse_seeds
+    from mpdiff.loading import resolve_network
+    from mpdiff.storage.samples import default_grid_path
 
     seed_list = parse_seeds(seeds)
     if steps < 1 or batch < 1:
@@ -186,7 +199,11 @@ def generate(source, seeds, out_dir, class_idx, steps, batch, sigma_rel, guide, 
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_(images, as_json):
     """Evaluate generated digits (a folder written by `mpdiff generate`)."""
-    from .metrics import evaluate_digits, format_report, load_image_folder_for_eval
+    from mpdiff.metrics.digits import (
+        evaluate_digits,
+        format_report,
+        load_image_folder_for_eval,
+    )
 
     pixels, labels = load_image_folder_for_eval(images)
     result = evaluate_digits(pixels, labels)
@@ -200,13 +217,13 @@ def eval_(images, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def info(preset, as_json):
     """Parameter count and Gflops per network evaluation of a preset (lists presets without one)."""
-    from .presets import PRESETS
+    from mpdiff.presets import PRESETS
 
     if preset is None:
         for name, p in PRESETS.items():
             click.echo(f"{name:20s} {p.description}")
         return
-    from .flops import describe_preset
+    from mpdiff.nn.flops import describe_preset
     desc = describe_preset(preset)
     if as_json:
         click.echo(json.dumps({k: v for k, v in desc.items() if k != "gflops_by_op"}, indent=2))
@@ -224,39 +241,40 @@ def info(preset, as_json):
 @cli.command()
 @click.argument("run_dir")
 @click.option("--sigma-rel", required=True, help="Target EMA lengths, e.g. 0.05,0.1 or A:B:N.")
-@click.option("--at", "at_kimg", type=float, default=None, help="Training time in kimg [default: last snapshot].")
+@click.option("--at", "at", default=None, help="Snapshot time in images, e.g. 8Mi or 8388608 [default: the last].")
 @click.option("--out", "out_dir", default=None, help="Output folder [default: RUN_DIR/phema].")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default=STORAGE_DTYPES[0], show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def phema(run_dir, sigma_rel, at_kimg, out_dir, dtype, progress):
+def phema(run_dir, sigma_rel, at, out_dir, dtype, progress):
     """Post-hoc EMA: reconstruct networks of any EMA length from the run's snapshots."""
-    from .phema import reconstruct
+    from mpdiff.ema.reconstruct import reconstruct
 
-    paths = reconstruct(run_dir, parse_range(sigma_rel, "--sigma-rel"), at_nimg=_kimg_to_nimg(at_kimg),
+    paths = reconstruct(run_dir, parse_range(sigma_rel, "--sigma-rel"), at_nimg=_at_nimg(at),
                         out_dir=out_dir, dtype=dtype, progress=progress)
     for path in paths:
         click.echo(path)
 
 
-def _kimg_to_nimg(kimg):
-    return None if kimg is None else int(round(kimg * 1000))
+def _at_nimg(text):
+    """--at as an image count (the same forms as every other image-count option)."""
+    return None if text is None else parse_nimg(text, "--at")
 
 
 @cli.command("ema-sweep")
 @click.argument("run_dir")
 @click.option("--sigma-rel", default="0.02:0.25:10", show_default=True, help="A:B:N or a comma list.")
 @click.option("--seeds", default="0-499", show_default=True, help="Samples per EMA length.")
-@click.option("--steps", type=int, default=32, show_default=True)
-@click.option("--at", "at_kimg", type=float, default=None, help="Training time in kimg [default: last snapshot].")
+@click.option("--steps", type=int, default=SAMPLING.num_steps, show_default=True, help="Heun steps per sample.")
+@click.option("--at", "at", default=None, help="Snapshot time in images, e.g. 8Mi or 8388608 [default: the last].")
 @click.option("--out", "out_dir", default=None, help="Output folder [default: RUN_DIR/ema-sweep].")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def ema_sweep(run_dir, sigma_rel, seeds, steps, at_kimg, out_dir, progress):
+def ema_sweep(run_dir, sigma_rel, seeds, steps, at, out_dir, progress):
     """Reconstruct a range of EMA lengths, evaluate each, write a table and a plot."""
-    from .sampling import parse_seeds
-    from .sweep import ema_sweep as run_sweep
+    from mpdiff.diffusion.generate import parse_seeds
+    from mpdiff.metrics.ema_sweep import ema_sweep as run_sweep
 
     result = run_sweep(run_dir, parse_range(sigma_rel, "--sigma-rel"), parse_seeds(seeds), num_steps=steps,
-                       at_nimg=_kimg_to_nimg(at_kimg), out_dir=out_dir, progress=progress)
+                       at_nimg=_at_nimg(at), out_dir=out_dir, progress=progress)
     click.echo(result["table"])
     click.echo(f"plot: {result['plot']}")
 
@@ -264,13 +282,13 @@ def ema_sweep(run_dir, sigma_rel, seeds, steps, at_kimg, out_dir, progress):
 @cli.command("plot-ema-profile")
 @click.argument("run_dir")
 @click.option("--sigma-rel", type=float, required=True)
-@click.option("--at", "at_kimg", type=float, default=None)
+@click.option("--at", "at", default=None, help="Snapshot time in images, e.g. 8Mi or 8388608 [default: the last].")
 @click.option("--out", "out_path", default=None, help="PNG path [default: RUN_DIR/phema/profile-<nimg>-<sigma_rel>.png].")
-def plot_ema_profile(run_dir, sigma_rel, at_kimg, out_path):
+def plot_ema_profile(run_dir, sigma_rel, at, out_path):
     """Plot a target EMA profile and its reconstruction from the snapshots."""
-    from .ema_plots import plot_ema_profile as plot
+    from mpdiff.ema.plots import plot_ema_profile as plot
 
-    path, error = plot(run_dir, sigma_rel, at_nimg=_kimg_to_nimg(at_kimg), out_path=out_path)
+    path, error = plot(run_dir, sigma_rel, at_nimg=_at_nimg(at), out_path=out_path)
     click.echo(f"{path} (max abs profile error {error:.3g})")
 
 

@@ -19,8 +19,31 @@ class CheckpointError(MpdiffError):
 
 
 class ConfigError(MpdiffError):
-    """An option, preset name or config value is invalid."""
+    """An option, preset name or config value is invalid.
+
+    A message may name config fields as ``{field}`` placeholders (listed in `fields`): the library's
+    message shows the field names, and the command line shows its flags instead (see
+    :meth:`render`), so that each says what its user typed.
+    """
+
+    def __init__(self, message, fields=()):
+        self.template = message
+        self.fields = tuple(fields)
+        super().__init__(self.render(lambda name: name))
+
+    def render(self, name_of):
+        """The message with each ``{field}`` replaced by name_of(field)."""
+        text = self.template
+        for field in self.fields:
+            text = text.replace("{" + field + "}", name_of(field))
+        return text
 
 
 class NumericalError(MpdiffError):
     """Training kept producing non-finite values and was stopped."""
+
+
+def first_line(error, limit=200):
+    """The first line of an exception's message (or its type name), cut to `limit` characters."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__

@@ -1,24 +1,17 @@
-"""Atomic file writes and safe tensor files.
+"""Atomic file writes, and JSON / JSON-lines files.
 
 Every file mpdiff writes goes through :func:`atomic_write`: the bytes land in a temporary file
 in the same directory, are flushed and fsync'ed, and only then renamed over the destination
 (rename is atomic on POSIX). A crash at any moment leaves either the old file or the new one.
-Tensors are stored with safetensors (no code runs on load); configs and metadata as JSON.
 """
 
 import contextlib
 import errno
 import json
 import os
-import pickle
-import re
 import tempfile
-import warnings
 
-import torch
-from safetensors.torch import load_file, safe_open, save
-
-from .errors import CheckpointError, MpdiffError
+from mpdiff.errors import MpdiffError
 
 
 def _default_file_mode():
@@ -126,78 +119,3 @@ def read_jsonl(path):
             except json.JSONDecodeError:
                 break  # torn final line after a crash
     return rows
-
-
-def save_tensors(path, tensors, metadata=None):
-    """Write a dict of tensors as safetensors, atomically. `metadata` values are JSON-encoded."""
-    meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    write_bytes(path, save(tensors, metadata=meta))
-
-
-def read_metadata(path):
-    """Metadata of a safetensors file written by :func:`save_tensors` (JSON-decoded)."""
-    path = os.fspath(path)
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise CheckpointError(f"{path}: not a readable safetensors file ({_short(e)})") from None
-    try:
-        return {k: json.loads(v) for k, v in meta.items()}
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path}: metadata is not valid JSON") from None
-
-
-def load_tensors(path, device="cpu"):
-    """Return (tensors, metadata) from a safetensors file; damaged files raise CheckpointError."""
-    path = os.fspath(path)
-    meta = read_metadata(path)
-    try:
-        tensors = load_file(path, device=str(device))
-    except Exception as e:
-        raise CheckpointError(f"{path}: damaged tensor data ({_short(e)})") from None
-    return tensors, meta
-
-
-def safe_torch_load(path):
-    """Load a torch file without executing code (weights_only); refuse anything else clearly.
-
-    torch's restricted unpickler only builds tensors, containers and numbers; a pickle that names any
-    other callable (``os.system``, a class) is refused before anything it names is imported or called.
-    """
-    path = os.fspath(path)
-    try:
-        if os.path.getsize(path) == 0:
-            raise CheckpointError(f"{path}: empty file")
-        with warnings.catch_warnings():  # torch warns about pickle protocols; the error below says enough
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused to load: {_unpickling_reason(e)}, and unpickling it could run "
-                              f"code; only plain state_dicts of tensors are accepted (convert the file with "
-                              f"trusted code first, see docs/COMPATIBILITY.md)") from None
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable torch weights file ({_short(e)})") from None
-
-
-def _unpickling_reason(e):
-    """The part of torch's weights_only error that says what was refused (its first line is boilerplate)."""
-    text = str(e)
-    match = re.search(r"GLOBAL ([\w.]+)", text)
-    if match:
-        return f"it would import and call {match.group(1)}"
-    if "Unsupported operand" in text:
-        return "it is a general Python pickle, not a torch weights file"
-    return "it holds objects other than tensors"
-
-
-def _short(e):
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__

@@ -1,64 +1,16 @@
-"""EDM sampling (SPEC §6): noise-level schedule, the 2nd-order Heun sampler, per-seed generation.
+"""Generating images per seed: initial noise and labels drawn from each seed's own generator, so an
+image depends only on its seed and class, never on its batch (SPEC §6)."""
 
-Samplers share one signature, ``sampler(denoise, x, sigmas, labels=None, progress=False, ...)``,
-where ``denoise(x, sigma, labels)`` is any denoiser (a network, or a guided combination).
-"""
-
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-
-def edm_sigmas(num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0, device="cpu"):
-    """t_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, then t_N = 0."""
-    if num_steps < 1:
-        raise ValueError("num_steps must be at least 1")
-    i = torch.arange(num_steps, dtype=torch.float64, device=device)
-    if num_steps == 1:
-        t = torch.full([1], float(sigma_max), dtype=torch.float64, device=device)
-    else:
-        t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([t, torch.zeros_like(t[:1])])
-
-
-def sample_heun(denoise, x, sigmas, labels=None, progress=False, S_churn=0.0, S_min=0.0,
-                S_max=float("inf"), S_noise=1.0, noise_fn=None):
-    """EDM Algorithm 1 (deterministic by default), starting from x = noise * sigmas[0].
-
-    NFE = 2N - 1 for N steps (no correction on the last step to sigma = 0). With S_churn > 0,
-    noise is added before each step (EDM Algorithm 2); `noise_fn(shape)` supplies it so per-image
-    generators stay independent of batching.
-    """
-    num_steps = len(sigmas) - 1
-    x = x.to(torch.float64)
-    for i in tqdm(range(num_steps), disable=not progress, desc="sampling", leave=False):
-        t_cur, t_next = float(sigmas[i]), float(sigmas[i + 1])
-        t_hat = t_cur
-        if S_churn > 0 and S_min <= t_cur <= S_max:
-            gamma = min(S_churn / num_steps, np.sqrt(2) - 1)
-            t_hat = t_cur * (1 + gamma)
-            eps = noise_fn(x.shape) if noise_fn is not None else torch.randn_like(x)
-            x = x + (t_hat ** 2 - t_cur ** 2) ** 0.5 * S_noise * eps.to(x)
-        d = (x - _call(denoise, x, t_hat, labels)) / t_hat
-        x_next = x + (t_next - t_hat) * d
-        if i < num_steps - 1:
-            d_next = (x_next - _call(denoise, x_next, t_next, labels)) / t_next
-            x_next = x + (t_next - t_hat) * (d + d_next) / 2
-        x = x_next
-    return x
-
-
-def _call(denoise, x, sigma, labels):
-    sigma_t = torch.full([x.shape[0]], sigma, dtype=torch.float32, device=x.device)
-    return denoise(x.to(torch.float32), sigma_t, labels).to(torch.float64)
-
-
-def guided(net, guide=None, guidance=1.0):
-    """D = w * D_net + (1 - w) * D_guide (SPEC §6.4): CFG with an unconditional guide, or
-    autoguidance with a weaker conditional one. w = 1 (or no guide) skips the guide."""
-    if guide is None or guidance == 1:
-        return lambda x, sigma, labels: net(x, sigma, labels)
-    return lambda x, sigma, labels: guide(x, sigma, labels).lerp(net(x, sigma, labels), guidance)
+from mpdiff.config import SAMPLING
+from mpdiff.data.datasets import one_hot
+from mpdiff.data.pixels import decode_images
+from mpdiff.diffusion.guidance import guided
+from mpdiff.diffusion.samplers import sample_heun
+from mpdiff.diffusion.schedules import edm_sigmas
+from mpdiff.storage.samples import write_samples
 
 
 def seed_generator(seed, device="cpu"):
@@ -83,13 +35,13 @@ def seed_inputs(seeds, shape, num_classes=0, class_idx=None, device="cpu"):
     noise = torch.stack(noise).to(device)
     if not num_classes:
         return noise, None, [None] * len(seeds)
-    labels = torch.nn.functional.one_hot(torch.tensor(classes), num_classes).to(torch.float32).to(device)
+    labels = one_hot(classes, num_classes).to(device)
     return noise, labels, classes
 
 
 @torch.no_grad()
-def generate(net, seeds, class_idx=None, batch_size=256, num_steps=32, sigma_min=0.002, sigma_max=80.0,
-             rho=7.0, guide=None, guidance=1.0, progress=True, device="cpu", **sampler_kwargs):
+def generate(net, seeds, class_idx=None, batch_size=SAMPLING.batch_size, num_steps=SAMPLING.num_steps,
+             sigma_min=SAMPLING.sigma_min, sigma_max=SAMPLING.sigma_max, rho=SAMPLING.rho, guide=None, guidance=1.0, progress=True, device="cpu", **sampler_kwargs):
     """Sample one image per seed. Returns (images float32 [N, C, H, W] in data space, classes).
 
     Images come back in the network's data space (e.g. [-1, 1]); decode with
@@ -123,7 +75,7 @@ MAX_SEEDS = 10_000_000  # a typo such as 0-99999999999 must not exhaust memory
 
 def parse_seeds(text):
     """'0-999' or '1,5,7-9' -> list of ints (inclusive ranges)."""
-    from .errors import ConfigError
+    from mpdiff.errors import ConfigError
     seeds = []
     try:
         for part in str(text).split(","):
@@ -143,3 +95,9 @@ def parse_seeds(text):
     if not seeds or min(seeds) < 0:
         raise ConfigError(f"--seeds: {text!r} gives no non-negative seeds")
     return seeds
+
+
+def generate_to_folder(net, seeds, out_dir, class_idx=None, grid_path=None, **kwargs):
+    images, classes = generate(net, seeds, class_idx=class_idx, **kwargs)
+    images = decode_images(images).numpy()
+    return write_samples(out_dir, images, list(seeds), classes, num_classes=net.label_dim, grid_path=grid_path)

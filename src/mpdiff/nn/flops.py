@@ -19,8 +19,9 @@ from collections import defaultdict
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .model import build_network
-from .presets import NetworkConfig, Preset, get_preset
+from mpdiff.config import NetworkConfig, Preset
+from mpdiff.nn.build import build_network
+from mpdiff.presets import get_preset
 
 # Ops that move, view, copy or create data: no arithmetic.
 _FREE_OPS = frozenset("""

@@ -1,8 +1,8 @@
 """Network files: safetensors weights + JSON config in the file's metadata (no pickle anywhere).
 
-A network file holds the state_dict of a :class:`~mpdiff.networks.Precond` (parameters and
+A network file holds the state_dict of a :class:`~mpdiff.nn.precond.Precond` (parameters and
 buffers) and, in its metadata, ``format = "mpdiff-network/1"``, ``network`` (the
-:class:`~mpdiff.presets.NetworkConfig` as a dict) and free-form fields such as ``nimg`` or
+:class:`~mpdiff.config.NetworkConfig` as a dict) and free-form fields such as ``nimg`` or
 ``sigma_rel``. EMA snapshots and post-hoc reconstructions are network files too.
 """
 
@@ -10,13 +10,13 @@ import os
 
 import torch
 
-from .errors import CheckpointError
-from .fileio import load_tensors, read_metadata, save_tensors
-from .presets import NetworkConfig
+from mpdiff.config import STORAGE_DTYPES, NetworkConfig
+from mpdiff.errors import CheckpointError, first_line
+from mpdiff.storage.tensors import load_tensors, read_metadata, save_tensors
 
 NETWORK_FORMAT = "mpdiff-network/1"
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {name: getattr(torch, name) for name in STORAGE_DTYPES}
 
 
 def storage_dtype(name):
@@ -60,7 +60,7 @@ def load_network(path, device="cpu", eval_mode=True):
 
     Returns (net, metadata). Mismatched or damaged files raise CheckpointError naming the file.
     """
-    from .model import build_network
+    from mpdiff.nn.build import build_network
 
     path = os.fspath(path)
     meta = read_network_metadata(path)
@@ -72,7 +72,7 @@ def load_network(path, device="cpu", eval_mode=True):
         with torch.device("meta"):
             net = build_network(config, device="meta")
     except (TypeError, ValueError, RuntimeError, ArithmeticError, IndexError, KeyError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        reason = first_line(e, 160)
         raise CheckpointError(f"{path}: its network config cannot be built ({type(e).__name__}: {reason})") from None
     check_state_dict(net.state_dict(), tensors, f"{path}: weights do not match its network config")
     net = build_network(config, device="cpu")

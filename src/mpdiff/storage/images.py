@@ -6,7 +6,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from .fileio import write_bytes
+from mpdiff.storage.files import write_bytes
 
 
 def to_pil(image_uint8):
@@ -45,3 +45,17 @@ def save_grid(path, images_uint8, columns=None, upscale=None):
     if upscale is None:  # make tiny images (e.g. 8x8 digits) visible
         upscale = max(1, 64 // images_uint8.shape[-1])
     save_png(path, make_grid(images_uint8, columns=columns, upscale=upscale))
+
+
+def class_grid(images_uint8, classes, per_class=16, max_images=256):
+    """(tiles, columns) for :func:`save_grid`: one column per class present, up to `per_class` rows
+    (blank tiles fill short columns), or the first `max_images` row-major when there are no classes."""
+    images = np.asarray(images_uint8)
+    present = sorted({c for c in classes if c is not None}) if classes is not None else []
+    if not present:
+        return images[:max_images], None
+    columns = {c: [i for i, k in enumerate(classes) if k == c][:per_class] for c in present}
+    rows = max(len(v) for v in columns.values())
+    blank = np.zeros_like(images[0])
+    tiles = [images[columns[c][r]] if r < len(columns[c]) else blank for r in range(rows) for c in present]
+    return np.stack(tiles), len(present)

@@ -4,8 +4,15 @@ import os
 
 import numpy as np
 
-from . import phema
-from .fileio import atomic_write
+from mpdiff.ema.profiles import (
+    power_function_profile,
+    reconstructed_profile,
+    solve_posthoc_coefficients,
+)
+from mpdiff.ema.reconstruct import _target_sigma_rels, select_inputs
+from mpdiff.ema.snapshots import list_snapshots
+from mpdiff.storage.files import atomic_write
+from mpdiff.storage.layout import PHEMA_DIR, run_dir_of
 
 
 def plot_ema_profile(run_dir, sigma_rel, at_nimg=None, out_path=None, num_points=4001):
@@ -19,22 +26,22 @@ def plot_ema_profile(run_dir, sigma_rel, at_nimg=None, out_path=None, num_points
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    [sigma_rel] = phema._target_sigma_rels(sigma_rel)
-    records = phema.list_snapshots(run_dir)
-    at_nimg, inputs = phema.select_inputs(records, at_nimg)
+    [sigma_rel] = _target_sigma_rels(sigma_rel)
+    records = list_snapshots(run_dir)
+    at_nimg, inputs = select_inputs(records, at_nimg)
     in_t = np.array([r.nimg for r in inputs], dtype=np.float64)
     in_sigma_rel = np.array([r.sigma_rel for r in inputs])
-    coefficients = phema.solve_posthoc_coefficients(in_t, in_sigma_rel, at_nimg, sigma_rel)[:, 0]
+    coefficients = solve_posthoc_coefficients(in_t, in_sigma_rel, at_nimg, sigma_rel)[:, 0]
 
     # Sample just before and after every snapshot time so the jumps of the truncated profiles show.
     tau = np.concatenate([np.linspace(0, at_nimg, num_points), in_t * (1 - 1e-9), in_t])
     tau = np.unique(np.clip(tau, 0, at_nimg))
-    target = phema.power_function_profile(tau, at_nimg, sigma_rel) * at_nimg
-    approx = phema.reconstructed_profile(tau, in_t, in_sigma_rel, coefficients) * at_nimg
+    target = power_function_profile(tau, at_nimg, sigma_rel) * at_nimg
+    approx = reconstructed_profile(tau, in_t, in_sigma_rel, coefficients) * at_nimg
     max_error = float(np.max(np.abs(approx - target)))
 
     if out_path is None:
-        out_path = os.path.join(phema.run_dir_of(run_dir), phema.PHEMA_DIR,
+        out_path = os.path.join(run_dir_of(run_dir), PHEMA_DIR,
                                 f"profile-{at_nimg:012d}-{sigma_rel:.3f}.png")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     figure, axes = plt.subplots(figsize=(7, 4), dpi=120)

@@ -7,10 +7,10 @@ network from it with :func:`load_edm2`. Our module and tensor names equal the of
 
 import torch
 
-from .checkpoint import check_state_dict
-from .errors import CheckpointError
-from .model import build_network
-from .presets import NetworkConfig
+from mpdiff.config import NetworkConfig
+from mpdiff.errors import CheckpointError
+from mpdiff.nn.build import build_network
+from mpdiff.storage.network_files import check_state_dict
 
 # Official Precond/UNet/Block keyword -> our NetworkConfig field (identical names today).
 _OFFICIAL_KEYWORDS = {f for f in NetworkConfig.__dataclass_fields__}
@@ -46,7 +46,7 @@ def infer_config(state_dict):
 
 
 def load_edm2(state_dict, device="cpu", **kwargs):
-    """Build a :class:`~mpdiff.networks.Precond` from an official-layout EDM2 state_dict.
+    """Build a :class:`~mpdiff.nn.precond.Precond` from an official-layout EDM2 state_dict.
 
     Keyword arguments are the official constructor keywords (img_resolution, img_channels,
     label_dim, model_channels, channel_mult, num_blocks, attn_resolutions, dropout,

@@ -1,12 +1,12 @@
-"""Datasets: the built-in UCI digits, and folders / ZIP archives of images (SPEC §7.3-7.4).
+"""Datasets: folders and ZIP archives of images with EDM2 labels (SPEC §7.3-7.4).
 
-Every dataset is an :class:`ImageDataset`: `len(ds)`, `ds[i] -> (uint8 array [C, H, W], int label)`,
-plus `resolution`, `channels`, `num_classes` (0 = unlabelled) and `name`.
+Every dataset is an :class:`ImageDataset`: uint8 images [N, C, H, W], integer labels, and
+`resolution`, `channels`, `num_classes` (0 = unlabelled) and `name`.
 
 :func:`open_dataset` reads an EDM2-style dataset (a folder or ZIP of images with an optional
-`dataset.json`) and checks all of it up front: every image is fully decoded at open time, and
-every problem raises :class:`~mpdiff.errors.DatasetError` with one line naming the file. Nothing
-is skipped silently.
+`dataset.json`), or the built-in digits, and checks all of it up front: every image is fully
+decoded at open time, and every problem raises :class:`~mpdiff.errors.DatasetError` with one line
+naming the file. Nothing is skipped silently.
 """
 
 import contextlib
@@ -18,14 +18,10 @@ import warnings
 import zipfile
 
 import numpy as np
+import torch
 
-from .errors import DatasetError
+from mpdiff.errors import DatasetError, first_line
 
-# The built-in dataset's fixed held-out split: every 5th image (index % 5 == 0) of
-# sklearn.datasets.load_digits() is held out for evaluation (360 images); the other 1437 train.
-DIGITS_HOLDOUT_EVERY = 5
-
-BUILTIN_DIGITS = "digits"              # open_dataset("digits") = the built-in train split
 LABELS_FILE = "dataset.json"           # EDM2 label file, at the dataset root only
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")  # matched case-insensitively
 PIL_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")  # the only decoders run (JPEG includes multi-picture MPO)
@@ -76,40 +72,6 @@ class ImageDataset:
         return self.images.shape[2]
 
 
-def load_builtin_digits():
-    """UCI handwritten digits from scikit-learn (no download): 1797 8x8 grayscale images.
-
-    Returns a dict of numpy arrays: train_images / test_images (uint8 [N, 1, 8, 8], 0..255) and
-    train_labels / test_labels (int64 [N]). The split is fixed (see DIGITS_HOLDOUT_EVERY).
-    """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]
-    labels = digits.target.astype(np.int64)
-    held_out = np.arange(len(images)) % DIGITS_HOLDOUT_EVERY == 0
-    return dict(train_images=images[~held_out], train_labels=labels[~held_out],
-                test_images=images[held_out], test_labels=labels[held_out])
-
-
-def digits_dataset(split="train"):
-    parts = load_builtin_digits()
-    return ImageDataset(parts[f"{split}_images"], parts[f"{split}_labels"], num_classes=10, name=f"digits-{split}",
-                        label_source="built-in")
-
-
-def encode_images(images_uint8):
-    """uint8 [0, 255] -> float32 [-1, 1] (the RGB 'encoder' of SPEC §7.2)."""
-    import torch
-    return images_uint8.to(torch.float32) / 127.5 - 1
-
-
-def decode_images(x):
-    """float [-1, 1] -> uint8 [0, 255], rounding as SPEC §7.2."""
-    import torch
-    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
-
-
 # ----------------------------------------------------------------------------------------------
 # Folders and ZIP archives (SPEC §7.3-7.4)
 
@@ -145,6 +107,11 @@ def open_dataset(spec, use_labels=True, *, progress=None):
     progress: None = a tqdm bar when there are more than PROGRESS_MIN_IMAGES images; True/False.
     Every problem raises DatasetError with one line naming the file (and entry) at fault.
     """
+    from mpdiff.data.digits import (  # the built-in dataset builds on this module
+        BUILTIN_DIGITS,
+        digits_dataset,
+    )
+
     if isinstance(spec, str) and spec == BUILTIN_DIGITS:
         ds = digits_dataset("train")
         return ds if use_labels else ImageDataset(ds.images, name=ds.name)
@@ -174,13 +141,18 @@ def open_dataset(spec, use_labels=True, *, progress=None):
                         label_source=label_source, ignored_files=ignored)
 
 
+def one_hot(class_ids, num_classes):
+    """Float32 one-hot rows [N, num_classes] for integer class ids (a tensor or a list)."""
+    return torch.nn.functional.one_hot(torch.as_tensor(class_ids), num_classes).to(torch.float32)
+
+
 def write_dataset_json(directory, entries, num_classes=None):
     """Write EDM2-style `dataset.json` into `directory` (atomically); return its path.
 
     entries: (relative posix path, class int or None) per image. All None -> `"labels": null`;
     mixing None and classes is a caller error. `num_classes` is written when labels exist.
     """
-    from .fileio import write_json
+    from mpdiff.storage.files import write_json
 
     entries = [(path, cls) for path, cls in entries]
     seen = set()
@@ -208,12 +180,6 @@ def write_dataset_json(directory, entries, num_classes=None):
     return out
 
 
-def dataset_summary(ds):
-    """One dict describing a dataset, for the training log."""
-    return dict(name=ds.name, size=len(ds), resolution=ds.resolution, channels=ds.channels,
-                num_classes=ds.num_classes, labels=ds.label_source, ignored_files=len(ds.ignored_files))
-
-
 # ---- labels ----------------------------------------------------------------------------------
 
 def parse_labels_json(data, where, image_names):
@@ -226,7 +192,7 @@ def parse_labels_json(data, where, image_names):
     except json.JSONDecodeError as e:
         raise DatasetError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except (ValueError, RecursionError) as e:  # bad UTF-8, too many digits, nesting too deep
-        raise DatasetError(f"{where}: not valid JSON ({_first_line(e)})") from None
+        raise DatasetError(f"{where}: not valid JSON ({first_line(e)})") from None
     if not isinstance(doc, dict):
         raise DatasetError(f'{where}: top level must be a JSON object with a "labels" field, got {_describe(doc)}')
     if "labels" not in doc:
@@ -337,7 +303,7 @@ def decode_image(data, where):
     except Image.UnidentifiedImageError:
         reason = "not a PNG, JPEG, BMP or WebP image, or its header is damaged"
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, struct.error, ...) on damaged data
-        reason = _first_line(e)
+        reason = first_line(e)
     raise DatasetError(f"{where}: cannot read image ({reason})")
 
 
@@ -456,7 +422,7 @@ def _open_source(path):
         return _FolderSource(path)
     if not os.path.exists(path):
         raise DatasetError(f"{_show(path, None)}: no such file or directory (expected a folder or ZIP of images, "
-                           f"or '{BUILTIN_DIGITS}')")
+                           f"or 'digits')")
     if not os.path.isfile(path):
         raise DatasetError(f"{_show(path, None)}: not a directory or a ZIP archive")
     return _ZipSource(path)
@@ -481,7 +447,7 @@ class _FolderSource:
     def list_files(self):
         def fail(error):
             raise DatasetError(f"{_show(str(error.filename), None)}: cannot list directory "
-                               f"({error.strerror or _first_line(error)})")
+                               f"({error.strerror or first_line(error)})")
 
         names = set()
         visited = set()  # (device, inode) of directories seen: symlinked folders are followed once
@@ -508,7 +474,7 @@ class _FolderSource:
             with open(file, "rb") as f:
                 return f.read(MAX_FILE_BYTES + 1)
         except OSError as e:
-            raise DatasetError(f"{where}: cannot read file ({e.strerror or _first_line(e)})") from None
+            raise DatasetError(f"{where}: cannot read file ({e.strerror or first_line(e)})") from None
 
 
 class _ZipSource:
@@ -526,10 +492,10 @@ class _ZipSource:
             infos = self.zip.infolist()
         except zipfile.BadZipFile as e:
             if self.path.lower().endswith(".zip"):
-                raise DatasetError(f"{self.shown}: damaged ZIP archive ({_first_line(e)})") from None
+                raise DatasetError(f"{self.shown}: damaged ZIP archive ({first_line(e)})") from None
             raise DatasetError(f"{self.shown}: not a directory or a ZIP archive") from None
         except Exception as e:  # zipfile raises assorted types on hostile headers
-            raise DatasetError(f"{self.shown}: damaged ZIP archive ({_first_line(e)})") from None
+            raise DatasetError(f"{self.shown}: damaged ZIP archive ({first_line(e)})") from None
         try:
             for info in infos:
                 name = info.filename.replace("\\", "/")
@@ -565,7 +531,7 @@ class _ZipSource:
             with self.zip.open(info) as f:
                 return f.read()  # zipfile stops at the declared size and checks the CRC
         except Exception as e:  # BadZipFile (bad CRC), zlib.error, EOFError, NotImplementedError, encrypted, ...
-            raise DatasetError(f"{where}: damaged ZIP entry ({_first_line(e)})") from None
+            raise DatasetError(f"{where}: damaged ZIP entry ({first_line(e)})") from None
 
 
 def _show(text, limit=200):
@@ -575,6 +541,3 @@ def _show(text, limit=200):
     return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _first_line(error):
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__

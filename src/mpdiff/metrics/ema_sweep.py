@@ -3,12 +3,12 @@
 import json
 import os
 
-from .checkpoint import load_network
-from .data import decode_images
-from .errors import ConfigError
-from .fileio import atomic_write, write_json, write_text
-from .phema import reconstruct
-from .sampling import generate
+from mpdiff.data.pixels import decode_images
+from mpdiff.diffusion.generate import generate
+from mpdiff.ema.reconstruct import reconstruct
+from mpdiff.errors import ConfigError
+from mpdiff.storage.files import atomic_write, write_json, write_text
+from mpdiff.storage.network_files import load_network
 
 
 def _evaluator(run_dir):
@@ -21,7 +21,7 @@ def _evaluator(run_dir):
     if spec != "digits":
         raise ConfigError(f"{run_dir}: no built-in evaluation for dataset {spec!r} yet (the digits metrics need "
                           f"the built-in dataset; FID/FD_DINOv2 evaluation is planned)")
-    from .metrics import evaluate_digits, load_digit_classifier
+    from mpdiff.metrics.digits import evaluate_digits, load_digit_classifier
     classifier = load_digit_classifier()
     return lambda images, labels: evaluate_digits(images, labels, classifier=classifier)
 

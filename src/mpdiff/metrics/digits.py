@@ -1,4 +1,4 @@
-"""Metrics: the Fréchet distance (SPEC §7.5) and the evaluation of the built-in digits.
+"""Evaluation of the built-in digits.
 
 ImageNet models are scored with Inception / DINOv2 features; 8x8 digits are too small for those,
 so ``mpdiff eval`` on the built-in dataset uses a small CNN trained once on the train split
@@ -16,70 +16,18 @@ import contextlib
 import logging
 import os
 import time
-import warnings
 
 import numpy as np
-import scipy.linalg
 import torch
 from torch import nn
 
-from .errors import CheckpointError, DatasetError, MpdiffError
-from .fileio import load_tensors, save_tensors
-from .threads import torch_threads
+from mpdiff.data.pixels import encode_images
+from mpdiff.errors import CheckpointError, DatasetError, MpdiffError, first_line
+from mpdiff.metrics.frechet import feature_statistics, frechet_distance
+from mpdiff.storage.tensors import load_tensors, save_tensors
+from mpdiff.threads import torch_threads
 
 log = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------
-# Fréchet distance (SPEC §7.5).
-
-
-def feature_statistics(features):
-    """Mean and unbiased covariance (float64) of features [N, D], N >= 2."""
-    features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2 or features.shape[0] < 2:
-        raise ValueError(f"need features of shape [N >= 2, D], got {features.shape}")
-    mu = features.mean(axis=0)
-    sigma = np.cov(features, rowvar=False, ddof=1)  # unbiased, as the reference protocol
-    return mu, np.atleast_2d(sigma)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||² + Tr(sigma1 + sigma2 - 2·sqrtm(sigma1·sigma2)), real part (SPEC §7.5).
-
-    If the matrix square root of the product fails (near-singular covariances, e.g. fewer samples
-    than feature dimensions), it is retried with `eps`·I added to both covariances.
-    """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f"mismatched statistics: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}")
-    covmean = _sqrtm_of_product(sigma1, sigma2)
-    if covmean is None:
-        offset = np.eye(len(sigma1)) * eps
-        covmean = _sqrtm_of_product(sigma1 + offset, sigma2 + offset)
-        if covmean is None:
-            raise FloatingPointError("matrix square root failed even after regularisation")
-    diff = mu1 - mu2
-    distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
-    return max(distance, 0.0)  # non-negative by definition; identical inputs can round to -1e-12
-
-
-def _sqrtm_of_product(sigma1, sigma2, max_rel_error=1e-4):
-    """sqrtm(sigma1 @ sigma2), or None when the result is non-finite or clearly inaccurate."""
-    product = sigma1 @ sigma2
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)  # accuracy is checked below
-        root = scipy.linalg.sqrtm(product)
-    if not np.all(np.isfinite(root)):
-        return None
-    scale = max(np.linalg.norm(product), np.finfo(np.float64).tiny)
-    if np.linalg.norm(root @ root - product) / scale > max_rel_error:
-        return None
-    # The product of two PSD matrices has real non-negative eigenvalues; a large imaginary
-    # part means the square root went to the wrong branch, not rounding noise.
-    if np.iscomplexobj(root) and np.abs(np.diagonal(root).imag).max() > 1e-3 * max(np.abs(np.diagonal(root)).max(), 1):
-        return None
-    return root
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +65,7 @@ class DigitClassifier(nn.Module):
 
     def features(self, x):
         if x.dtype == torch.uint8:
-            x = x.to(torch.float32) / 127.5 - 1
+            x = encode_images(x)
         x = torch.relu(self.conv1(x))
         x = torch.relu(self.conv2(x))
         x = nn.functional.max_pool2d(x, 2)
@@ -146,10 +94,10 @@ def train_digit_classifier(seed=CLASSIFIER_SEED, epochs=_TRAIN_EPOCHS):
     Augmentation: each batch is shifted by up to one pixel in x and y (digits are not centred
     exactly); in trials it raised held-out accuracy slightly (98.1% -> 98.9% at 15 epochs).
     """
-    from .data import load_builtin_digits
+    from mpdiff.data.digits import load_builtin_digits
 
     digits = load_builtin_digits()
-    images = torch.from_numpy(digits["train_images"]).to(torch.float32) / 127.5 - 1
+    images = encode_images(torch.from_numpy(digits["train_images"]))
     labels = torch.from_numpy(digits["train_labels"])
     steps_per_epoch = -(-len(images) // _TRAIN_BATCH)
     with _deterministic_cpu(seed):
@@ -215,7 +163,7 @@ def _read_classifier(path):
     try:
         net.load_state_dict(tensors)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not match the classifier ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: weights do not match the classifier ({first_line(e)})") from None
     if not all(torch.isfinite(t).all() for t in tensors.values()):
         raise CheckpointError(f"{path}: weights contain non-finite values")
     net.eval().requires_grad_(False)
@@ -275,7 +223,7 @@ def evaluate_digits(images, labels=None, classifier=None, seed=0):
     held-out digits. It is the mean over REFERENCE_SUBSETS random subsets (chosen by `seed`);
     their spread, `fd_real_vs_real_std`, is how much `fd` itself varies with the draw of samples.
     """
-    from .data import load_builtin_digits
+    from mpdiff.data.digits import load_builtin_digits
 
     images = _check_digit_images(images)
     labels = _check_digit_labels(labels, len(images))
@@ -370,7 +318,7 @@ def load_image_folder_for_eval(path):
     Read with :func:`mpdiff.data.open_dataset`, so images come sorted by path and every file
     problem is reported the same way; here only the digits' 8x8 grayscale format is added.
     """
-    from .data import open_dataset
+    from mpdiff.data.datasets import open_dataset
 
     ds = open_dataset(os.fspath(path))
     if ds.channels != 1 or ds.resolution != 8:

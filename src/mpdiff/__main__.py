@@ -1,0 +1,5 @@
+"""`python -m mpdiff` runs the command line."""
+
+from mpdiff.cli import main
+
+main()

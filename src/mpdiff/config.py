@@ -1,0 +1,288 @@
+"""Configuration dataclasses: every option of a network, a training recipe and a run, defined once.
+
+* :class:`NetworkConfig` — the constructor arguments of :class:`mpdiff.nn.precond.Precond`; stored in
+  every network file, so its field names are a file format.
+* :class:`TrainingConfig` — the optimisation recipe (SPEC §1.2-1.4).
+* :class:`Cadence` — how often a run reports, snapshots and checkpoints; part of a preset, since a
+  sensible cadence depends on the batch and duration.
+* :class:`RunOptions` — everything else about one run (where, on what data, on which device).
+* :class:`Preset` — a named network + recipe + cadence (:mod:`mpdiff.presets` holds them).
+
+Each field carries its help text (and, for options with a command-line flag, the flag) in its
+metadata; the command line, ``mpdiff info`` and the docs read them from here. Library errors name
+fields; the command line translates field names to its flags (:func:`flag_for`).
+"""
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from mpdiff.errors import ConfigError
+
+KIB = 2 ** 10  # images; "Ki" in the paper and CLI
+MIB = 2 ** 20  # "Mi"
+
+
+def _type_ok(value, annotation):
+    """Does a JSON-decoded value (lists already made tuples) fit a field annotation?"""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:
+        return any(_type_ok(value, a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        kinds = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        return len(kinds) == len(value) and all(map(_type_ok, value, kinds))
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation in (int, float):  # JSON has one number type; a float field takes 1 as 1.0
+        ok = (int,) if annotation is int else (int, float)
+        return isinstance(value, ok) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _from_dict(cls, d, source, what):
+    """Build a config dataclass from a JSON object, refusing unknown fields and values of the wrong type."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: the {what} config must be a JSON object, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"{source}: unknown {what} option(s) {', '.join(repr(str(k))[:40] for k in unknown)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    for name, value in kwargs.items():
+        if not _type_ok(value, fields[name].type):
+            expected = str(fields[name].type).replace("typing.", "")
+            raise ConfigError(f"{source}: {what} option {name} = {str(value)[:40]!r} has the wrong type "
+                              f"(expected {expected})")
+    return cls(**kwargs)
+
+
+def option(default, help, flag=None, parse=None):
+    """A config field with its documentation: `help` text, command-line `flag` and how the flag's
+    text is parsed (`parse`: 'nimg' image counts like 512Ki, 'floats' comma lists; None = click's type)."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "parse": parse})
+
+
+class _Config:
+    """to_dict/from_dict/replace shared by the config dataclasses (tuples are lists in JSON)."""
+    KIND = "config"
+
+    def to_dict(self):
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d, source="config"):
+        return _from_dict(cls, d, source, cls.KIND)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class NetworkConfig(_Config):
+    """The network (config G, SPEC §3.1). Resolution, channels and classes come from the dataset."""
+    KIND = "network"
+    img_resolution: int = option(64, "Image resolution (square).")
+    img_channels: int = option(4, "Image channels.")
+    label_dim: int = option(1000, "Number of classes; 0 = unconditional.")
+    model_channels: int = option(192, "Base channel count C0.", flag="--channels")
+    channel_mult: Tuple[int, ...] = option((1, 2, 3, 4), "Width multiplier per resolution level.")
+    channel_mult_noise: Optional[int] = option(None, "Noise Fourier features = C0 x this; None = channel_mult[0].")
+    channel_mult_emb: Optional[int] = option(None, "Embedding width = C0 x this; None = max(channel_mult).")
+    num_blocks: int = option(3, "Encoder blocks per level (the decoder has one more).")
+    attn_resolutions: Tuple[int, ...] = option((16, 8), "Resolutions with self-attention.")
+    label_balance: float = option(0.5, "mp_sum share of the class embedding.")
+    concat_balance: float = option(0.5, "mp_cat share of the long skip connections.")
+    channels_per_head: int = option(64, "Channels per attention head.")
+    dropout: float = option(0.0, "Dropout probability in the residual branches.", flag="--dropout")
+    res_balance: float = option(0.3, "mp_sum share of the residual branch.")
+    attn_balance: float = option(0.3, "mp_sum share of the attention branch.")
+    clip_act: Optional[float] = option(256, "Clamp block outputs to +-clip_act; None disables.")
+    resample_filter: Tuple[int, ...] = option((1, 1), "Resampling filter taps.")
+    logvar_channels: int = option(128, "Fourier features of the uncertainty head u(sigma).")
+    sigma_data: float = option(0.5, "Expected standard deviation of the data.")
+    use_fp16: bool = option(True, "Run the U-Net in float16 on CUDA.")
+    attn_impl: str = option("matmul", "Attention kernel: 'matmul' (reference) or 'sdpa' (fused).", flag="--attn")
+
+
+@dataclass(frozen=True)
+class TrainingConfig(_Config):
+    """The optimisation recipe (SPEC §1.2-1.4). Durations are in images."""
+    KIND = "training"
+    batch: int = option(2048, "Total batch size.", flag="--batch")
+    lr: float = option(0.0100, "Reference learning rate alpha_ref.", flag="--lr")
+    decay: Optional[float] = option(70000, "t_ref in iterations; None = constant learning rate (0 on the "
+                                           "command line).", flag="--decay")
+    rampup_img: int = option(10_000_000, "Linear learning-rate warm-up in images.", flag="--rampup", parse="nimg")
+    duration: int = option(2048 * MIB, "Training length in images.", flag="--duration", parse="nimg")
+    P_mean: float = option(-0.4, "Mean of ln(sigma) in training.", flag="--p-mean")
+    P_std: float = option(1.0, "Standard deviation of ln(sigma) in training.", flag="--p-std")
+    betas: Tuple[float, float] = option((0.9, 0.99), "Adam beta1, beta2.")
+    loss_scaling: float = option(1.0, "Loss scaling factor.")
+    ema_sigma_rels: Tuple[float, ...] = option((0.050, 0.100), "Tracked power-function EMA lengths sigma_rel.",
+                                               flag="--ema", parse="floats")
+    ema_halflife_img: Optional[int] = option(None, "Also track a traditional EMA with this half-life in images "
+                                                   "(saved as RUN_DIR/ema-traditional.safetensors).",
+                                             flag="--ema-halflife", parse="nimg")
+
+
+@dataclass(frozen=True)
+class Cadence(_Config):
+    """How often a run reports and writes, in images (multiples of the batch)."""
+    KIND = "cadence"
+    status_nimg: int = option(128 * KIB, "Stats row and progress update every N images.", flag="--status",
+                              parse="nimg")
+    snapshot_nimg: int = option(8 * MIB, "EMA snapshots for post-hoc EMA every N images.", flag="--snapshot",
+                                parse="nimg")
+    checkpoint_nimg: int = option(128 * MIB, "Training-state checkpoint every N images (and at the end).",
+                                  flag="--checkpoint", parse="nimg")
+    sample_nimg: Optional[int] = option(None, "Sample grid every N images (there is always one at the end).",
+                                        flag="--sample", parse="nimg")
+
+
+@dataclass(frozen=True)
+class RunOptions(_Config):
+    """Everything about one run that is neither the network, the recipe nor the cadence."""
+    KIND = "run"
+    run_dir: Optional[str] = option(None, "Run directory; None = runs/<preset>.", flag="--run-dir")
+    dataset: str = option("digits", "'digits' (built in) or a folder / ZIP of images with optional dataset.json.",
+                          flag="--data")
+    use_labels: bool = option(True, "Class-conditional if the dataset has labels.", flag="--cond/--uncond")
+    seed: int = option(0, "Seed of the initialisation, data order and noise.", flag="--seed")
+    batch_gpu: Optional[int] = option(None, "Micro-batch limit (gradient accumulation); None = the whole batch.",
+                                      flag="--batch-gpu")
+    snapshot_dtype: str = option("float32", "Storage dtype of EMA snapshots.", flag="--snapshot-dtype")
+    keep_checkpoints: int = option(2, "Checkpoints kept; older verified ones are pruned.")
+    max_nonfinite_steps: int = option(50, "Stop after this many consecutive steps with non-finite loss or "
+                                          "gradients.", flag="--max-nonfinite-steps")
+    grid_steps: int = option(32, "Sampler steps for the sample grids.")
+    device: str = option("cpu", "Torch device, e.g. cpu or cuda.", flag="--device")
+    progress: bool = option(True, "Show progress bars.", flag="--progress/--no-progress")
+    tensorboard: bool = option(True, "Write TensorBoard events.", flag="--tensorboard/--no-tensorboard")
+    slice_nimg: Optional[int] = option(None, "Stop this invocation after N more images (job slicing).",
+                                       flag="--slice", parse="nimg")
+
+    # Fields that may differ between the invocations of one run (they change no result).
+    RUNTIME_FIELDS = ("run_dir", "progress", "tensorboard", "device", "slice_nimg", "grid_steps")
+
+
+@dataclass(frozen=True)
+class SamplingConfig(_Config):
+    """The EDM sampler's defaults (SPEC §6): Heun steps and the noise-level schedule."""
+    KIND = "sampling"
+    num_steps: int = option(32, "Heun steps (NFE = 2 x steps - 1).", flag="--steps")
+    sigma_min: float = option(0.002, "Lowest noise level.")
+    sigma_max: float = option(80.0, "Highest noise level.")
+    rho: float = option(7.0, "Schedule exponent.")
+    batch_size: int = option(256, "Images per sampler batch.", flag="--batch")
+
+
+SAMPLING = SamplingConfig()
+
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")   # how network files may store floating tensors
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named network + training recipe + cadence, with the data it was made for."""
+    name: str
+    description: str
+    network: NetworkConfig
+    training: TrainingConfig
+    cadence: Cadence = Cadence()
+    dataset: str = ""
+
+    def to_dict(self):
+        return {"name": self.name, "description": self.description, "dataset": self.dataset,
+                "network": self.network.to_dict(), "training": self.training.to_dict(),
+                "cadence": self.cadence.to_dict()}
+
+
+CONFIG_CLASSES = (NetworkConfig, TrainingConfig, Cadence, RunOptions, SamplingConfig)
+
+
+def field_info(name):
+    """(config class, dataclass field) of a field name of any config class."""
+    for cls in CONFIG_CLASSES:
+        for f in dataclasses.fields(cls):
+            if f.name == name:
+                return cls, f
+    raise KeyError(name)
+
+
+def flag_for(name):
+    """The command-line flag of a config field (its name if it has none): '--batch' for 'batch'."""
+    try:
+        flag = field_info(name)[1].metadata.get("flag")
+    except KeyError:
+        return name
+    return flag.split("/")[0] if flag else name
+
+
+def is_positive_finite(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def validate_run(network, training, cadence, run, resolution=None):
+    """Check one run's configuration; raises ConfigError naming the offending field as {field}."""
+    levels = len(network.channel_mult)
+    if resolution is not None and resolution % (1 << (levels - 1)) != 0:
+        raise ConfigError(f"dataset resolution {resolution} cannot be halved {levels - 1} times "
+                          f"(channel_mult has {levels} levels)")
+    batch = training.batch
+    if not batch > 0:
+        raise ConfigError(f"{{batch}} must be positive, got {batch}", fields=("batch",))
+    batch_gpu = batch if run.batch_gpu is None else run.batch_gpu
+    if batch_gpu <= 0 or batch % batch_gpu != 0:
+        raise ConfigError(f"{{batch_gpu}} {batch_gpu} must divide {{batch}} {batch}", fields=("batch_gpu", "batch"))
+    if training.duration <= 0 or training.duration % batch != 0:
+        raise ConfigError(f"{{duration}} {training.duration} images must be a positive multiple of {{batch}} {batch}",
+                          fields=("duration", "batch"))
+    for name in ("status_nimg", "snapshot_nimg", "checkpoint_nimg", "sample_nimg"):
+        _check_cadence(name, getattr(cadence, name), batch)
+    _check_cadence("slice_nimg", run.slice_nimg, batch)
+    if run.max_nonfinite_steps < 1:
+        raise ConfigError("{max_nonfinite_steps} must be at least 1", fields=("max_nonfinite_steps",))
+    if run.keep_checkpoints < 1:
+        raise ConfigError("{keep_checkpoints} must be at least 1", fields=("keep_checkpoints",))
+    if run.snapshot_dtype not in STORAGE_DTYPES:
+        raise ConfigError(f"{{snapshot_dtype}} {run.snapshot_dtype!r} is not one of {', '.join(STORAGE_DTYPES)}",
+                          fields=("snapshot_dtype",))
+    if not is_positive_finite(training.lr):
+        raise ConfigError(f"{{lr}} must be positive and finite, got {training.lr}", fields=("lr",))
+    if training.decay is not None and not is_positive_finite(training.decay):
+        raise ConfigError(f"{{decay}} must be positive (0 on the command line: constant learning rate), "
+                          f"got {training.decay}", fields=("decay",))
+    if training.rampup_img < 0:
+        raise ConfigError(f"{{rampup_img}} must be at least 0 images, got {training.rampup_img}",
+                          fields=("rampup_img",))
+    if not (isinstance(training.P_mean, (int, float)) and math.isfinite(training.P_mean)):
+        raise ConfigError(f"{{P_mean}} must be finite, got {training.P_mean}", fields=("P_mean",))
+    if not is_positive_finite(training.P_std):
+        raise ConfigError(f"{{P_std}} must be positive and finite, got {training.P_std}", fields=("P_std",))
+    if not 0 <= network.dropout < 1:
+        raise ConfigError(f"{{dropout}} must be in [0, 1), got {network.dropout}", fields=("dropout",))
+    if network.model_channels < 1:
+        raise ConfigError(f"{{model_channels}} must be positive, got {network.model_channels}",
+                          fields=("model_channels",))
+    if training.ema_halflife_img is not None and not training.ema_halflife_img > 0:
+        raise ConfigError(f"{{ema_halflife_img}} must be a positive number of images, got "
+                          f"{training.ema_halflife_img}", fields=("ema_halflife_img",))
+    from mpdiff.ema.profiles import check_sigma_rels
+    check_sigma_rels(training.ema_sigma_rels, field="ema_sigma_rels")
+    names = sorted(f"{s:.3f}" for s in training.ema_sigma_rels)
+    for a, b in zip(names, names[1:]):
+        if a == b:  # snapshot file names carry 3 decimals: two profiles would overwrite each other's files
+            raise ConfigError(f"{{ema_sigma_rels}}: two EMA lengths round to {a}; snapshot file names keep 3 "
+                              f"decimals, so tracked lengths must differ in them", fields=("ema_sigma_rels",))
+
+
+def _check_cadence(name, value, batch):
+    if value is not None and (value <= 0 or value % batch != 0):
+        raise ConfigError(f"{{{name}}} {value} images must be a positive multiple of {{batch}} {batch}",
+                          fields=(name, "batch"))

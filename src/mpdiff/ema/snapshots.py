@@ -1,0 +1,115 @@
+"""EMA snapshots: one network file per (training time, EMA profile), the inputs of post-hoc EMA.
+
+Writing them (:func:`save_ema_snapshots`) and listing them with a consistency check
+(:func:`list_snapshots`, which reads headers only). Their names come from :mod:`mpdiff.storage.layout`.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+from mpdiff.ema.profiles import SIGMA_REL_MAX, check_sigma_rels
+from mpdiff.errors import CheckpointError, first_line
+from mpdiff.storage.layout import parse_snapshot_name, snapshot_dir_of, snapshot_name
+from mpdiff.storage.network_files import NETWORK_FORMAT, save_network
+from mpdiff.storage.tensors import _read_safetensors_header
+
+SNAPSHOT_KIND = "ema-snapshot"
+# ------------------------------------------------------------------------------------------------
+# Snapshots: one network file per (training time, profile).
+
+
+def save_ema_snapshots(ema, snapshot_dir, network_config, step, batch_size, dtype="float32"):
+    """Write one snapshot per tracked profile of `ema` (a PowerFunctionEMA) at its current time; returns the paths."""
+    paths = []
+    for index, sigma_rel in enumerate(ema.sigma_rels):
+        path = os.path.join(snapshot_dir, snapshot_name(ema.nimg, sigma_rel))
+        save_snapshot(path, ema.averaged_state_dict(index), nimg=ema.nimg, sigma_rel=sigma_rel, step=step,
+                      batch_size=batch_size, network_config=network_config, dtype=dtype)
+        paths.append(path)
+    return paths
+
+
+def save_snapshot(path, state_dict, nimg, sigma_rel, step, batch_size, network_config, dtype="float32"):
+    """Write one EMA snapshot as a loadable network file (kind "ema-snapshot"); returns `path`.
+
+    `network_config` is a NetworkConfig or, for modules that are not mpdiff networks, any JSON-able dict.
+    """
+    check_sigma_rels(sigma_rel)
+    save_network(path, state_dict, network_config, dtype=dtype, nimg=int(nimg), sigma_rel=float(sigma_rel),
+                 step=int(step), batch_size=int(batch_size), kind=SNAPSHOT_KIND)
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotRecord:
+    path: str
+    nimg: int
+    sigma_rel: float
+    dtype: str
+    signature: tuple            # ((tensor name, shape), ...) sorted by name
+    network: dict               # network config stored in the file
+    step: Optional[int] = None
+    batch_size: Optional[int] = None
+
+
+def _read_snapshot_record(path):
+    try:
+        _, tensors, raw_meta = _read_safetensors_header(path)
+        signature = tuple(sorted((key, tuple(int(d) for d in entry["shape"])) for key, entry in tensors.items()))
+    except Exception as e:  # any way a header can be garbled
+        raise CheckpointError(f"{path}: unreadable or damaged snapshot ({first_line(e)})") from None
+    try:
+        meta = {k: json.loads(v) for k, v in raw_meta.items()}
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: snapshot metadata is not valid JSON") from None
+    if meta.get("format") != NETWORK_FORMAT or meta.get("kind") != SNAPSHOT_KIND:
+        raise CheckpointError(f"{path}: not an mpdiff EMA snapshot (format {meta.get('format')!r}, "
+                              f"kind {meta.get('kind')!r})")
+    nimg, sigma_rel = meta.get("nimg"), meta.get("sigma_rel")
+    if not isinstance(nimg, int) or nimg < 0 or not isinstance(sigma_rel, (int, float)) \
+            or not 0 < sigma_rel < SIGMA_REL_MAX or not isinstance(meta.get("network"), dict):
+        raise CheckpointError(f"{path}: snapshot metadata needs integer nimg >= 0, sigma_rel in (0, 0.2887) and a "
+                              f"network config; got nimg={nimg!r}, sigma_rel={sigma_rel!r}")
+    named = parse_snapshot_name(path)
+    if named and (named.nimg != nimg or named.sigma_rel_text != f"{sigma_rel:.3f}"):
+        raise CheckpointError(f"{path}: file name does not match its metadata (nimg={nimg}, sigma_rel={sigma_rel})")
+    return SnapshotRecord(path=path, nimg=nimg, sigma_rel=float(sigma_rel), dtype=str(meta.get("dtype")),
+                          signature=signature, network=meta["network"], step=meta.get("step"),
+                          batch_size=meta.get("batch_size"))
+
+
+def list_snapshots(path):
+    """All EMA snapshots (``ema-*.safetensors``) of a run directory or snapshot directory, checked for consistency.
+
+    Reads every file's header (not the tensors). Returns SnapshotRecords sorted by (nimg, sigma_rel);
+    raises CheckpointError naming the file for: no snapshots, a damaged or foreign file, a repeated
+    (nimg, sigma_rel), a different network config, different tensor names/shapes, or a different dtype.
+    """
+    directory = snapshot_dir_of(path)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: no such directory; expected a run directory with snapshots/ in it")
+    names = sorted(name for name in os.listdir(directory) if parse_snapshot_name(name))
+    if not names:
+        raise CheckpointError(f"{directory}: no EMA snapshots (ema-*.safetensors) found")
+    records = sorted((_read_snapshot_record(os.path.join(directory, name)) for name in names),
+                     key=lambda r: (r.nimg, r.sigma_rel))
+    first = records[0]
+    seen = {}
+    for record in records:
+        key = (record.nimg, round(record.sigma_rel, 9))
+        if key in seen:
+            raise CheckpointError(f"{record.path}: duplicates the snapshot nimg={record.nimg}, "
+                                  f"sigma_rel={record.sigma_rel} of {seen[key]}")
+        seen[key] = record.path
+        if record.network != first.network:
+            raise CheckpointError(f"{record.path}: network config differs from {first.path}")
+        if record.signature != first.signature:
+            ours, theirs = dict(record.signature), dict(first.signature)
+            diff = sorted(set(ours) ^ set(theirs)) or sorted(k for k in ours if ours[k] != theirs[k])
+            raise CheckpointError(f"{record.path}: tensor names/shapes differ from {first.path} (e.g. {diff[0]})")
+        if record.dtype != first.dtype:
+            raise CheckpointError(f"{record.path}: stored as {record.dtype} but {first.path} is {first.dtype}; "
+                                  f"all snapshots must share one dtype")
+    return records

@@ -1,0 +1,108 @@
+"""EDM preconditioning: the denoiser D(x; sigma, c) around a raw network F (SPEC §1.1).
+
+    D(x; sigma, c) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma), c)   (Eq. 4-8)
+
+:func:`edm_coefficients` is the math. :class:`Preconditioner` applies it to any backbone called as
+``backbone(x, noise_labels, class_labels) -> F_x`` and adds the log-variance head u(sigma) of the
+uncertainty-weighted loss (Eq. 21). :class:`Precond` is the config-G instance: its constructor
+keywords are exactly the fields of :class:`~mpdiff.config.NetworkConfig`.
+"""
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from mpdiff.nn.primitives import MPConv, MPFourier
+from mpdiff.nn.unet import UNet
+
+
+def edm_coefficients(sigma: torch.Tensor, sigma_data: float):
+    """(c_skip, c_out, c_in, c_noise) for noise levels `sigma` (Eq. 4-8).
+
+    c_skip, c_out and c_in keep the shape of `sigma`; c_noise = ln(sigma) / 4 is flattened to one
+    value per sample.
+    """
+    data_var = sigma_data ** 2
+    total_var = sigma ** 2 + data_var  # variance of the noisy input
+    total_std = total_var.sqrt()
+    c_skip = data_var / total_var
+    c_out = sigma * sigma_data / total_std
+    c_in = 1 / total_std
+    c_noise = sigma.log().flatten() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+class Preconditioner(nn.Module):
+    """EDM preconditioning and uncertainty head around a backbone F (SPEC §1.1-1.2).
+
+    Args:
+        backbone: module called as backbone(x, noise_labels, class_labels) -> F_x; stored as
+            ``unet`` (that name is part of the file format).
+        img_resolution, img_channels: the data's shape.
+        label_dim: number of classes; 0 = unconditional (labels are then ignored).
+        use_fp16: run the backbone in float16 on CUDA (the preconditioning stays float32).
+        sigma_data: expected standard deviation of the data.
+        logvar_channels: Fourier features of the log-variance head u(sigma).
+    """
+
+    def __init__(self, backbone: nn.Module, *, img_resolution: int, img_channels: int, label_dim: int = 0,
+                 use_fp16: bool = True, sigma_data: float = 0.5, logvar_channels: int = 128):
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.use_fp16 = use_fp16
+        self.sigma_data = sigma_data
+        self.unet = backbone
+        # u(sigma) = linear(Fourier(c_noise)): a scalar per noise level (Eq. 21).
+        self.logvar_fourier = MPFourier(logvar_channels)
+        self.logvar_linear = MPConv(logvar_channels, 1, kernel=())
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.unet
+
+    def _labels(self, class_labels, device):
+        """Labels as float32 [N, label_dim]; None for unconditional nets, zeros when missing."""
+        if not self.label_dim:
+            return None
+        if class_labels is None:
+            return torch.zeros([1, self.label_dim], device=device)
+        return class_labels.to(torch.float32).reshape(-1, self.label_dim)
+
+    def log_variance(self, c_noise: torch.Tensor) -> torch.Tensor:
+        """u(sigma) as [N, 1, 1, 1], from c_noise = ln(sigma) / 4."""
+        u = self.logvar_linear(self.logvar_fourier(c_noise))
+        return u.reshape(len(u), 1, 1, 1)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
+                force_fp32: bool = False, return_logvar: bool = False):
+        """D(x; sigma, class_labels) in float32; with return_logvar=True, (D, u(sigma))."""
+        x = x.to(torch.float32)
+        sigma = sigma.float().reshape(-1, 1, 1, 1)  # one level per sample, broadcast over pixels
+        labels = self._labels(class_labels, x.device)
+        half = self.use_fp16 and not force_fp32 and x.device.type == "cuda"
+        compute_dtype = torch.float16 if half else torch.float32
+
+        c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
+        raw = self.unet((c_in * x).to(compute_dtype), c_noise, labels)
+        denoised = c_skip * x + c_out * raw.to(torch.float32)
+        if not return_logvar:
+            return denoised
+        return denoised, self.log_variance(c_noise)
+
+
+class Precond(Preconditioner):
+    """The config-G denoiser: :class:`Preconditioner` around a :class:`~mpdiff.nn.unet.UNet`.
+
+    Keywords are the fields of :class:`~mpdiff.config.NetworkConfig` (``build_network`` passes
+    ``config.to_dict()``); those not listed here go to the UNet and its blocks.
+    """
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = True,
+                 sigma_data: float = 0.5, logvar_channels: int = 128, **unet_options):
+        # The U-Net draws its random weights before the log-variance head does.
+        unet = UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, **unet_options)
+        super().__init__(unet, img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
+                         use_fp16=use_fp16, sigma_data=sigma_data, logvar_channels=logvar_channels)

@@ -1,0 +1,174 @@
+"""The run directory: every path and file name that mpdiff writes into one, defined here only.
+
+    RUN_DIR/
+      config.json                                   resolved configuration (the resume contract)
+      log.txt, stats.jsonl, tensorboard/            messages; one stats row per status interval
+      checkpoints/training-state-<nimg>.safetensors weights, Adam, EMA averages, counters
+      snapshots/ema-<nimg>-<sigma_rel>.safetensors  EMA snapshots (network files) for post-hoc EMA
+      phema/phema-<nimg>-<sigma_rel>.safetensors    post-hoc EMA reconstructions (network files)
+      ema-traditional.safetensors                   the latest traditional EMA, when one is tracked
+      samples/grid-<kimg>.png, samples/grid-final.png
+
+Times are image counts (``nimg``) written with 12 digits so that names sort by time; EMA lengths
+are written with 3 decimals. Names are parsed with the patterns below, never by slicing, and a
+name that does not match is not ours.
+"""
+
+import dataclasses
+import os
+import re
+
+CONFIG_FILE = "config.json"
+LOG_FILE = "log.txt"
+STATS_FILE = "stats.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINT_DIR = "checkpoints"
+SNAPSHOT_DIR = "snapshots"
+PHEMA_DIR = "phema"
+SAMPLES_DIR = "samples"
+TRADITIONAL_EMA_FILE = "ema-traditional.safetensors"
+FINAL_GRID_FILE = "grid-final.png"
+
+_CHECKPOINT_NAME = re.compile(r"training-state-(\d{12})\.safetensors")
+_SNAPSHOT_NAME = re.compile(r"ema-(\d{12})-(\d+\.\d{3})\.safetensors")
+_PHEMA_NAME = re.compile(r"phema-(\d{12})-(\d+\.\d{3})\.safetensors")
+
+
+def checkpoint_name(nimg):
+    return f"training-state-{int(nimg):012d}.safetensors"
+
+
+def snapshot_name(nimg, sigma_rel):
+    return f"ema-{int(nimg):012d}-{float(sigma_rel):.3f}.safetensors"
+
+
+def phema_name(nimg, sigma_rel):
+    return f"phema-{int(nimg):012d}-{float(sigma_rel):.3f}.safetensors"
+
+
+def grid_name(nimg):
+    return f"grid-{int(nimg) // 1000:07d}.png"
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkFileName:
+    """What a snapshot or reconstruction file name says: its training time and EMA length."""
+    nimg: int
+    sigma_rel: float
+    sigma_rel_text: str         # as written in the name (3 decimals), for exact comparisons
+
+
+def parse_checkpoint_name(name):
+    """nimg of a checkpoint file name, or None if the name is not one of ours."""
+    match = _CHECKPOINT_NAME.fullmatch(os.path.basename(name))
+    return int(match.group(1)) if match else None
+
+
+def parse_snapshot_name(name):
+    """:class:`NetworkFileName` of ``ema-<nimg>-<sigma_rel>.safetensors``, or None."""
+    return _parse(_SNAPSHOT_NAME, name)
+
+
+def parse_phema_name(name):
+    """:class:`NetworkFileName` of ``phema-<nimg>-<sigma_rel>.safetensors``, or None."""
+    return _parse(_PHEMA_NAME, name)
+
+
+def _parse(pattern, name):
+    match = pattern.fullmatch(os.path.basename(name))
+    if not match:
+        return None
+    return NetworkFileName(int(match.group(1)), float(match.group(2)), match.group(2))
+
+
+class RunLayout:
+    """Paths inside one run directory."""
+
+    def __init__(self, run_dir):
+        self.run_dir = os.fspath(run_dir)
+
+    def path(self, *parts):
+        return os.path.join(self.run_dir, *parts)
+
+    @property
+    def config(self):
+        return self.path(CONFIG_FILE)
+
+    @property
+    def log(self):
+        return self.path(LOG_FILE)
+
+    @property
+    def stats(self):
+        return self.path(STATS_FILE)
+
+    @property
+    def tensorboard(self):
+        return self.path(TENSORBOARD_DIR)
+
+    @property
+    def checkpoint_dir(self):
+        return self.path(CHECKPOINT_DIR)
+
+    @property
+    def snapshot_dir(self):
+        return self.path(SNAPSHOT_DIR)
+
+    @property
+    def phema_dir(self):
+        return self.path(PHEMA_DIR)
+
+    @property
+    def samples_dir(self):
+        return self.path(SAMPLES_DIR)
+
+    @property
+    def traditional_ema(self):
+        return self.path(TRADITIONAL_EMA_FILE)
+
+    def checkpoint(self, nimg):
+        return self.path(CHECKPOINT_DIR, checkpoint_name(nimg))
+
+    def snapshot(self, nimg, sigma_rel):
+        return self.path(SNAPSHOT_DIR, snapshot_name(nimg, sigma_rel))
+
+    def phema(self, nimg, sigma_rel):
+        return self.path(PHEMA_DIR, phema_name(nimg, sigma_rel))
+
+    def grid(self, nimg=None):
+        """samples/grid-<kimg>.png, or the end-of-training grid when `nimg` is None."""
+        return self.path(SAMPLES_DIR, FINAL_GRID_FILE if nimg is None else grid_name(nimg))
+
+    def checkpoints(self):
+        """[(nimg, path)] of the checkpoint files present, oldest first (other names are ignored)."""
+        return _listed(self.checkpoint_dir, parse_checkpoint_name)
+
+    def reconstructions(self):
+        """[(NetworkFileName, path)] of the post-hoc EMA files present, oldest first."""
+        return _listed(self.phema_dir, parse_phema_name)
+
+
+def _listed(directory, parse):
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = [(parse(name), os.path.join(directory, name)) for name in names]
+    return sorted((key, path) for key, path in found if key is not None)
+
+
+def snapshot_dir_of(path):
+    """RUN_DIR/snapshots when `path` is a run directory, else `path` itself."""
+    path = os.fspath(path)
+    candidate = os.path.join(path, SNAPSHOT_DIR)
+    return candidate if os.path.isdir(candidate) else path
+
+
+def run_dir_of(path):
+    """The run directory for a run directory or its snapshots/ folder."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(os.path.join(path, SNAPSHOT_DIR)):
+        return path
+    if os.path.basename(path) == SNAPSHOT_DIR:
+        return os.path.dirname(path)
+    return path

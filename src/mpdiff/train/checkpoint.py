@@ -1,0 +1,105 @@
+"""Training checkpoints: a :class:`~mpdiff.train.state.TrainState` as one safetensors file, and back.
+
+The nested state dict is flattened into tensors named ``net.<key>``, ``optim.<param index>.<key>``,
+``ema.<profile index>.<param>`` and ``tema.<param>``, with everything else (counters, Adam's
+hyper-parameters, the run's configuration contract) in the JSON metadata. Files are written
+atomically, read back before older ones are pruned, and a damaged one is skipped on resume.
+"""
+
+import os
+
+import torch
+
+from mpdiff.errors import CheckpointError, ConfigError, NumericalError, first_line
+from mpdiff.storage.tensors import load_tensors, save_tensors
+
+CHECKPOINT_FORMAT = "mpdiff-training-state/1"
+
+
+def flatten_state(state, contract):
+    """(tensors, metadata) for a TrainState.state_dict() and the run's configuration contract."""
+    tensors = {f"net.{k}": v for k, v in state["net"].items()}
+    for index, entry in state["optimizer"]["state"].items():
+        for key, value in entry.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
+    for index, average in enumerate(state["ema"]["averages"]):
+        for name, value in average.items():
+            tensors[f"ema.{index}.{name}"] = value
+    meta = {"format": CHECKPOINT_FORMAT, "nimg": state["nimg"], "step": state["step"], "counters": state["counters"],
+            "config": contract, "optim_param_groups": state["optimizer"]["param_groups"],
+            "ema_sigma_rels": list(state["ema"]["sigma_rels"]), "ema_nimg": state["ema"]["nimg"]}
+    if "traditional_ema" in state:
+        traditional = state["traditional_ema"]
+        for name, value in traditional["averages"][0].items():
+            tensors[f"tema.{name}"] = value
+        meta["traditional_ema"] = {k: traditional[k] for k in ("halflife_img", "rampup_ratio", "nimg")}
+    return tensors, meta
+
+
+def unflatten_state(tensors, meta):
+    """The TrainState.state_dict() that :func:`flatten_state` flattened."""
+    def with_prefix(prefix):
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    optimizer = {"state": {}, "param_groups": meta["optim_param_groups"]}
+    for key, value in with_prefix("optim.").items():
+        index, name = key.split(".", 1)
+        optimizer["state"].setdefault(int(index), {})[name] = value
+    averages = [{} for _ in meta["ema_sigma_rels"]]
+    for key, value in with_prefix("ema.").items():
+        index, name = key.split(".", 1)
+        averages[int(index)][name] = value
+    state = {"net": with_prefix("net."), "optimizer": optimizer, "nimg": meta["nimg"], "step": meta["step"],
+             "counters": meta["counters"],
+             "ema": {"sigma_rels": meta["ema_sigma_rels"], "nimg": meta["ema_nimg"], "averages": averages}}
+    if "traditional_ema" in meta:
+        state["traditional_ema"] = dict(meta["traditional_ema"], averages=[with_prefix("tema.")])
+    return state
+
+
+def save_checkpoint(layout, train_state, contract, keep=2):
+    """Write the state at its image count, verify it reads back, then prune all but the `keep` newest."""
+    if not train_state.weights_finite():
+        raise NumericalError(f"network weights became non-finite at {train_state.nimg} images; "
+                             f"not overwriting the last good checkpoint")
+    path = layout.checkpoint(train_state.nimg)
+    save_tensors(path, *flatten_state(train_state.state_dict(), contract))
+    load_tensors(path)  # the new file must read back before an older one is removed
+    older = [p for _, p in layout.checkpoints() if p != path]
+    for stale in older[:max(0, len(older) - (keep - 1))]:
+        os.remove(stale)
+    return path
+
+
+def load_checkpoint(path, train_state, contract):
+    """Restore `train_state` from `path`; CheckpointError or ConfigError (naming the file) when it does not fit."""
+    tensors, meta = load_tensors(path)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not an mpdiff training checkpoint")
+    if meta.get("config") != contract:
+        raise ConfigError(f"{path}: checkpoint was written with a different configuration; "
+                          f"use a new run directory or the original options")
+    try:
+        train_state.load_state_dict(unflatten_state(tensors, meta), source=path)
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+        raise CheckpointError(f"{path}: incomplete training state ({type(e).__name__}: {first_line(e, 120)})") from None
+
+
+def resume(layout, train_state, contract, say):
+    """Load the newest usable checkpoint (damaged ones are reported through `say` and skipped).
+
+    Returns its path, or None for a new run. Raises when checkpoints exist but none is usable: a run
+    is never silently restarted from scratch over its own checkpoints.
+    """
+    paths = [p for _, p in reversed(layout.checkpoints())]
+    for path in paths:
+        try:
+            load_checkpoint(path, train_state, contract)
+        except CheckpointError as e:
+            say(f"skipping damaged checkpoint: {e}")
+            continue
+        return path
+    if paths:
+        raise CheckpointError(f"{layout.checkpoint_dir}: none of the {len(paths)} checkpoints is usable "
+                              f"(reasons in log.txt); move them away to start the run over")
+    return None

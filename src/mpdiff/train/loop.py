@@ -1,0 +1,159 @@
+"""The training loop (SPEC §1, §8): steps at image-count cadences, with stats rows, EMA snapshots
+for post-hoc EMA, sample grids and atomic checkpoints; a killed run resumes bit for bit.
+
+The pieces it drives live next to it: :mod:`~mpdiff.train.state` (what is trained),
+:mod:`~mpdiff.train.step` (one optimizer step), :mod:`~mpdiff.train.checkpoint` (state <-> file),
+:mod:`~mpdiff.train.report` (messages and stats) and :mod:`~mpdiff.train.run` (configuration).
+"""
+
+import glob
+import os
+import time
+
+import torch
+
+from mpdiff.data.datasets import one_hot
+from mpdiff.data.pixels import decode_images
+from mpdiff.diffusion.generate import generate
+from mpdiff.ema.snapshots import save_ema_snapshots
+from mpdiff.errors import NumericalError
+from mpdiff.nn.build import build_network
+from mpdiff.storage.images import class_grid, save_grid
+from mpdiff.storage.layout import RunLayout
+from mpdiff.storage.network_files import save_network
+from mpdiff.train import checkpoint
+from mpdiff.train.precision import apply_precision_policy
+from mpdiff.train.report import IntervalStats, RunReport
+from mpdiff.train.run import check_existing_run, resolve_run, write_run_config
+from mpdiff.train.state import TrainState
+from mpdiff.train.step import TrainStep
+
+GRID_CLASSES = 10               # class-conditional grids show up to this many classes ...
+GRID_PER_CLASS = 10             # ... with this many samples each, in one sampler batch
+GRID_UNCONDITIONAL = 64
+
+
+class Trainer:
+    """One invocation of a run: builds the state from the resolved config, resumes, trains, writes outputs."""
+
+    def __init__(self, resolved, dataset):
+        self.resolved = resolved
+        self.run_options = resolved.run
+        self.cadence = resolved.cadence
+        self.training = resolved.training
+        self.layout = RunLayout(resolved.run.run_dir)
+        self.device = torch.device(resolved.run.device)
+        apply_precision_policy(self.device)
+        self.dataset = dataset
+        self.state = TrainState(resolved.network, resolved.training, resolved.run.seed, device=self.device)
+        labels = None
+        if resolved.network.label_dim:
+            labels = one_hot(torch.from_numpy(dataset.labels), resolved.network.label_dim)
+        self.step_fn = TrainStep(torch.from_numpy(dataset.images), labels, resolved.training, resolved.run.seed,
+                                 micro_batch=resolved.run.batch_gpu,
+                                 max_nonfinite_steps=resolved.run.max_nonfinite_steps, device=self.device)
+        self.report = RunReport(self.layout, progress=resolved.run.progress, tensorboard=resolved.run.tensorboard)
+
+    @property
+    def nimg(self):
+        return self.state.nimg
+
+    def say(self, message):
+        self.report.say(message)
+
+    def resume(self):
+        path = checkpoint.resume(self.layout, self.state, self.resolved.contract(), self.say)
+        if path is not None:
+            self.say(f"resumed from {path} at {self.state.nimg} images")
+        return path
+
+    def train_step(self):
+        try:
+            return self.step_fn(self.state)
+        except NumericalError as e:
+            last = self.layout.checkpoints()
+            raise NumericalError(f"{e}. Last good checkpoint: {last[-1][1] if last else 'none'}") from None
+
+    def save_checkpoint(self):
+        return checkpoint.save_checkpoint(self.layout, self.state, self.resolved.contract(),
+                                          keep=self.run_options.keep_checkpoints)
+
+    def save_snapshots(self):
+        dtype = self.run_options.snapshot_dtype
+        save_ema_snapshots(self.state.ema, self.layout.snapshot_dir, self.resolved.network, step=self.state.step,
+                           batch_size=self.training.batch, dtype=dtype)
+        if self.state.traditional_ema is not None:  # latest only; not a post-hoc EMA input
+            save_network(self.layout.traditional_ema, self.state.traditional_ema.averaged_state_dict(),
+                         self.resolved.network, dtype=dtype, kind="traditional-ema", nimg=self.state.nimg,
+                         halflife_img=self.training.ema_halflife_img)
+
+    def sample_grid(self, final=False):
+        """Sample a grid with the longest tracked EMA profile; one column per class when conditional."""
+        net = build_network(self.resolved.network, device=self.device)
+        self.state.ema.copy_to(net, self.state.ema.sigma_rels[-1])
+        classes = self.resolved.network.label_dim
+        if classes:
+            shown = min(classes, GRID_CLASSES)
+            seeds = list(range(shown * GRID_PER_CLASS))
+            class_ids = [seed % shown for seed in seeds]
+        else:
+            seeds, class_ids = list(range(GRID_UNCONDITIONAL)), None
+        x, drawn = generate(net, seeds, class_idx=class_ids, num_steps=self.run_options.grid_steps, progress=False,
+                            device=self.device)
+        path = self.layout.grid(None if final else self.state.nimg)
+        save_grid(path, *class_grid(decode_images(x).numpy(), drawn))
+        return path
+
+    def run(self):
+        cadence, duration = self.cadence, self.training.duration
+        os.makedirs(self.layout.run_dir, exist_ok=True)
+        _remove_stale_temporaries(self.layout.run_dir)
+        if self.resume() is None:
+            params = sum(p.numel() for p in self.state.net.parameters())
+            self.say(f"new run in {self.layout.run_dir}: {params:,} parameters, "
+                     f"dataset {self.dataset.name} ({len(self.dataset)} images)")
+        slice_nimg = self.run_options.slice_nimg
+        stop_at = duration if slice_nimg is None else min(duration, self.state.nimg + slice_nimg)
+        self.report.open(self.state.nimg, duration)
+        interval = IntervalStats(self.state.nimg)
+        try:
+            while self.state.nimg < stop_at:
+                started = time.time()
+                result = self.train_step()
+                self.state.counters["elapsed_sec"] += time.time() - started
+                interval.add(result.loss)
+                nimg = self.state.nimg
+                self.report.tick(nimg)
+                if nimg % cadence.status_nimg == 0 or nimg >= stop_at:
+                    self.report.row(interval.row(self.state, result.lr))
+                    interval = IntervalStats(nimg)
+                if nimg % cadence.snapshot_nimg == 0 or nimg >= duration:
+                    self.save_snapshots()
+                if cadence.sample_nimg and nimg % cadence.sample_nimg == 0 and nimg < duration:
+                    self.sample_grid()
+                if nimg % cadence.checkpoint_nimg == 0 or nimg >= stop_at:
+                    self.save_checkpoint()
+        finally:
+            self.report.close()
+        if self.state.nimg >= duration:
+            grid = self.sample_grid(final=True)
+            self.say(f"training complete at {self.state.nimg} images; samples: {grid}")
+        return self.state.nimg
+
+
+def _remove_stale_temporaries(run_dir):
+    for tmp in glob.glob(os.path.join(run_dir, "**", ".*.tmp"), recursive=True):
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+
+
+def train(preset="digits", run=None, network=None, training=None, cadence=None):
+    """Train (or resume) a run from a preset and overrides (dicts of config fields). Returns the Trainer."""
+    resolved, dataset = resolve_run(preset, run, network, training, cadence)
+    check_existing_run(resolved)
+    trainer = Trainer(resolved, dataset)  # options refused here write nothing
+    write_run_config(resolved)
+    trainer.run()
+    return trainer

@@ -1,0 +1,103 @@
+"""What a run tells its user: messages (log.txt and the terminal), stats rows (stats.jsonl and
+TensorBoard) and the progress bar."""
+
+import json
+import logging
+import os
+import resource
+import sys
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from mpdiff.storage.files import append_line, read_jsonl, write_text
+
+log = logging.getLogger("mpdiff.train")
+
+TENSORBOARD_SCALARS = ("loss", "lr", "img_per_sec", "cpu_mem_gb", "gpu_mem_gb")
+
+
+class RunReport:
+    """Messages, stats rows and the progress bar of one invocation of a run."""
+
+    def __init__(self, layout, progress=True, tensorboard=True):
+        self.layout = layout
+        self.progress = progress
+        self.use_tensorboard = tensorboard
+        self.writer = None
+        self.bar = None
+
+    def say(self, message):
+        """One line to log.txt and to the terminal (stderr without progress bars)."""
+        append_line(self.layout.log, f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}")
+        if self.progress:
+            tqdm.write(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
+        log.info(message)
+
+    def open(self, nimg, duration):
+        """Start at image count `nimg`: drop stats rows written after it (they will be written again)."""
+        truncate_stats(self.layout.stats, nimg)
+        if self.use_tensorboard:
+            self.writer = _tensorboard(self.layout.tensorboard, purge_step=nimg)
+        self.bar = tqdm(total=duration // 1000, initial=nimg // 1000, unit="kimg", disable=not self.progress,
+                        desc="training", dynamic_ncols=True)
+
+    def tick(self, nimg):
+        self.bar.update(nimg // 1000 - self.bar.n)
+
+    def row(self, row):
+        """Append one stats row and show it."""
+        append_line(self.layout.stats, json.dumps(row))
+        if self.writer is not None:
+            for key in TENSORBOARD_SCALARS:
+                self.writer.add_scalar(f"train/{key}", row[key], row["nimg"])
+            self.writer.flush()
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", ips=f"{row['img_per_sec']:.0f}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+class IntervalStats:
+    """Loss and speed accumulated between two stats rows."""
+
+    def __init__(self, nimg):
+        self.loss, self.steps, self.start, self.nimg = 0.0, 0, time.time(), nimg
+
+    def add(self, loss):
+        self.loss += loss
+        self.steps += 1
+
+    def row(self, state, lr):
+        seconds = max(time.time() - self.start, 1e-9)
+        row = {"nimg": state.nimg, "kimg": state.nimg / 1000, "step": state.step,
+               "loss": self.loss / max(self.steps, 1), "lr": lr,
+               "img_per_sec": (state.nimg - self.nimg) / seconds,
+               "cpu_mem_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+               "gpu_mem_gb": (torch.cuda.max_memory_allocated() / 2 ** 30) if torch.cuda.is_available() else 0.0,
+               "time": time.time()}
+        row.update({k: v for k, v in state.counters.items() if k != "elapsed_sec"})
+        return row
+
+
+def truncate_stats(path, nimg):
+    """Drop stats rows written after image count `nimg` (the checkpoint a run resumed from)."""
+    if not os.path.exists(path):
+        return
+    rows = [r for r in read_jsonl(path) if r.get("nimg", 0) <= nimg]
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _tensorboard(log_dir, purge_step):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a declared dependency; stay usable without it
+        log.warning("tensorboard not installed; skipping TensorBoard events")
+        return None
+    return SummaryWriter(log_dir, purge_step=purge_step or None)

@@ -1,0 +1,111 @@
+"""Setting up a run: a preset plus overrides, resolved against the dataset, checked, and compared
+with what the run directory already holds (the resume contract)."""
+
+import dataclasses
+import json
+import os
+
+from mpdiff.config import (
+    Cadence,
+    NetworkConfig,
+    RunOptions,
+    TrainingConfig,
+    validate_run,
+)
+from mpdiff.data.datasets import open_dataset
+from mpdiff.errors import ConfigError
+from mpdiff.presets import DEFAULT_PRESET, get_preset
+from mpdiff.storage.files import write_json
+from mpdiff.storage.layout import RunLayout
+
+# Cadence fields that may change between the invocations of one run (they change no result).
+RUNTIME_CADENCE_FIELDS = ("status_nimg", "sample_nimg")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedRun:
+    """A run's complete configuration, as written to RUN_DIR/config.json."""
+    preset: str
+    network: NetworkConfig
+    training: TrainingConfig
+    cadence: Cadence
+    run: RunOptions
+    dataset: dict               # what was found: spec, name, size, resolution, channels, num_classes
+
+    def to_dict(self):
+        return {"preset": self.preset, "network": self.network.to_dict(), "training": self.training.to_dict(),
+                "cadence": self.cadence.to_dict(), "run": self.run.to_dict(), "dataset": dict(self.dataset)}
+
+    def contract(self):
+        return contract_of(self.to_dict())
+
+
+def contract_of(config):
+    """The part of a config.json that must not change between the invocations of one run."""
+    run = {k: v for k, v in config["run"].items() if k not in RunOptions.RUNTIME_FIELDS}
+    cadence = {k: v for k, v in config["cadence"].items() if k not in RUNTIME_CADENCE_FIELDS}
+    return {"preset": config["preset"], "network": config["network"], "training": config["training"],
+            "cadence": cadence, "run": run, "dataset": config["dataset"]}
+
+
+def resolve_run(preset=DEFAULT_PRESET, run=None, network=None, training=None, cadence=None):
+    """Combine a preset with overrides (dicts of config fields) and the dataset's shape.
+
+    Returns (ResolvedRun, dataset). Raises ConfigError naming the offending field.
+    """
+    run = run or RunOptions()
+    chosen = get_preset(preset)
+    if run.run_dir is None:
+        run = run.replace(run_dir=os.path.join("runs", preset))
+    network_config = chosen.network.replace(**(network or {}))
+    training_config = chosen.training.replace(**(training or {}))
+    cadence_config = chosen.cadence.replace(**(cadence or {}))
+    dataset = open_dataset(run.dataset, use_labels=run.use_labels)
+    network_config = network_config.replace(img_resolution=dataset.resolution, img_channels=dataset.channels,
+                                            label_dim=dataset.num_classes if run.use_labels else 0)
+    validate_run(network_config, training_config, cadence_config, run, resolution=dataset.resolution)
+    found = {"spec": run.dataset, "name": dataset.name, "size": len(dataset), "resolution": dataset.resolution,
+             "channels": dataset.channels, "num_classes": dataset.num_classes}
+    return ResolvedRun(preset, network_config, training_config, cadence_config, run, found), dataset
+
+
+def check_existing_run(resolved):
+    """Refuse to resume a run directory whose config.json records different options."""
+    layout = RunLayout(resolved.run.run_dir)
+    if not os.path.exists(layout.config):
+        return
+    try:
+        with open(layout.config, encoding="utf-8") as f:
+            existing = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{layout.config}: unreadable ({e}); move it away or use a new run directory") from None
+    try:
+        theirs = contract_of(existing)
+    except (KeyError, TypeError, AttributeError):
+        raise ConfigError(f"{layout.config}: not an mpdiff run config; move it away or use a new run directory") \
+            from None
+    ours = resolved.contract()
+    if theirs != ours:
+        changed = _changed_fields(theirs, ours)
+        raise ConfigError(f"{resolved.run.run_dir} holds a run with different options ({', '.join(changed)} differ); "
+                          f"re-run the original command to resume, or choose a new {{run_dir}}",
+                          fields=[c.strip("{}") for c in changed if c.startswith("{")] + ["run_dir"])
+
+
+def _changed_fields(theirs, ours):
+    """Names of the fields that differ, as {field} placeholders where they are config fields."""
+    changed = []
+    for section in ours:
+        a, b = theirs.get(section), ours[section]
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += ["{" + k + "}" if section != "dataset" else f"dataset {k}"
+                        for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            changed.append(section)
+    return changed
+
+
+def write_run_config(resolved):
+    layout = RunLayout(resolved.run.run_dir)
+    if not os.path.exists(layout.config):
+        write_json(layout.config, resolved.to_dict())
