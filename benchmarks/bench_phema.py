@@ -25,7 +25,10 @@ import time
 import numpy as np
 import torch
 
-from mpdiff import phema
+from mpdiff.ema.profiles import profile_reconstruction_error
+from mpdiff.ema.reconstruct import reconstruct
+from mpdiff.ema.snapshots import save_ema_snapshots, save_snapshot, snapshot_name
+from mpdiff.ema.trackers import PowerFunctionEMA
 
 # ------------------------------------------------------------------------------------------------
 # Speed and memory.
@@ -47,8 +50,8 @@ def make_synthetic_run(run_dir, total_mb, num_times, seed=0):
         state.update(buffers)
         for sigma_rel in (0.05, 0.10):
             nimg = time_index * 8 * 2 ** 20
-            path = os.path.join(snapshot_dir, phema.snapshot_name(nimg, sigma_rel))
-            phema.save_snapshot(path, state, nimg, sigma_rel, step=nimg // 2048, batch_size=2048,
+            path = os.path.join(snapshot_dir, snapshot_name(nimg, sigma_rel))
+            save_snapshot(path, state, nimg, sigma_rel, step=nimg // 2048, batch_size=2048,
                                 network_config={"kind": "synthetic", "floats": floats_per_file})
     return sum(np.prod(s) for s in shapes) * 4 / 2 ** 20  # MB of parameters per file
 
@@ -109,7 +112,7 @@ def _phase(name, run_dir, threads, batch_outputs, queue):
         num_targets = int(name.split("-")[1])
         targets = np.linspace(0.02, 0.25, num_targets) if num_targets > 1 else [0.13]
         kwargs = {} if batch_outputs is None else {"batch_outputs": batch_outputs}
-        phema.reconstruct(run_dir, targets, out_dir=out_dir, progress=False, **kwargs)
+        reconstruct(run_dir, targets, out_dir=out_dir, progress=False, **kwargs)
     queue.put((time.perf_counter() - start, baseline, _peak_rss_mb()))
 
 
@@ -168,8 +171,8 @@ def train_and_reconstruct(snapshot_every, steps=512, batch=64, width=256, lr=3e-
     net = torch.nn.Sequential(torch.nn.Linear(65, width), torch.nn.SiLU(), torch.nn.Linear(width, width),
                               torch.nn.SiLU(), torch.nn.Linear(width, 64))
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    ema = phema.PowerFunctionEMA(net, (0.05, 0.10))
-    tracked = phema.PowerFunctionEMA(net, (target,))
+    ema = PowerFunctionEMA(net, (0.05, 0.10))
+    tracked = PowerFunctionEMA(net, (target,))
     run_dir = tempfile.mkdtemp(prefix="bench-phema-acc-")
     try:
         for step in range(1, steps + 1):
@@ -184,9 +187,9 @@ def train_and_reconstruct(snapshot_every, steps=512, batch=64, width=256, lr=3e-
             ema.update(step * batch, batch)
             tracked.update(step * batch, batch)
             if step % snapshot_every == 0:
-                ema.save_snapshots(os.path.join(run_dir, "snapshots"), {"kind": "mlp", "width": width},
+                save_ema_snapshots(ema, os.path.join(run_dir, "snapshots"), {"kind": "mlp", "width": width},
                                    step=step, batch_size=batch)
-        [path] = phema.reconstruct(run_dir, target, progress=False)
+        [path] = reconstruct(run_dir, target, progress=False)
         reconstructed = load_tensors(path)[0]
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -212,7 +215,7 @@ def bench_accuracy(steps=512):
     for num_times in (8, 16, 32, 64, 128, 256):
         times = np.arange(1, num_times + 1) / num_times
         in_t, in_sigma_rel = np.repeat(times, 2), np.tile([0.05, 0.10], num_times)
-        errors = [phema.profile_reconstruction_error(in_t, in_sigma_rel, 1.0, s, num_points=200001)[1]
+        errors = [profile_reconstruction_error(in_t, in_sigma_rel, 1.0, s, num_points=200001)[1]
                   for s in (0.015, 0.07, 0.13, 0.25)]
         print(f"| {num_times} | " + " | ".join(f"{e:.1e}" for e in errors) + " |")
 

@@ -2,14 +2,15 @@
 the same weights as an uninterrupted run.
 
 Each invocation runs in a subprocess (the runner below) that we kill with SIGKILL, so nothing in the
-process gets a chance to clean up. The 20 moments are drawn from a seeded generator:
+process gets a chance to clean up. Every kill happens at a chosen point, never after a chosen sleep: the
+runner announces the point on stdout and waits there, and the test kills it on seeing the announcement.
+The points (drawn from a seeded generator, so the plan is the same on every machine):
 
-* random delays, counted either from process start (import, resume) or from the end of a random
-  training step after the resume (the next step, its checkpoint and snapshot writes);
-* fixed points inside a write: the runner announces the moment on stdout and waits there, and the test
-  kills it on seeing the announcement (half of a checkpoint, snapshot or stats file written into its
-  temporary; a checkpoint complete but not yet renamed; renamed but not yet verified; an old checkpoint
-  about to be pruned). These are the moments a plain random delay hits only by luck.
+* inside a write: half of a checkpoint, snapshot or stats file written into its temporary; a checkpoint
+  complete but not yet renamed; renamed but not yet verified; an old checkpoint about to be pruned;
+* between steps: right after the n-th training step of an invocation, before its stats row, snapshots
+  and checkpoint;
+* around the resume: after start-up (imports, dataset, network) but before the resume, and right after it.
 
 After every kill: every ``*.safetensors`` under checkpoints/ and snapshots/ loads, config.json parses, and
 stats.jsonl reads. After every restart: the stale temporaries are gone and log.txt says it resumed from
@@ -32,7 +33,8 @@ import time
 import pytest
 import torch
 
-from mpdiff.fileio import load_tensors, read_jsonl
+from mpdiff.storage.files import read_jsonl
+from mpdiff.storage.tensors import load_tensors
 
 KILLS = 20
 BATCH = 64
@@ -46,8 +48,8 @@ RUNNER = textwrap.dedent('''
     print("START", flush=True)
     import torch
     torch.set_num_threads(1)  # the same arithmetic in every invocation, and no thread spinning under load
-    import mpdiff.fileio as fileio
-    from mpdiff import training
+    import mpdiff.storage.files as fileio
+    import mpdiff.train.loop as training
 
     moment, _, nth = os.environ.get("KILL_HOOK", "").partition(":")
     seen = {}
@@ -101,8 +103,10 @@ RUNNER = textwrap.dedent('''
     real_resume = training.Trainer.resume
 
     def resume(self):
+        pause("pre-resume", self.layout.run_dir)
         path = real_resume(self)
         print(f"RESUMED {path}", flush=True)
+        pause("post-resume", self.layout.run_dir)
         return path
 
     training.Trainer.resume = resume
@@ -110,15 +114,15 @@ RUNNER = textwrap.dedent('''
 
     def train_step(self):
         result = real_step(self)
-        print(f"STEP {self.nimg}", flush=True)
+        pause("step", self.nimg)            # after the step, before its stats, snapshots and checkpoint
         return result
 
     training.Trainer.train_step = train_step
-    options = training.RunOptions(run_dir=sys.argv[1], status_nimg=@BATCH@, snapshot_nimg=2 * @BATCH@,
-                                  checkpoint_nimg=@BATCH@, progress=False, tensorboard=False, grid_steps=2)
-    training.train("digits", options,
-                   network_overrides=dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=()),
-                   training_overrides=dict(batch=@BATCH@, duration=@DURATION@, decay=10, rampup_img=1024))
+    from mpdiff.config import RunOptions
+    training.train("digits", RunOptions(run_dir=sys.argv[1], progress=False, tensorboard=False, grid_steps=2),
+                   network=dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=()),
+                   training=dict(batch=@BATCH@, duration=@DURATION@, decay=10, rampup_img=1024),
+                   cadence=dict(status_nimg=@BATCH@, snapshot_nimg=2 * @BATCH@, checkpoint_nimg=@BATCH@))
     print("DONE", flush=True)
 ''').replace("@BATCH@", str(BATCH)).replace("@DURATION@", str(STEPS * BATCH))
 
@@ -163,17 +167,14 @@ class Child:
 
 
 def kill_plan(rng):
-    """20 kills as (clock, what, delay): 'hook' kills where the runner pauses at moment `what`; 'step' kills
-    `delay` seconds after the `what`-th training step since the resume ended (a fast machine cannot run far
-    ahead); 'spawn' kills `delay` seconds after process start (imports, dataset, resume)."""
+    """20 kill points "<moment>:<n>": the runner pauses at the n-th such moment of its invocation."""
     moments = (["ckpt-write"] * 4 + ["ckpt-rename"] * 2 + ["ckpt-verify"] * 2 + ["ckpt-prune"] * 2
                + ["snap-write"] * 2 + ["stats-write"])
-    hooks = [("hook", f"{m}:{1 if m == 'stats-write' else rng.randint(1, 3)}", 0.0) for m in moments]
-    timed = [("step", rng.randint(0, 3), rng.uniform(0.0, 0.1)) for _ in range(5)] + \
-            [("spawn", None, rng.uniform(0.0, 1.5)) for _ in range(2)]
-    rest = hooks[1:] + timed
+    writes = [f"{m}:{1 if m == 'stats-write' else rng.randint(1, 3)}" for m in moments]
+    between = [f"step:{rng.randint(1, 4)}" for _ in range(5)] + ["pre-resume:1", "post-resume:1"]
+    rest = writes[1:] + between
     rng.shuffle(rest)
-    return [hooks[0]] + rest  # the first kill is mid-checkpoint, so stats.jsonl exists for 'stats-write'
+    return [writes[0]] + rest  # the first kill is mid-checkpoint, so stats.jsonl exists for 'stats-write'
 
 
 def checkpoints(run_dir):
@@ -214,19 +215,13 @@ def test_twenty_sigkills_lose_nothing(tmp_path):
     config = None
     children = [reference]
     try:
-        for clock, what, delay in kill_plan(rng):
+        for point in kill_plan(rng):
             newest = checkpoints(run_dir)[-1] if checkpoints(run_dir) else None
             stale = temporaries(run_dir)
             logged = len(log_lines(run_dir))
-            child = Child(str(runner), run_dir, what if clock == "hook" else "")
+            child = Child(str(runner), run_dir, point)
             children.append(child)
-            if clock == "hook":
-                assert child.wait_for("PAUSED") is not None, f"{what} never reached:\n{''.join(child.output)}"
-            elif clock == "step":
-                for prefix in ["RESUMED"] + ["STEP"] * what:
-                    assert child.wait_for(prefix) is not None, f"run ended early:\n{''.join(child.output)}"
-            time.sleep(delay)
-            assert child.proc.poll() is None, f"the run finished before kill {survived + 1}; lengthen STEPS"
+            assert child.wait_for("PAUSED") is not None, f"{point} never reached:\n{''.join(child.output)}"
             child.kill()
             survived += 1
 

@@ -234,6 +234,9 @@ def info(preset, as_json):
     t = desc["training"]
     click.echo(f"  training    batch {t['batch']}, lr {t['lr']}, decay {t['decay']}, duration {t['duration']:,} images, "
                f"P_mean {t['P_mean']}, P_std {t['P_std']}, dropout {desc['network']['dropout']}")
+    c = desc["cadence"]
+    click.echo(f"  cadence     status every {c['status_nimg']:,} images, EMA snapshots every {c['snapshot_nimg']:,}, "
+               f"checkpoints every {c['checkpoint_nimg']:,}")
 
 
 # ------------------------------------------------------------------------------------ post-hoc EMA

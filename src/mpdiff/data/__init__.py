@@ -1,0 +1,6 @@
+"""Data: what the network is trained on.
+
+* :mod:`~mpdiff.data.datasets` — folders and ZIPs of images with EDM2 ``dataset.json`` labels, checked up front.
+* :mod:`~mpdiff.data.digits` — the built-in dataset (UCI digits from scikit-learn).
+* :mod:`~mpdiff.data.pixels` — the encoder between uint8 images and network values.
+"""

@@ -12,7 +12,7 @@ from mpdiff.ema.profiles import (
 from mpdiff.ema.reconstruct import _target_sigma_rels, select_inputs
 from mpdiff.ema.snapshots import list_snapshots
 from mpdiff.storage.files import atomic_write
-from mpdiff.storage.layout import PHEMA_DIR, run_dir_of
+from mpdiff.storage.layout import RunLayout, run_dir_of
 
 
 def plot_ema_profile(run_dir, sigma_rel, at_nimg=None, out_path=None, num_points=4001):
@@ -41,8 +41,7 @@ def plot_ema_profile(run_dir, sigma_rel, at_nimg=None, out_path=None, num_points
     max_error = float(np.max(np.abs(approx - target)))
 
     if out_path is None:
-        out_path = os.path.join(run_dir_of(run_dir), PHEMA_DIR,
-                                f"profile-{at_nimg:012d}-{sigma_rel:.3f}.png")
+        out_path = RunLayout(run_dir_of(run_dir)).profile_plot(at_nimg, sigma_rel)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
     axes.plot(tau / 1000, target, color="black", linewidth=2, label=f"target, sigma_rel = {sigma_rel:.3f}")

@@ -15,15 +15,16 @@ import os
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from tqdm import tqdm
 
 from mpdiff.ema.profiles import check_sigma_rels, solve_posthoc_coefficients
 from mpdiff.ema.snapshots import list_snapshots
 from mpdiff.errors import CheckpointError, ConfigError, first_line
 from mpdiff.storage.files import atomic_write
-from mpdiff.storage.layout import PHEMA_DIR, phema_name, run_dir_of
+from mpdiff.storage.layout import RunLayout, phema_name, run_dir_of
 from mpdiff.storage.network_files import NETWORK_FORMAT, storage_dtype
-from mpdiff.storage.tensors import _read_safetensors_header
+from mpdiff.storage.tensors import FLOAT_CODES, safetensors_code, tensor_layout
 from mpdiff.threads import torch_threads
 
 RECONSTRUCTION_KIND = "phema-reconstruction"
@@ -47,14 +48,25 @@ def _target_sigma_rels(sigma_rels):
 
 
 def select_inputs(records, at_nimg=None):
-    """(at_nimg, inputs): the reconstruction time and the snapshots with 0 < nimg <= at_nimg."""
-    last = records[-1].nimg
+    """(at_nimg, inputs): the reconstruction time and the snapshots with 0 < nimg <= at_nimg.
+
+    The time must be one of the snapshot times (SPEC §5.5): a profile that ends between two snapshots
+    would be built from snapshots up to the earlier one only, so a mistyped time is refused, naming
+    the nearest snapshot times, rather than quietly reconstructed from older weights.
+    """
+    times = sorted({r.nimg for r in records})
     if at_nimg is None:
-        at_nimg = last
-    if isinstance(at_nimg, bool) or not float(at_nimg).is_integer() or not 0 < at_nimg <= last:
-        raise ConfigError(f"reconstruction time {at_nimg} images must be an integer in (0, {last}] "
+        at_nimg = times[-1]
+    if isinstance(at_nimg, bool) or not isinstance(at_nimg, (int, float)) or not float(at_nimg).is_integer() \
+            or not 0 < at_nimg <= times[-1]:
+        raise ConfigError(f"reconstruction time {at_nimg} images must be an integer in (0, {times[-1]}] "
                           f"(the last snapshot time)")
     at_nimg = int(at_nimg)
+    if at_nimg not in times:
+        below = [t for t in times if t < at_nimg][-1:]
+        above = [t for t in times if t > at_nimg][:1]
+        raise ConfigError(f"reconstruction time {at_nimg} images is not a snapshot time; the nearest are "
+                          f"{' and '.join(str(t) for t in below + above)}")
     inputs = [r for r in records if 0 < r.nimg <= at_nimg]
     if not inputs:
         raise ConfigError(f"no snapshot with 0 < nimg <= {at_nimg}; need at least one to reconstruct from")
@@ -68,7 +80,6 @@ def select_inputs(records, at_nimg=None):
 # whole in memory; that is what keeps many targets cheap. A reader thread fetches the next range while the
 # current one is mixed; the files are finished (fsync, rename) several at once.
 
-_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _MAX_OPEN_INPUTS = 256                  # files kept open at once; any further inputs are reopened for each read
 _MIN_READ_BYTES = 64 * 2 ** 10          # per input and range: tiny networks would otherwise do tiny reads
 _MAX_READ_BYTES = 16 * 2 ** 20          # per input and range
@@ -91,10 +102,10 @@ class _TensorSpan:
 def _float_tensor_spans(path):
     """(data_start, {name: _TensorSpan}) for the floating tensors of a snapshot file, from its header."""
     try:
-        data_start, tensors, _ = _read_safetensors_header(path)
-        spans = {name: _TensorSpan(_FLOAT_DTYPES[entry["dtype"]], tuple(int(d) for d in entry["shape"]),
+        data_start, tensors, _ = tensor_layout(path)
+        spans = {name: _TensorSpan(FLOAT_CODES[entry["dtype"]], tuple(int(d) for d in entry["shape"]),
                                    *(int(o) for o in entry["data_offsets"]))
-                 for name, entry in tensors.items() if entry["dtype"] in _FLOAT_DTYPES}
+                 for name, entry in tensors.items() if entry["dtype"] in FLOAT_CODES}
     except Exception as e:  # the file changed or broke after it was listed
         raise CheckpointError(f"{path}: damaged snapshot ({first_line(e)})") from None
     return data_start, spans
@@ -234,23 +245,19 @@ def _stream_pass(reader, weights, range_elements, on_bytes, emit):
             emit(out)
 
 
-_STORAGE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # safetensors names of storage dtypes
 
 
 def _raw_tensors(path, keep):
     """{name: (safetensors dtype, shape, bytes)} of the tensors of a snapshot file for which keep(dtype) holds."""
     try:
-        data_start, tensors, _ = _read_safetensors_header(path)
         raw = {}
-        with open(path, "rb") as f:
-            for name, entry in tensors.items():
-                if keep(entry["dtype"]):
-                    begin, end = (int(o) for o in entry["data_offsets"])
-                    f.seek(data_start + begin)
-                    data = f.read(end - begin)
-                    if len(data) != end - begin:
-                        raise ValueError(f"file ends inside tensor {name}")
-                    raw[name] = (entry["dtype"], [int(d) for d in entry["shape"]], data)
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                view = f.get_slice(name)
+                if keep(view.get_dtype()):
+                    tensor = f.get_tensor(name)
+                    data = tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                    raw[name] = (view.get_dtype(), list(view.get_shape()), data)
     except Exception as e:  # the file changed or broke after it was listed
         raise CheckpointError(f"{path}: damaged snapshot ({first_line(e)})") from None
     return raw
@@ -267,7 +274,7 @@ def _network_header(shapes, raw, network, dtype, **metadata):
     header, offset = {}, 0
     for name, shape in shapes.items():
         nbytes = math.prod(shape) * storage_dtype(dtype).itemsize
-        header[name] = {"dtype": _STORAGE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": safetensors_code(storage_dtype(dtype)), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     for name, (code, shape, data) in raw.items():
         header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + len(data)]}
@@ -332,13 +339,13 @@ def reconstruct(run_dir, sigma_rels, at_nimg=None, out_dir=None, batch_outputs=6
                                               at_nimg, targets)
     if not np.all(np.isfinite(coefficients)):
         raise ConfigError("post-hoc EMA coefficients are not finite (snapshot profiles too similar to solve)")
-    out_dir = os.path.join(run_dir_of(run_dir), PHEMA_DIR) if out_dir is None else os.fspath(out_dir)
+    out_dir = RunLayout(run_dir_of(run_dir)).phema_dir if out_dir is None else os.fspath(out_dir)
     groups = _ranges(len(targets), int(batch_outputs))
 
     reader = _InputReader([r.path for r in inputs], max_open=_MAX_OPEN_INPUTS)
     try:
         spans = reader.spans[0]
-        latest = _raw_tensors(inputs[-1].path, keep=lambda code: code not in _FLOAT_DTYPES)  # integers: latest input
+        latest = _raw_tensors(inputs[-1].path, keep=lambda code: code not in FLOAT_CODES)  # integers: latest input
         shapes = {name: spans[name].shape for name in _file_order(spans)}
         snapshot_bytes = sum(span.end - span.begin for span in spans.values())
         # Elements per range: two input blocks [N, range] and the output block [T, range] hold about one snapshot.

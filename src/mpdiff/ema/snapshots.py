@@ -9,11 +9,12 @@ import json
 import os
 from typing import Optional
 
+from safetensors import safe_open
+
 from mpdiff.ema.profiles import SIGMA_REL_MAX, check_sigma_rels
 from mpdiff.errors import CheckpointError, first_line
 from mpdiff.storage.layout import parse_snapshot_name, snapshot_dir_of, snapshot_name
 from mpdiff.storage.network_files import NETWORK_FORMAT, save_network
-from mpdiff.storage.tensors import _read_safetensors_header
 
 SNAPSHOT_KIND = "ema-snapshot"
 # ------------------------------------------------------------------------------------------------
@@ -56,8 +57,9 @@ class SnapshotRecord:
 
 def _read_snapshot_record(path):
     try:
-        _, tensors, raw_meta = _read_safetensors_header(path)
-        signature = tuple(sorted((key, tuple(int(d) for d in entry["shape"])) for key, entry in tensors.items()))
+        with safe_open(path, framework="pt") as f:  # checks the header against the file's size
+            raw_meta = f.metadata() or {}
+            signature = tuple(sorted((key, tuple(f.get_slice(key).get_shape())) for key in f.keys()))
     except Exception as e:  # any way a header can be garbled
         raise CheckpointError(f"{path}: unreadable or damaged snapshot ({first_line(e)})") from None
     try:

@@ -3,16 +3,18 @@
 import json
 import os
 
+from mpdiff.config import SAMPLING
 from mpdiff.data.pixels import decode_images
 from mpdiff.diffusion.generate import generate
 from mpdiff.ema.reconstruct import reconstruct
 from mpdiff.errors import ConfigError
 from mpdiff.storage.files import atomic_write, write_json, write_text
+from mpdiff.storage.layout import RunLayout
 from mpdiff.storage.network_files import load_network
 
 
 def _evaluator(run_dir):
-    config_path = os.path.join(run_dir, "config.json")
+    config_path = RunLayout(run_dir).config
     try:
         with open(config_path) as f:
             spec = json.load(f)["dataset"]["spec"]
@@ -26,10 +28,10 @@ def _evaluator(run_dir):
     return lambda images, labels: evaluate_digits(images, labels, classifier=classifier)
 
 
-def ema_sweep(run_dir, sigma_rels, seeds, num_steps=32, at_nimg=None, out_dir=None, progress=True):
+def ema_sweep(run_dir, sigma_rels, seeds, num_steps=SAMPLING.num_steps, at_nimg=None, out_dir=None, progress=True):
     """Returns dict(rows, table, plot, json). Each row: sigma_rel + the evaluation's numbers."""
     evaluate = _evaluator(run_dir)
-    out_dir = out_dir or os.path.join(run_dir, "ema-sweep")
+    out_dir = out_dir or RunLayout(run_dir).ema_sweep_dir
     paths = reconstruct(run_dir, sigma_rels, at_nimg=at_nimg, out_dir=os.path.join(out_dir, "networks"),
                         progress=progress)
     rows = []

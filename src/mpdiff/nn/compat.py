@@ -9,8 +9,7 @@ import torch
 
 from mpdiff.config import NetworkConfig
 from mpdiff.errors import CheckpointError
-from mpdiff.nn.build import build_network
-from mpdiff.storage.network_files import check_state_dict
+from mpdiff.nn.build import build_network, check_state_dict
 
 # Official Precond/UNet/Block keyword -> our NetworkConfig field (identical names today).
 _OFFICIAL_KEYWORDS = {f for f in NetworkConfig.__dataclass_fields__}

@@ -5,7 +5,7 @@ product counts as ONE operation, and every elementwise op counts once per output
 with a few fixed multiples for compound ops (lerp 2, clamp 2, silu 3, softmax 3, ...). Vector
 norms count once per input element; views, copies, concatenations and tensor creation are free.
 
-The count runs the eval-mode forward of :class:`mpdiff.networks.Precond` on the ``meta`` device
+The count runs the eval-mode forward of :class:`mpdiff.nn.precond.Precond` on the ``meta`` device
 under a dispatch-level op counter, so no weight or activation memory is allocated and even
 the XXL network is counted in about a second. What is counted: one network evaluation
 D(x; sigma, c) with class labels, including the weight normalization that every
@@ -20,7 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mpdiff.config import NetworkConfig, Preset
-from mpdiff.nn.build import build_network
+from mpdiff.nn.build import build_meta_network
 from mpdiff.presets import get_preset
 
 # Ops that move, view, copy or create data: no arithmetic.
@@ -130,12 +130,6 @@ def count_params(net):
     return sum(p.numel() for p in net.parameters())
 
 
-def build_meta_network(config):
-    """Instantiate :class:`Precond` for `config` on the meta device (shapes only, no memory)."""
-    with torch.device("meta"):
-        return build_network(config, device="meta")
-
-
 @contextlib.contextmanager
 def _eval_mode(net):
     modes = [(m, m.training) for m in net.modules()]
@@ -202,4 +196,5 @@ def describe_preset(name_or_preset):
                          if round(flops / 1e9, 4)},
         "network": preset.network.to_dict(),
         "training": preset.training.to_dict(),
+        "cadence": preset.cadence.to_dict(),
     }

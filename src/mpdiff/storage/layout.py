@@ -8,6 +8,8 @@
       phema/phema-<nimg>-<sigma_rel>.safetensors    post-hoc EMA reconstructions (network files)
       ema-traditional.safetensors                   the latest traditional EMA, when one is tracked
       samples/grid-<kimg>.png, samples/grid-final.png
+      phema/profile-<nimg>-<sigma_rel>.png          plot of a reconstructed EMA profile
+      ema-sweep/                                    EMA-length sweep: networks/, table, plot
 
 Times are image counts (``nimg``) written with 12 digits so that names sort by time; EMA lengths
 are written with 3 decimals. Names are parsed with the patterns below, never by slicing, and a
@@ -26,6 +28,7 @@ CHECKPOINT_DIR = "checkpoints"
 SNAPSHOT_DIR = "snapshots"
 PHEMA_DIR = "phema"
 SAMPLES_DIR = "samples"
+EMA_SWEEP_DIR = "ema-sweep"
 TRADITIONAL_EMA_FILE = "ema-traditional.safetensors"
 FINAL_GRID_FILE = "grid-final.png"
 
@@ -44,6 +47,10 @@ def snapshot_name(nimg, sigma_rel):
 
 def phema_name(nimg, sigma_rel):
     return f"phema-{int(nimg):012d}-{float(sigma_rel):.3f}.safetensors"
+
+
+def profile_plot_name(nimg, sigma_rel):
+    return f"profile-{int(nimg):012d}-{float(sigma_rel):.3f}.png"
 
 
 def grid_name(nimg):
@@ -123,6 +130,10 @@ class RunLayout:
         return self.path(SAMPLES_DIR)
 
     @property
+    def ema_sweep_dir(self):
+        return self.path(EMA_SWEEP_DIR)
+
+    @property
     def traditional_ema(self):
         return self.path(TRADITIONAL_EMA_FILE)
 
@@ -134,6 +145,9 @@ class RunLayout:
 
     def phema(self, nimg, sigma_rel):
         return self.path(PHEMA_DIR, phema_name(nimg, sigma_rel))
+
+    def profile_plot(self, nimg, sigma_rel):
+        return self.path(PHEMA_DIR, profile_plot_name(nimg, sigma_rel))
 
     def grid(self, nimg=None):
         """samples/grid-<kimg>.png, or the end-of-training grid when `nimg` is None."""

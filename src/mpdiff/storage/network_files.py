@@ -42,25 +42,12 @@ def read_network_metadata(path):
     return meta
 
 
-def check_state_dict(expected, tensors, context):
-    """Raise CheckpointError("<context> (...)") unless `tensors` has exactly the keys and shapes of
-    `expected` (a state_dict, e.g. of a network built on the meta device)."""
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{context} (missing {missing[:4]}, unexpected {unexpected[:4]})")
-    for key, ref in expected.items():
-        if tuple(tensors[key].shape) != tuple(ref.shape):
-            raise CheckpointError(f"{context} (tensor {key} has shape {tuple(tensors[key].shape)}, "
-                                  f"expected {tuple(ref.shape)})")
-
-
 def load_network(path, device="cpu", eval_mode=True):
     """Build the network described in a network file and load its weights (float32).
 
     Returns (net, metadata). Mismatched or damaged files raise CheckpointError naming the file.
     """
-    from mpdiff.nn.build import build_network
+    from mpdiff.nn.build import build_meta_network, build_network, check_state_dict
 
     path = os.fspath(path)
     meta = read_network_metadata(path)
@@ -69,8 +56,7 @@ def load_network(path, device="cpu", eval_mode=True):
     config = NetworkConfig.from_dict(meta["network"], source=path)
     tensors, _ = load_tensors(path)
     try:  # the config comes from the file: building it must fail as a clear error, never a traceback
-        with torch.device("meta"):
-            net = build_network(config, device="meta")
+        net = build_meta_network(config)
     except (TypeError, ValueError, RuntimeError, ArithmeticError, IndexError, KeyError) as e:
         reason = first_line(e, 160)
         raise CheckpointError(f"{path}: its network config cannot be built ({type(e).__name__}: {reason})") from None

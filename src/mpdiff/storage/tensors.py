@@ -85,14 +85,26 @@ def _unpickling_reason(e):
     return "it holds objects other than tensors"
 
 
+# safetensors' names of the floating dtypes, and their torch dtypes.
+FLOAT_CODES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def safetensors_code(dtype):
+    """safetensors' name of a floating torch dtype: 'F32' for torch.float32."""
+    return next(code for code, known in FLOAT_CODES.items() if known == dtype)
+
+
 # Bytes per element of the safetensors dtypes that torch tensors can have.
 _SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
                          "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
 _MAX_HEADER_BYTES = 100 * 2 ** 20       # safetensors' own limit on the JSON header
 
 
-def _read_safetensors_header(path):
+def tensor_layout(path):
     """(data_start, tensors, metadata) of a safetensors file, reading only its header.
+
+    For streaming reads by byte range (post-hoc EMA): the safetensors library opens and checks
+    files but does not expose where each tensor's bytes lie, so this reads the header itself.
 
     The format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape, data_offsets
     relative to the data section; "__metadata__" -> str -> str) and the data section. Checked as safetensors
