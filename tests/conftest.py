@@ -1,9 +1,26 @@
-import os
+"""Fixtures and helpers shared by the test files.
 
+* Nothing a test does may write outside temporary folders: the digit classifier cache, matplotlib's
+  and hypothesis' files go to one session temporary folder, and every test runs in its tmp_path.
+* One tiny network config (:func:`tiny_config`) for tests of the network itself, one tiny training
+  run (:data:`TINY_RUN`) that both the library and the command line can express, and one copy of
+  its first half (:func:`partial_run`) that the resume, damage and post-hoc EMA tests read or copy.
+"""
+
+import hashlib
+import io
+import os
+import pickle
+import shlex
+import shutil
+
+import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: the networks here are tiny, and OpenMP threads spin-wait when other processes load the
+# cores (on a loaded 2-core machine a tiny_config forward took 2-4 s with 2 threads, 0.03 s with 1).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -11,10 +28,193 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _caches_in_a_temporary_folder(tmp_path_factory):
+    """The digit classifier (MPDIFF_CACHE, else ~/.cache/mpdiff), matplotlib's font cache and config
+    (MPLCONFIGDIR, else ~/.cache/matplotlib and ~/.config/matplotlib) and hypothesis' storage (else
+    ./.hypothesis in the working directory at import, the repository) go to a session temporary folder.
+    Subprocesses inherit the variables."""
+    root = tmp_path_factory.mktemp("caches")
+    try:
+        from hypothesis.configuration import set_hypothesis_home_dir
+    except ImportError:  # pragma: no cover - hypothesis is a test dependency
+        set_hypothesis_home_dir = None
+    if set_hypothesis_home_dir is not None:
+        set_hypothesis_home_dir(root / "hypothesis")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MPDIFF_CACHE", str(root / "mpdiff"))
+        env.setenv("MPLCONFIGDIR", str(root / "matplotlib"))
+        env.setenv("XDG_CACHE_HOME", str(root / "xdg-cache"))
+        env.setenv("XDG_CONFIG_HOME", str(root / "xdg-config"))
+        env.setenv("TORCH_HOME", str(root / "torch"))
+        env.setenv("OMP_NUM_THREADS", "1")  # for commands run as subprocesses, as torch above
+        yield root
+    if set_hypothesis_home_dir is not None:
+        set_hypothesis_home_dir(None)
+
+
+@pytest.fixture(autouse=True)
+def _work_in_tmp_path(tmp_path, monkeypatch):
+    """Every test runs in its own empty working directory, so that a relative path (a command's
+    default run directory runs/<preset>, an output next to the input) never lands in the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
+# ---- networks ---------------------------------------------------------------------------------
+
 def tiny_config(**changes):
     """A small config-G network that exercises every block type (down/up, attention, skips)."""
-    from mpdiff.presets import NetworkConfig
+    from mpdiff.config import NetworkConfig
     base = NetworkConfig(img_resolution=16, img_channels=3, label_dim=10, model_channels=32,
                          channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(8, 4),
                          channels_per_head=16, use_fp16=False)
     return base.replace(**changes)
+
+
+def randomized_network(seed=0, **changes):
+    """build_network(tiny_config(**changes)) with its scalar gains drawn from [0.2, 0.5]. At initialisation
+    the output and embedding gains are zero and the network returns c_skip * x whatever its labels; with
+    these gains its output depends on every input and stays of moderate size."""
+    from mpdiff import build_network
+    net = build_network(tiny_config(**changes))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim == 0:
+                p.fill_(0.2 + 0.3 * torch.rand([], generator=generator).item())
+    return net
+
+
+# ---- the tiny training run ----------------------------------------------------------------------
+
+# The digits preset made small, as overrides per config section. The command line can say all of it
+# (tiny_run_flags), so a run made by either resumes with the other. 512 images in 8 steps of 64;
+# checkpoints at 128, 256, 384, 512; snapshots and stats rows every 64 images.
+TINY_RUN = dict(
+    network=dict(model_channels=16),
+    training=dict(batch=64, duration=512),
+    cadence=dict(status_nimg=64, snapshot_nimg=64, checkpoint_nimg=128),
+    run=dict(max_nonfinite_steps=2, progress=False, tensorboard=False),
+)
+
+
+def train_tiny(run_dir, **fields):
+    """mpdiff.train.loop.train on TINY_RUN with `fields` (of any config class) changed, and sample grids
+    with 2 sampler steps. Returns the Trainer."""
+    from mpdiff.config import (
+        Cadence,
+        NetworkConfig,
+        RunOptions,
+        TrainingConfig,
+        field_info,
+    )
+    from mpdiff.train.loop import train
+    sections = {NetworkConfig: "network", TrainingConfig: "training", Cadence: "cadence", RunOptions: "run"}
+    overrides = {section: dict(values) for section, values in TINY_RUN.items()}
+    overrides["run"]["grid_steps"] = 2
+    for name, value in fields.items():
+        overrides[sections[field_info(name)[0]]][name] = value
+    options = RunOptions(**overrides["run"], run_dir=os.fspath(run_dir))
+    return train("digits", options, network=overrides["network"], training=overrides["training"],
+                 cadence=overrides["cadence"])
+
+
+def tiny_run_flags(**changes):
+    """`mpdiff train` options for TINY_RUN (with config-field `changes`), from the flags mpdiff.config declares."""
+    from mpdiff.config import field_info
+    values = {name: value for section in TINY_RUN.values() for name, value in section.items()}
+    values.update(changes)
+    args = []
+    for name, value in values.items():
+        flag = field_info(name)[1].metadata["flag"]
+        if "/" in flag:  # --progress/--no-progress
+            args.append(flag.split("/")[0 if value else 1])
+        else:
+            args += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return args
+
+
+@pytest.fixture(scope="session")
+def partial_run(tmp_path_factory):
+    """The first half of TINY_RUN (checkpoints at 128 and 256 images, snapshots every 64). Read it; to
+    change or resume it, use `run_copy`."""
+    run_dir = tmp_path_factory.mktemp("partial") / "run"
+    train_tiny(run_dir, slice_nimg=256)
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(partial_run, tmp_path):
+    """A resumable copy of partial_run as the relative path "run" (tmp_path is the working directory)."""
+    import pathlib
+    assert os.path.samefile(os.getcwd(), tmp_path)
+    shutil.copytree(partial_run, "run")
+    return pathlib.Path("run")
+
+
+@pytest.fixture(scope="session")
+def other_run(tmp_path_factory):
+    """A run of another architecture (8 base channels instead of 16): 128 images, one checkpoint."""
+    run_dir = tmp_path_factory.mktemp("other") / "run"
+    train_tiny(run_dir, model_channels=8, slice_nimg=128)
+    return run_dir
+
+
+def ckpt(run_dir, nimg):
+    return os.path.join(run_dir, "checkpoints", f"training-state-{nimg:012d}.safetensors")
+
+
+def snap(run_dir, nimg, sigma_rel):
+    return os.path.join(run_dir, "snapshots", f"ema-{nimg:012d}-{sigma_rel:.3f}.safetensors")
+
+
+def digests(directory):
+    """{relative path: sha256} of every file under `directory`."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+# ---- image files and hostile input ------------------------------------------------------------------
+
+def pixels(seed, size=8, channels=3):
+    """Random uint8 pixels [size, size] (channels 1) or [size, size, channels], the same for the same seed."""
+    shape = (size, size) if channels == 1 else (size, size, channels)
+    return np.random.RandomState(seed).randint(0, 256, shape, dtype=np.uint8)
+
+
+def png_bytes(array, mode=None, fmt="PNG", **save_args):
+    """The bytes of an image file (PNG unless `fmt` says otherwise) holding `array`."""
+    from PIL import Image
+    image = Image.fromarray(array, mode) if mode else Image.fromarray(array)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save_args)
+    return buffer.getvalue()
+
+
+class Payload:
+    """A pickle that runs a shell command when unpickled (what a hostile checkpoint would carry)."""
+
+    def __init__(self, marker):
+        self.marker = os.fspath(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(self.marker)}",)
+
+
+def evil_pickle(marker, protocol=pickle.HIGHEST_PROTOCOL):
+    return pickle.dumps(Payload(marker), protocol=protocol)
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+def run_cli(*args, env=None):
+    """Run `mpdiff ARGS...` in this process (click's test runner); returns the click Result."""
+    from click.testing import CliRunner
+
+    from mpdiff.cli import cli
+    return CliRunner().invoke(cli, [os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args], env=env)

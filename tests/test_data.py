@@ -7,28 +7,20 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import pixels, png_bytes
 from PIL import Image, ImageFile
 
-from mpdiff.data import (
-    MAX_IMAGE_PIXELS, ImageDataset, dataset_summary, decode_image, digits_dataset, load_builtin_digits,
-    open_dataset, write_dataset_json,
+from mpdiff.data.datasets import (
+    MAX_IMAGE_PIXELS,
+    ImageDataset,
+    decode_image,
+    open_dataset,
+    write_dataset_json,
 )
+from mpdiff.data.digits import load_builtin_digits
 from mpdiff.errors import DatasetError
 
-
 # ---- helpers ---------------------------------------------------------------------------------
-
-def pixels(seed, size=8, channels=3):
-    shape = (size, size) if channels == 1 else (size, size, channels)
-    return np.random.RandomState(seed).randint(0, 256, shape, dtype=np.uint8)
-
-
-def png_bytes(array, mode=None, fmt="PNG", **save_args):
-    image = Image.fromarray(array, mode) if mode else Image.fromarray(array)
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **save_args)
-    return buffer.getvalue()
-
 
 def write_files(root, files):
     """files: {relative posix path: bytes or str}."""
@@ -73,7 +65,7 @@ def test_folder_without_labels_reads_exact_pixels(tmp_path, channels):
         expected = expected[None] if channels == 1 else expected.transpose(2, 0, 1)
         np.testing.assert_array_equal(ds[i][0], expected)
         assert ds[i][1] == -1
-    assert ds.name == "set" and ds.label_source == "none"
+    assert ds.name == "set"
 
 
 def test_nested_folders_sorted_by_posix_path(tmp_path):
@@ -100,7 +92,6 @@ def test_ignored_files_are_listed_not_read(tmp_path):
     assert len(ds) == 2
     assert set(ds.ignored_files) == {"notes.txt", ".DS_Store", "._img00.png", "__MACOSX/img00.png",
                                      ".hidden/img.png", "data.gif"}
-    assert dataset_summary(ds)["ignored_files"] == 6
 
 
 @pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
@@ -121,7 +112,7 @@ def test_labels_from_dataset_json(tmp_path, where):
     path = write_files(tmp_path / "d", files) if where == "dir" else write_zip(tmp_path / "d.zip", files)
     ds = open_dataset(path)
     assert ds.labels.dtype == np.int64 and ds.labels.tolist() == [4, 0, 2]
-    assert ds.num_classes == 5 and ds.label_source == "dataset.json"
+    assert ds.num_classes == 5
     assert [ds[i][1] for i in range(3)] == [4, 0, 2]
     unlabelled = open_dataset(path, use_labels=False)
     assert unlabelled.labels is None and unlabelled.num_classes == 0
@@ -148,7 +139,7 @@ def test_labels_from_top_level_directories(tmp_path):
     write_files(tmp_path, files)
     ds = open_dataset(tmp_path)
     # sorted paths: ant/sub/img00, cat/img00, cat/img01, dog/img00; classes ant=0, cat=1, dog=2
-    assert ds.labels.tolist() == [0, 1, 1, 2] and ds.num_classes == 3 and ds.label_source == "directories"
+    assert ds.labels.tolist() == [0, 1, 1, 2] and ds.num_classes == 3
     assert open_dataset(tmp_path, use_labels=False).labels is None
 
 
@@ -183,12 +174,6 @@ def test_write_dataset_json_rejects_caller_errors(tmp_path):
     with pytest.raises(ValueError):
         write_dataset_json(tmp_path, [("a.png", -1)])
     assert not (tmp_path / "dataset.json").exists()
-
-
-def test_summary(tmp_path):
-    write_files(tmp_path / "s", image_files(2, 16, 1))
-    assert dataset_summary(open_dataset(tmp_path / "s")) == dict(
-        name="s", size=2, resolution=16, channels=1, num_classes=0, labels="none", ignored_files=0)
 
 
 def test_progress_bar_can_be_forced_and_disabled(tmp_path, capsys):
@@ -247,7 +232,6 @@ def test_builtin_digits_split():
     assert (len(ds), ds.num_classes, ds.channels, ds.resolution, ds.name) == (1437, 10, 1, 8, "digits-train")
     np.testing.assert_array_equal(ds.labels, parts["train_labels"])
     assert open_dataset("digits", use_labels=False).labels is None
-    assert len(digits_dataset("test")) == 360
 
 
 def test_image_dataset_checks_shapes():
@@ -306,7 +290,7 @@ def test_other_formats_are_not_decoded_even_with_image_extension(tmp_path):
 
 
 def test_mode_rules_for_wide_and_float_images():
-    from mpdiff.data import _to_array
+    from mpdiff.data.datasets import _to_array
 
     wide = Image.fromarray(np.array([[0, 65535], [257, 300]], dtype=np.int32), "I")  # 16-bit PNG in old Pillow
     assert _to_array(wide, "i.png")[0].tolist() == [[0, 255], [1, 1]]

@@ -8,11 +8,12 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import pixels, png_bytes
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mpdiff.data import open_dataset, write_dataset_json
+from mpdiff.data.datasets import open_dataset, write_dataset_json
 from mpdiff.errors import DatasetError
 
 # Deterministic (derandomize) and small: the file runs in a few seconds. No deadline: a slow
@@ -24,9 +25,7 @@ NAMES = ["a.png", "b.png", "sub/c.png"]
 
 
 def png(seed, size=4):
-    buffer = io.BytesIO()
-    Image.fromarray(np.random.RandomState(seed).randint(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
+    return png_bytes(pixels(seed, size, 3))
 
 
 @pytest.fixture(scope="module")

@@ -4,16 +4,27 @@ import copy
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from mpdiff import metrics
-from mpdiff.data import load_builtin_digits
+import mpdiff.metrics.digits
+from mpdiff.data.digits import load_builtin_digits
 from mpdiff.errors import DatasetError, MpdiffError
-
+from mpdiff.metrics.digits import (
+    CLASSIFIER_FILE,
+    CLASSIFIER_VERSION,
+    classifier_accuracy,
+    evaluate_digits,
+    format_report,
+    load_digit_classifier,
+    load_image_folder_for_eval,
+    train_digit_classifier,
+)
+from mpdiff.metrics.frechet import feature_statistics, frechet_distance
 
 # ---- Fréchet distance -------------------------------------------------------------------------
 
@@ -34,7 +45,7 @@ def _frechet_by_eigen(mu1, sigma1, mu2, sigma2):
 def test_frechet_of_identical_statistics_is_zero():
     rng = np.random.default_rng(0)
     mu, sigma = rng.standard_normal(32), _random_covariance(rng, 32)
-    assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6
 
 
 def test_frechet_matches_closed_form_for_diagonal_gaussians():
@@ -43,7 +54,7 @@ def test_frechet_matches_closed_form_for_diagonal_gaussians():
     mu1, mu2 = rng.standard_normal(10), rng.standard_normal(10)
     std1, std2 = rng.uniform(0.1, 3, 10), rng.uniform(0.1, 3, 10)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((std1 - std2) ** 2)
-    got = metrics.frechet_distance(mu1, np.diag(std1**2), mu2, np.diag(std2**2))
+    got = frechet_distance(mu1, np.diag(std1**2), mu2, np.diag(std2**2))
     assert got == pytest.approx(expected, rel=1e-9)
 
 
@@ -51,18 +62,18 @@ def test_frechet_matches_eigendecomposition_reference_on_random_data():
     rng = np.random.default_rng(2)
     f1 = rng.standard_normal((500, 24)) @ rng.standard_normal((24, 24))
     f2 = rng.standard_normal((400, 24)) @ rng.standard_normal((24, 24)) + 0.5
-    stats1, stats2 = metrics.feature_statistics(f1), metrics.feature_statistics(f2)
+    stats1, stats2 = feature_statistics(f1), feature_statistics(f2)
     expected = _frechet_by_eigen(*stats1, *stats2)
-    assert metrics.frechet_distance(*stats1, *stats2) == pytest.approx(expected, rel=1e-8)
-    assert metrics.frechet_distance(*stats2, *stats1) == pytest.approx(expected, rel=1e-8)
+    assert frechet_distance(*stats1, *stats2) == pytest.approx(expected, rel=1e-8)
+    assert frechet_distance(*stats2, *stats1) == pytest.approx(expected, rel=1e-8)
 
 
 def test_frechet_is_finite_and_close_for_rank_deficient_covariances():
     # Fewer samples than dimensions: singular covariances, where plain sqrtm is unreliable.
     rng = np.random.default_rng(3)
-    stats1 = metrics.feature_statistics(rng.standard_normal((6, 16)))
-    stats2 = metrics.feature_statistics(rng.standard_normal((9, 16)) + 1)
-    got = metrics.frechet_distance(*stats1, *stats2)
+    stats1 = feature_statistics(rng.standard_normal((6, 16)))
+    stats2 = feature_statistics(rng.standard_normal((9, 16)) + 1)
+    got = frechet_distance(*stats1, *stats2)
     assert np.isfinite(got)
     assert got == pytest.approx(_frechet_by_eigen(*stats1, *stats2), rel=1e-3)
 
@@ -70,14 +81,14 @@ def test_frechet_is_finite_and_close_for_rank_deficient_covariances():
 def test_feature_statistics_are_float64_with_unbiased_covariance():
     rng = np.random.default_rng(4)
     features = rng.standard_normal((7, 3)).astype(np.float32)
-    mu, sigma = metrics.feature_statistics(features)
+    mu, sigma = feature_statistics(features)
     centred = features.astype(np.float64) - features.astype(np.float64).mean(0)
     assert mu.dtype == sigma.dtype == np.float64
     np.testing.assert_allclose(sigma, centred.T @ centred / (7 - 1), rtol=1e-12)
     with pytest.raises(ValueError):
-        metrics.feature_statistics(features[:1])
+        feature_statistics(features[:1])
     with pytest.raises(ValueError):
-        metrics.frechet_distance(mu, sigma, mu[:2], sigma[:2, :2])
+        frechet_distance(mu, sigma, mu[:2], sigma[:2, :2])
 
 
 # ---- the digit classifier ---------------------------------------------------------------------
@@ -86,9 +97,13 @@ def test_feature_statistics_are_float64_with_unbiased_covariance():
 def classifier_cache(tmp_path_factory):
     """(cache dir, classifier) trained once for this module, through MPDIFF_CACHE."""
     cache_dir = tmp_path_factory.mktemp("mpdiff-cache")
+    session_cache = os.environ["MPDIFF_CACHE"]  # conftest: the session's temporary cache
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MPDIFF_CACHE", str(cache_dir))
-        classifier = metrics.load_digit_classifier()
+        classifier = load_digit_classifier()
+    if not os.path.exists(os.path.join(session_cache, CLASSIFIER_FILE)):  # saves the commands' eval a retraining
+        os.makedirs(session_cache, exist_ok=True)
+        shutil.copy(classifier.cache_path, session_cache)
     return cache_dir, classifier
 
 
@@ -105,9 +120,9 @@ def digits():
 def test_classifier_is_trained_once_and_accurate_on_held_out(classifier_cache, digits):
     cache_dir, net = classifier_cache
     assert net.trained_now
-    assert net.cache_path == os.path.join(str(cache_dir), metrics.CLASSIFIER_FILE)
+    assert net.cache_path == os.path.join(str(cache_dir), CLASSIFIER_FILE)
     assert not net.training
-    accuracy = metrics.classifier_accuracy(net, digits["test_images"], digits["test_labels"])
+    accuracy = classifier_accuracy(net, digits["test_images"], digits["test_labels"])
     assert accuracy >= 0.95
     assert net.test_accuracy == pytest.approx(accuracy)
     features = net.features(torch.from_numpy(digits["test_images"][:5]))
@@ -120,8 +135,8 @@ def test_classifier_cache_is_reused_without_retraining(classifier_cache, monkeyp
     path = net.cache_path
     mtime = os.stat(path).st_mtime_ns
     monkeypatch.setenv("MPDIFF_CACHE", str(cache_dir))
-    monkeypatch.setattr(metrics, "train_digit_classifier", lambda: pytest.fail("retrained despite a cache"))
-    again = metrics.load_digit_classifier()
+    monkeypatch.setattr(mpdiff.metrics.digits, "train_digit_classifier", lambda: pytest.fail("retrained despite a cache"))
+    again = load_digit_classifier()
     assert not again.trained_now
     assert os.stat(path).st_mtime_ns == mtime
     assert again.test_accuracy == pytest.approx(net.test_accuracy)
@@ -131,23 +146,23 @@ def test_classifier_cache_is_reused_without_retraining(classifier_cache, monkeyp
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_shapes"])
 def test_damaged_classifier_cache_is_retrained_and_replaced(classifier, tmp_path, monkeypatch, caplog, damage):
-    path = tmp_path / metrics.CLASSIFIER_FILE
+    path = tmp_path / CLASSIFIER_FILE
     good = open(classifier.cache_path, "rb").read()
     if damage == "garbage":
         path.write_bytes(b"not a safetensors file at all")
     elif damage == "truncated":
         path.write_bytes(good[: len(good) // 2])
     else:
-        from mpdiff.fileio import save_tensors
+        from mpdiff.storage.tensors import save_tensors
         save_tensors(path, {"fc.weight": torch.zeros(3, 3)}, dict(format="mpdiff-digit-classifier",
-                                                                  version=metrics.CLASSIFIER_VERSION))
+                                                                  version=CLASSIFIER_VERSION))
     calls = []
-    monkeypatch.setattr(metrics, "train_digit_classifier", lambda: calls.append(1) or copy.deepcopy(classifier))
+    monkeypatch.setattr(mpdiff.metrics.digits, "train_digit_classifier", lambda: calls.append(1) or copy.deepcopy(classifier))
     with caplog.at_level(logging.WARNING, logger="mpdiff.metrics"):
-        net = metrics.load_digit_classifier(cache_dir=tmp_path)
+        net = load_digit_classifier(cache_dir=tmp_path)
     assert calls == [1] and net.trained_now
     assert "retraining" in caplog.text
-    reread = metrics.load_digit_classifier(cache_dir=tmp_path)  # the file is whole again
+    reread = load_digit_classifier(cache_dir=tmp_path)  # the file is whole again
     assert not reread.trained_now
     assert torch.equal(reread.fc.weight, classifier.fc.weight)
 
@@ -155,9 +170,9 @@ def test_damaged_classifier_cache_is_retrained_and_replaced(classifier, tmp_path
 def test_unwritable_cache_still_gives_a_classifier(classifier, tmp_path, monkeypatch, caplog):
     blocker = tmp_path / "a_file"
     blocker.write_text("cache dir cannot be created under a file")
-    monkeypatch.setattr(metrics, "train_digit_classifier", lambda: copy.deepcopy(classifier))
+    monkeypatch.setattr(mpdiff.metrics.digits, "train_digit_classifier", lambda: copy.deepcopy(classifier))
     with caplog.at_level(logging.WARNING, logger="mpdiff.metrics"):
-        net = metrics.load_digit_classifier(cache_dir=blocker / "cache")
+        net = load_digit_classifier(cache_dir=blocker / "cache")
     assert net.trained_now and "could not cache" in caplog.text
 
 
@@ -166,11 +181,11 @@ def test_classifier_training_is_deterministic_and_leaves_global_state_alone():
     expected_next = torch.rand(3)
     torch.manual_seed(123)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    first = metrics.train_digit_classifier(epochs=1)
+    first = train_digit_classifier(epochs=1)
     assert torch.equal(torch.rand(3), expected_next)  # global RNG untouched
     assert torch.get_num_threads() == threads
     assert torch.are_deterministic_algorithms_enabled() == deterministic
-    second = metrics.train_digit_classifier(epochs=1)
+    second = train_digit_classifier(epochs=1)
     for key, value in first.state_dict().items():
         assert torch.equal(second.state_dict()[key], value)
 
@@ -178,7 +193,7 @@ def test_classifier_training_is_deterministic_and_leaves_global_state_alone():
 # ---- evaluate_digits ----------------------------------------------------------------------------
 
 def test_held_out_real_digits_score_as_real(classifier, digits):
-    result = metrics.evaluate_digits(digits["test_images"], digits["test_labels"], classifier=classifier)
+    result = evaluate_digits(digits["test_images"], digits["test_labels"], classifier=classifier)
     assert result["num_samples"] == 360
     assert result["accuracy"] >= 0.95
     assert result["classifier_test_accuracy"] >= 0.95
@@ -191,7 +206,7 @@ def test_held_out_real_digits_score_as_real(classifier, digits):
 
 def test_copies_of_training_digits_are_all_near_copies(classifier, digits):
     images, labels = digits["train_images"][::4], digits["train_labels"][::4]
-    result = metrics.evaluate_digits(images, labels, classifier=classifier)
+    result = evaluate_digits(images, labels, classifier=classifier)
     assert result["near_copies"] == len(images) and result["near_copies_fraction"] == 1.0
     assert result["median_nn_distance"] == pytest.approx(0, abs=1e-4)
     assert result["accuracy"] >= 0.95  # the classifier cannot tell copies from quality: near_copies can
@@ -199,7 +214,7 @@ def test_copies_of_training_digits_are_all_near_copies(classifier, digits):
 
 def test_noise_scores_badly(classifier, digits):
     noise = np.random.default_rng(0).integers(0, 256, (360, 1, 8, 8), dtype=np.uint8)
-    result = metrics.evaluate_digits(noise, digits["test_labels"], classifier=classifier)
+    result = evaluate_digits(noise, digits["test_labels"], classifier=classifier)
     assert result["accuracy"] < 0.3
     assert result["fd"] > 5 * result["fd_real_vs_real"]
     assert result["near_copies"] == 0
@@ -207,14 +222,14 @@ def test_noise_scores_badly(classifier, digits):
 
 def test_evaluation_is_deterministic_and_reports_without_labels(classifier, digits):
     images = digits["test_images"][:50]
-    first = metrics.evaluate_digits(images, classifier=classifier, seed=3)
-    assert first == metrics.evaluate_digits(torch.from_numpy(images), classifier=classifier, seed=3)
+    first = evaluate_digits(images, classifier=classifier, seed=3)
+    assert first == evaluate_digits(torch.from_numpy(images), classifier=classifier, seed=3)
     assert first["accuracy"] is None and first["fd_reference_count"] == 50
     assert first["fd_real_vs_real_std"] > 0  # several reference subsets were drawn
-    report = metrics.format_report(first)
+    report = format_report(first)
     assert "50 samples" in report and "class accuracy" not in report
     assert f"{first['fd']:.3f}" in report and f"{first['fd_real_vs_real']:.3f}" in report
-    labelled = metrics.format_report(metrics.evaluate_digits(images, digits["test_labels"][:50], classifier=classifier))
+    labelled = format_report(evaluate_digits(images, digits["test_labels"][:50], classifier=classifier))
     assert "class accuracy" in labelled
 
 
@@ -228,7 +243,7 @@ def test_evaluation_is_deterministic_and_reports_without_labels(classifier, digi
 ])
 def test_evaluate_rejects_bad_inputs_clearly(classifier, images, labels, message):
     with pytest.raises(MpdiffError, match=message):
-        metrics.evaluate_digits(images, labels, classifier=classifier)
+        evaluate_digits(images, labels, classifier=classifier)
 
 
 # ---- reading generated samples ----------------------------------------------------------------
@@ -247,11 +262,11 @@ def _write_pngs(folder, images, labels=None, mode="L"):
 def test_image_folder_round_trip_with_labels(digits, tmp_path):
     images, labels = digits["test_images"][:12], digits["test_labels"][:12]
     _write_pngs(tmp_path / "samples", images, labels)
-    got_images, got_labels = metrics.load_image_folder_for_eval(tmp_path / "samples")
+    got_images, got_labels = load_image_folder_for_eval(tmp_path / "samples")
     np.testing.assert_array_equal(got_images, images)
     np.testing.assert_array_equal(got_labels, labels)
     _write_pngs(tmp_path / "unlabelled", images)
-    got_images, got_labels = metrics.load_image_folder_for_eval(tmp_path / "unlabelled")
+    got_images, got_labels = load_image_folder_for_eval(tmp_path / "unlabelled")
     np.testing.assert_array_equal(got_images, images)
     assert got_labels is None
 
@@ -259,8 +274,8 @@ def test_image_folder_round_trip_with_labels(digits, tmp_path):
 def test_image_folder_of_wrong_format_is_refused(digits, tmp_path):
     _write_pngs(tmp_path / "rgb", digits["test_images"][:3], mode="RGB")
     with pytest.raises(DatasetError, match="8x8 grayscale"):
-        metrics.load_image_folder_for_eval(tmp_path / "rgb")
+        load_image_folder_for_eval(tmp_path / "rgb")
     big = np.zeros((3, 1, 16, 16), np.uint8)
     _write_pngs(tmp_path / "big", big)
     with pytest.raises(DatasetError, match="8x8 grayscale"):
-        metrics.load_image_folder_for_eval(tmp_path / "big")
+        load_image_folder_for_eval(tmp_path / "big")

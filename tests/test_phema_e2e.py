@@ -8,23 +8,18 @@ import os
 
 import pytest
 import torch
+from conftest import tiny_config
 
-from mpdiff.threads import torch_threads
-
-from mpdiff import phema
-from mpdiff.checkpoint import load_network
-from mpdiff.data import load_builtin_digits
-from mpdiff.fileio import load_tensors
-from mpdiff.presets import NetworkConfig
+from mpdiff.data.digits import load_builtin_digits
+from mpdiff.ema.reconstruct import reconstruct
+from mpdiff.ema.snapshots import list_snapshots, save_ema_snapshots
+from mpdiff.ema.trackers import PowerFunctionEMA
+from mpdiff.nn.build import build_network
+from mpdiff.storage.network_files import load_network
+from mpdiff.storage.tensors import load_tensors
 
 TARGET = 0.07
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These networks are tiny; a second thread only adds synchronisation cost.
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.slow  # trains two networks (a few seconds); runs in CI all the same
 
 
 def _train(net, forward, steps, batch, snapshot_every, run_dir, network_config, lr):
@@ -32,8 +27,8 @@ def _train(net, forward, steps, batch, snapshot_every, run_dir, network_config, 
     generator = torch.Generator().manual_seed(0)
     images = torch.from_numpy(load_builtin_digits()["train_images"]).float() / 127.5 - 1
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    ema = phema.PowerFunctionEMA(net, (0.05, 0.10))
-    tracked = phema.PowerFunctionEMA(net, (TARGET,))
+    ema = PowerFunctionEMA(net, (0.05, 0.10))
+    tracked = PowerFunctionEMA(net, (TARGET,))
     nimg = 0
     for step in range(1, steps + 1):
         clean = images[torch.randint(len(images), (batch,), generator=generator)]
@@ -47,7 +42,7 @@ def _train(net, forward, steps, batch, snapshot_every, run_dir, network_config, 
         ema.update(nimg, batch)
         tracked.update(nimg, batch)
         if step % snapshot_every == 0:
-            ema.save_snapshots(os.path.join(run_dir, "snapshots"), network_config, step=step, batch_size=batch)
+            save_ema_snapshots(ema, os.path.join(run_dir, "snapshots"), network_config, step=step, batch_size=batch)
     return tracked
 
 
@@ -78,8 +73,8 @@ def test_reconstructed_profile_matches_tracked_profile_mlp(tmp_path):
     net = DenoiserMLP(width=128)
     tracked = _train(net, net, steps=256, batch=64, snapshot_every=16, run_dir=tmp_path,
                      network_config={"kind": "DenoiserMLP", "width": 128}, lr=3e-3)
-    [path] = phema.reconstruct(tmp_path, TARGET, progress=False)
-    assert len(phema.list_snapshots(tmp_path)) == 2 * 256 // 16
+    [path] = reconstruct(tmp_path, TARGET, progress=False)
+    assert len(list_snapshots(tmp_path)) == 2 * 256 // 16
     error = _relative_error(net, load_tensors(path)[0], tracked)
     print(f"relative error {error:.2e}")
     assert error <= 0.05, error
@@ -88,13 +83,12 @@ def test_reconstructed_profile_matches_tracked_profile_mlp(tmp_path):
 def test_reconstructed_profile_matches_tracked_profile_precond(tmp_path):
     """Same with a tiny config-G network: the output is a loadable network with the buffers intact."""
     torch.manual_seed(0)
-    config = NetworkConfig(img_resolution=8, img_channels=1, label_dim=0, model_channels=16, channel_mult=(1, 2),
-                           num_blocks=1, attn_resolutions=(), use_fp16=False)
-    from mpdiff.model import build_network
+    config = tiny_config(img_resolution=8, img_channels=1, label_dim=0, model_channels=16, channel_mult=(1, 2),
+                         num_blocks=1, attn_resolutions=())
     net = build_network(config)
     tracked = _train(net, net, steps=48, batch=32, snapshot_every=4, run_dir=tmp_path, network_config=config,
                      lr=1e-2)
-    [path] = phema.reconstruct(tmp_path, TARGET, progress=False)
+    [path] = reconstruct(tmp_path, TARGET, progress=False)
     loaded, meta = load_network(path)
     assert meta["kind"] == "phema-reconstruction" and meta["nimg"] == 48 * 32
     assert torch.equal(loaded.unet.emb_fourier.freqs, net.unet.emb_fourier.freqs)

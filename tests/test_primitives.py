@@ -5,9 +5,17 @@ import math
 import pytest
 import torch
 
-from mpdiff.primitives import (
-    MPConv, MPFourier, clip_activations, cosine_attention, mp_cat, mp_cat_weights, mp_silu,
-    mp_sum, normalize, pixel_norm, resample,
+from mpdiff.nn.primitives import (
+    MPConv,
+    MPFourier,
+    clip_activations,
+    cosine_attention,
+    mp_cat,
+    mp_cat_weights,
+    mp_silu,
+    mp_sum,
+    normalize,
+    resample,
 )
 
 # Statistical tolerance: with >= 1e5 unit-variance samples the RMS estimate has a relative
@@ -33,11 +41,15 @@ def test_normalize_eps_is_added_to_rms_not_norm():
     assert torch.allclose(normalize(x, eps=0.5), x / (0.5 + 1.0))
 
 
-def test_pixel_norm_normalizes_over_channels_per_pixel():
-    x = torch.randn(2, 32, 5, 5) * 4
-    y = pixel_norm(x)
+def test_normalize_over_channels_is_pixel_norm():
+    # normalize(x, dim=1) is the pixel norm of the encoder blocks (Eq. 30-31): unit RMS over the
+    # channels of every pixel, each pixel scaled on its own.
+    x = torch.randn(2, 32, 5, 5) * torch.rand(2, 1, 5, 5) * 10
+    y = normalize(x, dim=1)
     per_pixel = y.pow(2).mean(1).sqrt()
     assert torch.allclose(per_pixel, torch.ones_like(per_pixel), atol=1e-3)
+    ratio = y / x
+    assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-5)
 
 
 def test_mp_silu_unit_magnitude():

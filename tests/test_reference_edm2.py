@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from mpdiff.compat import load_edm2
-from mpdiff.loss import edm2_loss
+from mpdiff.diffusion.loss import edm2_loss
+from mpdiff.nn.compat import load_edm2
 
 REF = os.environ.get("MPDIFF_EDM2_REF")
 pytestmark = pytest.mark.skipif(not REF, reason="set MPDIFF_EDM2_REF to a NVlabs/edm2 checkout")

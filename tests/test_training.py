@@ -1,88 +1,113 @@
-"""Training loop, sampling and the generate/eval/phema commands on tiny runs (issue 4)."""
+"""Training runs end to end, and the generate/eval/phema/ema-sweep/info commands on their output (issue 4).
+
+The runs are conftest.TINY_RUN (the digits preset with 16 base channels, 512 images in steps of 64); the
+tests that train or sample are marked slow (seconds each; they run in CI all the same).
+Sampling itself is tested in tests/test_sampling.py, the command line's errors in tests/test_cli.py.
+"""
 
 import json
+import math
 import os
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import ckpt, run_cli, train_tiny
 
-from mpdiff.cli import cli
-from mpdiff.data import open_dataset
-from mpdiff.fileio import load_tensors, read_jsonl
-from mpdiff.training import RunOptions, batch_indices, train
+from mpdiff.data.datasets import open_dataset
+from mpdiff.nn.flops import describe_preset
+from mpdiff.storage.files import read_jsonl
+from mpdiff.storage.tensors import load_tensors
+from mpdiff.train.data_order import batch_indices
 
-TINY_NET = dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), channels_per_head=16)
-TINY_TRAIN = dict(batch=64, duration=1024, decay=4, rampup_img=256)
-
-
-def run_options(run_dir, **kw):
-    base = dict(run_dir=str(run_dir), status_nimg=256, snapshot_nimg=256, checkpoint_nimg=512, progress=False,
-                tensorboard=False, grid_steps=2)
-    base.update(kw)
-    return RunOptions(**base)
-
-
-def final_state(run_dir, nimg=1024):
-    tensors, meta = load_tensors(os.path.join(run_dir, "checkpoints", f"training-state-{nimg:012d}.safetensors"))
-    return tensors, meta
+# Warm-up over 2 steps and t_ref = 4 steps, so that the 8 steps of the run pass through every part of
+# the learning-rate schedule (SPEC §1.3).
+SCHEDULE = dict(lr=0.01, rampup_img=128, decay=4)
 
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("reference")
-    train("digits", run_options(run_dir, tensorboard=True), TINY_NET, TINY_TRAIN)
+    """TINY_RUN to the end (512 images), with TensorBoard events."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    train_tiny(run_dir, **SCHEDULE, tensorboard=True)
     return run_dir
 
 
+def weights(run_dir, nimg=512):
+    return load_tensors(ckpt(run_dir, nimg))
+
+
+@pytest.mark.slow
 def test_run_directory_contents(reference_run):
     d = reference_run
     config = json.loads((d / "config.json").read_text())
     assert config["network"]["img_resolution"] == 8 and config["network"]["label_dim"] == 10
     rows = read_jsonl(d / "stats.jsonl")
-    assert [r["nimg"] for r in rows] == [256, 512, 768, 1024]
+    assert [r["nimg"] for r in rows] == list(range(64, 513, 64))
     assert all(np.isfinite(r["loss"]) and r["img_per_sec"] > 0 for r in rows)
-    assert rows[0]["lr"] < rows[-1]["lr"] or rows[-1]["lr"] > 0
     assert os.listdir(d / "tensorboard")
     snaps = sorted(os.listdir(d / "snapshots"))
-    assert snaps[0] == "ema-000000000256-0.050.safetensors" and len(snaps) == 8
+    assert snaps[0] == "ema-000000000064-0.050.safetensors" and len(snaps) == 2 * 8
     assert (d / "samples" / "grid-final.png").exists()
     # Old checkpoints are pruned only after the newer one verified (keep 2 by default).
-    assert sorted(os.listdir(d / "checkpoints")) == ["training-state-000000000512.safetensors",
-                                                     "training-state-000000001024.safetensors"]
+    assert sorted(os.listdir(d / "checkpoints")) == ["training-state-000000000384.safetensors",
+                                                     "training-state-000000000512.safetensors"]
 
 
+@pytest.mark.slow
+def test_learning_rate_of_each_step_follows_the_schedule(reference_run):
+    # alpha(t) = alpha_ref / sqrt(max(t / t_ref, 1)) * min(t / t_warmup, 1) (Eq. 67, linear warm-up), where t
+    # is the image count before the step; each stats row (one per step here) records its step's rate.
+    rows = read_jsonl(reference_run / "stats.jsonl")
+    lr = {row["nimg"] - 64: row["lr"] for row in rows}  # images before the step -> its learning rate
+    t_ref = SCHEDULE["decay"] * 64
+    assert lr[0] == 0.0                                                           # the first step does not move
+    assert lr[64] == pytest.approx(0.005, rel=1e-12)                              # half-way up the warm-up
+    assert lr[128] == pytest.approx(0.01, rel=1e-12)                              # end of warm-up
+    assert lr[192] == pytest.approx(0.01, rel=1e-12)                              # before t_ref: alpha_ref
+    assert lr[256] == pytest.approx(0.01, rel=1e-12)                              # at t_ref
+    for t in (320, 384, 448):                                                     # after t_ref: 1/sqrt decay
+        assert lr[t] == pytest.approx(0.01 / math.sqrt(t / t_ref), rel=1e-12)
+    assert lr[448] == pytest.approx(0.01 / math.sqrt(1.75), rel=1e-12)
+
+
+@pytest.mark.slow
 def test_resume_gives_identical_weights(reference_run, tmp_path):
     d = tmp_path / "sliced"
-    for _ in range(3):  # 384 + 384 + 256 images, each invocation resuming the previous one
-        train("digits", run_options(d, slice_nimg=384, checkpoint_nimg=128), TINY_NET, TINY_TRAIN)
-    ref, ref_meta = final_state(reference_run)
-    got, meta = final_state(d)
-    assert meta["nimg"] == ref_meta["nimg"] == 1024
+    for _ in range(3):  # 192 + 192 + 128 images, each invocation resuming the previous one mid-cadence
+        train_tiny(d, **SCHEDULE, slice_nimg=192)
+    ref, ref_meta = weights(reference_run)
+    got, meta = weights(d)
+    assert meta["nimg"] == ref_meta["nimg"] == 512
     assert set(got) == set(ref)
     for key in ref:
         assert torch.equal(ref[key], got[key]), key
-    assert "resumed from" in (d / "log.txt").read_text()
+    log = (d / "log.txt").read_text()
+    assert f"resumed from {ckpt(d, 192)} at 192 images" in log and f"resumed from {ckpt(d, 384)}" in log
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_full_batch(reference_run, tmp_path):
     d = tmp_path / "accum"
-    train("digits", run_options(d, batch_gpu=16), TINY_NET, TINY_TRAIN)
-    ref, _ = final_state(reference_run)
-    got, _ = final_state(d)
+    train_tiny(d, **SCHEDULE, batch_gpu=16)  # 4 micro-batches per step
+    ref, _ = weights(reference_run)
+    got, _ = weights(d)
     for key in ref:
         if key.startswith("net."):
             assert torch.allclose(ref[key], got[key], rtol=1e-3, atol=1e-4), key
+    moved = ref["net.unet.out_conv.weight"] - weights(reference_run, 384)[0]["net.unet.out_conv.weight"]
+    assert moved.abs().max() > 1e-2  # the weights really trained, far beyond the tolerance above
 
 
-def test_seeds_give_reproducible_runs(tmp_path):
-    a, b, c = (tmp_path / n for n in "abc")
-    train("digits", run_options(a), TINY_NET, dict(TINY_TRAIN, duration=256))
-    train("digits", run_options(b), TINY_NET, dict(TINY_TRAIN, duration=256))
-    train("digits", run_options(c, seed=1), TINY_NET, dict(TINY_TRAIN, duration=256))
-    ta, tb, tc = (final_state(d, 256)[0]["net.unet.out_conv.weight"] for d in (a, b, c))
-    assert torch.equal(ta, tb) and not torch.equal(ta, tc)
+@pytest.mark.slow
+def test_seeds_give_reproducible_runs(partial_run, tmp_path):
+    train_tiny(tmp_path / "same", slice_nimg=128)
+    train_tiny(tmp_path / "other", slice_nimg=128, seed=1)
+    first = load_tensors(ckpt(partial_run, 128))[0]
+    same = load_tensors(ckpt(tmp_path / "same", 128))[0]
+    other = load_tensors(ckpt(tmp_path / "other", 128))[0]
+    assert set(first) == set(same) and all(torch.equal(first[k], same[k]) for k in first)
+    assert not torch.equal(first["net.unet.out_conv.weight"], other["net.unet.out_conv.weight"])
 
 
 def test_batch_indices_are_epoch_permutations():
@@ -92,23 +117,35 @@ def test_batch_indices_are_epoch_permutations():
     assert batch_indices(0, 10, 10, 10) != first
 
 
-def test_generate_is_deterministic_per_seed_across_batch_sizes(reference_run):
-    from mpdiff.generation import resolve_network
-    from mpdiff.sampling import generate
-    net, _ = resolve_network(str(reference_run))
-    a, ca = generate(net, [3, 4, 5, 6, 7], batch_size=5, num_steps=4, progress=False)
-    b, cb = generate(net, [5, 6, 7, 3, 4], batch_size=2, num_steps=4, progress=False)
-    assert ca == cb[3:] + cb[:3]
-    assert torch.allclose(a, torch.cat([b[3:], b[:3]]), atol=1e-5)
-    c, _ = generate(net, [3, 4, 5, 6, 7], batch_size=5, num_steps=4, progress=False)
-    assert torch.equal(a, c)
+@pytest.mark.slow
+def test_traditional_ema_is_tracked_saved_and_resumed(tmp_path):
+    from mpdiff.storage.network_files import load_network
+    training = dict(SCHEDULE, ema_halflife_img=16)
+    whole, sliced = tmp_path / "whole", tmp_path / "sliced"
+    train_tiny(whole, **training)
+    for _ in range(2):
+        train_tiny(sliced, **training, slice_nimg=256)
+    net, meta = load_network(whole / "ema-traditional.safetensors")
+    assert meta["kind"] == "traditional-ema" and meta["halflife_img"] == 16 and meta["nimg"] == 512
+    a, _ = weights(whole)
+    b, _ = weights(sliced)
+    traditional = {k: v for k, v in a.items() if k.startswith("tema.")}
+    assert traditional and all(torch.equal(v, b[k]) for k, v in traditional.items())
+    # A 16-image half-life (a quarter step: 94% of the weight on the latest weights) lags the raw weights
+    # by ~4 images, sigma_rel 0.05 at 512 images by ~27: close to the raw weights, but not equal to them.
+    raw, avg = a["net.unet.out_conv.weight"], a["tema.unet.out_conv.weight"]
+    assert not torch.equal(raw, avg)
+    assert (avg - raw).norm() < (a["ema.0.unet.out_conv.weight"] - raw).norm()
 
 
+# ---- commands on a finished run -------------------------------------------------------------------
+
+@pytest.mark.slow
 def test_generate_command_writes_a_readable_dataset(reference_run, tmp_path):
-    out = tmp_path / "samples"
-    result = CliRunner().invoke(cli, ["generate", str(reference_run), "--seeds", "0-11", "--out", str(out),
-                                      "--steps", "3", "--no-progress"])
+    result = run_cli("generate", reference_run, "--seeds", "0-11", "--out", "samples", "--steps", "3",
+                     "--no-progress")
     assert result.exit_code == 0, result.output
+    out = tmp_path / "samples"
     names = sorted(os.listdir(out))
     assert names[:2] == ["000000.png", "000001.png"] and len(names) == 13 and "dataset.json" in names
     assert (tmp_path / "samples-grid.png").exists()
@@ -118,45 +155,42 @@ def test_generate_command_writes_a_readable_dataset(reference_run, tmp_path):
     assert len(ds) == 12 and ds.resolution == 8 and ds.channels == 1 and ds.num_classes == 10
     assert [int(c) for c in ds.labels] == [c for _, c in labels]
     # Same seeds again -> identical files.
-    again = tmp_path / "again"
-    CliRunner().invoke(cli, ["generate", str(reference_run), "--seeds", "0-11", "--out", str(again),
-                             "--steps", "3", "--no-progress"])
-    assert (again / "000007.png").read_bytes() == (out / "000007.png").read_bytes()
+    run_cli("generate", reference_run, "--seeds", "0-11", "--out", "again", "--steps", "3", "--no-progress")
+    assert (tmp_path / "again" / "000007.png").read_bytes() == (out / "000007.png").read_bytes()
     # The evaluation reads it back.
-    result = CliRunner().invoke(cli, ["eval", str(out), "--json"])
+    result = run_cli("eval", out, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output[result.output.index("{"):])
     assert report["num_samples"] == 12 and 0 <= report["accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_class_option_and_seed_parsing(reference_run, tmp_path):
-    out = tmp_path / "fixed"
-    result = CliRunner().invoke(cli, ["generate", str(reference_run), "--seeds", "1,4-5", "--class", "7",
-                                      "--out", str(out), "--steps", "2", "--no-progress"])
+    result = run_cli("generate", reference_run, "--seeds", "1,4-5", "--class", "7", "--out", "fixed", "--steps", "2",
+                     "--no-progress")
     assert result.exit_code == 0, result.output
-    labels = json.loads((out / "dataset.json").read_text())["labels"]
+    labels = json.loads((tmp_path / "fixed" / "dataset.json").read_text())["labels"]
     assert labels == [["000001.png", 7], ["000004.png", 7], ["000005.png", 7]]
 
 
+@pytest.mark.slow
 def test_phema_command_and_plot(reference_run, tmp_path):
     out = tmp_path / "phema"
-    result = CliRunner().invoke(cli, ["phema", str(reference_run), "--sigma-rel", "0.07,0.15", "--out", str(out),
-                                      "--no-progress"])
+    result = run_cli("phema", reference_run, "--sigma-rel", "0.07,0.15", "--out", out, "--no-progress")
     assert result.exit_code == 0, result.output
     files = sorted(os.listdir(out))
-    assert files == ["phema-000000001024-0.070.safetensors", "phema-000000001024-0.150.safetensors"]
-    gen = CliRunner().invoke(cli, ["generate", str(out / files[0]), "--seeds", "0-1", "--out",
-                                   str(tmp_path / "s"), "--steps", "2", "--no-progress"])
+    assert files == ["phema-000000000512-0.070.safetensors", "phema-000000000512-0.150.safetensors"]
+    gen = run_cli("generate", out / files[0], "--seeds", "0-1", "--out", "s", "--steps", "2", "--no-progress")
     assert gen.exit_code == 0, gen.output
-    plot = CliRunner().invoke(cli, ["plot-ema-profile", str(reference_run), "--sigma-rel", "0.07",
-                                    "--out", str(tmp_path / "p.png")])
+    plot = run_cli("plot-ema-profile", reference_run, "--sigma-rel", "0.07", "--out", "p.png")
     assert plot.exit_code == 0 and (tmp_path / "p.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_ema_sweep_command(reference_run, tmp_path):
     out = tmp_path / "sweep"
-    result = CliRunner().invoke(cli, ["ema-sweep", str(reference_run), "--sigma-rel", "0.05:0.15:3", "--seeds",
-                                      "0-19", "--steps", "2", "--out", str(out), "--no-progress"])
+    result = run_cli("ema-sweep", reference_run, "--sigma-rel", "0.05:0.15:3", "--seeds", "0-19", "--steps", "2",
+                     "--out", out, "--no-progress")
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "sweep.json").read_text())
     assert [r["sigma_rel"] for r in rows] == [0.05, 0.1, 0.15]
@@ -164,28 +198,46 @@ def test_ema_sweep_command(reference_run, tmp_path):
     assert (out / "sweep.png").stat().st_size > 1000 and "best FD" in result.output
 
 
-def test_info_command_json():
-    result = CliRunner().invoke(cli, ["info", "edm2-img512-xs", "--json"])
-    assert result.exit_code == 0
+def test_info_command_json_reports_the_preset():
+    # What `info` prints is describe_preset's; that matches the paper is tests/test_flops.py's business.
+    result = run_cli("info", "edm2-img512-xs", "--json")
+    assert result.exit_code == 0, result.output
     info = json.loads(result.output)
-    assert info["params"] == 124_713_253 and abs(info["gflops"] - 45.5) / 45.5 < 0.02
+    expected = describe_preset("edm2-img512-xs")
+    assert info["params"] == expected["params"] and info["gflops"] == pytest.approx(expected["gflops"], rel=1e-9)
+    assert info["network"] == expected["network"] and info["training"] == expected["training"]
 
 
-def test_traditional_ema_is_tracked_saved_and_resumed(tmp_path):
-    from mpdiff.checkpoint import load_network
-    train_cfg = dict(TINY_TRAIN, ema_halflife_img=32)
-    whole, sliced = tmp_path / "whole", tmp_path / "sliced"
-    train("digits", run_options(whole), TINY_NET, train_cfg)
-    for _ in range(2):
-        train("digits", run_options(sliced, slice_nimg=512, checkpoint_nimg=256), TINY_NET, train_cfg)
-    net, meta = load_network(whole / "ema-traditional.safetensors")
-    assert meta["kind"] == "traditional-ema" and meta["halflife_img"] == 32 and meta["nimg"] == 1024
-    a, _ = final_state(whole)
-    b, _ = final_state(sliced)
-    traditional = {k: v for k, v in a.items() if k.startswith("tema.")}
-    assert traditional and all(torch.equal(v, b[k]) for k, v in traditional.items())
-    # A 32-image half-life (half a step) is a much shorter average than sigma_rel 0.05 (~50 images):
-    # close to the raw weights, but not equal to them.
-    raw, avg = a["net.unet.out_conv.weight"], a["tema.unet.out_conv.weight"]
-    assert not torch.equal(raw, avg)
-    assert (avg - raw).norm() < (a["ema.0.unet.out_conv.weight"] - raw).norm()
+def test_a_run_takes_its_cadence_from_the_preset_unless_overridden():
+    from mpdiff.config import RunOptions
+    from mpdiff.presets import get_preset
+    from mpdiff.train.run import resolve_run
+
+    resolved, _ = resolve_run("digits", RunOptions(run_dir="r"))
+    assert resolved.cadence == get_preset("digits").cadence
+    resolved, _ = resolve_run("digits", RunOptions(run_dir="r"), cadence=dict(status_nimg=512))
+    assert resolved.cadence == get_preset("digits").cadence.replace(status_nimg=512)
+    assert resolved.to_dict()["cadence"]["status_nimg"] == 512  # recorded in config.json
+
+
+def test_training_sets_the_cuda_precision_policy():
+    # NVIDIA's training turns TF32 and reduced-precision reductions off (SPEC §1.5); mpdiff states the same
+    # policy explicitly instead of inheriting PyTorch's defaults. The flags can be set on a CPU-only build.
+    from mpdiff.config import RunOptions
+    from mpdiff.train.loop import Trainer
+    from mpdiff.train.precision import (
+        CUDA_PRECISION_POLICY,
+        current_precision_flags,
+        restore_precision_flags,
+    )
+    from mpdiff.train.run import resolve_run
+
+    saved = current_precision_flags()
+    try:
+        restore_precision_flags({key: not value for key, value in CUDA_PRECISION_POLICY.items()})
+        resolved, dataset = resolve_run("digits", RunOptions(run_dir="r"), network=dict(model_channels=8))
+        Trainer(resolved, dataset)
+        assert current_precision_flags() == CUDA_PRECISION_POLICY
+        assert CUDA_PRECISION_POLICY["matmul.allow_tf32"] is False and CUDA_PRECISION_POLICY["cudnn.allow_tf32"] is False
+    finally:
+        restore_precision_flags(saved)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from mpdiff.ema.profiles import check_sigma_rels, solve_posthoc_coefficients
 from mpdiff.ema.snapshots import list_snapshots
+from mpdiff.config import STORAGE_DTYPES
 from mpdiff.errors import CheckpointError, ConfigError, first_line
 from mpdiff.storage.files import atomic_write
 from mpdiff.storage.layout import RunLayout, phema_name, run_dir_of
@@ -67,10 +68,7 @@ def select_inputs(records, at_nimg=None):
         above = [t for t in times if t > at_nimg][:1]
         raise ConfigError(f"reconstruction time {at_nimg} images is not a snapshot time; the nearest are "
                           f"{' and '.join(str(t) for t in below + above)}")
-    inputs = [r for r in records if 0 < r.nimg <= at_nimg]
-    if not inputs:
-        raise ConfigError(f"no snapshot with 0 < nimg <= {at_nimg}; need at least one to reconstruct from")
-    return at_nimg, inputs
+    return at_nimg, [r for r in records if 0 < r.nimg <= at_nimg]  # at_nimg itself is one of them
 
 
 # Streaming: a pass reads every input byte once, one element range of one tensor from all inputs together,
@@ -330,7 +328,8 @@ def reconstruct(run_dir, sigma_rels, at_nimg=None, out_dir=None, batch_outputs=6
       as network files with kind "phema-reconstruction", the coefficients and the input names.
     """
     targets = _target_sigma_rels(sigma_rels)
-    storage_dtype(dtype)
+    if dtype not in STORAGE_DTYPES:
+        raise ConfigError(f"output dtype {dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
     if int(batch_outputs) < 1:
         raise ConfigError(f"batch_outputs must be >= 1, got {batch_outputs}")
     records = list_snapshots(run_dir)

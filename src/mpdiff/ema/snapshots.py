@@ -83,11 +83,13 @@ def _read_snapshot_record(path):
 
 
 def list_snapshots(path):
-    """All EMA snapshots (``ema-*.safetensors``) of a run directory or snapshot directory, checked for consistency.
+    """All EMA snapshots of a run directory or snapshot directory, checked for consistency.
 
-    Reads every file's header (not the tensors). Returns SnapshotRecords sorted by (nimg, sigma_rel);
-    raises CheckpointError naming the file for: no snapshots, a damaged or foreign file, a repeated
-    (nimg, sigma_rel), a different network config, different tensor names/shapes, or a different dtype.
+    Snapshots are the files named as mpdiff names them (``ema-<nimg>-<sigma_rel>.safetensors``, see
+    :mod:`mpdiff.storage.layout`); other files are not read. Reads every file's header (not the
+    tensors). Returns SnapshotRecords sorted by (nimg, sigma_rel); raises CheckpointError naming the
+    file for: no snapshots, a damaged or foreign file, metadata that disagrees with the name, a
+    different network config, different tensor names/shapes, or a different dtype.
     """
     directory = snapshot_dir_of(path)
     if not os.path.isdir(directory):
@@ -98,13 +100,7 @@ def list_snapshots(path):
     records = sorted((_read_snapshot_record(os.path.join(directory, name)) for name in names),
                      key=lambda r: (r.nimg, r.sigma_rel))
     first = records[0]
-    seen = {}
-    for record in records:
-        key = (record.nimg, round(record.sigma_rel, 9))
-        if key in seen:
-            raise CheckpointError(f"{record.path}: duplicates the snapshot nimg={record.nimg}, "
-                                  f"sigma_rel={record.sigma_rel} of {seen[key]}")
-        seen[key] = record.path
+    for record in records:  # (nimg, sigma_rel) is unique: the name says both, and must agree with the metadata
         if record.network != first.network:
             raise CheckpointError(f"{record.path}: network config differs from {first.path}")
         if record.signature != first.signature:

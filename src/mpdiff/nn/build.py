@@ -8,14 +8,20 @@ from mpdiff.nn.precond import Precond
 
 
 def build_network(config: NetworkConfig, device="cpu"):
-    """Instantiate :class:`~mpdiff.nn.precond.Precond` from a :class:`NetworkConfig`."""
+    """Instantiate :class:`~mpdiff.nn.precond.Precond` from a :class:`NetworkConfig`.
+
+    Weights are drawn on the CPU and then moved, so a seed gives the same initial network on every
+    device; only the meta device is built in place (shapes without memory).
+    """
+    if torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return Precond(**config.to_dict())
     return Precond(**config.to_dict()).to(device)
 
 
 def build_meta_network(config: NetworkConfig):
     """The same network on the meta device: shapes and names only, no memory (for checks and counts)."""
-    with torch.device("meta"):
-        return build_network(config, device="meta")
+    return build_network(config, device="meta")
 
 
 def check_state_dict(expected, tensors, context):
