@@ -63,8 +63,7 @@ def test_folder_without_labels_reads_exact_pixels(tmp_path, channels):
     for i in range(3):
         expected = pixels(i, 8, channels)
         expected = expected[None] if channels == 1 else expected.transpose(2, 0, 1)
-        np.testing.assert_array_equal(ds[i][0], expected)
-        assert ds[i][1] == -1
+        np.testing.assert_array_equal(ds.images[i], expected)
     assert ds.name == "set"
 
 
@@ -113,7 +112,7 @@ def test_labels_from_dataset_json(tmp_path, where):
     ds = open_dataset(path)
     assert ds.labels.dtype == np.int64 and ds.labels.tolist() == [4, 0, 2]
     assert ds.num_classes == 5
-    assert [ds[i][1] for i in range(3)] == [4, 0, 2]
+    assert ds.labels.tolist() == [4, 0, 2]
     unlabelled = open_dataset(path, use_labels=False)
     assert unlabelled.labels is None and unlabelled.num_classes == 0
 

@@ -59,10 +59,6 @@ class ImageDataset:
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, idx):
-        label = -1 if self.labels is None else int(self.labels[idx])
-        return self.images[idx], label
-
     @property
     def channels(self):
         return self.images.shape[1]

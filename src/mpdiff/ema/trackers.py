@@ -29,13 +29,6 @@ class _ParameterAverages:
         return {name: param.detach().to(torch.float32, copy=True) for name, param in self.module.named_parameters()}
 
     @torch.no_grad()
-    def reset(self):
-        """Set every average to the live parameters."""
-        for average in self.averages:
-            for name, param in self.module.named_parameters():
-                average[name].copy_(param.detach())
-
-    @torch.no_grad()
     def _apply(self, betas):
         for average, beta in zip(self.averages, betas):
             for name, param in self.module.named_parameters():
