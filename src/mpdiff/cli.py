@@ -1,7 +1,9 @@
 """The `mpdiff` command line: thin wrappers that parse options and call the library."""
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import traceback
@@ -17,6 +19,7 @@ from mpdiff.config import (
     NetworkConfig,
     RunOptions,
     TrainingConfig,
+    check_device,
     flag_for,
 )
 from mpdiff.errors import ConfigError, MpdiffError
@@ -61,6 +64,12 @@ def parse_range(text, option):
     return [round(float(v), 6) for v in np.linspace(lo, hi, n)]
 
 
+def _one_line(message):
+    """A message as one printable line: undecodable bytes and control characters escaped, never a crash."""
+    text = message.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
         debug = ctx.params.get("debug") or os.environ.get("MPDIFF_DEBUG")
@@ -70,7 +79,7 @@ class _Group(click.Group):
             if debug:
                 traceback.print_exc()
             message = e.render(flag_for) if isinstance(e, ConfigError) else str(e)  # fields -> our flags
-            click.echo(f"error: {message}", err=True)
+            click.echo(f"error: {_one_line(message)}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; run the same command again to resume", err=True)
@@ -177,11 +186,15 @@ def generate(source, seeds, out_dir, class_idx, steps, batch, sigma_rel, guide, 
     """Sample images from a run directory or a network file."""
     from mpdiff.diffusion.generate import generate_to_folder, parse_seeds
     from mpdiff.loading import resolve_network
-    from mpdiff.storage.samples import default_grid_path
+    from mpdiff.storage.samples import check_sample_destination, default_grid_path
 
     seed_list = parse_seeds(seeds)
     if steps < 1 or batch < 1:
         raise ConfigError("--steps and --batch must be at least 1")
+    if not math.isfinite(guidance):
+        raise ConfigError(f"--guidance must be a finite number, got {guidance}")
+    check_device(device, field="device")
+    check_sample_destination(out_dir, grid)  # before any work: a refused destination costs nothing
     net, described = resolve_network(source, sigma_rel, device=device)
     if class_idx is not None and not 0 <= class_idx < max(net.label_dim, 1):
         raise ConfigError(f"--class {class_idx} is out of range for a network with {net.label_dim} classes")
@@ -252,10 +265,20 @@ def phema(run_dir, sigma_rel, at, out_dir, dtype, progress):
     """Post-hoc EMA: reconstruct networks of any EMA length from the run's snapshots."""
     from mpdiff.ema.reconstruct import reconstruct
 
-    paths = reconstruct(run_dir, parse_range(sigma_rel, "--sigma-rel"), at_nimg=_at_nimg(at),
-                        out_dir=out_dir, dtype=dtype, progress=progress)
+    targets = parse_range(sigma_rel, "--sigma-rel")
+    with _writing(run_dir, "phema"):
+        paths = reconstruct(run_dir, targets, at_nimg=_at_nimg(at), out_dir=out_dir, dtype=dtype, progress=progress)
     for path in paths:
         click.echo(path)
+
+
+def _writing(run_dir, command):
+    """The run directory's lock while `command` writes into it (nothing to lock if it does not exist)."""
+    from mpdiff.storage.layout import run_dir_of
+    from mpdiff.storage.lock import run_directory_lock
+
+    directory = run_dir_of(run_dir)
+    return run_directory_lock(directory, command) if os.path.isdir(directory) else contextlib.nullcontext()
 
 
 def _at_nimg(text):
@@ -276,8 +299,10 @@ def ema_sweep(run_dir, sigma_rel, seeds, steps, at, out_dir, progress):
     from mpdiff.diffusion.generate import parse_seeds
     from mpdiff.metrics.ema_sweep import ema_sweep as run_sweep
 
-    result = run_sweep(run_dir, parse_range(sigma_rel, "--sigma-rel"), parse_seeds(seeds), num_steps=steps,
-                       at_nimg=_at_nimg(at), out_dir=out_dir, progress=progress)
+    targets, seed_list = parse_range(sigma_rel, "--sigma-rel"), parse_seeds(seeds)
+    with _writing(run_dir, "ema-sweep"):
+        result = run_sweep(run_dir, targets, seed_list, num_steps=steps, at_nimg=_at_nimg(at), out_dir=out_dir,
+                           progress=progress)
     click.echo(result["table"])
     click.echo(f"plot: {result['plot']}")
 

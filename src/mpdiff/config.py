@@ -216,11 +216,12 @@ def field_info(name):
 
 
 def flag_for(name):
-    """The command-line flag of a config field (its name if it has none): '--batch' for 'batch'."""
+    """The command-line flag of a config field (its name if it has none): '--batch' for 'batch'.
+    Names that are no config field are options of one command: '--out' for 'out'."""
     try:
         flag = field_info(name)[1].metadata.get("flag")
-    except KeyError:
-        return name
+    except KeyError:  # not a config field: an option of one command (out, grid, ...)
+        return "--" + name.replace("_", "-")
     return flag.split("/")[0] if flag else name
 
 
@@ -273,13 +274,29 @@ def validate_run(network, training, cadence, run, resolution=None):
     if training.ema_halflife_img is not None and not training.ema_halflife_img > 0:
         raise ConfigError(f"{{ema_halflife_img}} must be a positive number of images, got "
                           f"{training.ema_halflife_img}", fields=("ema_halflife_img",))
-    from mpdiff.ema.profiles import check_sigma_rels
-    check_sigma_rels(training.ema_sigma_rels, field="ema_sigma_rels")
-    names = sorted(f"{s:.3f}" for s in training.ema_sigma_rels)
-    for a, b in zip(names, names[1:]):
-        if a == b:  # snapshot file names carry 3 decimals: two profiles would overwrite each other's files
-            raise ConfigError(f"{{ema_sigma_rels}}: two EMA lengths round to {a}; snapshot file names keep 3 "
-                              f"decimals, so tracked lengths must differ in them", fields=("ema_sigma_rels",))
+    check_device(run.device, field="device")
+    from mpdiff.ema.profiles import check_named_sigma_rels
+    check_named_sigma_rels(training.ema_sigma_rels, field="ema_sigma_rels")
+
+
+def check_device(name, field=None):
+    """Refuse a device string that torch does not parse, or a CUDA device on a machine without one."""
+    import torch
+
+    where = "{%s} " % field if field else "device "
+    fields = (field,) if field else ()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{where}{name!r} is not a torch device (e.g. cpu, cuda, cuda:1)", fields=fields) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{where}{name!r}: this PyTorch has no usable CUDA device", fields=fields)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{where}{name!r}: only {torch.cuda.device_count()} CUDA device(s) here", fields=fields)
+    elif device.type not in ("cpu", "meta", "mps"):
+        raise ConfigError(f"{where}{name!r} is not supported (use cpu or cuda)", fields=fields)
+    return device
 
 
 def _check_cadence(name, value, batch):

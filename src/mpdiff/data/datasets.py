@@ -10,10 +10,8 @@ naming the file. Nothing is skipped silently.
 """
 
 import contextlib
-import io
 import json
 import os
-import stat
 import warnings
 import zipfile
 
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 
 from mpdiff.errors import DatasetError, first_line
+from mpdiff.storage.files import open_regular, show_path
 
 LABELS_FILE = "dataset.json"           # EDM2 label file, at the dataset root only
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")  # matched case-insensitively
@@ -28,6 +27,9 @@ PIL_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")  # the only decoders run (JPEG incl
 MIN_RESOLUTION = 4                     # the U-Net halves the resolution once per level
 MAX_IMAGE_PIXELS = 8192 * 8192         # larger images are refused as possible decompression bombs
 MAX_FILE_BYTES = 512 * 2**20           # per image file and for dataset.json
+LABELS_BASE_BYTES = 2**20              # dataset.json may have LABELS_BASE_BYTES + LABELS_BYTES_PER_IMAGE per image
+LABELS_BYTES_PER_IMAGE = 2**10         # (an EDM2 entry ["00000/img00000000.png", 999] is 30 bytes)
+MAX_DATASET_BYTES_ENV = "MPDIFF_MAX_DATASET_BYTES"  # overrides the memory limit (default: half of physical memory)
 MAX_NUM_CLASSES = 65536                # class indices must lie in [0, MAX_NUM_CLASSES)
 PROGRESS_MIN_IMAGES = 1000             # progress=None shows a bar above this many images
 

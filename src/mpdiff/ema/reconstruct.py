@@ -18,9 +18,9 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from mpdiff.ema.profiles import check_sigma_rels, solve_posthoc_coefficients
-from mpdiff.ema.snapshots import list_snapshots
 from mpdiff.config import STORAGE_DTYPES
+from mpdiff.ema.profiles import check_named_sigma_rels, solve_posthoc_coefficients
+from mpdiff.ema.snapshots import list_snapshots
 from mpdiff.errors import CheckpointError, ConfigError, first_line
 from mpdiff.storage.files import atomic_write
 from mpdiff.storage.layout import RunLayout, phema_name, run_dir_of
@@ -40,11 +40,7 @@ def _target_sigma_rels(sigma_rels):
     if not values:
         raise ConfigError("no target sigma_rel given")
     values = sorted(set(float(v) for v in values))
-    check_sigma_rels(values)
-    names = [f"{v:.3f}" for v in values]
-    for a, b in zip(names, names[1:]):
-        if a == b:
-            raise ConfigError(f"target sigma_rels {values} collide in file names ({a}); use 3 decimals")
+    check_named_sigma_rels(values)
     return values
 
 
@@ -235,6 +231,10 @@ def _stream_pass(reader, weights, range_elements, on_bytes, emit):
             if step + 1 < len(plan):
                 pending = background.submit(gather, *plan[step + 1], blocks[(step + 1) % 2])
             on_bytes(stack.numel() * stack.element_size())
+            if stack.is_floating_point() and not bool(torch.isfinite(stack).all()):  # never write a NaN network
+                row = int((~torch.isfinite(stack)).any(dim=1).nonzero()[0])
+                raise CheckpointError(f"{reader.paths[row]}: tensor {name} holds non-finite values; "
+                                      f"it cannot be averaged into a network")
             out = mixed[:, :b - a]
             if _all_equal(stack):
                 out[:] = stack[0]                                   # identical in every input: copied exactly

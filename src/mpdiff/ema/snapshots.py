@@ -12,9 +12,11 @@ from typing import Optional
 from safetensors import safe_open
 
 from mpdiff.ema.profiles import SIGMA_REL_MAX, check_sigma_rels
-from mpdiff.errors import CheckpointError, first_line
+from mpdiff.errors import CheckpointError, NumericalError, first_line
+from mpdiff.storage.files import check_regular
 from mpdiff.storage.layout import parse_snapshot_name, snapshot_dir_of, snapshot_name
 from mpdiff.storage.network_files import NETWORK_FORMAT, save_network
+from mpdiff.storage.tensors import first_nonfinite
 
 SNAPSHOT_KIND = "ema-snapshot"
 # ------------------------------------------------------------------------------------------------
@@ -24,9 +26,15 @@ SNAPSHOT_KIND = "ema-snapshot"
 def save_ema_snapshots(ema, snapshot_dir, network_config, step, batch_size, dtype="float32"):
     """Write one snapshot per tracked profile of `ema` (a PowerFunctionEMA) at its current time; returns the paths."""
     paths = []
+    states = [ema.averaged_state_dict(index) for index in range(len(ema.sigma_rels))]
+    for sigma_rel, state in zip(ema.sigma_rels, states):
+        bad = first_nonfinite(state)
+        if bad is not None:  # a NaN snapshot would poison every reconstruction that uses it
+            raise NumericalError(f"EMA profile {sigma_rel:.3f} holds non-finite values in {bad} at {ema.nimg} "
+                                 f"images; no snapshot written")
     for index, sigma_rel in enumerate(ema.sigma_rels):
         path = os.path.join(snapshot_dir, snapshot_name(ema.nimg, sigma_rel))
-        save_snapshot(path, ema.averaged_state_dict(index), nimg=ema.nimg, sigma_rel=sigma_rel, step=step,
+        save_snapshot(path, states[index], nimg=ema.nimg, sigma_rel=sigma_rel, step=step,
                       batch_size=batch_size, network_config=network_config, dtype=dtype)
         paths.append(path)
     return paths
@@ -56,6 +64,7 @@ class SnapshotRecord:
 
 
 def _read_snapshot_record(path):
+    check_regular(path, what="snapshot", error=CheckpointError)  # a FIFO would block safe_open forever
     try:
         with safe_open(path, framework="pt") as f:  # checks the header against the file's size
             raw_meta = f.metadata() or {}

@@ -1,6 +1,5 @@
 """EMA-length sweeps (paper Fig. 5): post-hoc reconstruct a range of sigma_rel, evaluate each."""
 
-import json
 import os
 
 from mpdiff.config import SAMPLING
@@ -8,7 +7,7 @@ from mpdiff.data.pixels import decode_images
 from mpdiff.diffusion.generate import generate
 from mpdiff.ema.reconstruct import reconstruct
 from mpdiff.errors import ConfigError
-from mpdiff.storage.files import atomic_write, write_json, write_text
+from mpdiff.storage.files import atomic_write, read_json, write_json, write_text
 from mpdiff.storage.layout import RunLayout
 from mpdiff.storage.network_files import load_network
 
@@ -16,9 +15,8 @@ from mpdiff.storage.network_files import load_network
 def _evaluator(run_dir):
     config_path = RunLayout(run_dir).config
     try:
-        with open(config_path) as f:
-            spec = json.load(f)["dataset"]["spec"]
-    except (OSError, KeyError, json.JSONDecodeError):
+        spec = read_json(config_path, what="run config", error=ConfigError)["dataset"]["spec"]
+    except (ConfigError, KeyError, TypeError):
         raise ConfigError(f"{config_path}: missing or unreadable; ema-sweep needs a run directory") from None
     if spec != "digits":
         raise ConfigError(f"{run_dir}: no built-in evaluation for dataset {spec!r} yet (the digits metrics need "

@@ -25,13 +25,21 @@ def build_meta_network(config: NetworkConfig):
 
 
 def check_state_dict(expected, tensors, context):
-    """Raise CheckpointError("<context> (...)") unless `tensors` has exactly the keys and shapes of
-    `expected` (a state_dict, e.g. of a network built on the meta device)."""
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    """Raise CheckpointError("<context> (...)") unless `tensors` has exactly the keys, shapes and kinds
+    (floating or not) of `expected` (a state_dict, e.g. of a network built on the meta device), and
+    every floating tensor is finite: weights with NaN or infinity would generate black or noise images."""
+    missing = sorted(set(expected) - set(tensors), key=str)
+    unexpected = sorted(set(tensors) - set(expected), key=str)
     if missing or unexpected:
-        raise CheckpointError(f"{context} (missing {missing[:4]}, unexpected {unexpected[:4]})")
+        raise CheckpointError(f"{context} (missing {[str(k)[:60] for k in missing[:4]]}, "
+                              f"unexpected {[str(k)[:60] for k in unexpected[:4]]})")
     for key, ref in expected.items():
-        if tuple(tensors[key].shape) != tuple(ref.shape):
-            raise CheckpointError(f"{context} (tensor {key} has shape {tuple(tensors[key].shape)}, "
-                                  f"expected {tuple(ref.shape)})")
+        got = tensors[key]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise CheckpointError(f"{context} (tensor {key} has shape {tuple(got.shape)}, expected {tuple(ref.shape)})")
+        if got.is_floating_point() != ref.is_floating_point():
+            raise CheckpointError(f"{context} (tensor {key} is stored as {str(got.dtype).replace('torch.', '')}, "
+                                  f"expected a floating-point tensor)" if ref.is_floating_point() else
+                                  f"{context} (tensor {key} is floating-point, expected {ref.dtype})")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise CheckpointError(f"{context} (tensor {key} holds non-finite values)")

@@ -8,8 +8,8 @@ network from it with :func:`load_edm2`. Our module and tensor names equal the of
 import torch
 
 from mpdiff.config import NetworkConfig
-from mpdiff.errors import CheckpointError
-from mpdiff.nn.build import build_network, check_state_dict
+from mpdiff.errors import CheckpointError, first_line
+from mpdiff.nn.build import build_meta_network, build_network, check_state_dict
 
 # Official Precond/UNet/Block keyword -> our NetworkConfig field (identical names today).
 _OFFICIAL_KEYWORDS = {f for f in NetworkConfig.__dataclass_fields__}
@@ -55,12 +55,23 @@ def load_edm2(state_dict, device="cpu", **kwargs):
     unknown = sorted(set(kwargs) - _OFFICIAL_KEYWORDS)
     if unknown:
         raise CheckpointError(f"load_edm2: unknown keyword(s) {', '.join(unknown)}")
+    bad_keys = [k for k in state_dict if not isinstance(k, str)]
+    if bad_keys:
+        raise CheckpointError(f"load_edm2: state_dict keys must be tensor names, found {str(bad_keys[0])[:40]!r}")
     sd = {k: torch.as_tensor(v) for k, v in state_dict.items()}
-    config = dict(infer_config(sd), **kwargs)
+    try:  # shapes come from a file: whatever they are, the result is a network or one line
+        config = dict(infer_config(sd), **kwargs)
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError, ZeroDivisionError, RuntimeError) as e:
+        raise CheckpointError(f"load_edm2: state_dict is not in the EDM2 layout ({type(e).__name__}: "
+                              f"{first_line(e, 120)})") from None
     config = NetworkConfig.from_dict(config, source="load_edm2")
+    try:  # shapes only, before any memory: a forged file could describe an enormous network
+        expected = build_meta_network(config).state_dict()
+    except (TypeError, ValueError, RuntimeError, ArithmeticError, IndexError, KeyError) as e:
+        raise CheckpointError(f"load_edm2: the inferred network cannot be built ({first_line(e, 120)})") from None
+    check_state_dict(expected, sd, f"load_edm2: state_dict does not match the network built from "
+                                   f"{config.to_dict()}")
     net = build_network(config, device="cpu")
-    check_state_dict(net.state_dict(), sd, f"load_edm2: state_dict does not match the network built from "
-                                           f"{config.to_dict()}")
     net.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()})
     net.config = config
     return net.to(device).eval()

@@ -1,17 +1,101 @@
-"""Atomic file writes, and JSON / JSON-lines files.
+"""The one way mpdiff reads a file and the one way it writes one.
 
-Every file mpdiff writes goes through :func:`atomic_write`: the bytes land in a temporary file
-in the same directory, are flushed and fsync'ed, and only then renamed over the destination
-(rename is atomic on POSIX). A crash at any moment leaves either the old file or the new one.
+Reading (:func:`open_regular`, :func:`read_bytes`, :func:`check_regular`): only regular files, never
+a FIFO (which would block forever), a device or a directory, and never more than a stated size.
+
+Writing (:func:`atomic_write`): the bytes land in a temporary file ``.NAME.XXXXXXXX.tmp`` in the
+destination's directory, are flushed and fsync'ed, and only then renamed over the destination (rename
+is atomic on POSIX), so a crash at any moment leaves either the old file or the new one. A destination
+that is a symlink is resolved deliberately: the file it points to is replaced and the link stays. A
+destination that exists and is not a regular file (a device such as /dev/null, a FIFO, a directory) is
+refused rather than replaced.
+
+Appends (:func:`append_line`) cost O(1): one ``O_APPEND`` write of a whole line. A crash can leave a
+torn last line, which readers report and :func:`read_jsonl` returns as damaged rather than dropping
+what follows.
 """
 
 import contextlib
 import errno
 import json
 import os
+import re
+import stat
 import tempfile
 
 from mpdiff.errors import MpdiffError
+
+JSON_MAX_BYTES = 64 * 2 ** 20           # config.json, stats.jsonl and friends: far above any real one
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def show_path(path):
+    """A path as it may appear in a one-line message: undecodable bytes and control characters escaped."""
+    text = os.fsdecode(path) if isinstance(path, bytes) else os.fspath(path)
+    if not text.isprintable():
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text
+
+
+def kind_of(mode):
+    """'a FIFO', 'a directory', ... for a st_mode that is not a regular file."""
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(path, max_bytes=None, what="file", error=MpdiffError):
+    """Open `path` for binary reading if it is a regular file of at most `max_bytes` bytes.
+
+    Opened with O_NONBLOCK, so that a FIFO in its place is detected instead of blocking forever;
+    everything else is refused with `error` naming the file and what it is.
+    """
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise error(f"{show_path(path)}: file not found") from None
+    except OSError as e:
+        raise error(f"{show_path(path)}: cannot read ({e.strerror or e})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise error(f"{show_path(path)}: expected a regular {what}, found {kind_of(info.st_mode)}")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise error(f"{show_path(path)}: {info.st_size:,} bytes, more than a {what} may have "
+                        f"({max_bytes:,} bytes)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bytes(path, max_bytes, what="file", error=MpdiffError):
+    """The whole content of a regular file of at most `max_bytes` bytes (see :func:`open_regular`)."""
+    with open_regular(path, max_bytes, what, error) as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # it grew while we read it
+        raise error(f"{show_path(path)}: more than a {what} may have ({max_bytes:,} bytes)")
+    return data
+
+
+def check_regular(path, max_bytes=None, what="file", error=MpdiffError):
+    """Refuse anything but a regular file at `path`, for readers that open by name (safetensors, torch)."""
+    open_regular(path, max_bytes, what, error).close()
+
+
+def read_json(path, what="JSON file", error=MpdiffError, max_bytes=JSON_MAX_BYTES):
+    """A JSON document from a regular file: not UTF-8, not JSON, or nested too deep is one `error` line."""
+    data = read_bytes(path, max_bytes, what, error)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{show_path(path)}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{show_path(path)}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise error(f"{show_path(path)}: JSON nested too deeply") from None
 
 
 def _default_file_mode():
@@ -48,16 +132,32 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def write_destination(path):
+    """The file a write to `path` replaces: symlinks resolved, and refused unless it is absent or regular."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.islink(path):
+        path = os.path.realpath(path)  # replace the file the link points to; the link itself stays
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return path
+    except OSError as e:
+        raise MpdiffError(f"{show_path(path)}: cannot write here ({e.strerror or e})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise MpdiffError(f"{show_path(path)}: is {kind_of(info.st_mode)}; refusing to replace it with a file")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
     """Open a temporary file next to `path`; on clean exit fsync it and rename it to `path`."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
+    path = write_destination(path)
+    directory = os.path.dirname(path)
     try:
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     except OSError as e:
-        raise MpdiffError(f"{path}: cannot write here ({e.strerror or e})") from None
+        raise MpdiffError(f"{show_path(path)}: cannot write here ({e.strerror or e})") from None
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -70,7 +170,8 @@ def atomic_write(path, mode="wb"):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(e, OSError):
-            raise MpdiffError(f"{path}: write failed ({_why(e)}); the previous file, if any, is intact") from None
+            raise MpdiffError(f"{show_path(path)}: write failed ({_why(e)}); the previous file, if any, is intact") \
+                from None
         raise
     _fsync_dir(directory)
 
@@ -89,33 +190,72 @@ def write_json(path, obj):
 
 
 def append_line(path, line):
-    """Append one line (JSONL stats, log.txt) by rewriting the file atomically.
+    """Append one line (JSONL stats, log.txt) with a single O_APPEND write, then fsync.
 
-    The old content plus the new line go through :func:`atomic_write`, so a crash leaves either the
-    old file or the new one, never a torn line. Stats and logs are small (one row per status
-    interval), so the rewrite costs far less than a training step.
+    O(1) however long the file is. A crash mid-write can leave a torn last line; the next append
+    starts on a fresh line, and readers report the torn one (:func:`read_jsonl`).
     """
-    path = os.fspath(path)
+    path = write_destination(path)
+    data = line.rstrip("\n").encode("utf-8") + b"\n"
     try:
-        with open(path, "rb") as f:
-            old = f.read()
-    except FileNotFoundError:
-        old = b""
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), _FILE_MODE)
     except OSError as e:
-        raise MpdiffError(f"{path}: append failed ({_why(e)})") from None
-    if old and not old.endswith(b"\n"):
-        old += b"\n"
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise MpdiffError(f"{path}: append failed (No such file or directory)")
-    write_bytes(path, old + line.rstrip("\n").encode("utf-8") + b"\n")
+        raise MpdiffError(f"{show_path(path)}: append failed ({_why(e)})") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data  # after a torn line: never glue a new row onto it
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError as e:
+        raise MpdiffError(f"{show_path(path)}: append failed ({_why(e)})") from None
+    finally:
+        os.close(fd)
 
 
-def read_jsonl(path):
+class DamagedLine:
+    """A line of a JSON-lines file that is not a JSON object: kept verbatim, reported by line number."""
+
+    def __init__(self, number, text, reason):
+        self.number, self.text, self.reason = number, text, reason
+
+    def __repr__(self):
+        return f"DamagedLine({self.number}, {self.reason!r})"
+
+
+def read_jsonl(path, max_bytes=JSON_MAX_BYTES, error=MpdiffError):
+    """Every line of a JSON-lines file: a dict for each valid row, a :class:`DamagedLine` for any other.
+
+    Nothing after a damaged line is lost; the caller decides what to report.
+    """
+    data = read_bytes(path, max_bytes, "JSON-lines file", error)
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # torn final line after a crash
+    for number, raw in enumerate(data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            reason = None if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
+        except UnicodeDecodeError:
+            reason = "not UTF-8"
+        except (json.JSONDecodeError, RecursionError):
+            reason = "not valid JSON" + ("" if raw.endswith(b"}") else " (torn)")
+        rows.append(row if reason is None else DamagedLine(number, raw, reason))
     return rows
+
+
+def valid_rows(rows):
+    return [row for row in rows if isinstance(row, dict)]
+
+
+# Temporary files are ours when their name is what atomic_write makes: "." + name + "." + 8 characters of
+# tempfile's alphabet + ".tmp".
+_TEMPORARY = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
+
+
+def temporary_target(name):
+    """The file name a temporary of :func:`atomic_write` was for, or None if `name` is not one."""
+    match = _TEMPORARY.fullmatch(name)
+    return match.group(1) if match else None

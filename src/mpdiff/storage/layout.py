@@ -19,6 +19,9 @@ name that does not match is not ours.
 import dataclasses
 import os
 import re
+import stat
+
+from mpdiff.storage.files import temporary_target
 
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.txt"
@@ -32,6 +35,8 @@ EMA_SWEEP_DIR = "ema-sweep"
 TRADITIONAL_EMA_FILE = "ema-traditional.safetensors"
 FINAL_GRID_FILE = "grid-final.png"
 
+_GRID_NAME = re.compile(r"grid-(\d{7}|final)\.png")
+_PROFILE_NAME = re.compile(r"profile-\d{12}-\d+\.\d{3}\.png")
 _CHECKPOINT_NAME = re.compile(r"training-state-(\d{12})\.safetensors")
 _SNAPSHOT_NAME = re.compile(r"ema-(\d{12})-(\d+\.\d{3})\.safetensors")
 _PHEMA_NAME = re.compile(r"phema-(\d{12})-(\d+\.\d{3})\.safetensors")
@@ -152,6 +157,44 @@ class RunLayout:
     def grid(self, nimg=None):
         """samples/grid-<kimg>.png, or the end-of-training grid when `nimg` is None."""
         return self.path(SAMPLES_DIR, FINAL_GRID_FILE if nimg is None else grid_name(nimg))
+
+    def owned_names(self):
+        """{directory: test(name)} of every file name mpdiff writes into this run directory."""
+        return {
+            self.run_dir: lambda name: name in (CONFIG_FILE, LOG_FILE, STATS_FILE, TRADITIONAL_EMA_FILE),
+            self.checkpoint_dir: lambda name: parse_checkpoint_name(name) is not None,
+            self.snapshot_dir: lambda name: parse_snapshot_name(name) is not None,
+            self.phema_dir: lambda name: parse_phema_name(name) is not None or bool(_PROFILE_NAME.fullmatch(name)),
+            self.samples_dir: lambda name: bool(_GRID_NAME.fullmatch(name)),
+        }
+
+    def stale_temporaries(self):
+        """Paths of the temporaries that an interrupted write of ours left in this run directory.
+
+        Only files (never links, never directories) named as :func:`~mpdiff.storage.files.atomic_write`
+        names the temporary of a file we write, and only in our own directories, which are not entered
+        when they are symlinks: nothing else under the run directory is touched.
+        """
+        found = []
+        for directory, ours in self.owned_names().items():
+            try:
+                if not stat.S_ISDIR(os.lstat(directory).st_mode):
+                    continue  # absent, a file, or a symlink: not a directory we made
+                entries = list(os.scandir(directory))
+            except OSError:
+                continue
+            for entry in entries:
+                target = temporary_target(entry.name)
+                if target is not None and ours(target) and entry.is_file(follow_symlinks=False):
+                    found.append(entry.path)
+        return sorted(found)
+
+    def remove_stale_temporaries(self):
+        for path in self.stale_temporaries():
+            try:
+                os.remove(path)
+            except OSError:
+                pass  # gone meanwhile, or not ours to remove: left as it is
 
     def checkpoints(self):
         """[(nimg, path)] of the checkpoint files present, oldest first (other names are ignored)."""

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save
 
 from mpdiff.errors import CheckpointError, first_line
-from mpdiff.storage.files import write_bytes
+from mpdiff.storage.files import check_regular, open_regular, show_path, write_bytes
 
 
 def save_tensors(path, tensors, metadata=None):
@@ -25,17 +25,18 @@ def save_tensors(path, tensors, metadata=None):
 def read_metadata(path):
     """Metadata of a safetensors file written by :func:`save_tensors` (JSON-decoded)."""
     path = os.fspath(path)
+    check_regular(path, what="tensor file", error=CheckpointError)  # never open a FIFO or a device by name
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
+        raise CheckpointError(f"{show_path(path)}: file not found") from None
     except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
+        raise CheckpointError(f"{show_path(path)}: not a readable safetensors file ({first_line(e)})") from None
     try:
         return {k: json.loads(v) for k, v in meta.items()}
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path}: metadata is not valid JSON") from None
+    except (json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"{show_path(path)}: metadata is not valid JSON") from None
 
 
 def load_tensors(path, device="cpu"):
@@ -45,8 +46,16 @@ def load_tensors(path, device="cpu"):
     try:
         tensors = load_file(path, device=str(device))
     except Exception as e:
-        raise CheckpointError(f"{path}: damaged tensor data ({first_line(e)})") from None
+        raise CheckpointError(f"{show_path(path)}: damaged tensor data ({first_line(e)})") from None
     return tensors, meta
+
+
+def first_nonfinite(tensors):
+    """Name of the first floating tensor holding NaN or infinity, or None."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
 
 
 def safe_torch_load(path):
@@ -56,22 +65,23 @@ def safe_torch_load(path):
     other callable (``os.system``, a class) is refused before anything it names is imported or called.
     """
     path = os.fspath(path)
+    check_regular(path, what="torch file", error=CheckpointError)
     try:
         if os.path.getsize(path) == 0:
-            raise CheckpointError(f"{path}: empty file")
+            raise CheckpointError(f"{show_path(path)}: empty file")
         with warnings.catch_warnings():  # torch warns about pickle protocols; the error below says enough
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
+        raise CheckpointError(f"{show_path(path)}: file not found") from None
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused to load: {_unpickling_reason(e)}, and unpickling it could run "
+        raise CheckpointError(f"{show_path(path)}: refused to load: {_unpickling_reason(e)}, and unpickling it could run "
                               f"code; only plain state_dicts of tensors are accepted (convert the file with "
                               f"trusted code first, see docs/COMPATIBILITY.md)") from None
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable torch weights file ({first_line(e)})") from None
+        raise CheckpointError(f"{show_path(path)}: not a readable torch weights file ({first_line(e)})") from None
 
 
 def _unpickling_reason(e):
@@ -113,7 +123,7 @@ def tensor_layout(path):
     header: 5 ms per 10 MB snapshot against 0.2 ms, so listing cost most of a full read of the files.)
     Raises ValueError, KeyError, TypeError or OSError.
     """
-    with open(path, "rb") as f:
+    with open_regular(path, what="tensor file", error=CheckpointError) as f:
         size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
         if len(prefix) < 8:

@@ -6,12 +6,16 @@ hyper-parameters, the run's configuration contract) in the JSON metadata. Files 
 atomically, read back before older ones are pruned, and a damaged one is skipped on resume.
 """
 
+import math
 import os
+import stat
 
 import torch
 
 from mpdiff.errors import CheckpointError, ConfigError, NumericalError, first_line
-from mpdiff.storage.tensors import load_tensors, save_tensors
+from mpdiff.storage.layout import parse_checkpoint_name
+from mpdiff.storage.tensors import first_nonfinite, load_tensors, save_tensors
+from mpdiff.train.state import HEALTH_COUNTERS
 
 CHECKPOINT_FORMAT = "mpdiff-training-state/1"
 
@@ -65,7 +69,7 @@ def save_checkpoint(layout, train_state, contract, keep=2):
     path = layout.checkpoint(train_state.nimg)
     save_tensors(path, *flatten_state(train_state.state_dict(), contract))
     load_tensors(path)  # the new file must read back before an older one is removed
-    older = [p for _, p in layout.checkpoints() if p != path]
+    older = [p for _, p in layout.checkpoints() if p != path and _is_regular(p)]  # never a directory or a device
     for stale in older[:max(0, len(older) - (keep - 1))]:
         os.remove(stale)
     return path
@@ -79,10 +83,38 @@ def load_checkpoint(path, train_state, contract):
     if meta.get("config") != contract:
         raise ConfigError(f"{path}: checkpoint was written with a different configuration; "
                           f"use a new run directory or the original options")
+    check_metadata(path, meta, contract)
+    bad = first_nonfinite(tensors)
+    if bad is not None:  # never resume from (or call "good") a state that holds NaN or infinity
+        raise CheckpointError(f"{path}: tensor {bad} holds non-finite values")
     try:
         train_state.load_state_dict(unflatten_state(tensors, meta), source=path)
     except (KeyError, ValueError, TypeError, IndexError) as e:
         raise CheckpointError(f"{path}: incomplete training state ({type(e).__name__}: {first_line(e, 120)})") from None
+
+
+def check_metadata(path, meta, contract):
+    """Every number in a checkpoint's metadata must be consistent with the run and its file name."""
+    training = contract["training"]
+    batch, duration = training["batch"], training["duration"]
+    nimg, step = meta.get("nimg"), meta.get("step")
+    if not _count(nimg) or not _count(step) or nimg > duration or nimg % batch or step != nimg // batch:
+        raise CheckpointError(f"{path}: inconsistent image count {str(nimg)[:24]} / step {str(step)[:24]} "
+                              f"(batch {batch}, duration {duration})")
+    if parse_checkpoint_name(path) not in (None, nimg):
+        raise CheckpointError(f"{path}: file name does not match its image count {nimg}")
+    if meta.get("ema_nimg") != nimg or meta.get("ema_sigma_rels") != list(training["ema_sigma_rels"]):
+        raise CheckpointError(f"{path}: EMA state does not match the run (time or tracked lengths)")
+    counters = meta.get("counters")
+    if not isinstance(counters, dict) or set(counters) != set(HEALTH_COUNTERS) | {"elapsed_sec"} \
+            or not all(_count(counters[k]) for k in HEALTH_COUNTERS) \
+            or not (isinstance(counters["elapsed_sec"], (int, float)) and math.isfinite(counters["elapsed_sec"])
+                    and counters["elapsed_sec"] >= 0):
+        raise CheckpointError(f"{path}: damaged counters in its metadata")
+
+
+def _count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def resume(layout, train_state, contract, say):
@@ -103,3 +135,10 @@ def resume(layout, train_state, contract, say):
         raise CheckpointError(f"{layout.checkpoint_dir}: none of the {len(paths)} checkpoints is usable "
                               f"(reasons in log.txt); move them away to start the run over")
     return None
+
+
+def _is_regular(path):
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False

@@ -6,7 +6,6 @@ The pieces it drives live next to it: :mod:`~mpdiff.train.state` (what is traine
 :mod:`~mpdiff.train.report` (messages and stats) and :mod:`~mpdiff.train.run` (configuration).
 """
 
-import glob
 import os
 import time
 
@@ -20,6 +19,7 @@ from mpdiff.errors import NumericalError
 from mpdiff.nn.build import build_network
 from mpdiff.storage.images import class_grid, save_grid
 from mpdiff.storage.layout import RunLayout
+from mpdiff.storage.lock import run_directory_lock
 from mpdiff.storage.network_files import save_network
 from mpdiff.train import checkpoint
 from mpdiff.train.precision import apply_precision_policy
@@ -107,7 +107,7 @@ class Trainer:
     def run(self):
         cadence, duration = self.cadence, self.training.duration
         os.makedirs(self.layout.run_dir, exist_ok=True)
-        _remove_stale_temporaries(self.layout.run_dir)
+        self.layout.remove_stale_temporaries()
         if self.resume() is None:
             params = sum(p.numel() for p in self.state.net.parameters())
             self.say(f"new run in {self.layout.run_dir}: {params:,} parameters, "
@@ -136,24 +136,21 @@ class Trainer:
         finally:
             self.report.close()
         if self.state.nimg >= duration:
+            bad = self.state.counters["consecutive_nonfinite"]
+            if bad:  # a run whose last steps all failed has not learned; never call it complete
+                raise NumericalError(f"the last {bad} training steps produced non-finite losses or gradients; "
+                                     f"the run ended without a usable network")
             grid = self.sample_grid(final=True)
             self.say(f"training complete at {self.state.nimg} images; samples: {grid}")
         return self.state.nimg
 
 
-def _remove_stale_temporaries(run_dir):
-    for tmp in glob.glob(os.path.join(run_dir, "**", ".*.tmp"), recursive=True):
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-
-
 def train(preset="digits", run=None, network=None, training=None, cadence=None):
     """Train (or resume) a run from a preset and overrides (dicts of config fields). Returns the Trainer."""
     resolved, dataset = resolve_run(preset, run, network, training, cadence)
-    check_existing_run(resolved)
-    trainer = Trainer(resolved, dataset)  # options refused here write nothing
-    write_run_config(resolved)
-    trainer.run()
+    with run_directory_lock(resolved.run.run_dir, "train"):
+        check_existing_run(resolved)
+        trainer = Trainer(resolved, dataset)  # options refused here write nothing
+        write_run_config(resolved)
+        trainer.run()
     return trainer

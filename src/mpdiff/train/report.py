@@ -11,7 +11,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from mpdiff.storage.files import append_line, read_jsonl, write_text
+from mpdiff.storage.files import DamagedLine, append_line, read_jsonl, write_text
 
 log = logging.getLogger("mpdiff.train")
 
@@ -39,7 +39,8 @@ class RunReport:
 
     def open(self, nimg, duration):
         """Start at image count `nimg`: drop stats rows written after it (they will be written again)."""
-        truncate_stats(self.layout.stats, nimg)
+        for note in truncate_stats(self.layout.stats, nimg):
+            self.say(note)
         if self.use_tensorboard:
             self.writer = _tensorboard(self.layout.tensorboard, purge_step=nimg)
         self.bar = tqdm(total=duration // 1000, initial=nimg // 1000, unit="kimg", disable=not self.progress,
@@ -87,11 +88,28 @@ class IntervalStats:
 
 
 def truncate_stats(path, nimg):
-    """Drop stats rows written after image count `nimg` (the checkpoint a run resumed from)."""
-    if not os.path.exists(path):
-        return
-    rows = [r for r in read_jsonl(path) if r.get("nimg", 0) <= nimg]
-    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    """Drop the stats rows written after image count `nimg` (the checkpoint a run resumed from: they
+    will be written again). Damaged lines are kept verbatim, except a torn last line (a crash
+    mid-append). Returns one message per damaged line, for the log.
+    """
+    if not os.path.lexists(path):
+        return []
+    rows = read_jsonl(path)
+    notes, kept = [], []
+    for index, row in enumerate(rows):
+        if isinstance(row, DamagedLine):
+            if index == len(rows) - 1 and row.reason.endswith("(torn)"):
+                notes.append(f"{path}: line {row.number} was torn by a crash; dropped")
+                continue
+            notes.append(f"{path}: line {row.number} is damaged ({row.reason}); kept as it is")
+            kept.append(row.text.decode("utf-8", "replace") + "\n")
+        elif not isinstance(row.get("nimg"), int):
+            notes.append(f"{path}: line {index + 1} has no integer nimg; kept as it is")
+            kept.append(json.dumps(row) + "\n")
+        elif row["nimg"] <= nimg:
+            kept.append(json.dumps(row) + "\n")
+    write_text(path, "".join(kept))
+    return notes
 
 
 def _tensorboard(log_dir, purge_step):

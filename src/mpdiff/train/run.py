@@ -2,7 +2,6 @@
 with what the run directory already holds (the resume contract)."""
 
 import dataclasses
-import json
 import os
 
 from mpdiff.config import (
@@ -15,7 +14,7 @@ from mpdiff.config import (
 from mpdiff.data.datasets import open_dataset
 from mpdiff.errors import ConfigError
 from mpdiff.presets import DEFAULT_PRESET, get_preset
-from mpdiff.storage.files import write_json
+from mpdiff.storage.files import read_json, write_json
 from mpdiff.storage.layout import RunLayout
 
 # Cadence fields that may change between the invocations of one run (they change no result).
@@ -64,21 +63,33 @@ def resolve_run(preset=DEFAULT_PRESET, run=None, network=None, training=None, ca
     network_config = network_config.replace(img_resolution=dataset.resolution, img_channels=dataset.channels,
                                             label_dim=dataset.num_classes if run.use_labels else 0)
     validate_run(network_config, training_config, cadence_config, run, resolution=dataset.resolution)
+    _check_apart(run.run_dir, run.dataset)
     found = {"spec": run.dataset, "name": dataset.name, "size": len(dataset), "resolution": dataset.resolution,
              "channels": dataset.channels, "num_classes": dataset.num_classes}
     return ResolvedRun(preset, network_config, training_config, cadence_config, run, found), dataset
 
 
+def _check_apart(run_dir, dataset):
+    """A run directory must not be, contain or sit inside a dataset folder: grids and checkpoints would
+    land among the images (and be read as images by the next run)."""
+    if not os.path.isdir(dataset):
+        return
+    run_real, data_real = os.path.realpath(run_dir), os.path.realpath(dataset)
+    inside = os.path.commonpath([run_real, data_real]) in (run_real, data_real)
+    if inside:
+        raise ConfigError(f"{{run_dir}} {run_dir} and the dataset folder {dataset} overlap; keep the run directory "
+                          f"outside the dataset", fields=("run_dir",))
+
+
 def check_existing_run(resolved):
     """Refuse to resume a run directory whose config.json records different options."""
     layout = RunLayout(resolved.run.run_dir)
-    if not os.path.exists(layout.config):
+    if not os.path.lexists(layout.config):
         return
     try:
-        with open(layout.config, encoding="utf-8") as f:
-            existing = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{layout.config}: unreadable ({e}); move it away or use a new run directory") from None
+        existing = read_json(layout.config, what="run config", error=ConfigError)
+    except ConfigError as e:
+        raise ConfigError(f"{e}; move it away or use a new run directory") from None
     try:
         theirs = contract_of(existing)
     except (KeyError, TypeError, AttributeError):
