@@ -169,10 +169,13 @@ def snap(run_dir, nimg, sigma_rel):
 
 
 def digests(directory):
-    """{relative path: sha256} of every file under `directory`."""
+    """{relative path: sha256} of every file under `directory`, except the run directory's lock file
+    (whoever takes the lock writes their pid into it, even a command that is then refused)."""
     out = {}
     for root, _, files in os.walk(directory):
         for name in files:
+            if name == ".mpdiff.lock":
+                continue
             path = os.path.join(root, name)
             with open(path, "rb") as f:
                 out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()

@@ -314,7 +314,7 @@ def test_checkpoint_of_another_architecture_is_refused(run_copy, other_run):
 def test_run_dir_under_a_regular_file(tmp_path):
     (tmp_path / "file").write_text("")
     fails(["train", "--run-dir", tmp_path / "file" / "run", *RUN_ARGS],
-          f"{tmp_path / 'file' / 'run' / 'config.json'}: cannot write here (Not a directory)")
+          f"{tmp_path / 'file' / 'run'}: cannot write here (Not a directory)")
 
 
 def _limit_file_size():

@@ -551,7 +551,7 @@ OUT_OF_RANGE = "is outside the valid range (0, 0.2887) of the power-function EMA
     (dict(sigma_rels=float("inf")), f"sigma_rel inf {OUT_OF_RANGE}"),
     (dict(sigma_rels=[0.1, 0.0]), f"sigma_rel 0 {OUT_OF_RANGE}"),
     (dict(sigma_rels=[]), "no target sigma_rel given"),
-    (dict(sigma_rels=[0.0701, 0.0704]), "target sigma_rels [0.0701, 0.0704] collide in file names (0.070)"),
+    (dict(sigma_rels=[0.0701, 0.0704]), "two EMA lengths round to 0.070; file names keep 3 decimals"),
     (dict(sigma_rels=0.1, at_nimg=97), "reconstruction time 97 images must be an integer in (0, 96] (the last "
                                        "snapshot time)"),
     (dict(sigma_rels=0.1, at_nimg=10 ** 12), "reconstruction time 1000000000000 images must be an integer in (0, 96]"),

@@ -109,7 +109,7 @@ def test_unreadable_config_json(run_copy, tmp_path):
     before = digests(run_dir)
     with pytest.raises(ConfigError) as e:
         train_tiny(run_dir)
-    assert one_line(e).startswith(f"{run_dir / 'config.json'}: unreadable (")
+    assert one_line(e).startswith(f"{run_dir / 'config.json'}: not valid JSON (")
     assert str(e.value).endswith("; move it away or use a new run directory")
     assert digests(run_dir) == before
 
@@ -334,7 +334,7 @@ def test_run_dir_under_a_regular_file(tmp_path):
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(MpdiffError) as e:
         train_tiny(tmp_path / "file" / "run")
-    assert one_line(e) == f"{tmp_path / 'file' / 'run' / 'config.json'}: cannot write here (Not a directory)"
+    assert one_line(e) == f"{tmp_path / 'file' / 'run'}: cannot write here (Not a directory)"
 
 
 def test_read_only_checkpoint_directory_keeps_the_previous_checkpoint(run_copy, tmp_path, monkeypatch):

@@ -83,24 +83,34 @@ def open_dataset(spec, use_labels=True, *, progress=None):
     under `__MACOSX/`, and any path with a component starting with "." (dotfiles such as
     `.DS_Store`, `._x.png`, `.ipynb_checkpoints/`); their relative paths are kept in
     `ds.ignored_files`. A local folder literally named "digits" must be given as "./digits".
+    In a folder, symbolic links to files are followed; links to folders are not (a link to "/"
+    would read the whole disk, a link to ".." would loop): they are listed in `ds.ignored_files`
+    with a trailing "/". Only regular files are read: a FIFO, device or socket named like an
+    image (or dataset.json) is an error, never a hang.
 
     Pixels: 8-bit grayscale (mode L, also 1-bit) gives 1 channel, RGB gives 3. Palette images
     become RGB; YCbCr/CMYK JPEGs are converted to RGB; 16-bit grayscale is rounded to 8 bits
-    (x / 257). An alpha channel (LA, RGBA, transparent palette) is dropped only when every pixel
-    is opaque, otherwise it is an error. 32-bit/float modes are refused. Multi-frame files give
-    their first frame; EXIF orientation is not applied (as in EDM2). All images must share one
-    channel count and one square size whose side is a power of two >= 4. Images above
-    MAX_IMAGE_PIXELS pixels or files above MAX_FILE_BYTES are refused.
+    (x / 257). An image with transparency (an alpha channel: LA, RGBA, PA; or a PNG tRNS chunk:
+    a transparent palette entry or a grayscale/RGB colour key) is accepted only when every pixel
+    is opaque, and then the transparency is dropped; otherwise it is an error. 32-bit/float modes
+    are refused. Multi-frame files give their first frame; EXIF orientation is not applied (as in
+    EDM2). All images must share one channel count and one square size whose side is a power of
+    two >= 4. Images above MAX_IMAGE_PIXELS pixels or files above MAX_FILE_BYTES are refused.
+
+    Memory: before any pixel is decoded, every image's header is read (size and mode) and the
+    array they need (N x C x H x W bytes) is compared with :func:`max_dataset_bytes` (half of
+    physical memory, or $MPDIFF_MAX_DATASET_BYTES); a dataset that would not fit is refused.
 
     Labels (use_labels=True): from `dataset.json` at the root, EDM2's format
     `{"labels": [["00000/img00000000.png", 6], ...]}` or `{"labels": null}`, with an optional
     `"num_classes": int` (for subsets that lack the highest classes; otherwise num_classes =
     max class + 1). Every image needs exactly one entry with an integer class >= 0, and every
-    entry must name an image of the dataset; other top-level fields are ignored. Without
-    dataset.json at the root (one in a subfolder is an error: its labels would be lost), if
-    every image lies inside a top-level folder and there are at least two of them, the sorted
-    folder names are the classes (as EDM2's dataset tool does); otherwise the dataset is
-    unlabelled. use_labels=False ignores dataset.json and folders entirely.
+    entry must name an image of the dataset; other top-level fields are ignored, and no object
+    may name a key twice. dataset.json may have at most 1 MiB + 1 KiB per image (and
+    MAX_FILE_BYTES). Without dataset.json at the root (one in a subfolder is an error: its labels
+    would be lost), if every image lies inside a top-level folder and there are at least two of
+    them, the sorted folder names are the classes (as EDM2's dataset tool does); otherwise the
+    dataset is unlabelled. use_labels=False ignores dataset.json and folders entirely.
 
     progress: None = a tqdm bar when there are more than PROGRESS_MIN_IMAGES images; True/False.
     Every problem raises DatasetError with one line naming the file (and entry) at fault.
@@ -113,7 +123,7 @@ def open_dataset(spec, use_labels=True, *, progress=None):
     if isinstance(spec, str) and spec == BUILTIN_DIGITS:
         ds = digits_dataset("train")
         return ds if use_labels else ImageDataset(ds.images, name=ds.name)
-    path = os.fspath(spec)
+    path = os.fsdecode(os.fspath(spec))  # bytes paths too; undecodable bytes become surrogate escapes
     with _open_source(path) as source:
         files = source.list_files()
         image_names = sorted(name for name in files if _is_image_name(name))
@@ -125,18 +135,75 @@ def open_dataset(spec, use_labels=True, *, progress=None):
         labels, num_classes, label_source = None, 0, "none"
         if use_labels and LABELS_FILE in files:
             where = source.where(LABELS_FILE)
-            labels, num_classes = parse_labels_json(source.read(LABELS_FILE), where, image_names)
+            limit = labels_file_limit(len(image_names))
+            data = source.read(LABELS_FILE, limit, f" for the {LABELS_FILE} of a dataset of {_count(len(image_names), 'image')} "
+                                                  f"(1 MiB + 1 KiB per image)")
+            labels, num_classes = parse_labels_json(data, where, image_names)
             label_source = LABELS_FILE if labels is not None else "none"
         elif use_labels:
             nested = sorted(name for name in files if name.endswith("/" + LABELS_FILE) and _is_visible(name))
             if nested:  # e.g. a ZIP made from outside the folder: its labels would be lost silently
                 raise DatasetError(f"{source.where(nested[0])}: {LABELS_FILE} must be at the dataset root, "
                                    f"not in a subfolder (or pass use_labels=False)")
-            labels, num_classes = labels_from_directories(image_names, _show(path, None))
+            labels, num_classes = labels_from_directories(image_names, source.shown)
             label_source = "directories" if labels is not None else "none"
-        images = _decode_all(source, image_names, progress)
+        show = len(image_names) > PROGRESS_MIN_IMAGES if progress is None else bool(progress)
+        first_where, shape = _check_headers(source, image_names, show)  # nothing decoded or allocated yet
+        _check_memory(source.shown, len(image_names), shape)
+        images = _decode_all(source, image_names, first_where, shape, show)
     return ImageDataset(images, labels, num_classes, name=_dataset_name(path),
                         label_source=label_source, ignored_files=ignored)
+
+
+def labels_file_limit(num_images):
+    """The most bytes dataset.json may have in a dataset of `num_images` images."""
+    return min(MAX_FILE_BYTES, LABELS_BASE_BYTES + LABELS_BYTES_PER_IMAGE * num_images)
+
+
+def max_dataset_bytes():
+    """(limit in bytes or None, where it comes from) for the uint8 array of a dataset's images.
+
+    $MPDIFF_MAX_DATASET_BYTES when set, else half of the machine's physical memory (None when
+    the system cannot tell).
+    """
+    text = os.environ.get(MAX_DATASET_BYTES_ENV)
+    if text is not None and text.strip():
+        try:
+            limit = int(text.strip().replace("_", ""))
+        except ValueError:
+            limit = -1
+        if limit < 0:
+            raise DatasetError(f"{MAX_DATASET_BYTES_ENV}: expected a whole number of bytes, got '{_show(text, 40)}'")
+        return limit, f"set by {MAX_DATASET_BYTES_ENV}"
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None, "unknown"
+    if physical <= 0:
+        return None, "unknown"
+    return physical // 2, f"half of this machine's {_gib(physical)} of memory; set {MAX_DATASET_BYTES_ENV} to change it"
+
+
+def _check_memory(shown, count, shape):
+    channels, height, width = shape
+    need = count * channels * height * width
+    limit, origin = max_dataset_bytes()
+    if limit is not None and need > limit:
+        raise DatasetError(f"{shown}: {_count(count, 'image')} of {width}x{height} pixels with "
+                           f"{_count(channels, 'channel')} need {_gib(need)} of memory ({need:,} bytes), more than "
+                           f"the limit of {_gib(limit)} ({limit:,} bytes, {origin})")
+
+
+def _gib(count):
+    """A byte count for people: 25.0 GiB, 3.2 MiB, 4.0 KiB, 576 bytes."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} bytes"
+
+
+def _count(number, noun):
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
 
 
 def one_hot(class_ids, num_classes):
@@ -186,7 +253,10 @@ def parse_labels_json(data, where, image_names):
     `where` names the file in messages. Raises DatasetError with one line for every defect.
     """
     try:
-        doc = json.loads(data)
+        doc = json.loads(data, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise DatasetError(f"{where}: key \"{_show(e.args[0], 40)}\" appears twice in one object; "
+                           f"refusing to guess which one is meant") from None
     except json.JSONDecodeError as e:
         raise DatasetError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except (ValueError, RecursionError) as e:  # bad UTF-8, too many digits, nesting too deep
@@ -236,6 +306,20 @@ def parse_labels_json(data, where, image_names):
     return labels, num_classes
 
 
+class _DuplicateKey(Exception):
+    """A JSON object names a key twice (json.loads would silently keep the last value)."""
+
+
+def _unique_keys(pairs):
+    """object_pairs_hook for json.loads: the object as a dict, refusing a key that appears twice."""
+    doc = {}
+    for key, value in pairs:
+        if key in doc:
+            raise _DuplicateKey(key)
+        doc[key] = value
+    return doc
+
+
 def labels_from_directories(image_names, where="dataset"):
     """Classes from sorted top-level folder names (EDM2 dataset tool), or (None, 0) when the
     images are not all inside top-level folders or there is only one folder."""
@@ -274,35 +358,82 @@ def _describe(value):
 
 # ---- image decoding --------------------------------------------------------------------------
 
+# Channels after the mode rules of open_dataset, by the mode PIL reports from the header alone.
+_MODE_CHANNELS = {"1": 1, "L": 1, "LA": 1, "I": 1, "I;16": 1, "I;16B": 1, "I;16L": 1,
+                  "P": 3, "PA": 3, "RGB": 3, "RGBA": 3, "RGBX": 3, "CMYK": 3, "YCbCr": 3}
+_KEYED_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "RGB")  # where PNG's tRNS chunk is a colour key
+
+
+def probe_image(stream, where):
+    """(channels, height, width) of an image from its header alone, without decoding any pixel.
+
+    `stream` is a seekable binary file; the same files are refused as by :func:`decode_image`
+    (not an image of our formats, damaged header, decompression bomb, unsupported mode).
+    """
+    from PIL import Image
+
+    with _image_errors(where):
+        if not stream.read(1):
+            raise DatasetError(f"{where}: cannot read image (empty file)")
+        stream.seek(0)
+        with Image.open(stream, formats=_formats()) as image:  # lazy: reads the header only
+            width, height = image.size
+            mode = image.mode
+    if mode not in _MODE_CHANNELS:
+        raise _unsupported_mode(mode, where)
+    return _MODE_CHANNELS[mode], height, width
+
+
 def decode_image(data, where):
     """Decode one image file's bytes into uint8 [C, H, W] (C = 1 or 3), refusing anything doubtful.
 
     `where` names the file in messages. The whole file is decoded and, for PNG, every chunk
     checksum is verified, with PIL's truncated-image tolerance forced off.
     """
+    import io
+
     from PIL import Image
 
     if len(data) == 0:
         raise DatasetError(f"{where}: cannot read image (empty file)")
+    with _image_errors(where):
+        with Image.open(io.BytesIO(data), formats=_formats()) as image:
+            image.verify()  # PNG: CRC of every chunk, through IEND
+        with Image.open(io.BytesIO(data), formats=_formats()) as image:
+            image.load()
+            # PNG's IHDR (verified above) gives the bit depth, which PIL's modes hide: tRNS keys are raw samples
+            depth = data[24] if image.format == "PNG" and len(data) > 24 else 8
+            return _to_array(image, where, depth)
+
+
+def _formats():
+    from PIL import Image
+
     Image.init()  # register every plugin, so that the names in PIL_FORMATS are known
-    formats = [name for name in PIL_FORMATS if name in Image.OPEN]  # WEBP needs libwebp
+    return [name for name in PIL_FORMATS if name in Image.OPEN]  # WEBP needs libwebp
+
+
+@contextlib.contextmanager
+def _image_errors(where):
+    """PIL's strict settings, and any exception of PIL's as one DatasetError line naming the file."""
+    from PIL import Image
+
     try:
         with _strict_pil(), warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # checked by Image.open
-            with Image.open(io.BytesIO(data), formats=formats) as image:
-                image.verify()  # PNG: CRC of every chunk, through IEND
-            with Image.open(io.BytesIO(data), formats=formats) as image:
-                image.load()
-                return _to_array(image, where)
+            yield
     except DatasetError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):  # PIL's own check, at open
-        reason = (f"more than {MAX_IMAGE_PIXELS} pixels; refused as a possible decompression bomb")
+        raise DatasetError(f"{where}: cannot read image (more than {MAX_IMAGE_PIXELS} pixels; refused as a "
+                           f"possible decompression bomb)") from None
     except Image.UnidentifiedImageError:
-        reason = "not a PNG, JPEG, BMP or WebP image, or its header is damaged"
+        raise DatasetError(f"{where}: cannot read image (not a PNG, JPEG, BMP or WebP image, or its header is "
+                           f"damaged)") from None
+    except MemoryError:
+        raise DatasetError(f"{where}: cannot read image (out of memory while decoding it)") from None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, struct.error, ...) on damaged data
-        reason = first_line(e)
-    raise DatasetError(f"{where}: cannot read image ({reason})")
+        raise DatasetError(f"{where}: cannot read image ({first_line(e)})") from None
 
 
 @contextlib.contextmanager
@@ -319,9 +450,13 @@ def _strict_pil():
         ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = saved
 
 
-def _to_array(image, where):
-    """PIL image -> uint8 [C, H, W] following the mode rules of :func:`open_dataset`."""
+def _to_array(image, where, depth=8):
+    """PIL image -> uint8 [C, H, W] following the mode rules of :func:`open_dataset`.
+
+    depth: the file's bits per sample (PNG: 1, 2, 4, 8 or 16), needed to compare a colour key.
+    """
     mode = image.mode
+    key = image.info.get("transparency") if mode in _KEYED_MODES else None
     if mode in ("L", "RGB"):
         array = np.asarray(image)
     elif mode == "1":
@@ -337,12 +472,21 @@ def _to_array(image, where):
         array = np.asarray(image.convert("RGB"))
     elif mode.startswith("I;16") or (mode == "I" and _fits_16_bits(image)):  # older Pillow opens 16-bit PNG as I
         wide = np.asarray(image).astype(np.int64)
+        if key is not None:
+            _refuse_transparent(wide == key, where, f"mode {mode}, colour key {key}")
+            key = None
         array = ((wide * 255 + 32767) // 65535).astype(np.uint8)  # round(x / 257): 16 -> 8 bits
     else:
-        raise DatasetError(f"{where}: unsupported image mode {mode} (expected 8-bit grayscale or RGB)")
+        raise _unsupported_mode(mode, where)
+    if key is not None:
+        _check_colour_key(array, key, depth, mode, where)
     if array.ndim == 2:
         array = array[:, :, None]
     return np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.uint8)
+
+
+def _unsupported_mode(mode, where):
+    return DatasetError(f"{where}: unsupported image mode {mode} (expected 8-bit grayscale or RGB)")
 
 
 def _fits_16_bits(image):
@@ -350,30 +494,79 @@ def _fits_16_bits(image):
     return 0 <= low and high <= 65535
 
 
+def _check_colour_key(array, key, depth, mode, where):
+    """Refuse an 8-bit grayscale or RGB image (uint8 [H, W] or [H, W, 3]) in which a pixel has the colour key.
+
+    PNG's tRNS chunk for grayscale and RGB images names one colour (in raw samples of the file's bit
+    depth) that is fully transparent. PIL reads 1, 2 and 4-bit grayscale scaled to 0..255 and 16-bit RGB
+    by its high bytes, so the key is brought to the same scale; for 16-bit RGB this cannot tell apart
+    colours that differ only in their low bytes, and such an image is refused as possibly transparent.
+    """
+    if mode == "1":  # PIL already gives 0 or 255
+        _refuse_transparent(array == key, where, f"mode 1, colour key {key}")
+    elif mode == "L":
+        top = 2**min(depth, 8) - 1
+        if isinstance(key, int) and 0 <= key <= top:  # a key outside the samples' range marks no pixel
+            _refuse_transparent(array == key * (255 // top), where, f"mode L, {depth}-bit colour key {key}")
+    elif mode == "RGB" and isinstance(key, tuple) and len(key) == 3:
+        if depth == 16:
+            high = tuple(int(k) >> 8 for k in key)
+            _refuse_transparent(np.all(array == np.array(high, np.uint8), axis=-1), where,
+                                f"mode RGB, 16-bit colour key {key}, compared by its high bytes {high}", maybe=True)
+        elif all(0 <= k <= 255 for k in key):
+            _refuse_transparent(np.all(array == np.array(key, np.uint8), axis=-1), where,
+                                f"mode RGB, colour key {key}")
+
+
 def _drop_opaque_alpha(array, mode, where):
-    if np.any(array[..., -1] != 255):
-        raise DatasetError(f"{where}: image has transparent pixels (mode {mode}); "
-                           f"flatten it onto a background first")
+    """Drop the alpha channel of uint8 [H, W, C+1] when every pixel is opaque; refuse it otherwise."""
+    _refuse_transparent(array[..., -1] != 255, where, f"mode {mode}")
     return array[..., :-1]
 
 
-def _decode_all(source, image_names, progress):
-    """Decode every image into one preallocated uint8 [N, C, R, R] array, checking shapes."""
+def _refuse_transparent(transparent, where, detail, maybe=False):
+    """The one rule for transparency: an image in which any pixel is not fully opaque is refused."""
+    count = int(np.count_nonzero(transparent))
+    if count:
+        raise DatasetError(f"{where}: image {'may have' if maybe else 'has'} transparent pixels ({detail}; "
+                           f"{count:,} of {transparent.size:,} pixels); flatten it onto a background first")
+
+
+def _check_headers(source, image_names, show):
+    """Read every image's header; check that all share one valid shape. Returns (where, shape) of the first."""
     from tqdm import tqdm
 
-    show = len(image_names) > PROGRESS_MIN_IMAGES if progress is None else bool(progress)
-    images = None
     first = None  # (where, shape) of the first image: every other must match it
+    with tqdm(total=len(image_names), desc=f"Checking {source.shown}", unit="img", disable=not show) as bar:
+        for name in image_names:
+            where = source.where(name)
+            with source.open(name) as stream:
+                shape = probe_image(stream, where)
+            if first is None:
+                _check_first_shape(shape, where)
+                first = (where, shape)
+            elif shape != first[1]:
+                _raise_shape_mismatch(shape, where, *first)
+            bar.update(1)
+    return first
+
+
+def _decode_all(source, image_names, first_where, shape, show):
+    """Decode every image into one preallocated uint8 [N, C, R, R] array (their headers said `shape`)."""
+    from tqdm import tqdm
+
+    try:
+        images = np.empty((len(image_names), *shape), dtype=np.uint8)
+    except MemoryError:
+        need = len(image_names) * int(np.prod(shape))
+        raise DatasetError(f"{source.shown}: cannot allocate {_gib(need)} for {_count(len(image_names), 'image')} "
+                           f"(out of memory)") from None
     with tqdm(total=len(image_names), desc=f"Reading {source.shown}", unit="img", disable=not show) as bar:
         for i, name in enumerate(image_names):
             where = source.where(name)
             array = decode_image(source.read(name), where)
-            if first is None:
-                _check_first_shape(array.shape, where)
-                first = (where, array.shape)
-                images = np.empty((len(image_names), *array.shape), dtype=np.uint8)
-            elif array.shape != first[1]:
-                _raise_shape_mismatch(array.shape, where, *first)
+            if array.shape != shape:  # the file changed since its header was read, or PIL disagrees with itself
+                _raise_shape_mismatch(array.shape, where, first_where, shape)
             images[i] = array
             bar.update(1)
     return images
@@ -412,7 +605,7 @@ def _is_image_name(name):
 
 def _dataset_name(path):
     base = os.path.basename(os.path.normpath(os.path.abspath(path)))
-    return base[:-4] if base.lower().endswith(".zip") else base
+    return show_path(base[:-4] if base.lower().endswith(".zip") else base)  # printable: it goes into logs
 
 
 def _open_source(path):
@@ -426,8 +619,16 @@ def _open_source(path):
     return _ZipSource(path)
 
 
+def _too_big(where, size, limit, why=""):
+    return DatasetError(f"{where}: file is {size:,} bytes, above the limit of {limit:,} bytes{why}")
+
+
 class _FolderSource:
-    """Files of a directory tree, named by relative posix path."""
+    """Files of a directory tree, named by relative posix path.
+
+    Every file is opened with :func:`mpdiff.storage.files.open_regular`: only regular files (after
+    following symbolic links) are read; a FIFO, device, socket, directory or dangling link is one line.
+    """
 
     def __init__(self, path):
         self.path = path
@@ -443,36 +644,56 @@ class _FolderSource:
         return os.path.join(self.shown, *_show(name, None).split("/"))
 
     def list_files(self):
-        def fail(error):
-            raise DatasetError(f"{_show(str(error.filename), None)}: cannot list directory "
-                               f"({error.strerror or first_line(error)})")
-
+        """Relative posix paths of every non-directory entry, walking without following links to
+        folders (each such link is listed as "NAME/", so that it shows among the ignored files)."""
         names = set()
-        visited = set()  # (device, inode) of directories seen: symlinked folders are followed once
-        for directory, subdirs, files in os.walk(self.path, onerror=fail, followlinks=True):
-            info = os.stat(directory)
-            if (info.st_dev, info.st_ino) in visited:
-                subdirs[:] = []
-                continue
-            visited.add((info.st_dev, info.st_ino))
-            relative = os.path.relpath(directory, self.path)
-            for file in files:
-                name = file if relative == "." else os.path.join(relative, file)
-                names.add(name.replace(os.sep, "/"))
+        pending = [""]
+        while pending:  # iterative: no recursion limit, however deep the tree
+            relative = pending.pop()
+            directory = os.path.join(self.path, *relative.split("/")) if relative else self.path
+            try:
+                with os.scandir(directory) as entries:
+                    entries = list(entries)
+            except OSError as e:
+                raise DatasetError(f"{_show(directory, None)}: cannot list directory "
+                                   f"({e.strerror or first_line(e)})") from None
+            for entry in entries:
+                name = relative + "/" + entry.name if relative else entry.name
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(name)
+                    elif entry.is_symlink() and entry.is_dir():
+                        names.add(name + "/")  # a link to a folder: not followed
+                    else:
+                        names.add(name)
+                except OSError:  # e.g. a symbolic link loop: listed; read, if ever, by open_regular
+                    names.add(name)
         return names
 
-    def read(self, name):
-        file, where = os.path.join(self.path, *name.split("/")), self.where(name)
-        try:
-            info = os.stat(file)  # before open(): opening a FIFO named x.png would block forever
-            if not stat.S_ISREG(info.st_mode):
-                raise DatasetError(f"{where}: cannot read file (not a regular file)")
-            if info.st_size > MAX_FILE_BYTES:
-                raise DatasetError(f"{where}: file is {info.st_size} bytes, above the limit of {MAX_FILE_BYTES}")
-            with open(file, "rb") as f:
-                return f.read(MAX_FILE_BYTES + 1)
-        except OSError as e:
-            raise DatasetError(f"{where}: cannot read file ({e.strerror or first_line(e)})") from None
+    def _file(self, name):
+        return os.path.join(self.path, *name.split("/"))
+
+    def open(self, name, max_bytes=None, why=""):
+        """The file `name` opened for binary reading, if it is a regular file of at most `max_bytes`
+        (default MAX_FILE_BYTES); `why` ends the message of a file that is too large."""
+        max_bytes = MAX_FILE_BYTES if max_bytes is None else max_bytes
+        f = open_regular(self._file(name), None, "file", DatasetError)
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            f.close()
+            raise _too_big(self.where(name), size, max_bytes, why)
+        return f
+
+    def read(self, name, max_bytes=None, why=""):
+        where, max_bytes = self.where(name), MAX_FILE_BYTES if max_bytes is None else max_bytes
+        with self.open(name, max_bytes, why) as f:
+            try:
+                data = f.read(max_bytes + 1)
+            except OSError as e:
+                raise DatasetError(f"{where}: cannot read file ({e.strerror or first_line(e)})") from None
+        if len(data) > max_bytes:  # it grew since it was opened
+            raise _too_big(where, len(data), max_bytes, why)
+        return data
 
 
 class _ZipSource:
@@ -481,20 +702,15 @@ class _ZipSource:
     def __init__(self, path):
         self.path = path
         self.shown = _show(path, None)  # for messages
+        self.file = None
         self.zip = None
         self.members = {}
 
     def __enter__(self):
         try:
-            self.zip = zipfile.ZipFile(self.path)
+            self.file = open_regular(self.path, None, "ZIP archive", DatasetError)
+            self.zip = zipfile.ZipFile(self.file)
             infos = self.zip.infolist()
-        except zipfile.BadZipFile as e:
-            if self.path.lower().endswith(".zip"):
-                raise DatasetError(f"{self.shown}: damaged ZIP archive ({first_line(e)})") from None
-            raise DatasetError(f"{self.shown}: not a directory or a ZIP archive") from None
-        except Exception as e:  # zipfile raises assorted types on hostile headers
-            raise DatasetError(f"{self.shown}: damaged ZIP archive ({first_line(e)})") from None
-        try:
             for info in infos:
                 name = info.filename.replace("\\", "/")
                 if name.endswith("/"):  # a folder entry
@@ -504,14 +720,20 @@ class _ZipSource:
                 if name in self.members:
                     raise DatasetError(f"{self.shown}: damaged ZIP archive (two entries named '{_show(name)}')")
                 self.members[name] = info
-        except DatasetError:
-            self.zip.close()  # __exit__ does not run when __enter__ raises
+        except BaseException as e:
+            self.__exit__()  # __exit__ does not run when __enter__ raises
+            if isinstance(e, zipfile.BadZipFile) and not self.path.lower().endswith(".zip"):
+                raise DatasetError(f"{self.shown}: not a directory or a ZIP archive") from None
+            if isinstance(e, Exception) and not isinstance(e, DatasetError):  # zipfile raises assorted types
+                raise DatasetError(f"{self.shown}: damaged ZIP archive ({first_line(e)})") from None
             raise
         return self
 
     def __exit__(self, *exc):
         if self.zip is not None:
             self.zip.close()
+        if self.file is not None:
+            self.file.close()  # ZipFile does not close a file object it was given
         return False
 
     def where(self, name):
@@ -520,22 +742,70 @@ class _ZipSource:
     def list_files(self):
         return set(self.members)
 
-    def read(self, name):
-        info = self.members[name]
-        where = self.where(name)
-        if info.file_size > MAX_FILE_BYTES:
-            raise DatasetError(f"{where}: file is {info.file_size} bytes, above the limit of {MAX_FILE_BYTES}")
-        try:
-            with self.zip.open(info) as f:
-                return f.read()  # zipfile stops at the declared size and checks the CRC
-        except Exception as e:  # BadZipFile (bad CRC), zlib.error, EOFError, NotImplementedError, encrypted, ...
-            raise DatasetError(f"{where}: damaged ZIP entry ({first_line(e)})") from None
+    def open(self, name, max_bytes=None, why=""):
+        """The entry `name` as a seekable binary stream; its declared size (the ZIP directory's) is checked
+        against `max_bytes` (default MAX_FILE_BYTES) before any byte is read."""
+        info, where = self.members[name], self.where(name)
+        max_bytes = MAX_FILE_BYTES if max_bytes is None else max_bytes
+        if info.file_size > max_bytes:
+            raise _too_big(where, info.file_size, max_bytes, why)
+        with _zip_errors(where):
+            return _ZipEntry(self.zip.open(info), where)
+
+    def read(self, name, max_bytes=None, why=""):
+        with self.open(name, max_bytes, why) as f:
+            return f.read()  # zipfile stops at the declared size and checks the CRC
+
+
+@contextlib.contextmanager
+def _zip_errors(where):
+    try:
+        yield
+    except DatasetError:
+        raise
+    except Exception as e:  # BadZipFile (bad CRC), zlib.error, EOFError, NotImplementedError, encrypted, ...
+        raise DatasetError(f"{where}: damaged ZIP entry ({first_line(e)})") from None
+
+
+class _ZipEntry:
+    """A ZIP entry's stream whose read and seek errors are one DatasetError line naming the entry
+    (so that PIL, reading a header from it, reports a damaged archive as such)."""
+
+    def __init__(self, stream, where):
+        self.stream, self.where = stream, where
+
+    def read(self, *args):
+        with _zip_errors(self.where):
+            return self.stream.read(*args)
+
+    def seek(self, *args):
+        with _zip_errors(self.where):
+            return self.stream.seek(*args)
+
+    def tell(self):
+        return self.stream.tell()
+
+    def seekable(self):
+        return True
+
+    def readable(self):
+        return True
+
+    def close(self):
+        self.stream.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
 
 def _show(text, limit=200):
-    """A name as it may appear in a one-line message: control characters escaped, long names cut."""
-    if not text.isprintable():
+    """A name as it may appear in a one-line message (:func:`~mpdiff.storage.files.show_path`), cut to `limit`."""
+    try:
+        text = show_path(text)
+    except UnicodeError:  # a lone surrogate from a JSON escape such as "\\ud800": not a file system name
         text = repr(text)[1:-1]
     return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
-
-

@@ -231,14 +231,14 @@ def _stream_pass(reader, weights, range_elements, on_bytes, emit):
             if step + 1 < len(plan):
                 pending = background.submit(gather, *plan[step + 1], blocks[(step + 1) % 2])
             on_bytes(stack.numel() * stack.element_size())
-            if stack.is_floating_point() and not bool(torch.isfinite(stack).all()):  # never write a NaN network
-                row = int((~torch.isfinite(stack)).any(dim=1).nonzero()[0])
-                raise CheckpointError(f"{reader.paths[row]}: tensor {name} holds non-finite values; "
-                                      f"it cannot be averaged into a network")
             out = mixed[:, :b - a]
             if _all_equal(stack):
                 out[:] = stack[0]                                   # identical in every input: copied exactly
             else:
+                if not bool(torch.isfinite(stack).all()):           # an average with NaN/inf in it is garbage
+                    row = int((~torch.isfinite(stack)).any(dim=1).nonzero()[0])
+                    raise CheckpointError(f"{reader.paths[row]}: tensor {name} holds non-finite values; "
+                                          f"it cannot be averaged into a network")
                 _mix(weights, stack, out)
             emit(out)
 

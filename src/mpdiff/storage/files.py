@@ -134,7 +134,7 @@ def _fsync_dir(path):
 
 def write_destination(path):
     """The file a write to `path` replaces: symlinks resolved, and refused unless it is absent or regular."""
-    path = os.path.abspath(os.fspath(path))
+    path = os.fspath(path)
     if os.path.islink(path):
         path = os.path.realpath(path)  # replace the file the link points to; the link itself stays
     try:
@@ -152,7 +152,7 @@ def write_destination(path):
 def atomic_write(path, mode="wb"):
     """Open a temporary file next to `path`; on clean exit fsync it and rename it to `path`."""
     path = write_destination(path)
-    directory = os.path.dirname(path)
+    directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
