@@ -3,8 +3,10 @@
 import io
 import json
 import os
+import struct
 import tempfile
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mpdiff.data.datasets import open_dataset, write_dataset_json
+from mpdiff.data.datasets import decode_image, open_dataset, write_dataset_json
 from mpdiff.errors import DatasetError
 
 # Deterministic (derandomize) and small: the file runs in a few seconds. No deadline: a slow
@@ -167,3 +169,130 @@ def test_write_dataset_json_round_trip(assignment, extra, paths):
     assert ds is not None
     expected = dict(zip(chosen, assignment))
     assert ds.labels.tolist() == [expected[name] for name in sorted(chosen)] and ds.num_classes == num_classes
+
+
+# ---- issue 10: duplicate keys, colour keys, image headers ----------------------------------------
+
+# JSON text built token by token, so that objects can name a key twice and strings can hold escapes
+# (a key spelled "\u006cabels" is "labels"; "\ud800" is a lone surrogate no file name has).
+KEYS = ["labels", "num_classes", "\\u006cabels", "a", "\\ud800", "\\udcff", "x\\ny"]
+LEAVES = ["null", "true", "0", "1", "-1", "2.5", "1e400", '"a.png"', '"b.png"', '"sub/c.png"', '"\\ud800"',
+          '"\\udcffx.png"', '["a.png", 1]']
+
+
+def json_object(children):
+    return st.lists(st.tuples(st.sampled_from(KEYS), children), max_size=4).map(
+        lambda pairs: "{" + ", ".join(f'"{key}": {value}' for key, value in pairs) + "}")
+
+
+json_texts = st.recursive(st.sampled_from(LEAVES),
+                          lambda inner: json_object(inner) | st.lists(inner, max_size=4).map(lambda xs: "[" + ",".join(xs) + "]"),
+                          max_leaves=25)
+labelled_texts = st.tuples(valid_entries.map(json.dumps) | st.just("null"),
+                           st.lists(st.tuples(st.sampled_from(KEYS), json_texts), max_size=3)).map(
+    lambda parts: "{" + ", ".join([f'"labels": {parts[0]}'] + [f'"{k}": {v}' for k, v in parts[1]]) + "}")
+
+
+def duplicated_key(text):
+    """The first key some object of (valid JSON) `text` names twice, or None."""
+    found = []
+
+    def hook(pairs):
+        keys = [key for key, _ in pairs]
+        found.extend(key for i, key in enumerate(keys) if key in keys[:i])
+        return dict(pairs)
+    json.loads(text, object_pairs_hook=hook)
+    return found[0] if found else None
+
+
+@settings(**SETTINGS)
+@given(text=json_texts | labelled_texts)
+def test_json_naming_keys_twice_is_always_refused(base_dir, text):
+    (base_dir / "dataset.json").write_text(text)  # surrogate escapes stay escapes: the file is ASCII
+    duplicate = duplicated_key(text)
+    event(f"duplicate key: {duplicate is not None}")
+    try:
+        ds = open_dataset(os.fspath(base_dir), progress=False)
+    except DatasetError as e:
+        message = str(e)
+        assert "\n" not in message and message.isprintable()
+        assert (duplicate is not None) == ("appears twice in one object" in message), message
+        return
+    assert duplicate is None
+    check_consistent(ds, json.loads(text))
+
+
+COLOUR_KEY_KINDS = [(0, 1), (0, 2), (0, 4), (0, 8), (0, 16), (2, 8), (2, 16)]  # (PNG colour type, bit depth)
+
+
+@settings(**SETTINGS)
+@given(data=st.data())
+def test_colour_keys_never_let_a_transparent_pixel_through(data):
+    """A PNG with a tRNS colour key is refused exactly when some pixel has the key's colour (16-bit RGB, which
+    PIL reads at 8 bits, also when a pixel matches the key's high bytes), and otherwise gives its pixels."""
+    from test_data_hostile import raw_png
+
+    colour_type, depth = data.draw(st.sampled_from(COLOUR_KEY_KINDS))
+    top, channels = 2**depth - 1, 3 if colour_type == 2 else 1
+    colour = st.tuples(*[st.integers(0, top)] * channels)
+    colours = data.draw(st.lists(colour, min_size=1, max_size=4))
+    samples = np.array(data.draw(st.lists(st.sampled_from(colours), min_size=16, max_size=16))).reshape(4, 4, channels)
+    beyond = top if depth == 1 else min(65535, 2 * top + 1)  # keys outside the samples' range mark no pixel
+    key = data.draw(st.sampled_from(colours) | st.tuples(*[st.integers(0, beyond)] * channels))
+    png = raw_png(samples if channels == 3 else samples[..., 0], depth, colour_type,
+                  trns=struct.pack(">" + "H" * channels, *key))
+    transparent = np.all(samples == np.array(key), axis=-1)
+    try:
+        array = decode_image(png, "x.png")
+    except DatasetError as e:
+        message = str(e)
+        event("refused")
+        assert message.startswith("x.png: image ") and "transparent pixels" in message and "\n" not in message
+        if not transparent.any():  # only where the file's colours cannot be told apart at 8 bits
+            assert (colour_type, depth) == (2, 16) and "may have transparent pixels" in message
+            assert np.all(samples >> 8 == np.array(key) >> 8, axis=-1).any()
+        return
+    event("opened")
+    assert not transparent.any()
+    if colour_type == 2 and depth == 16:
+        expected = samples >> 8  # PIL keeps the high byte
+    elif depth == 16:
+        expected = (samples * 255 + 32767) // 65535
+    else:
+        expected = samples * (255 // top)
+    np.testing.assert_array_equal(array, expected.transpose(2, 0, 1))
+
+
+@st.composite
+def png_headers(draw):
+    """A PNG signature and IHDR with any size, depth and colour type (valid or not), then anything."""
+    from test_data_hostile import raw_png
+
+    width = draw(st.integers(0, 2**31 - 1) | st.integers(1, 64) | st.just(4))
+    height = draw(st.just(width) | st.integers(0, 2**31 - 1) | st.integers(1, 64))
+    depth, colour_type = draw(st.sampled_from([1, 2, 4, 8, 16, 3])), draw(st.sampled_from([0, 2, 3, 4, 6, 7]))
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
+    head = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    tail = draw(st.binary(max_size=100) | st.just(raw_png(np.zeros((4, 4), int), 8, 0)[33:]))
+    return head + tail
+
+
+@settings(**SETTINGS)
+@given(data=png_headers())
+def test_any_image_header_fails_cleanly_before_any_allocation(data):
+    """Whatever size a header declares, the answer is a small dataset or one line, quickly; with a memory
+    limit of 1 MiB nothing larger is ever allocated for the dataset."""
+    saved = os.environ.get("MPDIFF_MAX_DATASET_BYTES")
+    os.environ["MPDIFF_MAX_DATASET_BYTES"] = str(2**20)
+    try:
+        with tempfile.TemporaryDirectory() as root:
+            with open(os.path.join(root, "x.png"), "wb") as f:
+                f.write(data)
+            ds = open_or_error(root)
+    finally:
+        if saved is None:
+            del os.environ["MPDIFF_MAX_DATASET_BYTES"]
+        else:
+            os.environ["MPDIFF_MAX_DATASET_BYTES"] = saved
+    if ds is not None:
+        assert ds.images.shape == (1, 1, 4, 4)

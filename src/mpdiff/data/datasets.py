@@ -43,7 +43,7 @@ class ImageDataset:
 
     def __init__(self, images, labels=None, num_classes=None, name="dataset",
                  label_source=None,     # where labels came from: "dataset.json", "directories", "built-in", "none"
-                 ignored_files=()):     # relative paths of non-image files that were skipped, for the log
+                 ignored_files=()):     # relative paths of files that were skipped (links to folders end in "/"), for the log
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError("images must be a uint8 array [N, C, H, W]")

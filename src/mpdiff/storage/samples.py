@@ -1,13 +1,16 @@
 """Writing generated samples as an EDM2-style dataset folder, with a grid image beside it.
 
 A folder is written whole or not at all: the images and ``dataset.json`` go into a hidden sibling
-``.NAME.partial-XXXXXXXX``, which is renamed to NAME only when complete. A kill therefore leaves
-the previous state (no folder, or an empty one) and never a folder whose labels describe other
-images. An existing non-empty folder is refused rather than mixed with new images, and the grid is
-never written inside the folder (it would be an unlabelled image of the dataset).
+``.NAME.partial-XXXXXXXX``, which takes NAME's place only when complete. A kill therefore leaves the
+previous folder (or none) and never new images under old labels. A previous sample folder (nothing in
+it but ``NNNNNN.png`` files and ``dataset.json``) is replaced whole, by an atomic exchange of the two
+directories (Linux ``renameat2``); any other non-empty folder is refused rather than mixed with new
+images. The grid is never written inside the folder (it would be an unlabelled image of the dataset).
 """
 
+import ctypes
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -18,6 +21,7 @@ from mpdiff.storage.files import _fsync_dir, kind_of, show_path
 from mpdiff.storage.images import class_grid, save_grid, save_png
 
 _PARTIAL = ".partial-"
+_SAMPLE_NAME = re.compile(r"\d{6,}\.png|dataset\.json")
 
 
 def default_grid_path(out_dir):
@@ -41,9 +45,11 @@ def check_sample_destination(out_dir, grid_path=None):
         if not stat.S_ISDIR(info.st_mode):
             raise ConfigError(f"{{out}} {show_path(out_dir)} is {kind_of(info.st_mode)}, not a folder",
                               fields=("out",))
-        if os.listdir(out_dir):
-            raise ConfigError(f"{{out}} {show_path(out_dir)} is not empty; generation writes a complete new folder "
-                              f"(choose another, or remove this one)", fields=("out",))
+        names = os.listdir(out_dir)
+        if names and not (all(_SAMPLE_NAME.fullmatch(n) for n in names) and _can_exchange()):
+            raise ConfigError(f"{{out}} {show_path(out_dir)} is not empty and is not a previous sample folder; "
+                              f"generation writes a complete new folder (choose another, or remove this one)",
+                              fields=("out",))
     out_real = os.path.realpath(out_dir)
     grid_real = os.path.realpath(grid_path)
     if os.path.commonpath([out_real, grid_real]) == out_real:
@@ -72,7 +78,11 @@ def write_samples(out_dir, images_uint8, seeds, classes, num_classes=0, grid_pat
             entries.append((file_name, cls))
         write_dataset_json(partial, entries, num_classes=num_classes or None)
         os.chmod(partial, 0o777 & ~_umask())
-        os.rename(partial, out_dir)  # atomic; replaces nothing but an empty folder
+        if os.path.isdir(out_dir) and os.listdir(out_dir):
+            _exchange(partial, out_dir)  # atomic: the old folder or the new one, never a mix
+            shutil.rmtree(partial)       # now holds the previous samples
+        else:
+            os.rename(partial, out_dir)  # atomic; replaces nothing but an empty folder
         _fsync_dir(parent)
     except OSError as e:
         shutil.rmtree(partial, ignore_errors=True)
@@ -96,3 +106,25 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _libc_renameat2():
+    try:
+        return ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+
+
+def _can_exchange():
+    return _libc_renameat2() is not None
+
+
+def _exchange(a, b):
+    """Swap two directory entries atomically (Linux renameat2 with RENAME_EXCHANGE)."""
+    renameat2 = _libc_renameat2()
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
