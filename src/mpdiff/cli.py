@@ -66,8 +66,9 @@ def parse_range(text, option):
 
 def _one_line(message):
     """A message as one printable line: undecodable bytes and control characters escaped, never a crash."""
-    text = message.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    from mpdiff.storage.files import printable
+
+    return printable(message)
 
 
 class _Group(click.Group):
@@ -162,7 +163,7 @@ def train(preset, **values):
     trainer = run_training(preset, run, network=overrides["network"], training=overrides["training"],
                            cadence=overrides["cadence"])
     if trainer.nimg >= trainer.training.duration:
-        click.echo(f"done: {trainer.layout.run_dir} (samples: {trainer.layout.grid()})")
+        click.echo(_one_line(f"done: {trainer.layout.run_dir} (samples: {trainer.layout.grid()})"))
     else:
         click.echo(f"stopped at {trainer.nimg} images (slice); run the same command again to continue")
 
@@ -269,7 +270,7 @@ def phema(run_dir, sigma_rel, at, out_dir, dtype, progress):
     with _writing(run_dir, "phema"):
         paths = reconstruct(run_dir, targets, at_nimg=_at_nimg(at), out_dir=out_dir, dtype=dtype, progress=progress)
     for path in paths:
-        click.echo(path)
+        click.echo(_one_line(path))
 
 
 def _writing(run_dir, command):

@@ -294,8 +294,11 @@ def check_device(name, field=None):
             raise ConfigError(f"{where}{name!r}: this PyTorch has no usable CUDA device", fields=fields)
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"{where}{name!r}: only {torch.cuda.device_count()} CUDA device(s) here", fields=fields)
-    elif device.type not in ("cpu", "meta", "mps"):
-        raise ConfigError(f"{where}{name!r} is not supported (use cpu or cuda)", fields=fields)
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"{where}{name!r}: this PyTorch has no usable MPS device", fields=fields)
+    elif device.type != "cpu":
+        raise ConfigError(f"{where}{name!r} is not supported (use cpu, cuda or mps)", fields=fields)
     return device
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mpdiff.errors import DatasetError, first_line
-from mpdiff.storage.files import open_regular, show_path
+from mpdiff.storage.files import memory_limit, open_regular, show_path
 
 LABELS_FILE = "dataset.json"           # EDM2 label file, at the dataset root only
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")  # matched case-insensitively
@@ -161,27 +161,9 @@ def labels_file_limit(num_images):
 
 
 def max_dataset_bytes():
-    """(limit in bytes or None, where it comes from) for the uint8 array of a dataset's images.
-
-    $MPDIFF_MAX_DATASET_BYTES when set, else half of the machine's physical memory (None when
-    the system cannot tell).
-    """
-    text = os.environ.get(MAX_DATASET_BYTES_ENV)
-    if text is not None and text.strip():
-        try:
-            limit = int(text.strip().replace("_", ""))
-        except ValueError:
-            limit = -1
-        if limit < 0:
-            raise DatasetError(f"{MAX_DATASET_BYTES_ENV}: expected a whole number of bytes, got '{_show(text, 40)}'")
-        return limit, f"set by {MAX_DATASET_BYTES_ENV}"
-    try:
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None, "unknown"
-    if physical <= 0:
-        return None, "unknown"
-    return physical // 2, f"half of this machine's {_gib(physical)} of memory; set {MAX_DATASET_BYTES_ENV} to change it"
+    """(limit in bytes or None, where it comes from) for the uint8 array of a dataset's images:
+    $MPDIFF_MAX_DATASET_BYTES when set, else half of the machine's physical memory."""
+    return memory_limit(MAX_DATASET_BYTES_ENV, error=DatasetError)
 
 
 def _check_memory(shown, count, shape):

@@ -15,7 +15,6 @@ import os
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from mpdiff.config import STORAGE_DTYPES
@@ -25,7 +24,12 @@ from mpdiff.errors import CheckpointError, ConfigError, first_line
 from mpdiff.storage.files import atomic_write
 from mpdiff.storage.layout import RunLayout, phema_name, run_dir_of
 from mpdiff.storage.network_files import NETWORK_FORMAT, storage_dtype
-from mpdiff.storage.tensors import FLOAT_CODES, safetensors_code, tensor_layout
+from mpdiff.storage.tensors import (
+    FLOAT_CODES,
+    open_safetensors,
+    safetensors_code,
+    tensor_layout,
+)
 from mpdiff.threads import torch_threads
 
 RECONSTRUCTION_KIND = "phema-reconstruction"
@@ -249,7 +253,7 @@ def _raw_tensors(path, keep):
     """{name: (safetensors dtype, shape, bytes)} of the tensors of a snapshot file for which keep(dtype) holds."""
     try:
         raw = {}
-        with safe_open(path, framework="pt") as f:
+        with open_safetensors(path, what="snapshot") as f:
             for name in f.keys():
                 view = f.get_slice(name)
                 if keep(view.get_dtype()):

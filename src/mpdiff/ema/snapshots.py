@@ -9,14 +9,11 @@ import json
 import os
 from typing import Optional
 
-from safetensors import safe_open
-
 from mpdiff.ema.profiles import SIGMA_REL_MAX, check_sigma_rels
 from mpdiff.errors import CheckpointError, NumericalError, first_line
-from mpdiff.storage.files import check_regular
 from mpdiff.storage.layout import parse_snapshot_name, snapshot_dir_of, snapshot_name
 from mpdiff.storage.network_files import NETWORK_FORMAT, save_network
-from mpdiff.storage.tensors import first_nonfinite
+from mpdiff.storage.tensors import first_nonfinite, open_safetensors
 
 SNAPSHOT_KIND = "ema-snapshot"
 # ------------------------------------------------------------------------------------------------
@@ -64,16 +61,17 @@ class SnapshotRecord:
 
 
 def _read_snapshot_record(path):
-    check_regular(path, what="snapshot", error=CheckpointError)  # a FIFO would block safe_open forever
     try:
-        with safe_open(path, framework="pt") as f:  # checks the header against the file's size
+        with open_safetensors(path, what="snapshot") as f:  # checks the header against the file's size
             raw_meta = f.metadata() or {}
             signature = tuple(sorted((key, tuple(f.get_slice(key).get_shape())) for key in f.keys()))
+    except CheckpointError:
+        raise
     except Exception as e:  # any way a header can be garbled
         raise CheckpointError(f"{path}: unreadable or damaged snapshot ({first_line(e)})") from None
     try:
         meta = {k: json.loads(v) for k, v in raw_meta.items()}
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         raise CheckpointError(f"{path}: snapshot metadata is not valid JSON") from None
     if meta.get("format") != NETWORK_FORMAT or meta.get("kind") != SNAPSHOT_KIND:
         raise CheckpointError(f"{path}: not an mpdiff EMA snapshot (format {meta.get('format')!r}, "

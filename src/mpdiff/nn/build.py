@@ -43,3 +43,18 @@ def check_state_dict(expected, tensors, context):
                                   f"{context} (tensor {key} is floating-point, expected {ref.dtype})")
         if got.is_floating_point() and not bool(torch.isfinite(got).all()):
             raise CheckpointError(f"{context} (tensor {key} holds non-finite values)")
+
+
+MAX_NETWORK_BYTES_ENV = "MPDIFF_MAX_NETWORK_BYTES"
+
+
+def check_network_memory(expected, context):
+    """Refuse, before anything is allocated, a network (a meta-device state_dict) larger than the memory
+    budget: a small file can describe a huge network (e.g. expanded, stride-0 tensors in a .pt)."""
+    from mpdiff.storage.files import memory_limit
+
+    need = sum(t.numel() * 4 for t in expected.values())  # float32 weights
+    limit, origin = memory_limit(MAX_NETWORK_BYTES_ENV, error=CheckpointError)
+    if limit is not None and need > limit:
+        raise CheckpointError(f"{context}: the network it describes needs {need / 2 ** 30:.1f} GiB ({need:,} bytes), "
+                              f"more than the limit of {limit / 2 ** 30:.1f} GiB ({origin})")

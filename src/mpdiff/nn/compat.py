@@ -9,7 +9,7 @@ import torch
 
 from mpdiff.config import NetworkConfig
 from mpdiff.errors import CheckpointError, first_line
-from mpdiff.nn.build import build_meta_network, build_network, check_state_dict
+from mpdiff.nn.build import build_meta_network, build_network, check_network_memory, check_state_dict
 
 # Official Precond/UNet/Block keyword -> our NetworkConfig field (identical names today).
 _OFFICIAL_KEYWORDS = {f for f in NetworkConfig.__dataclass_fields__}
@@ -69,6 +69,7 @@ def load_edm2(state_dict, device="cpu", **kwargs):
         expected = build_meta_network(config).state_dict()
     except (TypeError, ValueError, RuntimeError, ArithmeticError, IndexError, KeyError) as e:
         raise CheckpointError(f"load_edm2: the inferred network cannot be built ({first_line(e, 120)})") from None
+    check_network_memory(expected, "load_edm2")
     check_state_dict(expected, sd, f"load_edm2: state_dict does not match the network built from "
                                    f"{config.to_dict()}")
     net = build_network(config, device="cpu")

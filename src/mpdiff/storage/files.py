@@ -23,20 +23,61 @@ import re
 import stat
 import tempfile
 
-from mpdiff.errors import MpdiffError
+from mpdiff.errors import MpdiffError, first_line
 
 JSON_MAX_BYTES = 64 * 2 ** 20           # config.json, stats.jsonl and friends: far above any real one
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
+def physical_memory():
+    """Bytes of physical memory, or None when the system cannot tell."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return total if total > 0 else None
+
+
+def memory_limit(env_var, error=MpdiffError):
+    """(bytes or None, where it comes from): $env_var when set, else half of physical memory.
+
+    The budget for one thing built from a file (a dataset's pixels, a network's weights): checked
+    from headers and shapes before anything is allocated."""
+    text = os.environ.get(env_var)
+    if text is not None and text.strip():
+        try:
+            limit = int(text.strip().replace("_", ""))
+        except ValueError:
+            limit = -1
+        if limit < 0:
+            raise error(f"{env_var}: expected a whole number of bytes, got '{printable(text[:40])}'")
+        return limit, f"set by {env_var}"
+    physical = physical_memory()
+    if physical is None:
+        return None, "unknown"
+    return physical // 2, f"half of this machine's {physical / 2 ** 30:.1f} GiB of memory; set {env_var} to change it"
+
+
 def show_path(path):
     """A path as it may appear in a one-line message: undecodable bytes and control characters escaped."""
     text = os.fsdecode(path) if isinstance(path, bytes) else os.fspath(path)
-    if not text.isprintable():
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return text
+    return printable(text)
+
+
+def printable(text):
+    """`text` with undecodable bytes (surrogate escapes), lone surrogates and control characters escaped."""
+    if text.isprintable():
+        return text
+    out = []
+    for c in text:
+        if "\udc80" <= c <= "\udcff":          # a byte os.fsdecode could not decode
+            out.append(f"\\x{ord(c) - 0xdc00:02x}")
+        elif c.isprintable() and not "\ud800" <= c <= "\udfff":
+            out.append(c)
+        else:
+            out.append(repr(c)[1:-1])
+    return "".join(out)
 
 
 def kind_of(mode):
@@ -56,6 +97,10 @@ def open_regular(path, max_bytes=None, what="file", error=MpdiffError):
     except FileNotFoundError:
         raise error(f"{show_path(path)}: file not found") from None
     except OSError as e:
+        with contextlib.suppress(OSError):  # say what it is when that is why it cannot be opened (a socket)
+            mode = os.stat(path).st_mode
+            if not stat.S_ISREG(mode):
+                raise error(f"{show_path(path)}: expected a regular {what}, found {kind_of(mode)}") from None
         raise error(f"{show_path(path)}: cannot read ({e.strerror or e})") from None
     try:
         info = os.fstat(fd)
@@ -96,6 +141,8 @@ def read_json(path, what="JSON file", error=MpdiffError, max_bytes=JSON_MAX_BYTE
         raise error(f"{show_path(path)}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except RecursionError:
         raise error(f"{show_path(path)}: JSON nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise error(f"{show_path(path)}: not usable JSON ({first_line(e, 80)})") from None
 
 
 def _default_file_mode():
@@ -196,7 +243,7 @@ def append_line(path, line):
     starts on a fresh line, and readers report the torn one (:func:`read_jsonl`).
     """
     path = write_destination(path)
-    data = line.rstrip("\n").encode("utf-8") + b"\n"
+    data = printable(line.rstrip("\n")).encode("utf-8") + b"\n"
     try:
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), _FILE_MODE)
     except OSError as e:
@@ -240,7 +287,7 @@ def read_jsonl(path, max_bytes=JSON_MAX_BYTES, error=MpdiffError):
             reason = None if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
         except UnicodeDecodeError:
             reason = "not UTF-8"
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError, as are oversized integers
             reason = "not valid JSON" + ("" if raw.endswith(b"}") else " (torn)")
         rows.append(row if reason is None else DamagedLine(number, raw, reason))
     return rows

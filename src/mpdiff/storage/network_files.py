@@ -47,7 +47,7 @@ def load_network(path, device="cpu", eval_mode=True):
 
     Returns (net, metadata). Mismatched or damaged files raise CheckpointError naming the file.
     """
-    from mpdiff.nn.build import build_meta_network, build_network, check_state_dict
+    from mpdiff.nn.build import build_meta_network, build_network, check_network_memory, check_state_dict
 
     path = os.fspath(path)
     meta = read_network_metadata(path)
@@ -60,6 +60,7 @@ def load_network(path, device="cpu", eval_mode=True):
     except (TypeError, ValueError, RuntimeError, ArithmeticError, IndexError, KeyError) as e:
         reason = first_line(e, 160)
         raise CheckpointError(f"{path}: its network config cannot be built ({type(e).__name__}: {reason})") from None
+    check_network_memory(net.state_dict(), path)
     check_state_dict(net.state_dict(), tensors, f"{path}: weights do not match its network config")
     net = build_network(config, device="cpu")
     net.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in tensors.items()})

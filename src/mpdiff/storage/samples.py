@@ -17,7 +17,7 @@ import tempfile
 
 from mpdiff.data.datasets import write_dataset_json
 from mpdiff.errors import ConfigError, MpdiffError
-from mpdiff.storage.files import _fsync_dir, kind_of, show_path
+from mpdiff.storage.files import _fsync_dir, kind_of, show_path, write_destination
 from mpdiff.storage.images import class_grid, save_grid, save_png
 
 _PARTIAL = ".partial-"
@@ -35,6 +35,9 @@ def check_sample_destination(out_dir, grid_path=None):
     """
     out_dir = os.path.normpath(os.fspath(out_dir))
     grid_path = default_grid_path(out_dir) if grid_path is None else os.fspath(grid_path)
+    if os.path.islink(out_dir):
+        out_dir = os.path.realpath(out_dir)  # write the folder the link points to; the link stays
+    write_destination(grid_path)  # the grid must be writable as a file (not a FIFO, device or directory)
     try:
         info = os.stat(out_dir)
     except FileNotFoundError:
@@ -51,7 +54,7 @@ def check_sample_destination(out_dir, grid_path=None):
                               f"generation writes a complete new folder (choose another, or remove this one)",
                               fields=("out",))
     out_real = os.path.realpath(out_dir)
-    grid_real = os.path.realpath(grid_path)
+    grid_real = os.path.realpath(write_destination(grid_path))
     if os.path.commonpath([out_real, grid_real]) == out_real:
         raise ConfigError(f"{{grid}} {show_path(grid_path)} is inside {{out}} {show_path(out_dir)}; the folder "
                           f"must hold only labelled samples", fields=("grid", "out"))

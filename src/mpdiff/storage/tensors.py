@@ -1,6 +1,7 @@
 """Tensor files: safetensors (no code runs on load) with JSON metadata, and the only way mpdiff
 reads torch pickles (``weights_only``, refusing anything but tensors)."""
 
+import contextlib
 import json
 import math
 import os
@@ -9,7 +10,8 @@ import re
 import warnings
 
 import torch
-from safetensors.torch import load_file, safe_open, save
+from safetensors import safe_open
+from safetensors.torch import save
 
 from mpdiff.errors import CheckpointError, first_line
 from mpdiff.storage.files import check_regular, open_regular, show_path, write_bytes
@@ -22,20 +24,32 @@ def save_tensors(path, tensors, metadata=None):
     write_bytes(path, save(tensors, metadata=meta))
 
 
+@contextlib.contextmanager
+def open_safetensors(path, what="tensor file"):
+    """safetensors' ``safe_open`` on a file opened through the one reader (regular files only).
+
+    safetensors opens files by name, which would block on a FIFO and refuses names that are not
+    UTF-8; on Linux it is given ``/proc/self/fd/N`` of the file we opened instead, which is neither.
+    """
+    with open_regular(path, what=what, error=CheckpointError) as f:
+        by_fd = f"/proc/self/fd/{f.fileno()}"
+        with safe_open(by_fd if os.path.exists(by_fd) else os.fspath(path), framework="pt") as opened:
+            yield opened
+
+
 def read_metadata(path):
     """Metadata of a safetensors file written by :func:`save_tensors` (JSON-decoded)."""
     path = os.fspath(path)
-    check_regular(path, what="tensor file", error=CheckpointError)  # never open a FIFO or a device by name
     try:
-        with safe_open(path, framework="pt") as f:
+        with open_safetensors(path) as f:
             meta = f.metadata() or {}
-    except FileNotFoundError:
-        raise CheckpointError(f"{show_path(path)}: file not found") from None
+    except CheckpointError:
+        raise
     except Exception as e:  # safetensors raises its own error types for damaged headers
         raise CheckpointError(f"{show_path(path)}: not a readable safetensors file ({first_line(e)})") from None
     try:
         return {k: json.loads(v) for k, v in meta.items()}
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError, as are oversized integers
         raise CheckpointError(f"{show_path(path)}: metadata is not valid JSON") from None
 
 
@@ -44,7 +58,10 @@ def load_tensors(path, device="cpu"):
     path = os.fspath(path)
     meta = read_metadata(path)
     try:
-        tensors = load_file(path, device=str(device))
+        with open_safetensors(path) as f:
+            tensors = {name: f.get_tensor(name).to(device) for name in f.offset_keys()}
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{show_path(path)}: damaged tensor data ({first_line(e)})") from None
     return tensors, meta

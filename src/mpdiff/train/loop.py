@@ -53,6 +53,7 @@ class Trainer:
                                  micro_batch=resolved.run.batch_gpu,
                                  max_nonfinite_steps=resolved.run.max_nonfinite_steps, device=self.device)
         self.report = RunReport(self.layout, progress=resolved.run.progress, tensorboard=resolved.run.tensorboard)
+        self.last_good = None  # the newest checkpoint known to hold this run's state
 
     @property
     def nimg(self):
@@ -63,6 +64,7 @@ class Trainer:
 
     def resume(self):
         path = checkpoint.resume(self.layout, self.state, self.resolved.contract(), self.say)
+        self.last_good = path  # verified by loading it; a skipped (damaged) newer one is never "good"
         if path is not None:
             self.say(f"resumed from {path} at {self.state.nimg} images")
         return path
@@ -71,12 +73,12 @@ class Trainer:
         try:
             return self.step_fn(self.state)
         except NumericalError as e:
-            last = self.layout.checkpoints()
-            raise NumericalError(f"{e}. Last good checkpoint: {last[-1][1] if last else 'none'}") from None
+            raise NumericalError(f"{e}. Last good checkpoint: {self.last_good or 'none'}") from None
 
     def save_checkpoint(self):
-        return checkpoint.save_checkpoint(self.layout, self.state, self.resolved.contract(),
-                                          keep=self.run_options.keep_checkpoints)
+        self.last_good = checkpoint.save_checkpoint(self.layout, self.state, self.resolved.contract(),
+                                                    keep=self.run_options.keep_checkpoints)
+        return self.last_good
 
     def save_snapshots(self):
         dtype = self.run_options.snapshot_dtype
@@ -112,6 +114,10 @@ class Trainer:
             params = sum(p.numel() for p in self.state.net.parameters())
             self.say(f"new run in {self.layout.run_dir}: {params:,} parameters, "
                      f"dataset {self.dataset.name} ({len(self.dataset)} images)")
+        ignored = self.dataset.ignored_files
+        if ignored:  # never a silent skip
+            shown = ", ".join(ignored[:5]) + (", ..." if len(ignored) > 5 else "")
+            self.say(f"dataset {self.dataset.name}: ignored {len(ignored)} file(s) that are not images: {shown}")
         slice_nimg = self.run_options.slice_nimg
         stop_at = duration if slice_nimg is None else min(duration, self.state.nimg + slice_nimg)
         self.report.open(self.state.nimg, duration)

@@ -11,7 +11,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from mpdiff.storage.files import DamagedLine, append_line, read_jsonl, write_text
+from mpdiff.storage.files import DamagedLine, append_line, printable, read_jsonl, write_text
 
 log = logging.getLogger("mpdiff.train")
 
@@ -30,6 +30,7 @@ class RunReport:
 
     def say(self, message):
         """One line to log.txt and to the terminal (stderr without progress bars)."""
+        message = printable(message)  # names from the disk may hold undecodable bytes
         append_line(self.layout.log, f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}")
         if self.progress:
             tqdm.write(message)
