@@ -39,7 +39,10 @@ def resolve_network(source, sigma_rel=None, device="cpu"):
             if not isinstance(value, torch.Tensor):
                 raise CheckpointError(f"{source}: expected a state_dict of tensors, but {str(key)[:80]!r} is a "
                                       f"{type(value).__name__}")
-        return load_edm2(state, device=device).requires_grad_(False), source
+        try:
+            return load_edm2(state, device=device).requires_grad_(False), source
+        except CheckpointError as e:  # name the file the user gave, not the function
+            raise CheckpointError(f"{source}: {str(e).removeprefix('load_edm2: ')}") from None
     net, _ = load_network(source, device=device)
     return net, source
 

@@ -26,7 +26,7 @@ import tempfile
 from mpdiff.errors import MpdiffError, first_line
 
 JSON_MAX_BYTES = 64 * 2 ** 20           # config.json, stats.jsonl and friends: far above any real one
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+_KINDS = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
@@ -81,8 +81,8 @@ def printable(text):
 
 
 def kind_of(mode):
-    """'a FIFO', 'a directory', ... for a st_mode that is not a regular file."""
-    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    """'a regular file', 'a FIFO', 'a directory', ... for a st_mode."""
+    return next((name for test, name in _KINDS if test(mode)), "an unknown kind of file")
 
 
 def open_regular(path, max_bytes=None, what="file", error=MpdiffError):
@@ -272,14 +272,14 @@ class DamagedLine:
         return f"DamagedLine({self.number}, {self.reason!r})"
 
 
-def read_jsonl(path, max_bytes=JSON_MAX_BYTES, error=MpdiffError):
-    """Every line of a JSON-lines file: a dict for each valid row, a :class:`DamagedLine` for any other.
-
-    Nothing after a damaged line is lost; the caller decides what to report.
-    """
+def jsonl_lines(path, max_bytes=JSON_MAX_BYTES, error=MpdiffError):
+    """[(line number, raw bytes, dict or DamagedLine)] for every non-blank line of a JSON-lines file."""
     data = read_bytes(path, max_bytes, "JSON-lines file", error)
-    rows = []
-    for number, raw in enumerate(data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n"), 1):
+    lines = data.split(b"\n")
+    if data.endswith(b"\n"):
+        lines.pop()
+    out = []
+    for number, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
         try:
@@ -289,8 +289,16 @@ def read_jsonl(path, max_bytes=JSON_MAX_BYTES, error=MpdiffError):
             reason = "not UTF-8"
         except (ValueError, RecursionError):  # JSONDecodeError is a ValueError, as are oversized integers
             reason = "not valid JSON" + ("" if raw.endswith(b"}") else " (torn)")
-        rows.append(row if reason is None else DamagedLine(number, raw, reason))
-    return rows
+        out.append((number, raw, row if reason is None else DamagedLine(number, raw, reason)))
+    return out
+
+
+def read_jsonl(path, max_bytes=JSON_MAX_BYTES, error=MpdiffError):
+    """Every line of a JSON-lines file: a dict for each valid row, a :class:`DamagedLine` for any other.
+
+    Nothing after a damaged line is lost; the caller decides what to report.
+    """
+    return [row for _, _, row in jsonl_lines(path, max_bytes, error)]
 
 
 def valid_rows(rows):

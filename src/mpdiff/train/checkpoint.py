@@ -13,6 +13,7 @@ import stat
 import torch
 
 from mpdiff.errors import CheckpointError, ConfigError, NumericalError, first_line
+from mpdiff.storage.files import printable
 from mpdiff.storage.layout import parse_checkpoint_name
 from mpdiff.storage.tensors import first_nonfinite, load_tensors, save_tensors
 from mpdiff.train.state import HEALTH_COUNTERS
@@ -99,7 +100,8 @@ def check_metadata(path, meta, contract):
     batch, duration = training["batch"], training["duration"]
     nimg, step = meta.get("nimg"), meta.get("step")
     if not _count(nimg) or not _count(step) or nimg > duration or nimg % batch or step != nimg // batch:
-        raise CheckpointError(f"{path}: inconsistent image count {str(nimg)[:24]} / step {str(step)[:24]} "
+        raise CheckpointError(f"{path}: inconsistent image count {printable(str(nimg)[:24])} / step "
+                              f"{printable(str(step)[:24])} "
                               f"(batch {batch}, duration {duration})")
     if parse_checkpoint_name(path) not in (None, nimg):
         raise CheckpointError(f"{path}: file name does not match its image count {nimg}")

@@ -11,7 +11,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from mpdiff.storage.files import DamagedLine, append_line, printable, read_jsonl, write_text
+from mpdiff.storage.files import DamagedLine, append_line, jsonl_lines, printable, write_bytes
 
 log = logging.getLogger("mpdiff.train")
 
@@ -95,21 +95,21 @@ def truncate_stats(path, nimg):
     """
     if not os.path.lexists(path):
         return []
-    rows = read_jsonl(path)
+    lines = jsonl_lines(path)
     notes, kept = [], []
-    for index, row in enumerate(rows):
+    for index, (number, raw, row) in enumerate(lines):
         if isinstance(row, DamagedLine):
-            if index == len(rows) - 1 and row.reason.endswith("(torn)"):
-                notes.append(f"{path}: line {row.number} was torn by a crash; dropped")
+            if index == len(lines) - 1 and row.reason.endswith("(torn)"):
+                notes.append(f"{path}: line {number} was torn by a crash; dropped")
                 continue
-            notes.append(f"{path}: line {row.number} is damaged ({row.reason}); kept as it is")
-            kept.append(row.text.decode("utf-8", "replace") + "\n")
-        elif not isinstance(row.get("nimg"), int):
-            notes.append(f"{path}: line {index + 1} has no integer nimg; kept as it is")
-            kept.append(json.dumps(row) + "\n")
+            notes.append(f"{path}: line {number} is damaged ({row.reason}); kept as it is")
+            kept.append(raw + b"\n")          # byte for byte
+        elif not isinstance(row.get("nimg"), int) or isinstance(row.get("nimg"), bool):
+            notes.append(f"{path}: line {number} has no integer nimg; kept as it is")
+            kept.append(raw + b"\n")
         elif row["nimg"] <= nimg:
-            kept.append(json.dumps(row) + "\n")
-    write_text(path, "".join(kept))
+            kept.append(raw + b"\n")
+    write_bytes(path, b"".join(kept))
     return notes
 
 

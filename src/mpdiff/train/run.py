@@ -14,7 +14,7 @@ from mpdiff.config import (
 from mpdiff.data.datasets import open_dataset
 from mpdiff.errors import ConfigError
 from mpdiff.presets import DEFAULT_PRESET, get_preset
-from mpdiff.storage.files import read_json, write_json
+from mpdiff.storage.files import printable, read_json, write_json
 from mpdiff.storage.layout import RunLayout
 
 # Cadence fields that may change between the invocations of one run (they change no result).
@@ -109,8 +109,8 @@ def _changed_fields(theirs, ours):
     for section in ours:
         a, b = theirs.get(section), ours[section]
         if isinstance(a, dict) and isinstance(b, dict):
-            changed += ["{" + k + "}" if section != "dataset" else f"dataset {k}"
-                        for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            changed += ["{" + k + "}" if section != "dataset" and k in b else f"{section} {printable(str(k)[:40])}"
+                        for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)]
         elif a != b:
             changed.append(section)
     return changed
