@@ -460,3 +460,30 @@ def test_append_line_is_constant_time(tmp_path, monkeypatch):
     with open(path, "rb") as f:
         assert hashlib.sha256(f.read(before.st_size)).hexdigest() == digest
         assert f.read() == b'{"nimg": 64}\n'
+
+
+def test_the_run_directory_lock_names_its_holder_and_is_taken_over_after_a_kill(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from mpdiff.storage.lock import RunDirectoryBusy, run_directory_lock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom mpdiff.storage.lock import run_directory_lock\n"
+                               "with run_directory_lock(sys.argv[1], 'train'):\n"
+                               "    print('HELD', flush=True)\n    time.sleep(120)\n", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "HELD"
+        with pytest.raises(RunDirectoryBusy) as info:
+            with run_directory_lock(tmp_path, "phema"):
+                pass
+        message = str(info.value)
+        assert message.startswith(f"{tmp_path}: in use by mpdiff train (pid {holder.pid} on ") and "\n" not in message
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The kernel released the flock with the killed process: the stale lock file is simply taken over.
+    with run_directory_lock(tmp_path, "phema"):
+        assert json.loads((tmp_path / ".mpdiff.lock").read_text())["command"] == "phema"
