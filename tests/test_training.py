@@ -241,3 +241,15 @@ def test_training_sets_the_cuda_precision_policy():
         assert CUDA_PRECISION_POLICY["matmul.allow_tf32"] is False and CUDA_PRECISION_POLICY["cudnn.allow_tf32"] is False
     finally:
         restore_precision_flags(saved)
+
+
+def test_no_progress_silences_the_dataset_bar_too(monkeypatch):
+    import mpdiff.train.run as run_module
+    from mpdiff.config import RunOptions
+
+    seen = []
+    real = run_module.open_dataset
+    monkeypatch.setattr(run_module, "open_dataset", lambda *a, **k: seen.append(k.get("progress")) or real(*a, **k))
+    run_module.resolve_run("digits", RunOptions(run_dir="r", progress=False))
+    run_module.resolve_run("digits", RunOptions(run_dir="r", progress=True))
+    assert seen == [False, None]  # None: a bar for large datasets only

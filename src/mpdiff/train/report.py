@@ -44,11 +44,11 @@ class RunReport:
             self.say(note)
         if self.use_tensorboard:
             self.writer = _tensorboard(self.layout.tensorboard, purge_step=nimg)
-        self.bar = tqdm(total=duration // 1000, initial=nimg // 1000, unit="kimg", disable=not self.progress,
-                        desc="training", dynamic_ncols=True)
+        self.bar = tqdm(total=duration, initial=nimg, unit="img", unit_scale=True, disable=not self.progress,
+                        desc="training", dynamic_ncols=True)  # moves from the first step
 
     def tick(self, nimg):
-        self.bar.update(nimg // 1000 - self.bar.n)
+        self.bar.update(nimg - self.bar.n)
 
     def row(self, row):
         """Append one stats row and show it."""

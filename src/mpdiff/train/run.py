@@ -59,7 +59,7 @@ def resolve_run(preset=DEFAULT_PRESET, run=None, network=None, training=None, ca
     network_config = chosen.network.replace(**(network or {}))
     training_config = chosen.training.replace(**(training or {}))
     cadence_config = chosen.cadence.replace(**(cadence or {}))
-    dataset = open_dataset(run.dataset, use_labels=run.use_labels)
+    dataset = open_dataset(run.dataset, use_labels=run.use_labels, progress=None if run.progress else False)
     network_config = network_config.replace(img_resolution=dataset.resolution, img_channels=dataset.channels,
                                             label_dim=dataset.num_classes if run.use_labels else 0)
     validate_run(network_config, training_config, cadence_config, run, resolution=dataset.resolution)
