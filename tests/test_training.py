@@ -86,6 +86,23 @@ def test_resume_gives_identical_weights(reference_run, tmp_path):
     assert f"resumed from {ckpt(d, 192)} at 192 images" in log and f"resumed from {ckpt(d, 384)}" in log
 
 
+def test_a_finished_run_extends_to_a_longer_duration_exactly(reference_run, tmp_path):
+    # The schedule, data order and noise depend on the image count only: a run finished at 256 images and
+    # then extended to 512 equals the run made for 512 from the start, and may not be shortened again.
+    from mpdiff.errors import ConfigError
+
+    d = tmp_path / "extended"
+    train_tiny(d, **SCHEDULE, duration=256)
+    assert "training complete at 256 images" in (d / "log.txt").read_text()
+    train_tiny(d, **SCHEDULE)
+    ref, _ = weights(reference_run)
+    got, meta = weights(d)
+    assert meta["nimg"] == 512 and all(torch.equal(ref[key], got[key]) for key in ref)
+    assert json.loads((d / "config.json").read_text())["training"]["duration"] == 512
+    with pytest.raises(ConfigError, match=r"^duration 256 is shorter than the 512 images this run has trained"):
+        train_tiny(d, **SCHEDULE, duration=256)
+
+
 @pytest.mark.slow
 def test_gradient_accumulation_matches_full_batch(reference_run, tmp_path):
     d = tmp_path / "accum"
@@ -253,3 +270,24 @@ def test_no_progress_silences_the_dataset_bar_too(monkeypatch):
     run_module.resolve_run("digits", RunOptions(run_dir="r", progress=False))
     run_module.resolve_run("digits", RunOptions(run_dir="r", progress=True))
     assert seen == [False, None]  # None: a bar for large datasets only
+
+
+def test_the_run_says_what_it_understood(reference_run):
+    # One screen at the start, also in log.txt: data with its label source, the network as built, the batch,
+    # and a time estimate measured on the first steps.
+    log = (reference_run / "log.txt").read_text()
+    assert "data      digits-train: 1,437 images, 8x8, 1 channel, 10 classes (labels from built-in)" in log
+    assert "network   U-Net (config G), C0 16, 3 levels (8x8, 4x4, 2x2), attention at 4x4; " in log
+    assert "training  batch 64 (micro-batch 64), 8 steps, 512 images" in log
+    assert "estimate  " in log and "for the remaining 4 steps" in log
+
+
+def test_attention_the_resolution_cannot_have_is_a_warning_not_a_silent_drop():
+    from mpdiff.config import RunOptions
+    from mpdiff.train.run import resolve_run, summary_lines
+
+    resolved, dataset = resolve_run("digits", RunOptions(run_dir="r"), network=dict(attn_resolutions=(16, 4)))
+    lines = summary_lines(resolved, dataset)
+    assert "attention at 4x4;" in lines[1]
+    assert lines[-1] == ("warning   attention at 16x16 (from the preset) does not exist at resolution 8: "
+                         "its levels are 8, 4, 2")

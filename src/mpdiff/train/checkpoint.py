@@ -76,7 +76,7 @@ def save_checkpoint(layout, train_state, contract, keep=2):
     return path
 
 
-def load_checkpoint(path, train_state, contract):
+def load_checkpoint(path, train_state, contract, duration=None):
     """Restore `train_state` from `path`; CheckpointError or ConfigError (naming the file) when it does not fit."""
     tensors, meta = load_tensors(path)
     if meta.get("format") != CHECKPOINT_FORMAT:
@@ -84,7 +84,7 @@ def load_checkpoint(path, train_state, contract):
     if meta.get("config") != contract:
         raise ConfigError(f"{path}: checkpoint was written with a different configuration; "
                           f"use a new run directory or the original options")
-    check_metadata(path, meta, contract)
+    check_metadata(path, meta, contract, duration)
     bad = first_nonfinite(tensors)
     if bad is not None:  # never resume from (or call "good") a state that holds NaN or infinity
         raise CheckpointError(f"{path}: tensor {bad} holds non-finite values")
@@ -94,10 +94,11 @@ def load_checkpoint(path, train_state, contract):
         raise CheckpointError(f"{path}: incomplete training state ({type(e).__name__}: {first_line(e, 120)})") from None
 
 
-def check_metadata(path, meta, contract):
+def check_metadata(path, meta, contract, duration=None):
     """Every number in a checkpoint's metadata must be consistent with the run and its file name."""
     training = contract["training"]
-    batch, duration = training["batch"], training["duration"]
+    batch = training["batch"]
+    duration = training.get("duration", 2 ** 63) if duration is None else duration
     nimg, step = meta.get("nimg"), meta.get("step")
     if not _count(nimg) or not _count(step) or nimg > duration or nimg % batch or step != nimg // batch:
         raise CheckpointError(f"{path}: inconsistent image count {printable(str(nimg)[:24])} / step "
@@ -119,7 +120,7 @@ def _count(value):
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def resume(layout, train_state, contract, say):
+def resume(layout, train_state, contract, say, duration=None):
     """Load the newest usable checkpoint (damaged ones are reported through `say` and skipped).
 
     Returns its path, or None for a new run. Raises when checkpoints exist but none is usable: a run
@@ -128,7 +129,7 @@ def resume(layout, train_state, contract, say):
     paths = [p for _, p in reversed(layout.checkpoints())]
     for path in paths:
         try:
-            load_checkpoint(path, train_state, contract)
+            load_checkpoint(path, train_state, contract, duration)
         except CheckpointError as e:
             say(f"skipping damaged checkpoint: {e}")
             continue

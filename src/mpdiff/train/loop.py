@@ -24,13 +24,14 @@ from mpdiff.storage.network_files import save_network
 from mpdiff.train import checkpoint
 from mpdiff.train.precision import apply_precision_policy
 from mpdiff.train.report import IntervalStats, RunReport
-from mpdiff.train.run import check_existing_run, resolve_run, write_run_config
+from mpdiff.train.run import check_existing_run, resolve_run, summary_lines, write_run_config
 from mpdiff.train.state import TrainState
 from mpdiff.train.step import TrainStep
 
 GRID_CLASSES = 10               # class-conditional grids show up to this many classes ...
 GRID_PER_CLASS = 10             # ... with this many samples each, in one sampler batch
 GRID_UNCONDITIONAL = 64
+WARMUP_STEPS = 3                # steps measured (after the first) for the time estimate
 
 
 class Trainer:
@@ -63,7 +64,8 @@ class Trainer:
         self.report.say(message)
 
     def resume(self):
-        path = checkpoint.resume(self.layout, self.state, self.resolved.contract(), self.say)
+        path = checkpoint.resume(self.layout, self.state, self.resolved.contract(), self.say,
+                                 duration=self.training.duration)
         self.last_good = path  # verified by loading it; a skipped (damaged) newer one is never "good"
         if path is not None:
             self.say(f"resumed from {path} at {self.state.nimg} images")
@@ -106,6 +108,15 @@ class Trainer:
         save_grid(path, *class_grid(decode_images(x).numpy(), drawn))
         return path
 
+    def _estimate(self, seconds, stop_at):
+        """Say how long the rest of this invocation's steps will take, from the measured warm-up steps
+        (the first step is left out: it pays one-time costs)."""
+        steps_left = (stop_at - self.state.nimg) // self.training.batch
+        if steps_left > 0:
+            per_step = sorted(seconds)[len(seconds) // 2]
+            self.say(f"estimate  {_duration(per_step * steps_left)} for the remaining {steps_left:,} steps "
+                     f"({per_step:.3g} s per step, measured; snapshots, checkpoints and grids come on top)")
+
     def run(self):
         cadence, duration = self.cadence, self.training.duration
         os.makedirs(self.layout.run_dir, exist_ok=True)
@@ -114,6 +125,8 @@ class Trainer:
             params = sum(p.numel() for p in self.state.net.parameters())
             self.say(f"new run in {self.layout.run_dir}: {params:,} parameters, "
                      f"dataset {self.dataset.name} ({len(self.dataset)} images)")
+        for line in summary_lines(self.resolved, self.dataset):
+            self.say(line)
         ignored = self.dataset.ignored_files
         if ignored:  # never a silent skip
             shown = ", ".join(ignored[:5]) + (", ..." if len(ignored) > 5 else "")
@@ -122,11 +135,16 @@ class Trainer:
         stop_at = duration if slice_nimg is None else min(duration, self.state.nimg + slice_nimg)
         self.report.open(self.state.nimg, duration)
         interval = IntervalStats(self.state.nimg)
+        warmup = []  # seconds of the first steps of this invocation, for the time estimate
         try:
             while self.state.nimg < stop_at:
                 started = time.time()
                 result = self.train_step()
                 self.state.counters["elapsed_sec"] += time.time() - started
+                if len(warmup) < WARMUP_STEPS + 1:
+                    warmup.append(time.time() - started)
+                    if len(warmup) == WARMUP_STEPS + 1:
+                        self._estimate(warmup[1:], stop_at)
                 interval.add(result.loss)
                 nimg = self.state.nimg
                 self.report.tick(nimg)
@@ -149,6 +167,12 @@ class Trainer:
             grid = self.sample_grid(final=True)
             self.say(f"training complete at {self.state.nimg} images; samples: {grid}")
         return self.state.nimg
+
+
+def _duration(seconds):
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
 def train(preset="digits", run=None, network=None, training=None, cadence=None):

@@ -40,10 +40,15 @@ class ResolvedRun:
 
 
 def contract_of(config):
-    """The part of a config.json that must not change between the invocations of one run."""
+    """The part of a config.json that must not change between the invocations of one run.
+
+    The duration may grow: the learning rate, the data order and every random draw depend on the image
+    count only, so a finished run extended to a longer duration continues exactly where it stopped.
+    """
     run = {k: v for k, v in config["run"].items() if k not in RunOptions.RUNTIME_FIELDS}
     cadence = {k: v for k, v in config["cadence"].items() if k not in RUNTIME_CADENCE_FIELDS}
-    return {"preset": config["preset"], "network": config["network"], "training": config["training"],
+    training = {k: v for k, v in config["training"].items() if k != "duration"}
+    return {"preset": config["preset"], "network": config["network"], "training": training,
             "cadence": cadence, "run": run, "dataset": config["dataset"]}
 
 
@@ -96,6 +101,10 @@ def check_existing_run(resolved):
         raise ConfigError(f"{layout.config}: not an mpdiff run config; move it away or use a new run directory") \
             from None
     ours = resolved.contract()
+    trained = max([nimg for nimg, _ in layout.checkpoints()], default=0)
+    if trained > resolved.training.duration:
+        raise ConfigError(f"{{duration}} {resolved.training.duration} is shorter than the {trained} images this run "
+                          f"has trained; a run can be extended, not shortened", fields=("duration",))
     if theirs != ours:
         changed = _changed_fields(theirs, ours)
         raise ConfigError(f"{resolved.run.run_dir} holds a run with different options ({', '.join(changed)} differ); "
@@ -117,6 +126,39 @@ def _changed_fields(theirs, ours):
 
 
 def write_run_config(resolved):
+    """Write config.json for a new run, or rewrite it when an existing run was extended."""
     layout = RunLayout(resolved.run.run_dir)
-    if not os.path.exists(layout.config):
-        write_json(layout.config, resolved.to_dict())
+    if os.path.exists(layout.config):
+        existing = read_json(layout.config, what="run config", error=ConfigError)
+        if existing.get("training", {}).get("duration") == resolved.training.duration:
+            return
+    write_json(layout.config, resolved.to_dict())
+
+
+def summary_lines(resolved, dataset):
+    """What the run understood, one line per topic, for the terminal and log.txt (issue 11)."""
+    from mpdiff.nn.build import build_meta_network
+    from mpdiff.nn.flops import count_flops
+
+    net, training, run = resolved.network, resolved.training, resolved.run
+    classes = (f"{net.label_dim} classes (labels from {dataset.label_source})" if net.label_dim
+               else f"unconditional (labels: {dataset.label_source if run.use_labels else 'not used (--uncond)'})")
+    levels = [net.img_resolution >> i for i in range(len(net.channel_mult))]
+    used = [r for r in levels if r in net.attn_resolutions]
+    counted = count_flops(build_meta_network(net))
+    micro = run.batch_gpu or training.batch
+    lines = [
+        f"data      {dataset.name}: {len(dataset):,} images, {net.img_resolution}x{net.img_resolution}, "
+        f"{net.img_channels} channel{'s' if net.img_channels > 1 else ''}, {classes}",
+        f"network   U-Net (config G), C0 {net.model_channels}, {len(levels)} levels "
+        f"({', '.join(f'{r}x{r}' for r in levels)}), attention at "
+        f"{', '.join(f'{r}x{r}' for r in used) or 'no level'}; {int(counted['params']):,} parameters, "
+        f"{counted['flops'] / 1e9:.4g} Gflops per evaluation",
+        f"training  batch {training.batch} (micro-batch {micro}), {training.duration // training.batch:,} steps, "
+        f"{training.duration:,} images, lr {training.lr}, EMA {', '.join(f'{s:.3f}' for s in training.ema_sigma_rels)}",
+    ]
+    dropped = sorted(set(net.attn_resolutions) - set(levels), reverse=True)
+    if dropped:  # never silently: the preset asked for attention where this resolution has no level
+        lines.append(f"warning   attention at {', '.join(f'{r}x{r}' for r in dropped)} (from the preset) does not "
+                     f"exist at resolution {net.img_resolution}: its levels are {', '.join(map(str, levels))}")
+    return lines
