@@ -709,3 +709,12 @@ def test_plot_ema_profile_writes_a_png_with_small_error_for_dense_snapshots(tmp_
     assert open(sparse_path, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.exists(dense_path)
     assert os.path.dirname(sparse_path) == os.path.join(str(tmp_path / "sparse"), "phema")
     assert dense_error < 0.5 * sparse_error
+
+
+def test_targets_the_snapshots_cannot_reproduce_are_named(partial_run):
+    # Four snapshot times reproduce a 0.07 profile well, and a very short one (0.01) badly: that one is named
+    # with its relative L2 profile error, so `mpdiff phema` can warn instead of writing it silently.
+    from mpdiff.ema.reconstruct import PROFILE_ERROR_WARNING, poorly_reconstructed
+
+    named = poorly_reconstructed(partial_run, [0.01, 0.07])
+    assert [value for value, _ in named] == [0.01] and named[0][1] > PROFILE_ERROR_WARNING

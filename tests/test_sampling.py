@@ -245,3 +245,12 @@ def test_generated_image_depends_on_its_class(tiny_net):
     mixed, mixed_classes = generate(tiny_net, [5, 6], class_idx=[7, 1], **kwargs)
     assert classes == [7, 7] and mixed_classes == [7, 1]
     assert torch.equal(seven[0], mixed[0]) and not torch.equal(seven[1], mixed[1])
+
+
+def test_the_callback_sees_every_step():
+    # Progress (and anything else that watches sampling) hears about every step, not only whole batches.
+    seen = []
+    sigmas = edm_sigmas(5)
+    sample_heun(lambda x, sigma, labels: x * 0, torch.ones(2, 1, 2, 2) * 80, sigmas,
+                callback=lambda i, x: seen.append((i, tuple(x.shape))))
+    assert seen == [(i, (2, 1, 2, 2)) for i in range(5)]

@@ -271,6 +271,12 @@ def phema(run_dir, sigma_rel, at, out_dir, dtype, progress):
         paths = reconstruct(run_dir, targets, at_nimg=_at_nimg(at), out_dir=out_dir, dtype=dtype, progress=progress)
     for path in paths:
         click.echo(_one_line(path))
+    from mpdiff.ema.reconstruct import poorly_reconstructed
+
+    for value, error in poorly_reconstructed(run_dir, targets, _at_nimg(at)):
+        click.echo(f"warning: sigma_rel {value:.3f} misses its target profile by {error:.0%} (relative L2); "
+                   f"more or denser snapshots would reconstruct it better (mpdiff plot-ema-profile shows it)",
+                   err=True)
 
 
 def _writing(run_dir, command):

@@ -55,18 +55,23 @@ def generate(net, seeds, class_idx=None, batch_size=SAMPLING.batch_size, num_ste
     outputs, all_classes = [], []
     batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
     per_seed = list(class_idx) if isinstance(class_idx, (list, tuple)) else [class_idx] * len(seeds)
-    for start, batch in tqdm(list(zip(range(0, len(seeds), batch_size), batches)), disable=not progress,
-                             desc="generating", unit="batch"):
+    bar = tqdm(total=len(seeds), disable=not progress, desc="generating", unit="img", dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n:.1f}/{total} img [{elapsed}<{remaining}]")
+    for start, batch in zip(range(0, len(seeds), batch_size), batches):
         noise, labels, classes = seed_inputs(batch, shape, net.label_dim, per_seed[start:start + len(batch)], device)
         gens = [seed_generator(s + (1 << 31)) for s in batch]  # separate stream for churn noise
 
         def noise_fn(full_shape, gens=gens):
             return torch.stack([torch.randn(full_shape[1:], generator=g) for g in gens]).to(device)
 
+        def advance(step, x, share=len(batch) / num_steps):  # the bar moves every sampler step, not every batch
+            bar.update(share)
+
         x = sample_heun(denoise, noise.to(torch.float64) * sigmas[0], sigmas, labels, noise_fn=noise_fn,
-                        **sampler_kwargs)
+                        callback=advance, **sampler_kwargs)
         outputs.append(x.to(torch.float32).cpu())
         all_classes += classes
+    bar.close()
     return torch.cat(outputs), all_classes
 
 

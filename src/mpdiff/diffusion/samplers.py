@@ -9,12 +9,12 @@ from tqdm.auto import tqdm
 
 
 def sample_heun(denoise, x, sigmas, labels=None, progress=False, S_churn=0.0, S_min=0.0,
-                S_max=float("inf"), S_noise=1.0, noise_fn=None):
+                S_max=float("inf"), S_noise=1.0, noise_fn=None, callback=None):
     """EDM Algorithm 1 (deterministic by default), starting from x = noise * sigmas[0].
 
     NFE = 2N - 1 for N steps (no correction on the last step to sigma = 0). With S_churn > 0,
     noise is added before each step (EDM Algorithm 2); `noise_fn(shape)` supplies it so per-image
-    generators stay independent of batching.
+    generators stay independent of batching. `callback(i, x)` is called after step i (0-based).
     """
     num_steps = len(sigmas) - 1
     x = x.to(torch.float64)
@@ -30,6 +30,8 @@ def sample_heun(denoise, x, sigmas, labels=None, progress=False, S_churn=0.0, S_
             d_next = (x_next - _call(denoise, x_next, t_next, labels)) / t_next
             x_next = x + (t_next - t_hat) * (d + d_next) / 2
         x = x_next
+        if callback is not None:
+            callback(i, x)
     return x
 
 

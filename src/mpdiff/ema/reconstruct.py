@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from mpdiff.config import STORAGE_DTYPES
-from mpdiff.ema.profiles import check_named_sigma_rels, solve_posthoc_coefficients
+from mpdiff.ema.profiles import check_named_sigma_rels, profile_reconstruction_error, solve_posthoc_coefficients
 from mpdiff.ema.snapshots import list_snapshots
 from mpdiff.errors import CheckpointError, ConfigError, first_line
 from mpdiff.storage.files import atomic_write
@@ -69,6 +69,22 @@ def select_inputs(records, at_nimg=None):
         raise ConfigError(f"reconstruction time {at_nimg} images is not a snapshot time; the nearest are "
                           f"{' and '.join(str(t) for t in below + above)}")
     return at_nimg, [r for r in records if 0 < r.nimg <= at_nimg]  # at_nimg itself is one of them
+
+
+PROFILE_ERROR_WARNING = 0.10   # relative L2 error of a reconstructed profile worth a warning
+
+
+def poorly_reconstructed(run_dir, sigma_rels, at_nimg=None):
+    """[(sigma_rel, relative L2 profile error)] of the targets whose profile the snapshots miss by more
+    than PROFILE_ERROR_WARNING (too few or too sparse snapshots for that EMA length)."""
+    at_nimg, inputs = select_inputs(list_snapshots(run_dir), at_nimg)
+    in_t, in_sigma = [r.nimg for r in inputs], [r.sigma_rel for r in inputs]
+    out = []
+    for sigma_rel in _target_sigma_rels(sigma_rels):
+        _, rel_l2 = profile_reconstruction_error(in_t, in_sigma, at_nimg, sigma_rel)
+        if not rel_l2 <= PROFILE_ERROR_WARNING:
+            out.append((sigma_rel, rel_l2))
+    return out
 
 
 # Streaming: a pass reads every input byte once, one element range of one tensor from all inputs together,
