@@ -278,7 +278,8 @@ def test_shapes_are_checked_from_headers_before_decoding(tmp_path, monkeypatch):
     write_files(tmp_path, {**good_images(3, 8), "z.png": bomb_png()})
     refuse_decoding(monkeypatch)
     assert open_error(tmp_path) == (f"{tmp_path}/z.png: image is 8192x8192 pixels but {tmp_path}/img0.png is 8x8; "
-                                    f"all images must have the same size")
+                                    f"all images must have the same size; convert it with: mpdiff dataset convert "
+                                    f"{tmp_path} {tmp_path}-8 --resolution 8 --transform center-crop")
 
 
 def forge_zip_sizes(path, name, declared):

@@ -327,6 +327,11 @@ def plot_ema_profile(run_dir, sigma_rel, at, out_path):
     click.echo(f"{path} (max abs profile error {error:.3g})")
 
 
+from mpdiff.cli_dataset import dataset  # noqa: E402  (the `mpdiff dataset` group lives in its own module)
+
+cli.add_command(dataset)
+
+
 def main(argv=None):
     cli.main(args=argv, prog_name="mpdiff")
 

@@ -3,4 +3,5 @@
 * :mod:`~mpdiff.data.datasets` — folders and ZIPs of images with EDM2 ``dataset.json`` labels, checked up front.
 * :mod:`~mpdiff.data.digits` — the built-in dataset (UCI digits from scikit-learn).
 * :mod:`~mpdiff.data.pixels` — the encoder between uint8 images and network values.
+* :mod:`~mpdiff.data.convert` — any folder/ZIP of images to an EDM2-style dataset (`mpdiff dataset convert`).
 """

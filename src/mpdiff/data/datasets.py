@@ -12,8 +12,11 @@ naming the file. Nothing is skipped silently.
 import contextlib
 import json
 import os
+import re
+import shlex
 import warnings
 import zipfile
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,6 +35,8 @@ LABELS_BYTES_PER_IMAGE = 2**10         # (an EDM2 entry ["00000/img00000000.png"
 MAX_DATASET_BYTES_ENV = "MPDIFF_MAX_DATASET_BYTES"  # overrides the memory limit (default: half of physical memory)
 MAX_NUM_CLASSES = 65536                # class indices must lie in [0, MAX_NUM_CLASSES)
 PROGRESS_MIN_IMAGES = 1000             # progress=None shows a bar above this many images
+CHUNK_FOLDER = re.compile(r"\d{5}")    # EDM2's dataset tool writes 00000/img00000000.png ... 00001/img00001000.png
+CHUNK_FOLDERS_UNLABELLED = "none (EDM2 chunk folders 00000/... are not classes)"  # label_source for them
 
 
 class ImageDataset:
@@ -42,7 +47,8 @@ class ImageDataset:
     """
 
     def __init__(self, images, labels=None, num_classes=None, name="dataset",
-                 label_source=None,     # where labels came from: "dataset.json", "directories", "built-in", "none"
+                 label_source=None,     # where labels came from: "dataset.json", "directories", "built-in", "none",
+                                        # or CHUNK_FOLDERS_UNLABELLED ("none (EDM2 chunk folders ...)")
                  ignored_files=()):     # relative paths of files that were skipped (links to folders end in "/"), for the log
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4:
@@ -95,7 +101,8 @@ def open_dataset(spec, use_labels=True, *, progress=None):
     is opaque, and then the transparency is dropped; otherwise it is an error. 32-bit/float modes
     are refused. Multi-frame files give their first frame; EXIF orientation is not applied (as in
     EDM2). All images must share one channel count and one square size whose side is a power of
-    two >= 4. Images above MAX_IMAGE_PIXELS pixels or files above MAX_FILE_BYTES are refused.
+    two >= 4 (the size errors say how to convert other images: :mod:`mpdiff.data.convert`). Images
+    above MAX_IMAGE_PIXELS pixels or files above MAX_FILE_BYTES are refused.
 
     Memory: before any pixel is decoded, every image's header is read (size and mode) and the
     array they need (N x C x H x W bytes) is compared with :func:`max_dataset_bytes` (half of
@@ -110,7 +117,10 @@ def open_dataset(spec, use_labels=True, *, progress=None):
     MAX_FILE_BYTES). Without dataset.json at the root (one in a subfolder is an error: its labels
     would be lost), if every image lies inside a top-level folder and there are at least two of
     them, the sorted folder names are the classes (as EDM2's dataset tool does); otherwise the
-    dataset is unlabelled. use_labels=False ignores dataset.json and folders entirely.
+    dataset is unlabelled. Folders that are all named by five digits are EDM2's chunks of 1000
+    images (00000/img00000000.png), not classes: such a dataset is unlabelled (`ds.label_source`
+    says so; numbered class folders need a dataset.json). use_labels=False ignores dataset.json
+    and folders entirely.
 
     progress: None = a tqdm bar when there are more than PROGRESS_MIN_IMAGES images; True/False.
     Every problem raises DatasetError with one line naming the file (and entry) at fault.
@@ -125,34 +135,55 @@ def open_dataset(spec, use_labels=True, *, progress=None):
         return ds if use_labels else ImageDataset(ds.images, name=ds.name)
     path = os.fsdecode(os.fspath(spec))  # bytes paths too; undecodable bytes become surrogate escapes
     with _open_source(path) as source:
-        files = source.list_files()
-        image_names = sorted(name for name in files if _is_image_name(name))
-        ignored = sorted(name for name in files if not _is_image_name(name) and name != LABELS_FILE)
-        if not image_names:
-            raise DatasetError(f"{source.shown}: no images found (searched recursively for "
-                               f"{', '.join(IMAGE_EXTENSIONS)} files; other files ignored: {len(ignored)})")
-        # Labels first: a bad dataset.json fails before minutes of decoding.
-        labels, num_classes, label_source = None, 0, "none"
-        if use_labels and LABELS_FILE in files:
-            where = source.where(LABELS_FILE)
-            limit = labels_file_limit(len(image_names))
-            data = source.read(LABELS_FILE, limit, f" for the {LABELS_FILE} of a dataset of {_count(len(image_names), 'image')} "
-                                                  f"(1 MiB + 1 KiB per image)")
-            labels, num_classes = parse_labels_json(data, where, image_names)
-            label_source = LABELS_FILE if labels is not None else "none"
-        elif use_labels:
-            nested = sorted(name for name in files if name.endswith("/" + LABELS_FILE) and _is_visible(name))
-            if nested:  # e.g. a ZIP made from outside the folder: its labels would be lost silently
-                raise DatasetError(f"{source.where(nested[0])}: {LABELS_FILE} must be at the dataset root, "
-                                   f"not in a subfolder (or pass use_labels=False)")
-            labels, num_classes = labels_from_directories(image_names, source.shown)
-            label_source = "directories" if labels is not None else "none"
+        found = scan_source(source, use_labels)  # labels first: a bad dataset.json fails before minutes of decoding
+        image_names = found.image_names
         show = len(image_names) > PROGRESS_MIN_IMAGES if progress is None else bool(progress)
         first_where, shape = _check_headers(source, image_names, show)  # nothing decoded or allocated yet
         _check_memory(source.shown, len(image_names), shape)
         images = _decode_all(source, image_names, first_where, shape, show)
+    labels, num_classes, label_source, ignored = found.labels, found.num_classes, found.label_source, found.ignored
     return ImageDataset(images, labels, num_classes, name=_dataset_name(path),
                         label_source=label_source, ignored_files=ignored)
+
+
+class SourceScan(NamedTuple):
+    """What a folder or ZIP holds, before any image is decoded (see :func:`scan_source`)."""
+    image_names: list     # sorted relative posix paths of the images
+    ignored: list         # sorted relative paths of the other files (not dataset.json)
+    labels: object        # int64 [N], or None
+    num_classes: int
+    label_source: str     # "dataset.json", "directories", "none" or CHUNK_FOLDERS_UNLABELLED
+
+
+def scan_source(source, use_labels=True):
+    """List the images of an open source (:func:`_open_source`) and read their labels, as described
+    in :func:`open_dataset`; nothing is decoded. Raises DatasetError when there is no image or the
+    labels are unusable."""
+    files = source.list_files()
+    image_names = sorted(name for name in files if _is_image_name(name))
+    ignored = sorted(name for name in files if not _is_image_name(name) and name != LABELS_FILE)
+    if not image_names:
+        raise DatasetError(f"{source.shown}: no images found (searched recursively for "
+                           f"{', '.join(IMAGE_EXTENSIONS)} files; other files ignored: {len(ignored)})")
+    labels, num_classes, label_source = None, 0, "none"
+    if use_labels and LABELS_FILE in files:
+        where = source.where(LABELS_FILE)
+        limit = labels_file_limit(len(image_names))
+        data = source.read(LABELS_FILE, limit, f" for the {LABELS_FILE} of a dataset of {_count(len(image_names), 'image')} "
+                                              f"(1 MiB + 1 KiB per image)")
+        labels, num_classes = parse_labels_json(data, where, image_names)
+        label_source = LABELS_FILE if labels is not None else "none"
+    elif use_labels:
+        nested = sorted(name for name in files if name.endswith("/" + LABELS_FILE) and _is_visible(name))
+        if nested:  # e.g. a ZIP made from outside the folder: its labels would be lost silently
+            raise DatasetError(f"{source.where(nested[0])}: {LABELS_FILE} must be at the dataset root, "
+                               f"not in a subfolder (or pass use_labels=False)")
+        labels, num_classes = labels_from_directories(image_names, source.shown)
+        if labels is not None:
+            label_source = "directories"
+        elif in_chunk_folders(image_names):
+            label_source = CHUNK_FOLDERS_UNLABELLED
+    return SourceScan(image_names, ignored, labels, num_classes, label_source)
 
 
 def labels_file_limit(num_images):
@@ -201,6 +232,13 @@ def write_dataset_json(directory, entries, num_classes=None):
     """
     from mpdiff.storage.files import write_json
 
+    out = os.path.join(os.fspath(directory), LABELS_FILE)
+    write_json(out, labels_document(entries, num_classes))
+    return out
+
+
+def labels_document(entries, num_classes=None):
+    """The EDM2 `dataset.json` document (a dict) for `entries`, as :func:`write_dataset_json` writes it."""
     entries = [(path, cls) for path, cls in entries]
     seen = set()
     for path, cls in entries:
@@ -222,9 +260,7 @@ def write_dataset_json(directory, entries, num_classes=None):
             if int(num_classes) <= max(classes):
                 raise ValueError(f"num_classes={num_classes} but the largest class is {max(classes)}")
             doc["num_classes"] = int(num_classes)
-    out = os.path.join(os.fspath(directory), LABELS_FILE)
-    write_json(out, doc)
-    return out
+    return doc
 
 
 # ---- labels ----------------------------------------------------------------------------------
@@ -304,8 +340,9 @@ def _unique_keys(pairs):
 
 def labels_from_directories(image_names, where="dataset"):
     """Classes from sorted top-level folder names (EDM2 dataset tool), or (None, 0) when the
-    images are not all inside top-level folders or there is only one folder."""
-    if any("/" not in name for name in image_names):
+    images are not all inside top-level folders, there is only one folder, or every folder is
+    an EDM2 chunk folder (:func:`in_chunk_folders`)."""
+    if any("/" not in name for name in image_names) or in_chunk_folders(image_names):
         return None, 0
     tops = [name.split("/", 1)[0] for name in image_names]
     classes = sorted(set(tops))
@@ -316,6 +353,12 @@ def labels_from_directories(image_names, where="dataset"):
                            f"(write a dataset.json or pass use_labels=False)")
     class_of = {top: i for i, top in enumerate(classes)}
     return np.array([class_of[top] for top in tops], dtype=np.int64), len(classes)
+
+
+def in_chunk_folders(image_names):
+    """True when every image lies in a top-level folder named by five digits (00000/, 00001/, ...):
+    the chunks of 1000 images that EDM2's dataset tool writes, which are not classes."""
+    return all("/" in name and CHUNK_FOLDER.fullmatch(name.split("/", 1)[0]) for name in image_names)
 
 
 def _is_int(value):
@@ -525,10 +568,10 @@ def _check_headers(source, image_names, show):
             with source.open(name) as stream:
                 shape = probe_image(stream, where)
             if first is None:
-                _check_first_shape(shape, where)
+                _check_first_shape(shape, where, source.path)
                 first = (where, shape)
             elif shape != first[1]:
-                _raise_shape_mismatch(shape, where, *first)
+                _raise_shape_mismatch(shape, where, *first, source.path)
             bar.update(1)
     return first
 
@@ -548,29 +591,53 @@ def _decode_all(source, image_names, first_where, shape, show):
             where = source.where(name)
             array = decode_image(source.read(name), where)
             if array.shape != shape:  # the file changed since its header was read, or PIL disagrees with itself
-                _raise_shape_mismatch(array.shape, where, first_where, shape)
+                _raise_shape_mismatch(array.shape, where, first_where, shape, source.path)
             images[i] = array
             bar.update(1)
     return images
 
 
-def _check_first_shape(shape, where):
+def _check_first_shape(shape, where, path):
     _, height, width = shape
     if height != width:
         raise DatasetError(f"{where}: image is {width}x{height} pixels; images must be square, with a "
-                           f"power-of-two side of at least {MIN_RESOLUTION}")
+                           f"power-of-two side of at least {MIN_RESOLUTION}{convert_hint(path, [shape])}")
     if width < MIN_RESOLUTION or width & (width - 1):
         raise DatasetError(f"{where}: image is {width}x{height} pixels; the side must be a power of two of at "
-                           f"least {MIN_RESOLUTION} (the U-Net halves the resolution at each level)")
+                           f"least {MIN_RESOLUTION} (the U-Net halves the resolution at each level)"
+                           f"{convert_hint(path, [shape])}")
 
 
-def _raise_shape_mismatch(shape, where, first_where, first_shape):
+def _raise_shape_mismatch(shape, where, first_where, first_shape, path):
     if shape[1:] != first_shape[1:]:
         raise DatasetError(f"{where}: image is {shape[2]}x{shape[1]} pixels but {first_where} is "
-                           f"{first_shape[2]}x{first_shape[1]}; all images must have the same size")
+                           f"{first_shape[2]}x{first_shape[1]}; all images must have the same size"
+                           f"{convert_hint(path, [first_shape, shape])}")
     kind = {1: "grayscale (1 channel)", 3: "RGB (3 channels)"}
     raise DatasetError(f"{where}: image is {kind[shape[0]]} but {first_where} is {kind[first_shape[0]]}; "
-                       f"all images must have the same channel count")
+                       f"all images must have the same channel count{convert_hint(path, [first_shape, shape])}")
+
+
+def convert_hint(path, shapes):
+    """'; convert it with: mpdiff dataset convert SRC DEST ...' for the dataset at `path`, whose images
+    include those of `shapes` ((C, H, W) each): a resolution and transform that suit them (small images
+    such as MNIST's 28x28 are padded to the next power of two, larger ones centre-cropped to the
+    largest power of two that fits), and DEST named after SRC."""
+    sides = [side for _, height, width in shapes for side in (height, width)]
+    if len({shape[1:] for shape in shapes}) == 1 and sides[0] == sides[1] and sides[0] >= MIN_RESOLUTION \
+            and not sides[0] & (sides[0] - 1):  # the sizes are fine (mixed channels): no resizing
+        resolution, options = sides[0], ""
+    elif max(sides) <= 64:
+        resolution = max(MIN_RESOLUTION, 1 << (max(sides) - 1).bit_length())
+        options = f" --resolution {resolution} --transform pad"
+    else:
+        resolution = max(MIN_RESOLUTION, 1 << (min(sides).bit_length() - 1))
+        options = f" --resolution {resolution} --transform center-crop"
+    source = os.path.normpath(path)
+    stem, ext = (source[:-4], source[-4:]) if source.lower().endswith(".zip") else (source, "")
+    dest = f"{stem}-{resolution}{ext}"
+    return f"; convert it with: mpdiff dataset convert {shlex.quote(_show(source, None))} " \
+           f"{shlex.quote(_show(dest, None))}{options}"
 
 
 # ---- sources: a folder or a ZIP archive -----------------------------------------------------

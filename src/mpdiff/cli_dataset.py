@@ -1,0 +1,40 @@
+"""`mpdiff dataset ...`: preparing datasets (parsing only; the work is in :mod:`mpdiff.data.convert`)."""
+
+import click
+
+from mpdiff.data.convert import TRANSFORMS
+
+_TRANSFORM_HELP = (
+    "How each image becomes RxR (needed unless all images already are): "
+    "pad = centre it on a black RxR canvas (it must fit; e.g. MNIST 28x28 -> 32); "
+    "resize = Lanczos resize to RxR (the aspect ratio is NOT kept); "
+    "center-crop = the largest centred square, Lanczos resized to R; "
+    "center-crop-dhariwal = the ADM/EDM2 ImageNet recipe (box-halve while the short side >= 2R, "
+    "bicubic resize to a short side of R, centre crop).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def dataset():
+    """Prepare datasets for training."""
+
+
+@dataset.command()
+@click.argument("src")
+@click.argument("dest")
+@click.option("--resolution", type=int, default=None, metavar="R",
+              help="Output side, a power of two >= 4 [default: the images' size, when they all share one such size].")
+@click.option("--transform", type=click.Choice(TRANSFORMS), default=None, help=_TRANSFORM_HELP)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def convert(src, dest, resolution, transform, progress):
+    """Convert images of any size into an EDM2-style dataset.
+
+    SRC: a folder or ZIP of PNG/JPEG/BMP/WebP images, grayscale or RGB (images with transparent pixels
+    are refused: flatten them first), labelled by its dataset.json or by class-per-folder (sorted
+    top-level folder names), else unlabelled. DEST: a new folder, or a .zip file, holding
+    00000/img00000000.png ... and dataset.json; it is written whole or not at all.
+    """
+    from mpdiff.data.convert import convert_dataset
+    from mpdiff.storage.files import printable
+
+    result = convert_dataset(src, dest, resolution, transform, progress=progress)
+    click.echo(printable(result.summary()))

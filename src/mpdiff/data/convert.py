@@ -1,0 +1,345 @@
+"""Converting any folder or ZIP of images into an EDM2-style dataset (`mpdiff dataset convert`).
+
+The source is read as :func:`~mpdiff.data.datasets.open_dataset` reads a dataset (the same files,
+decoder, checks and labels: `dataset.json` at the root, else class-per-folder, else none), except
+that its images may have any size and may mix grayscale and RGB. Each image is brought to one
+square power-of-two size by a transform, and the result is written the way EDM2's dataset tool
+writes it: ``00000/img00000000.png`` ... (1000 images per chunk folder) and ``dataset.json`` with
+``{"labels": [["00000/img00000000.png", 6], ...]}`` (or ``"labels": null``).
+
+Choices:
+
+* Transparency: an image with any transparent pixel is refused, as the reader refuses it (compositing
+  onto a guessed background would invent pixels); flatten such images first.
+* Channels: 1 when every image is grayscale, else 3 (grayscale images are repeated into RGB).
+* Every header is read before anything is written, so a size that a transform cannot take (an image
+  larger than the canvas of `pad`), a missing resolution or transform fails before any output exists.
+* Output: PNG files (compressed; a ZIP stores them as they are). A folder is written into a hidden
+  sibling ``.NAME.partial-XXXXXXXX`` and renamed to NAME when complete; a ZIP is written with
+  :func:`~mpdiff.storage.files.atomic_write`. An interrupted conversion leaves no DEST. A DEST that
+  exists and is not empty is refused.
+"""
+
+import io
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from typing import NamedTuple
+
+import numpy as np
+
+from mpdiff.data.datasets import (
+    CHUNK_FOLDERS_UNLABELLED,
+    LABELS_FILE,
+    MIN_RESOLUTION,
+    _open_source,
+    decode_image,
+    labels_document,
+    probe_image,
+    scan_source,
+)
+from mpdiff.errors import ConfigError, DatasetError, MpdiffError
+from mpdiff.storage.files import _fsync_dir, atomic_write, show_path, write_bytes
+
+TRANSFORMS = ("pad", "resize", "center-crop", "center-crop-dhariwal")
+IMAGES_PER_FOLDER = 1000        # EDM2: 00000/img00000000.png ... 00000/img00000999.png, 00001/img00001000.png
+_PARTIAL = ".partial-"          # a folder DEST is written into the hidden sibling .NAME.partial-XXXXXXXX
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # ZIP entries carry this fixed time: the same input gives the same bytes
+
+
+class Conversion(NamedTuple):
+    """What :func:`convert_dataset` wrote."""
+    dest: str
+    count: int
+    resolution: int
+    channels: int
+    num_classes: int
+    label_source: str   # as ImageDataset.label_source: "dataset.json", "directories", "none", ...
+
+    def summary(self):
+        """One line: wrote N images (RxR, C channels, K classes from <labels source>) to DEST."""
+        if self.num_classes:
+            origin = "top-level folders" if self.label_source == "directories" else self.label_source
+            labels = f"{self.num_classes} {'class' if self.num_classes == 1 else 'classes'} from {origin}"
+        elif self.label_source == CHUNK_FOLDERS_UNLABELLED:
+            labels = "unlabelled: EDM2 chunk folders 00000/... are not classes"
+        else:
+            labels = "unlabelled"
+        channels = f"{self.channels} channel{'' if self.channels == 1 else 's'}"
+        return (f"wrote {self.count:,} image{'' if self.count == 1 else 's'} ({self.resolution}x{self.resolution}, "
+                f"{channels}, {labels}) to {show_path(self.dest)}")
+
+
+def convert_dataset(src, dest, resolution=None, transform=None, *, progress=True):
+    """Convert the images at `src` (a folder, ZIP or class-per-folder tree) into an EDM2-style dataset at
+    `dest` (a folder, or a ZIP when the name ends in .zip); return a :class:`Conversion`.
+
+    resolution: the output side R (a power of two >= 4). Needed unless every source image is already
+    one R x R size. transform (one of TRANSFORMS), needed unless every image is already R x R:
+
+    * ``pad``: centre the image on an R x R black canvas; an image larger than R is refused.
+    * ``resize``: Lanczos resize to R x R; the aspect ratio is not kept.
+    * ``center-crop``: the largest centred square, then a Lanczos resize to R x R.
+    * ``center-crop-dhariwal``: the ADM recipe EDM2 uses for ImageNet: halve the image with a box
+      filter while its short side is at least 2R, resize it (bicubic) so that the short side is R,
+      then take the centred R x R square.
+
+    progress: tqdm bars over the images (header check, then conversion).
+    """
+    src = os.fsdecode(os.fspath(src))
+    dest = os.fsdecode(os.fspath(dest))
+    _check_options(resolution, transform)
+    _check_destination(src, dest)  # before reading anything: a refused DEST costs nothing
+    with _open_source(src) as source:
+        scan = scan_source(source)
+        shapes = _read_headers(source, scan.image_names, progress)
+        resolution = _plan(source, scan.image_names, shapes, resolution, transform)
+        channels = 3 if any(shape[0] == 3 for shape in shapes) else 1
+        labels = [None] * len(shapes) if scan.labels is None else [int(c) for c in scan.labels]
+        num_classes = scan.num_classes if scan.labels is not None else None
+        files = _png_files(source, scan.image_names, resolution, transform, channels, progress)
+        if dest.lower().endswith(".zip"):
+            _write_zip(dest, files, labels, num_classes)
+        else:
+            _write_folder(dest, files, labels, num_classes)
+    return Conversion(dest, len(shapes), resolution, channels, scan.num_classes if scan.labels is not None else 0,
+                      scan.label_source)
+
+
+def transform_image(image, transform, resolution):
+    """uint8 [C, H, W] -> uint8 [C, R, R] by `transform` (see :func:`convert_dataset`); an image that
+    is already R x R is returned as it is, by every transform."""
+    image = np.asarray(image)
+    _, height, width = image.shape
+    size = resolution
+    if (height, width) == (size, size):
+        return image
+    if transform == "pad":
+        if height > size or width > size:
+            raise ValueError(f"a {width}x{height} image does not fit on a {size}x{size} canvas")
+        canvas = np.zeros((image.shape[0], size, size), dtype=np.uint8)
+        top, left = (size - height) // 2, (size - width) // 2
+        canvas[:, top:top + height, left:left + width] = image
+        return canvas
+    from PIL import Image
+
+    if transform == "resize":
+        return _from_pil(_to_pil(image).resize((size, size), Image.Resampling.LANCZOS))
+    if transform == "center-crop":
+        side = min(height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        square = image[:, top:top + side, left:left + side]
+        return _from_pil(_to_pil(square).resize((size, size), Image.Resampling.LANCZOS))
+    if transform == "center-crop-dhariwal":
+        picture = _to_pil(image)
+        while min(picture.size) >= 2 * size:  # halve with a box filter (an average of 2x2 pixels)
+            picture = picture.resize((picture.width // 2, picture.height // 2), Image.Resampling.BOX)
+        scale = size / min(picture.size)  # then the short side becomes exactly `size`
+        picture = picture.resize((round(picture.width * scale), round(picture.height * scale)),
+                                 Image.Resampling.BICUBIC)
+        array = _from_pil(picture)
+        top, left = (array.shape[1] - size) // 2, (array.shape[2] - size) // 2
+        return np.ascontiguousarray(array[:, top:top + size, left:left + size])
+    raise ValueError(f"unknown transform {transform!r}; expected one of {', '.join(TRANSFORMS)}")
+
+
+def _to_pil(image):
+    from mpdiff.storage.images import to_pil
+    return to_pil(image)
+
+
+def _from_pil(picture):
+    array = np.asarray(picture)
+    return np.ascontiguousarray(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+
+
+# ---- checks before any work -----------------------------------------------------------------------
+
+def _is_resolution(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= MIN_RESOLUTION \
+        and not value & (value - 1)
+
+
+def _check_options(resolution, transform):
+    if resolution is not None and not _is_resolution(resolution):
+        raise ConfigError(f"--resolution must be a power of two of at least {MIN_RESOLUTION} (4, 8, 16, 32, 64, ...), "
+                          f"got {resolution}")
+    if transform is not None and transform not in TRANSFORMS:
+        raise ConfigError(f"--transform must be one of {', '.join(TRANSFORMS)}, got {transform!r}")
+
+
+def _check_destination(src, dest):
+    """Refuse a DEST that exists and is not empty (or is not what its name says), or a folder DEST
+    inside the source folder (its images would join the source's)."""
+    shown = show_path(dest)
+    if not dest or os.path.basename(os.path.normpath(dest)) in ("", ".", ".."):
+        raise ConfigError(f"DEST '{shown}' must name a new folder or a .zip file")
+    try:
+        info = os.stat(dest)
+    except FileNotFoundError:
+        info = None
+    except OSError as e:
+        raise MpdiffError(f"{shown}: cannot write here ({e.strerror or e})") from None
+    is_zip = dest.lower().endswith(".zip")
+    if info is not None:
+        if os.path.isdir(dest):
+            if is_zip:
+                raise ConfigError(f"{shown} is a folder; a .zip DEST must be a file (choose another name)")
+            if os.listdir(dest):
+                raise ConfigError(f"{shown} is not empty; convert writes a complete new dataset (choose another "
+                                  f"DEST, or remove this one)")
+        elif is_zip and os.path.isfile(dest):
+            if info.st_size:
+                raise ConfigError(f"{shown} already exists; convert writes a complete new dataset (choose another "
+                                  f"DEST, or remove this one)")
+        else:
+            raise ConfigError(f"{shown} already exists and is not a folder; name a new folder or a .zip file")
+    if not is_zip and os.path.isdir(src):
+        inner, outer = os.path.realpath(dest), os.path.realpath(src)
+        if os.path.commonpath([inner, outer]) == outer:
+            raise ConfigError(f"DEST {shown} is inside SRC {show_path(src)}; its images would become part of "
+                              f"the source (choose a folder outside it)")
+
+
+def _read_headers(source, names, progress):
+    """(C, H, W) of every image from its header; nothing decoded."""
+    from tqdm import tqdm
+
+    shapes = []
+    for name in tqdm(names, desc=f"Checking {source.shown}", unit="img", disable=not progress):
+        with source.open(name) as stream:
+            shapes.append(probe_image(stream, source.where(name)))
+    return shapes
+
+
+def _plan(source, names, shapes, resolution, transform):
+    """The output side, once the headers show that `transform` can make every image that size."""
+    sizes = {shape[1:] for shape in shapes}
+    choices = "|".join(TRANSFORMS)
+    if resolution is None:
+        if len(sizes) > 1:
+            first = shapes[0][1:]
+            other = next(i for i, shape in enumerate(shapes) if shape[1:] != first)
+            raise ConfigError(f"{source.shown}: images have {len(sizes)} different sizes (e.g. {_wxh(first)} and "
+                              f"{_wxh(shapes[other][1:])} at {source.where(names[other])}); choose --resolution R "
+                              f"(a power of two >= {MIN_RESOLUTION}) and --transform {choices}")
+        height, width = sizes.pop()
+        if height != width or not _is_resolution(width):
+            raise ConfigError(f"{source.shown}: images are {_wxh((height, width))} pixels, not square with a "
+                              f"power-of-two side >= {MIN_RESOLUTION}; choose --resolution R and --transform {choices}")
+        return width
+    if transform is None:
+        other = next((i for i, shape in enumerate(shapes) if shape[1:] != (resolution, resolution)), None)
+        if other is not None:
+            raise ConfigError(f"{source.where(names[other])}: image is {_wxh(shapes[other][1:])} pixels, not "
+                              f"{resolution}x{resolution}; choose --transform {choices}")
+    if transform == "pad":
+        other = next((i for i, shape in enumerate(shapes) if max(shape[1:]) > resolution), None)
+        if other is not None:
+            raise DatasetError(f"{source.where(names[other])}: image is {_wxh(shapes[other][1:])} pixels, larger "
+                               f"than {resolution}x{resolution}; --transform pad only adds borders (choose a larger "
+                               f"--resolution, or --transform resize, center-crop or center-crop-dhariwal)")
+    return resolution
+
+
+def _wxh(size):
+    height, width = size
+    return f"{width}x{height}"
+
+
+# ---- conversion and writing -----------------------------------------------------------------------
+
+def _png_files(source, names, resolution, transform, channels, progress):
+    """(EDM2 name, PNG bytes) of every converted image, in the source's order."""
+    from tqdm import tqdm
+
+    for index, name in enumerate(tqdm(names, desc=f"Converting {source.shown}", unit="img", disable=not progress)):
+        where = source.where(name)
+        image = decode_image(source.read(name), where)
+        if image.shape[1:] != (resolution, resolution):
+            if transform == "pad" and max(image.shape[1:]) > resolution:  # changed since its header was read
+                raise DatasetError(f"{where}: image is {_wxh(image.shape[1:])} pixels, larger than "
+                                   f"{resolution}x{resolution}; --transform pad only adds borders")
+            if transform is None:
+                raise DatasetError(f"{where}: image is {_wxh(image.shape[1:])} pixels, not {resolution}x{resolution}")
+            image = transform_image(image, transform, resolution)
+        if image.shape[0] < channels:
+            image = np.repeat(image, channels, axis=0)  # grayscale among RGB images: gray RGB
+        yield entry_name(index), _png(image)
+
+
+def entry_name(index):
+    """EDM2's name for the image of this index: 00000/img00000000.png, 00001/img00001000.png, ..."""
+    return f"{index // IMAGES_PER_FOLDER:05d}/img{index:08d}.png"
+
+
+def _png(image):
+    buffer = io.BytesIO()
+    _to_pil(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write_zip(dest, files, labels, num_classes):
+    """A ZIP (stored entries: PNG is compressed already) written whole by atomic_write."""
+    with atomic_write(dest) as out, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
+        names = []
+        for name, data in files:
+            archive.writestr(_zip_entry(name), data)
+            names.append(name)
+        archive.writestr(_zip_entry(LABELS_FILE), _labels_json(names, labels, num_classes))
+
+
+def _labels_json(names, labels, num_classes):
+    """dataset.json as EDM2 writes it: one line, {"labels": [["00000/img00000000.png", 6], ...]}."""
+    return (json.dumps(labels_document(zip(names, labels), num_classes)) + "\n").encode("utf-8")
+
+
+def _zip_entry(name):
+    info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16  # -rw-r--r-- when unpacked
+    return info
+
+
+def _write_folder(dest, files, labels, num_classes):
+    """A folder written whole: every file into a hidden sibling, which takes DEST's place when complete
+    (rename is atomic; it replaces nothing but an empty folder)."""
+    dest = os.path.normpath(dest)
+    if os.path.islink(dest):
+        dest = os.path.realpath(dest)  # a link to an empty folder: fill the folder; the link stays
+    parent, name = os.path.dirname(os.path.abspath(dest)), os.path.basename(dest)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        _remove_partials(parent, name)
+        partial = tempfile.mkdtemp(prefix=f".{name}{_PARTIAL}", dir=parent)
+    except OSError as e:
+        raise MpdiffError(f"{show_path(dest)}: cannot write here ({e.strerror or e})") from None
+    try:
+        names = []
+        for entry, data in files:
+            folder, _ = entry.split("/")
+            os.makedirs(os.path.join(partial, folder), exist_ok=True)
+            write_bytes(os.path.join(partial, *entry.split("/")), data)
+            names.append(entry)
+        write_bytes(os.path.join(partial, LABELS_FILE), _labels_json(names, labels, num_classes))
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(partial, 0o777 & ~mask)  # mkdtemp made it private; DEST gets a new folder's permissions
+        os.rename(partial, dest)
+        _fsync_dir(parent)
+    except OSError as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise MpdiffError(f"{show_path(dest)}: cannot write here ({e.strerror or e})") from None
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _remove_partials(parent, name):
+    """Remove what an interrupted conversion to folder `name` left: hidden '.NAME.partial-*' folders only."""
+    prefix = f".{name}{_PARTIAL}"
+    for entry in os.scandir(parent):
+        if entry.name.startswith(prefix) and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
