@@ -393,7 +393,8 @@ def test_disk_full_while_writing_a_checkpoint(run_copy, monkeypatch):
     assert digests(run_dir / "checkpoints") == before and not temporaries(run_dir)
     load_tensors(ckpt(run_dir, 256))
     train_tiny(run_dir, slice_nimg=128)  # space again: the same command resumes from the intact checkpoint
-    assert f"resumed from {ckpt(run_dir, 256)} at 256 images" in (run_dir / "log.txt").read_text().splitlines()[-1]
+    starts = [line for line in (run_dir / "log.txt").read_text().splitlines() if "resumed from" in line or "new run" in line]
+    assert f"resumed from {ckpt(run_dir, 256)} at 256 images" in starts[-1]
     assert load_tensors(ckpt(run_dir, 384))[1]["nimg"] == 384
 
 
