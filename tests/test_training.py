@@ -291,3 +291,20 @@ def test_attention_the_resolution_cannot_have_is_a_warning_not_a_silent_drop():
     assert "attention at 4x4;" in lines[1]
     assert lines[-1] == ("warning   attention at 16x16 (from the preset) does not exist at resolution 8: "
                          "its levels are 8, 4, 2")
+
+
+@pytest.mark.slow
+def test_info_measures_training_and_sampling_for_the_size_asked():
+    # `mpdiff info PRESET --resolution R --channels C --batch B`: the network as asked, counted, and measured
+    # on this machine in fresh processes (no timing is asserted, only that measurements exist and are sane).
+    result = run_cli("info", "digits", "--resolution", "16", "--channels", "8", "--batch", "4", "--json")
+    assert result.exit_code == 0, result.output
+    desc = json.loads(result.stdout)
+    assert (desc["network"]["img_resolution"], desc["network"]["model_channels"]) == (16, 8)
+    assert desc["params"] != describe_preset("digits")["params"]
+    measured = desc["measured"]
+    assert measured["batch"] == 4 and measured["network_bytes"] == 4 * desc["params"]
+    for kind in ("train", "sample"):
+        assert measured[kind]["img_per_sec"] > 0 and measured[kind]["working_bytes"] >= 0
+    refused = run_cli("info", "digits", "--batch", "0")
+    assert refused.exit_code == 1 and refused.stderr.strip() == "error: --batch must be positive, got 0"

@@ -228,9 +228,15 @@ def eval_(images, as_json):
 
 @cli.command()
 @click.argument("preset", required=False)
+@click.option("--resolution", type=int, default=None, help="Image resolution to describe [preset].")
+@click.option("--channels", type=int, default=None, help="Base channel count C0 [preset].")
+@click.option("--image-channels", type=int, default=None, help="Image channels, e.g. 1 or 3 [preset].")
+@click.option("--batch", type=int, default=None, help="Measure training and sampling at this batch (implies --measure).")
+@click.option("--measure", is_flag=True, help="Measure img/s and memory on this machine (a few seconds).")
 @click.option("--json", "as_json", is_flag=True)
-def info(preset, as_json):
-    """Parameter count and Gflops per network evaluation of a preset (lists presets without one)."""
+def info(preset, resolution, channels, image_channels, batch, measure, as_json):
+    """Parameters and Gflops per network evaluation of a preset (lists presets without one); with
+    --measure or --batch, also training and sampling speed and memory measured here."""
     from mpdiff.presets import PRESETS
 
     if preset is None:
@@ -238,7 +244,18 @@ def info(preset, as_json):
             click.echo(f"{name:20s} {p.description}")
         return
     from mpdiff.nn.flops import describe_preset
-    desc = describe_preset(preset)
+    changes = {k: v for k, v in dict(img_resolution=resolution, model_channels=channels,
+                                     img_channels=image_channels).items() if v is not None}
+    for flag, value in (("--resolution", resolution), ("--channels", channels), ("--image-channels", image_channels),
+                        ("--batch", batch)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be positive, got {value}")
+    desc = describe_preset(preset, **changes)
+    if batch is not None or measure:
+        from mpdiff.config import NetworkConfig as _Network
+        from mpdiff.train.measure import measure as run_measure
+        batch = batch or desc["training"]["batch"]
+        desc["measured"] = dict(batch=batch, **run_measure(_Network.from_dict(desc["network"]), batch))
     if as_json:
         click.echo(json.dumps({k: v for k, v in desc.items() if k != "gflops_by_op"}, indent=2))
         return
@@ -251,6 +268,17 @@ def info(preset, as_json):
     c = desc["cadence"]
     click.echo(f"  cadence     status every {c['status_nimg']:,} images, EMA snapshots every {c['snapshot_nimg']:,}, "
                f"checkpoints every {c['checkpoint_nimg']:,}")
+    if changes:
+        n = desc["network"]
+        click.echo(f"  as asked    {n['img_resolution']}x{n['img_resolution']}x{n['img_channels']}, "
+                   f"C0 {n['model_channels']}")
+    if "measured" in desc:
+        m, mib = desc["measured"], 2 ** 20
+        click.echo(f"  measured    batch {m['batch']} on this machine ({torch_threads_note()}):")
+        click.echo(f"    training  {m['train']['img_per_sec']:.4g} img/s, {m['train']['working_bytes'] / mib:,.0f} MiB "
+                   f"working memory (network {m['network_bytes'] / mib:,.1f} MiB)")
+        click.echo(f"    sampling  {m['sample']['img_per_sec']:.4g} img/s with {2 * SAMPLING.num_steps - 1} evaluations "
+                   f"per image, {m['sample']['working_bytes'] / mib:,.0f} MiB working memory")
 
 
 # ------------------------------------------------------------------------------------ post-hoc EMA
@@ -277,6 +305,13 @@ def phema(run_dir, sigma_rel, at, out_dir, dtype, progress):
         click.echo(f"warning: sigma_rel {value:.3f} misses its target profile by {error:.0%} (relative L2); "
                    f"more or denser snapshots would reconstruct it better (mpdiff plot-ema-profile shows it)",
                    err=True)
+
+
+def torch_threads_note():
+    import torch
+
+    return f"{torch.get_num_threads()} CPU threads" + (", CUDA available but not used" if torch.cuda.is_available()
+                                                       else "")
 
 
 def _writing(run_dir, command):

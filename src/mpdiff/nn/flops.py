@@ -14,6 +14,7 @@ log-variance head u(sigma), which only training uses.
 """
 
 import contextlib
+import dataclasses
 from collections import defaultdict
 
 import torch
@@ -179,11 +180,14 @@ def count_flops(net, batch=1, label=True):
     }
 
 
-def describe_preset(name_or_preset):
-    """Summary of a preset for `mpdiff info`: size and cost computed from the model itself."""
+def describe_preset(name_or_preset, **network_changes):
+    """Summary of a preset for `mpdiff info`: size and cost computed from the model itself, optionally
+    for the preset's network with `network_changes` (e.g. img_resolution, model_channels)."""
     preset = get_preset(name_or_preset) if isinstance(name_or_preset, str) else name_or_preset
     if not isinstance(preset, Preset):
         raise TypeError(f"expected a preset name or Preset, not {type(preset).__name__}")
+    if network_changes:
+        preset = dataclasses.replace(preset, network=preset.network.replace(**network_changes))
     result = count_flops(build_meta_network(preset.network))
     return {
         "name": preset.name,

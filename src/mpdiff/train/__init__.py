@@ -7,4 +7,5 @@
 * :mod:`~mpdiff.train.checkpoint` — the state as a file and back.
 * :mod:`~mpdiff.train.report` — log, stats and progress; :mod:`~mpdiff.train.precision` — CUDA numerics.
 * :mod:`~mpdiff.train.loop` — the loop that drives them, and :func:`~mpdiff.train.loop.train`.
+* :mod:`~mpdiff.train.measure` — speed and memory of a network on this machine.
 """
