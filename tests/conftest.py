@@ -10,9 +10,11 @@
 import hashlib
 import io
 import os
+import pathlib
 import pickle
 import shlex
 import shutil
+import zipfile
 
 import numpy as np
 import pytest
@@ -188,6 +190,23 @@ def pixels(seed, size=8, channels=3):
     """Random uint8 pixels [size, size] (channels 1) or [size, size, channels], the same for the same seed."""
     shape = (size, size) if channels == 1 else (size, size, channels)
     return np.random.RandomState(seed).randint(0, 256, shape, dtype=np.uint8)
+
+
+def write_files(root, files):
+    """Write {relative posix path: bytes or str} under `root` (a path or a string); returns `root`."""
+    for name, content in files.items():
+        path = pathlib.Path(root, *name.split("/"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return root
+
+
+def write_zip(path, files, compression=zipfile.ZIP_STORED):
+    """A ZIP of {member name: bytes or str}; returns `path`."""
+    with zipfile.ZipFile(path, "w", compression) as archive:
+        for name, content in files.items():
+            archive.writestr(name, content)
+    return path
 
 
 def png_bytes(array, mode=None, fmt="PNG", **save_args):

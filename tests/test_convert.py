@@ -7,20 +7,12 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import pixels, png_bytes, run_cli
+from conftest import pixels, png_bytes, run_cli, write_files
 
 from mpdiff.data import convert as convert_module
 from mpdiff.data.convert import convert_dataset, entry_name, transform_image
 from mpdiff.data.datasets import CHUNK_FOLDERS_UNLABELLED, open_dataset
 from mpdiff.errors import ConfigError, DatasetError
-
-
-def write_files(root, files):
-    for name, data in files.items():
-        path = os.path.join(root, *name.split("/"))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
 
 
 def chw(array):

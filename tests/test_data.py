@@ -7,7 +7,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import pixels, png_bytes
+from conftest import pixels, png_bytes, write_files, write_zip
 from PIL import Image, ImageFile
 
 from mpdiff.data.datasets import (
@@ -21,22 +21,6 @@ from mpdiff.data.digits import load_builtin_digits
 from mpdiff.errors import DatasetError
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-def write_files(root, files):
-    """files: {relative posix path: bytes or str}."""
-    for name, content in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content.encode() if isinstance(content, str) else content)
-    return root
-
-
-def write_zip(path, files, compression=zipfile.ZIP_STORED):
-    with zipfile.ZipFile(path, "w", compression) as archive:
-        for name, content in files.items():
-            archive.writestr(name, content)
-    return path
-
 
 def image_files(count=3, size=8, channels=3, prefix=""):
     return {f"{prefix}img{i:02d}.png": png_bytes(pixels(i, size, channels)) for i in range(count)}

@@ -22,7 +22,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import pixels, png_bytes, run_cli
+from conftest import pixels, png_bytes, run_cli, write_files, write_zip
 from PIL import Image
 
 from mpdiff.data import datasets
@@ -42,22 +42,6 @@ def no_hang():
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, previous)
-
-
-def write_files(root, files):
-    """files: {relative posix path: bytes or str}."""
-    for name, content in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content.encode() if isinstance(content, str) else content)
-    return root
-
-
-def write_zip(path, files, compression=zipfile.ZIP_STORED):
-    with zipfile.ZipFile(path, "w", compression) as archive:
-        for name, content in files.items():
-            archive.writestr(name, content)
-    return path
 
 
 def make(tmp_path, container, files):

@@ -23,8 +23,6 @@ Choices:
 import io
 import json
 import os
-import shutil
-import tempfile
 import zipfile
 from typing import NamedTuple
 
@@ -41,11 +39,15 @@ from mpdiff.data.datasets import (
     scan_source,
 )
 from mpdiff.errors import ConfigError, DatasetError, MpdiffError
-from mpdiff.storage.files import _fsync_dir, atomic_write, show_path, write_bytes
+from mpdiff.storage.files import (
+    atomic_write,
+    folder_written_whole,
+    show_path,
+    write_bytes,
+)
 
 TRANSFORMS = ("pad", "resize", "center-crop", "center-crop-dhariwal")
 IMAGES_PER_FOLDER = 1000        # EDM2: 00000/img00000000.png ... 00000/img00000999.png, 00001/img00001000.png
-_PARTIAL = ".partial-"          # a folder DEST is written into the hidden sibling .NAME.partial-XXXXXXXX
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # ZIP entries carry this fixed time: the same input gives the same bytes
 
 
@@ -304,19 +306,8 @@ def _zip_entry(name):
 
 
 def _write_folder(dest, files, labels, num_classes):
-    """A folder written whole: every file into a hidden sibling, which takes DEST's place when complete
-    (rename is atomic; it replaces nothing but an empty folder)."""
-    dest = os.path.normpath(dest)
-    if os.path.islink(dest):
-        dest = os.path.realpath(dest)  # a link to an empty folder: fill the folder; the link stays
-    parent, name = os.path.dirname(os.path.abspath(dest)), os.path.basename(dest)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        _remove_partials(parent, name)
-        partial = tempfile.mkdtemp(prefix=f".{name}{_PARTIAL}", dir=parent)
-    except OSError as e:
-        raise MpdiffError(f"{show_path(dest)}: cannot write here ({e.strerror or e})") from None
-    try:
+    """A folder written whole (:func:`~mpdiff.storage.files.folder_written_whole`)."""
+    with folder_written_whole(dest) as partial:
         names = []
         for entry, data in files:
             folder, _ = entry.split("/")
@@ -324,22 +315,3 @@ def _write_folder(dest, files, labels, num_classes):
             write_bytes(os.path.join(partial, *entry.split("/")), data)
             names.append(entry)
         write_bytes(os.path.join(partial, LABELS_FILE), _labels_json(names, labels, num_classes))
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(partial, 0o777 & ~mask)  # mkdtemp made it private; DEST gets a new folder's permissions
-        os.rename(partial, dest)
-        _fsync_dir(parent)
-    except OSError as e:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise MpdiffError(f"{show_path(dest)}: cannot write here ({e.strerror or e})") from None
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-
-
-def _remove_partials(parent, name):
-    """Remove what an interrupted conversion to folder `name` left: hidden '.NAME.partial-*' folders only."""
-    prefix = f".{name}{_PARTIAL}"
-    for entry in os.scandir(parent):
-        if entry.name.startswith(prefix) and entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)

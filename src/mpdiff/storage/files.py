@@ -16,10 +16,12 @@ what follows.
 """
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
 import re
+import shutil
 import stat
 import tempfile
 
@@ -145,14 +147,19 @@ def read_json(path, what="JSON file", error=MpdiffError, max_bytes=JSON_MAX_BYTE
         raise error(f"{show_path(path)}: not usable JSON ({first_line(e, 80)})") from None
 
 
+def _current_umask():
+    umask = os.umask(0)  # os.umask can only be read by setting it
+    os.umask(umask)
+    return umask
+
+
 def _default_file_mode():
     """0o666 minus the umask: what open() would give a new file (mkstemp's temporaries are 0o600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return 0o666 & ~_current_umask()
 
 
-_FILE_MODE = _default_file_mode()  # read once: os.umask can only be read by setting it
+_UMASK = _current_umask()  # read once
+_FILE_MODE = 0o666 & ~_UMASK
 
 
 def _why(e):
@@ -221,6 +228,71 @@ def atomic_write(path, mode="wb"):
                 from None
         raise
     _fsync_dir(directory)
+
+
+_PARTIAL = ".partial-"  # a folder NAME is written into the hidden sibling .NAME.partial-XXXXXXXX
+
+
+@contextlib.contextmanager
+def folder_written_whole(dest, replace_existing=False):
+    """Yield a hidden sibling ``.NAME.partial-XXXXXXXX`` of folder `dest` to fill; on a clean exit it takes
+    `dest`'s place at once, so that a kill leaves the previous state and never a half-written folder.
+
+    A `dest` that is a symlink is resolved (the folder it points to is filled; the link stays). The new
+    folder replaces nothing but an empty one, unless `replace_existing`: then a non-empty `dest` is
+    swapped with it atomically (Linux renameat2) and the old content removed. Leftovers of an earlier,
+    killed write of the same folder are removed first.
+    """
+    dest = os.path.normpath(os.fspath(dest))
+    if os.path.islink(dest):
+        dest = os.path.realpath(dest)
+    parent, name = os.path.dirname(os.path.abspath(dest)), os.path.basename(dest)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        prefix = f".{name}{_PARTIAL}"
+        for entry in os.scandir(parent):  # only hidden '.NAME.partial-*' folders: ours, from a killed write
+            if entry.name.startswith(prefix) and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+        partial = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    except OSError as e:
+        raise MpdiffError(f"{show_path(dest)}: cannot write here ({e.strerror or e})") from None
+    try:
+        yield partial
+        os.chmod(partial, 0o777 & ~_UMASK)  # mkdtemp made it private; give it a new folder's permissions
+        if replace_existing and os.path.isdir(dest) and os.listdir(dest):
+            exchange_entries(partial, dest)  # atomic: the old folder or the new one, never a mix
+            shutil.rmtree(partial)           # now holds the previous content
+        else:
+            os.rename(partial, dest)         # atomic; replaces nothing but an empty folder
+        _fsync_dir(parent)
+    except OSError as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise MpdiffError(f"{show_path(dest)}: cannot write here ({e.strerror or e})") from None
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _libc_renameat2():
+    try:
+        return ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+
+
+def can_exchange_entries():
+    """Whether :func:`exchange_entries` works here (Linux with glibc >= 2.28)."""
+    return _libc_renameat2() is not None
+
+
+def exchange_entries(a, b):
+    """Swap two directory entries atomically (Linux renameat2 with RENAME_EXCHANGE)."""
+    if _libc_renameat2()(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
 
 
 def write_bytes(path, data):
