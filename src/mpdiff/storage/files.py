@@ -373,10 +373,6 @@ def read_jsonl(path, max_bytes=JSON_MAX_BYTES, error=MpdiffError):
     return [row for _, _, row in jsonl_lines(path, max_bytes, error)]
 
 
-def valid_rows(rows):
-    return [row for row in rows if isinstance(row, dict)]
-
-
 # Temporary files are ours when their name is what atomic_write makes: "." + name + "." + 8 characters of
 # tempfile's alphabet + ".tmp".
 _TEMPORARY = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
