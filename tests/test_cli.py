@@ -614,3 +614,21 @@ def test_preset_configs_round_trip_through_json(name):
     preset = PRESETS[name]
     for config in (preset.network, preset.training, preset.cadence):
         assert type(config).from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_network_shape_flags(tmp_path):
+    # --channel-mult (the level count), --blocks and --attn-res ('none' for no attention) reach the network.
+    from mpdiff.cli import parse_ints
+
+    assert parse_ints("1,2,2,2", "--channel-mult") == [1, 2, 2, 2]
+    assert parse_ints("none", "--attn-res", allow_none=True) == []
+    with pytest.raises(ConfigError, match=r"^--channel-mult: cannot parse '1,x'; expected comma-separated whole"):
+        parse_ints("1,x", "--channel-mult")
+    run_dir = tmp_path / "run"
+    result = run_cli("train", *RUN_ARGS, "--duration", "64", "--channel-mult", "1,2", "--blocks", "1",
+                     "--attn-res", "none", "--no-final-grid", "--run-dir", run_dir)
+    assert result.exit_code == 0, result.output
+    network = json.loads((run_dir / "config.json").read_text())["network"]
+    assert (network["channel_mult"], network["num_blocks"], network["attn_resolutions"]) == ([1, 2], 1, [])
+    assert "2 levels (8x8, 4x4), attention at no level" in (run_dir / "log.txt").read_text()
+    assert "samples:" not in result.output

@@ -14,7 +14,9 @@ import pytest
 import torch
 from conftest import ckpt, run_cli, train_tiny
 
+from mpdiff import build_network
 from mpdiff.data.datasets import open_dataset
+from mpdiff.errors import ConfigError
 from mpdiff.nn.flops import describe_preset
 from mpdiff.storage.files import read_jsonl
 from mpdiff.storage.tensors import load_tensors
@@ -308,3 +310,67 @@ def test_info_measures_training_and_sampling_for_the_size_asked():
         assert measured[kind]["img_per_sec"] > 0 and measured[kind]["working_bytes"] >= 0
     refused = run_cli("info", "digits", "--batch", "0")
     assert refused.exit_code == 1 and refused.stderr.strip() == "error: --batch must be positive, got 0"
+
+
+# ---- the default micro-batch on CPU, and the final grid -----------------------------------------
+
+def test_activation_measurement_scales_with_the_image_area():
+    # Saved-for-backward bytes per image: 4x the pixels gives about 4x the bytes (the per-level activations
+    # dominate), and weights (batch-independent) do not count.
+    from mpdiff.presets import get_preset
+    from mpdiff.train.measure import activation_bytes_per_image
+
+    small = get_preset("digits").network.replace(img_resolution=8, model_channels=8)
+    large = small.replace(img_resolution=16)
+    a, b = activation_bytes_per_image(small), activation_bytes_per_image(large)
+    assert 3.5 < b / a < 4.5
+    params = sum(p.numel() * 4 for p in build_network(small).parameters())
+    assert a < params  # a tiny net's weights would dominate if they were counted per image
+
+
+def test_the_default_cpu_micro_batch_is_the_largest_divisor_that_fits_the_budget(monkeypatch):
+    from mpdiff.presets import get_preset
+    from mpdiff.train import measure
+
+    network = get_preset("digits").network.replace(model_channels=8)
+    monkeypatch.setattr(measure, "activation_bytes_per_image", lambda net: 1000)
+    # Peak estimate = 2 x 1000 bytes per image: a 100,000-byte budget fits 50 images, so of 96's divisors 48.
+    assert measure.choose_micro_batch(network, 96, budget=100_000) == (48, 1000, 100_000)
+    assert measure.choose_micro_batch(network, 32, budget=100_000)[0] == 32
+    assert measure.choose_micro_batch(network, 96, budget=10)[0] == 1
+
+
+def test_the_chosen_micro_batch_is_printed_recorded_and_kept_on_resume(tmp_path, monkeypatch):
+    from mpdiff.train import measure
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(measure, "activation_bytes_per_image", lambda net: 1000)
+    monkeypatch.setattr(measure, "micro_batch_budget", lambda: 2 * 1000 * 40)
+    train_tiny(run_dir, duration=128, final_grid=False)  # the budget fits 40 images: 32 of 64
+    log = (run_dir / "log.txt").read_text()
+    assert "memory    micro-batch 32: " in log and "the largest divisor of 64 within the" in log
+    assert json.loads((run_dir / "config.json").read_text())["run"]["batch_gpu"] == 32
+    # Resumed (here: extended) on a machine with another budget, the run keeps the micro-batch it began with.
+    monkeypatch.setattr(measure, "micro_batch_budget", lambda: 1 << 40)
+    train_tiny(run_dir, duration=256, final_grid=False)
+    assert "memory    micro-batch 32 (chosen when this run started)" in (run_dir / "log.txt").read_text()
+    # --batch-gpu always wins, and a run is not resumed with another one.
+    with pytest.raises(ConfigError, match=r"\(batch_gpu differ\)"):
+        train_tiny(run_dir, duration=384, batch_gpu=16, final_grid=False)
+
+
+def test_no_final_grid_and_the_grid_costs_at_most_one_batch(tmp_path):
+    run_dir = tmp_path / "run"
+    trainer = train_tiny(run_dir, duration=64, final_grid=False)
+    assert not (run_dir / "samples").exists() or not list((run_dir / "samples").iterdir())
+    assert "no final grid: --no-final-grid" in (run_dir / "log.txt").read_text()
+    # The grid itself: 10 classes x min(10, batch // 10) images; with a batch of 64, 60 images.
+    calls = []
+    import mpdiff.train.loop as loop
+    original = loop.generate
+    try:
+        loop.generate = lambda net, seeds, **kw: calls.append(len(seeds)) or original(net, seeds, **kw)
+        trainer.sample_grid(final=True)
+    finally:
+        loop.generate = original
+    assert calls == [60]

@@ -49,6 +49,20 @@ def parse_floats(text, option):
     return values
 
 
+def parse_ints(text, option, allow_none=False):
+    """'1,2,2' -> [1, 2, 2]; with allow_none, 'none' -> [] (e.g. no attention)."""
+    if allow_none and str(text).strip().lower() == "none":
+        return []
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{option}: cannot parse {text!r}; expected comma-separated whole numbers"
+                          + (" or 'none'" if allow_none else "")) from None
+    if not values:
+        raise ConfigError(f"{option}: no values given")
+    return values
+
+
 def parse_range(text, option):
     """'A:B:N' -> N evenly spaced values from A to B; a comma list is accepted too."""
     if ":" not in str(text):
@@ -136,6 +150,8 @@ def _parsed(field, value):
         return parse_nimg(value, flag)
     if parse == "floats":
         return tuple(parse_floats(value, flag))
+    if parse == "ints":
+        return tuple(parse_ints(value, flag, allow_none=field.name == "attn_resolutions"))
     if field.name == "decay":
         return value or None
     return value
@@ -163,7 +179,8 @@ def train(preset, **values):
     trainer = run_training(preset, run, network=overrides["network"], training=overrides["training"],
                            cadence=overrides["cadence"])
     if trainer.nimg >= trainer.training.duration:
-        click.echo(_one_line(f"done: {trainer.layout.run_dir} (samples: {trainer.layout.grid()})"))
+        samples = f" (samples: {trainer.layout.grid()})" if run.final_grid else ""
+        click.echo(_one_line(f"done: {trainer.layout.run_dir}{samples}"))
     else:
         click.echo(f"stopped at {trainer.nimg} images (slice); run the same command again to continue")
 

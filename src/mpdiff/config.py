@@ -64,7 +64,7 @@ def _from_dict(cls, d, source, what):
 
 def option(default, help, flag=None, parse=None):
     """A config field with its documentation: `help` text, command-line `flag` and how the flag's
-    text is parsed (`parse`: 'nimg' image counts like 512Ki, 'floats' comma lists; None = click's type)."""
+    text is parsed (`parse`: 'nimg' image counts like 512Ki, 'floats'/'ints' comma lists; None = click's type)."""
     return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "parse": parse})
 
 
@@ -91,11 +91,15 @@ class NetworkConfig(_Config):
     img_channels: int = option(4, "Image channels.")
     label_dim: int = option(1000, "Number of classes; 0 = unconditional.")
     model_channels: int = option(192, "Base channel count C0.", flag="--channels")
-    channel_mult: Tuple[int, ...] = option((1, 2, 3, 4), "Width multiplier per resolution level.")
+    channel_mult: Tuple[int, ...] = option((1, 2, 3, 4), "Width multiplier per resolution level; their count is "
+                                                         "the number of levels, e.g. 1,2,2,2.",
+                                           flag="--channel-mult", parse="ints")
     channel_mult_noise: Optional[int] = option(None, "Noise Fourier features = C0 x this; None = channel_mult[0].")
     channel_mult_emb: Optional[int] = option(None, "Embedding width = C0 x this; None = max(channel_mult).")
-    num_blocks: int = option(3, "Encoder blocks per level (the decoder has one more).")
-    attn_resolutions: Tuple[int, ...] = option((16, 8), "Resolutions with self-attention.")
+    num_blocks: int = option(3, "Encoder blocks per level (the decoder has one more).", flag="--blocks")
+    attn_resolutions: Tuple[int, ...] = option((16, 8), "Resolutions with self-attention, e.g. 16,8; 'none' on "
+                                                        "the command line for none.", flag="--attn-res",
+                                               parse="ints")
     label_balance: float = option(0.5, "mp_sum share of the class embedding.")
     concat_balance: float = option(0.5, "mp_cat share of the long skip connections.")
     channels_per_head: int = option(64, "Channels per attention head.")
@@ -141,7 +145,8 @@ class Cadence(_Config):
                                 parse="nimg")
     checkpoint_nimg: int = option(128 * MIB, "Training-state checkpoint every N images (and at the end).",
                                   flag="--checkpoint", parse="nimg")
-    sample_nimg: Optional[int] = option(None, "Sample grid every N images (there is always one at the end).",
+    sample_nimg: Optional[int] = option(None, "Sample grid every N images (and one at the end unless "
+                                                "--no-final-grid).",
                                         flag="--sample", parse="nimg")
 
 
@@ -154,13 +159,16 @@ class RunOptions(_Config):
                           flag="--data")
     use_labels: bool = option(True, "Class-conditional if the dataset has labels.", flag="--cond/--uncond")
     seed: int = option(0, "Seed of the initialisation, data order and noise.", flag="--seed")
-    batch_gpu: Optional[int] = option(None, "Micro-batch limit (gradient accumulation); None = the whole batch.",
+    batch_gpu: Optional[int] = option(None, "Micro-batch limit (gradient accumulation); None = on CPU the largest "
+                                             "that fits 2 GiB (measured, printed), on GPU the whole batch.",
                                       flag="--batch-gpu")
     snapshot_dtype: str = option("float32", "Storage dtype of EMA snapshots.", flag="--snapshot-dtype")
     keep_checkpoints: int = option(2, "Checkpoints kept; older verified ones are pruned.")
     max_nonfinite_steps: int = option(50, "Stop after this many consecutive steps with non-finite loss or "
                                           "gradients.", flag="--max-nonfinite-steps")
     grid_steps: int = option(32, "Sampler steps for the sample grids.")
+    final_grid: bool = option(True, "Sample a grid at the end of training (one sampler batch, at most one "
+                                    "training batch of images).", flag="--final-grid/--no-final-grid")
     device: str = option("cpu", "Torch device, e.g. cpu or cuda.", flag="--device")
     progress: bool = option(True, "Show progress bars.", flag="--progress/--no-progress")
     tensorboard: bool = option(True, "Write TensorBoard events.", flag="--tensorboard/--no-tensorboard")
@@ -168,7 +176,7 @@ class RunOptions(_Config):
                                        flag="--slice", parse="nimg")
 
     # Fields that may differ between the invocations of one run (they change no result).
-    RUNTIME_FIELDS = ("run_dir", "progress", "tensorboard", "device", "slice_nimg", "grid_steps")
+    RUNTIME_FIELDS = ("run_dir", "progress", "tensorboard", "device", "slice_nimg", "grid_steps", "final_grid")
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,35 @@ DIGITS = Preset(
     dataset="digits (built in)",
 )
 
-PRESETS = {**_edm2_presets(), DIGITS.name: DIGITS}
+# Recipes for a user's own small dataset on a CPU (docs/CUSTOM_DATA.md has the measured runs behind
+# them). Resolution, channels and classes come from the dataset; the presets fix the width, depth,
+# attention and schedule. Compared with the paper's ImageNet recipe: far narrower and shallower
+# networks, batch 64 instead of 2048 (many more steps per image seen), and a learning-rate decay that
+# starts after 1,000 steps instead of 35,000-70,000 (the runs are a few thousand steps long).
+CPU32 = Preset(
+    name="cpu32",
+    description="Config-G U-Net for small 32x32 datasets on a CPU (gray or RGB; ~15 min on 1 core)",
+    network=NetworkConfig(img_resolution=32, img_channels=1, label_dim=0, model_channels=16,
+                          channel_mult=(1, 2, 2, 2), num_blocks=2, attn_resolutions=(8,),
+                          logvar_channels=128, use_fp16=False),
+    training=TrainingConfig(batch=64, lr=0.0100, decay=1000, rampup_img=8 * KIB, duration=64 * KIB,
+                            P_mean=-0.8, P_std=1.6),
+    cadence=Cadence(status_nimg=4 * KIB, snapshot_nimg=4 * KIB, checkpoint_nimg=16 * KIB),
+    dataset="your own 32x32 images (mpdiff dataset convert)",
+)
+CPU64 = Preset(
+    name="cpu64",
+    description="Config-G U-Net for small 64x64 datasets on a CPU (gray or RGB; ~30 min on 1 core)",
+    network=NetworkConfig(img_resolution=64, img_channels=3, label_dim=0, model_channels=16,
+                          channel_mult=(1, 2, 2, 2), num_blocks=1, attn_resolutions=(8,),
+                          logvar_channels=128, use_fp16=False),
+    training=TrainingConfig(batch=32, lr=0.0100, decay=1000, rampup_img=4 * KIB, duration=48 * KIB,
+                            P_mean=-0.8, P_std=1.6),
+    cadence=Cadence(status_nimg=2 * KIB, snapshot_nimg=4 * KIB, checkpoint_nimg=8 * KIB),
+    dataset="your own 64x64 images (mpdiff dataset convert)",
+)
+
+PRESETS = {**_edm2_presets(), DIGITS.name: DIGITS, CPU32.name: CPU32, CPU64.name: CPU64}
 DEFAULT_PRESET = DIGITS.name
 
 

@@ -24,21 +24,22 @@ from mpdiff.storage.network_files import save_network
 from mpdiff.train import checkpoint
 from mpdiff.train.precision import apply_precision_policy
 from mpdiff.train.report import IntervalStats, RunReport
-from mpdiff.train.run import check_existing_run, resolve_run, summary_lines, write_run_config
+from mpdiff.train.run import check_existing_run, resolve_run, settle_micro_batch, summary_lines, write_run_config
 from mpdiff.train.state import TrainState
 from mpdiff.train.step import TrainStep
 
 GRID_CLASSES = 10               # class-conditional grids show up to this many classes ...
-GRID_PER_CLASS = 10             # ... with this many samples each, in one sampler batch
-GRID_UNCONDITIONAL = 64
+GRID_PER_CLASS = 10             # ... with up to this many samples each, in one sampler batch
+GRID_UNCONDITIONAL = 64         # (either way at most one training batch of images)
 WARMUP_STEPS = 3                # steps measured (after the first) for the time estimate
 
 
 class Trainer:
     """One invocation of a run: builds the state from the resolved config, resumes, trains, writes outputs."""
 
-    def __init__(self, resolved, dataset):
+    def __init__(self, resolved, dataset, micro_note=None):
         self.resolved = resolved
+        self.micro_note = micro_note
         self.run_options = resolved.run
         self.cadence = resolved.cadence
         self.training = resolved.training
@@ -96,12 +97,13 @@ class Trainer:
         net = build_network(self.resolved.network, device=self.device)
         self.state.ema.copy_to(net, self.state.ema.sigma_rels[-1])
         classes = self.resolved.network.label_dim
+        batch = self.training.batch
         if classes:
             shown = min(classes, GRID_CLASSES)
-            seeds = list(range(shown * GRID_PER_CLASS))
+            seeds = list(range(shown * max(1, min(GRID_PER_CLASS, batch // shown))))
             class_ids = [seed % shown for seed in seeds]
         else:
-            seeds, class_ids = list(range(GRID_UNCONDITIONAL)), None
+            seeds, class_ids = list(range(min(GRID_UNCONDITIONAL, batch))), None
         x, drawn = generate(net, seeds, class_idx=class_ids, num_steps=self.run_options.grid_steps, progress=False,
                             device=self.device)
         path = self.layout.grid(None if final else self.state.nimg)
@@ -125,7 +127,7 @@ class Trainer:
             params = sum(p.numel() for p in self.state.net.parameters())
             self.say(f"new run in {self.layout.run_dir}: {params:,} parameters, "
                      f"dataset {self.dataset.name} ({len(self.dataset)} images)")
-        for line in summary_lines(self.resolved, self.dataset):
+        for line in summary_lines(self.resolved, self.dataset, self.micro_note):
             self.say(line)
         ignored = self.dataset.ignored_files
         if ignored:  # never a silent skip
@@ -164,8 +166,11 @@ class Trainer:
             if bad:  # a run whose last steps all failed has not learned; never call it complete
                 raise NumericalError(f"the last {bad} training steps produced non-finite losses or gradients; "
                                      f"the run ended without a usable network")
-            grid = self.sample_grid(final=True)
-            self.say(f"training complete at {self.state.nimg} images; samples: {grid}")
+            if self.run_options.final_grid:
+                grid = self.sample_grid(final=True)
+                self.say(f"training complete at {self.state.nimg} images; samples: {grid}")
+            else:
+                self.say(f"training complete at {self.state.nimg} images (no final grid: --no-final-grid)")
         return self.state.nimg
 
 
@@ -179,8 +184,9 @@ def train(preset="digits", run=None, network=None, training=None, cadence=None):
     """Train (or resume) a run from a preset and overrides (dicts of config fields). Returns the Trainer."""
     resolved, dataset = resolve_run(preset, run, network, training, cadence)
     with run_directory_lock(resolved.run.run_dir, "train"):
+        resolved, micro_note = settle_micro_batch(resolved)
         check_existing_run(resolved)
-        trainer = Trainer(resolved, dataset)  # options refused here write nothing
+        trainer = Trainer(resolved, dataset, micro_note)  # options refused here write nothing
         write_run_config(resolved)
         trainer.run()
     return trainer

@@ -7,6 +7,7 @@ built (activations, gradients, Adam state, sampler state), next to the network's
 """
 
 import multiprocessing
+import os
 import resource
 import time
 
@@ -90,3 +91,63 @@ def _meta_params(network):
     from mpdiff.nn.build import build_meta_network
 
     return list(build_meta_network(network).parameters())
+
+
+# ------------------------------------------------------------------ the default micro-batch on CPU
+
+PEAK_PER_SAVED = 2.0            # training peak / bytes autograd saves; measured 1.8-1.9 (docs/PERFORMANCE.md)
+MICRO_BATCH_BUDGET = 2 << 30    # bytes of training working memory the default micro-batch aims for ...
+MICRO_BATCH_RAM_SHARE = 8       # ... or 1/8 of the machine's memory, whichever is smaller
+
+
+def activation_bytes_per_image(network):
+    """Bytes that autograd keeps for the backward pass, per training image, measured on this network.
+
+    Runs the training loss forward at 1 and 2 images (on the CPU, float32) and counts the distinct
+    storages autograd saves; the difference is the per-image share (weights and other batch-independent
+    tensors cancel). Deterministic: it depends on the network only, not on the machine's load.
+    """
+    from mpdiff.diffusion.loss import edm2_loss
+    from mpdiff.nn.build import build_network
+
+    generator = torch.Generator().manual_seed(0)
+    net = build_network(network).train()
+
+    def saved(n):
+        storages = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        shape = (n, network.img_channels, network.img_resolution, network.img_resolution)
+        images = torch.randn(shape, generator=generator).clamp(-1, 1)
+        labels = None
+        if network.label_dim:
+            labels = torch.nn.functional.one_hot(torch.arange(n) % network.label_dim, network.label_dim).float()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            edm2_loss(net, images, labels).sum()
+        return sum(storages.values())
+
+    return max(saved(2) - saved(1), 1)
+
+
+def micro_batch_budget():
+    """Working-memory bytes the default CPU micro-batch aims for: 2 GiB, or 1/8 of the RAM if less."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return MICRO_BATCH_BUDGET
+    return min(MICRO_BATCH_BUDGET, ram // MICRO_BATCH_RAM_SHARE)
+
+
+def choose_micro_batch(network, batch, budget=None):
+    """(micro_batch, per_image_bytes, budget): the largest divisor of `batch` whose estimated training
+    working memory (PEAK_PER_SAVED x the measured saved bytes per image x micro-batch) fits `budget`;
+    at least 1. The micro-batch changes memory only, never the gradient (train/step.py)."""
+    budget = budget or micro_batch_budget()
+    per_image = activation_bytes_per_image(network)
+    fits = max(int(budget // (PEAK_PER_SAVED * per_image)), 1)
+    micro = max(d for d in range(1, batch + 1) if batch % d == 0 and d <= fits)
+    return micro, per_image, budget

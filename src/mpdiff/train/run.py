@@ -125,6 +125,44 @@ def _changed_fields(theirs, ours):
     return changed
 
 
+def settle_micro_batch(resolved):
+    """(resolved, note): the run with its micro-batch fixed, and one line saying where it came from.
+
+    --batch-gpu wins. Otherwise a run keeps the micro-batch it started with (config.json), so that it
+    resumes bit for bit on any machine. A new CPU run takes the largest divisor of the batch whose
+    measured activation memory fits the budget (train/measure.py); on a GPU, the whole batch.
+    """
+    run, batch = resolved.run, resolved.training.batch
+    if run.batch_gpu is not None:
+        return resolved, f"micro-batch {run.batch_gpu} (--batch-gpu)"
+    layout = RunLayout(run.run_dir)
+    if os.path.lexists(layout.config):
+        try:
+            existing = read_json(layout.config, what="run config", error=ConfigError)
+        except ConfigError:  # check_existing_run says what is wrong with it
+            return resolved, None
+        section = existing.get("run") if isinstance(existing, dict) else None
+        chosen = section.get("batch_gpu") if isinstance(section, dict) else None
+        if isinstance(chosen, int) and not isinstance(chosen, bool) and chosen > 0 and batch % chosen == 0:
+            return _with_micro(resolved, chosen), f"micro-batch {chosen} (chosen when this run started)"
+        return resolved, f"micro-batch {batch} (the whole batch)"
+    if not str(run.device).startswith("cpu"):
+        return resolved, f"micro-batch {batch} (the whole batch on {run.device}; --batch-gpu to limit memory)"
+    from mpdiff.train.measure import PEAK_PER_SAVED, choose_micro_batch
+
+    micro, per_image, budget = choose_micro_batch(resolved.network, batch)
+    estimate = PEAK_PER_SAVED * per_image * micro
+    why = (f"fits the {budget / 2**30:.3g} GiB budget" if micro == batch
+           else f"the largest divisor of {batch} within the {budget / 2**30:.3g} GiB budget")
+    note = (f"micro-batch {micro}: {per_image / 2**20:.3g} MiB of activations per image (measured), "
+            f"about {estimate / 2**20:,.0f} MiB per micro-batch; {why}; --batch-gpu to choose")
+    return _with_micro(resolved, micro), note
+
+
+def _with_micro(resolved, micro):
+    return dataclasses.replace(resolved, run=resolved.run.replace(batch_gpu=micro))
+
+
 def write_run_config(resolved):
     """Write config.json for a new run, or rewrite it when an existing run was extended."""
     layout = RunLayout(resolved.run.run_dir)
@@ -135,7 +173,7 @@ def write_run_config(resolved):
     write_json(layout.config, resolved.to_dict())
 
 
-def summary_lines(resolved, dataset):
+def summary_lines(resolved, dataset, micro_note=None):
     """What the run understood, one line per topic, for the terminal and log.txt (issue 11)."""
     from mpdiff.nn.build import build_meta_network
     from mpdiff.nn.flops import count_flops
@@ -157,6 +195,8 @@ def summary_lines(resolved, dataset):
         f"training  batch {training.batch} (micro-batch {micro}), {training.duration // training.batch:,} steps, "
         f"{training.duration:,} images, lr {training.lr}, EMA {', '.join(f'{s:.3f}' for s in training.ema_sigma_rels)}",
     ]
+    if micro_note:
+        lines.append(f"memory    {micro_note}")
     dropped = sorted(set(net.attn_resolutions) - set(levels), reverse=True)
     if dropped:  # never silently: the preset asked for attention where this resolution has no level
         lines.append(f"warning   attention at {', '.join(f'{r}x{r}' for r in dropped)} (from the preset) does not "

@@ -3,7 +3,8 @@ over micro-batches, the learning rate, the non-finite guard, Adam, and the EMA u
 
 Everything random in a step (data order, noise levels, noise, dropout) is drawn from seeds derived
 from (run seed, image count), so a resumed run repeats an uninterrupted one bit for bit, and the
-micro-batch size changes nothing but memory.
+micro-batch size changes only memory (and float rounding: the sum over micro-batches is
+added in a different order).
 """
 
 import dataclasses
