@@ -87,6 +87,21 @@ def prepare():
     _convert(os.path.join(raw, "photos"), os.path.join(data, "photos64"), 64, "resize")
 
 
+def real_grid(name):
+    """The training images in the layout of the recipe's final grid, for comparison."""
+    from mpdiff.data.datasets import open_dataset
+    from mpdiff.storage.images import class_grid, save_grid
+
+    dataset = open_dataset(os.path.join(OUT, "data", RECIPES[name][0]), progress=False)
+    images = dataset.images
+    if dataset.num_classes:
+        picks = [int(i) for c in range(10) for i in np.flatnonzero(dataset.labels == c)[:10]]
+        tiles, columns = class_grid(images[picks], [int(dataset.labels[i]) for i in picks])
+    else:
+        tiles, columns = images[np.random.default_rng(0).choice(len(images), 64, replace=False)], None
+    save_grid(os.path.join(RESULTS, f"{name}-real.png"), tiles, columns=columns)
+
+
 def run(name, threads, extra):
     dataset, args = RECIPES[name]
     run_dir = os.path.join(OUT, "runs", name)
@@ -140,6 +155,7 @@ def record(name, threads):
         json.dump(result, f, indent=1)
     os.replace(path + ".tmp", path)
     shutil.copyfile(os.path.join(run_dir, "samples", "grid-final.png"), os.path.join(RESULTS, f"{name}-grid.png"))
+    real_grid(name)
     print(f"wrote {path}")
 
 
