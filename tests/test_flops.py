@@ -32,8 +32,9 @@ PUBLISHED = {
 
 
 def test_every_paper_preset_has_its_published_size():
-    # The guide sizes of the code release (XXS; XS at 64x64) have no published counts; digits is ours.
-    assert set(PRESETS) - set(PUBLISHED) == {"edm2-img512-xxs", "edm2-img64-xs", "digits"}
+    # The guide sizes of the code release (XXS; XS at 64x64) have no published counts; digits and the
+    # CPU recipes are ours.
+    assert set(PRESETS) - set(PUBLISHED) == {"edm2-img512-xxs", "edm2-img64-xs", "digits", "cpu32", "cpu64"}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -182,6 +183,10 @@ def test_cadences_belong_to_the_preset():
         cadence = preset.cadence
         if name == "digits":
             assert (cadence.status_nimg, cadence.snapshot_nimg, cadence.checkpoint_nimg) == (16384, 16384, 65536)
+        elif name == "cpu32":
+            assert (cadence.status_nimg, cadence.snapshot_nimg, cadence.checkpoint_nimg) == (4096, 4096, 16384)
+        elif name == "cpu64":
+            assert (cadence.status_nimg, cadence.snapshot_nimg, cadence.checkpoint_nimg) == (2048, 4096, 8192)
         else:
             assert (cadence.status_nimg, cadence.snapshot_nimg, cadence.checkpoint_nimg) == (2 ** 17, 2 ** 23, 2 ** 27)
         for nimg in (cadence.status_nimg, cadence.snapshot_nimg, cadence.checkpoint_nimg):

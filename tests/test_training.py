@@ -374,3 +374,65 @@ def test_no_final_grid_and_the_grid_costs_at_most_one_batch(tmp_path):
     finally:
         loop.generate = original
     assert calls == [60]
+
+
+# ---- the ablation ladder's recipe (SPEC §4.2) ------------------------------------------------------
+
+def test_ladder_recipe_matches_the_paper_at_imagenet_512_s():
+    from mpdiff.presets import get_preset, ladder_preset
+
+    base = get_preset("edm2-img512-s")
+    paper = {  # alpha_ref, t_ref, beta2, P_mean, P_std, loss scaling, dropout, attention
+        "A": (1e-4, None, 0.999, -1.2, 1.2, 100.0, 0.10, (32, 16, 8)),
+        "B": (2e-4, None, 0.99, -0.4, 1.0, 100.0, 0.10, (16, 8)),
+        "C": (2e-4, None, 0.99, -0.4, 1.0, 100.0, 0.10, (16, 8)),
+        "D": (1e-2, None, 0.99, -0.4, 1.0, 1.0, 0.10, (16, 8)),
+        "E": (1e-2, 70000, 0.99, -0.4, 1.0, 1.0, 0.10, (16, 8)),
+        "F": (1e-2, 70000, 0.99, -0.4, 1.0, 1.0, 0.10, (16, 8)),
+        "G": (1e-2, 70000, 0.99, -0.4, 1.0, 1.0, 0.00, (16, 8)),
+    }
+    for config, (lr, decay, beta2, p_mean, p_std, scaling, dropout, attention) in paper.items():
+        p = ladder_preset(base, config)
+        t, n = p.training, p.network
+        assert t.lr == pytest.approx(lr) and t.decay == decay, config
+        got = (t.betas[1], t.P_mean, t.P_std, t.loss_scaling, n.dropout, tuple(n.attn_resolutions))
+        assert got == (beta2, p_mean, p_std, scaling, dropout, attention), config
+        assert n.clip_act == (256 if config == "G" else None), config  # the clamp is G's (SPEC §4.9)
+        assert n.config == config and t.batch == base.training.batch
+        # A alone uses a traditional EMA: half-life 50 M images of the paper's 2147.5 M.
+        assert (t.ema_halflife_img is not None) == (config == "A")
+    assert ladder_preset(base, "A").training.ema_halflife_img == pytest.approx(50e6, rel=1e-3)
+    assert ladder_preset(base, "G").network == base.network.replace(config="G")
+    with pytest.raises(ConfigError, match=r"unknown config 'H'"):
+        ladder_preset(base, "H")
+
+
+def test_config_option_applies_the_ladder_and_explicit_options_still_win():
+    from mpdiff.config import RunOptions
+    from mpdiff.train.run import resolve_run
+
+    resolved, _ = resolve_run("digits", RunOptions(run_dir="r", progress=False), network={"config": "B"},
+                              training={"lr": 0.003})
+    assert resolved.network.config == "B" and resolved.network.dropout == 0.10
+    assert resolved.training.lr == 0.003 and resolved.training.decay is None and resolved.training.loss_scaling == 100
+
+
+def test_a_run_written_before_the_config_field_resumes_as_config_g(tmp_path):
+    # Runs, checkpoints and snapshots written before NetworkConfig.config existed have no such key: they
+    # are config G, resume as such, and their snapshots mix with the new ones.
+    from mpdiff.ema.snapshots import list_snapshots
+    from mpdiff.storage.tensors import save_tensors
+
+    run_dir = tmp_path / "run"
+    train_tiny(run_dir, duration=128, final_grid=False)
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["network"]["config"]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    for path in list((run_dir / "checkpoints").iterdir()) + list((run_dir / "snapshots").iterdir()):
+        tensors, meta = load_tensors(path)
+        network = meta["config"]["network"] if "config" in meta else meta["network"]
+        del network["config"]
+        save_tensors(path, tensors, meta)
+    trainer = train_tiny(run_dir, duration=256, final_grid=False)
+    assert "resumed from" in (run_dir / "log.txt").read_text() and trainer.nimg == 256
+    assert {r.nimg for r in list_snapshots(run_dir)} == {64, 128, 192, 256}

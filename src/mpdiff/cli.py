@@ -250,8 +250,10 @@ def eval_(images, as_json):
 @click.option("--image-channels", type=int, default=None, help="Image channels, e.g. 1 or 3 [preset].")
 @click.option("--batch", type=int, default=None, help="Measure training and sampling at this batch (implies --measure).")
 @click.option("--measure", is_flag=True, help="Measure img/s and memory on this machine (a few seconds).")
+@click.option("--config", "ladder", type=click.Choice(list("ABCDEFG")), default=None,
+              help="Ablation-ladder config (SPEC §4) applied to the preset [G].")
 @click.option("--json", "as_json", is_flag=True)
-def info(preset, resolution, channels, image_channels, batch, measure, as_json):
+def info(preset, resolution, channels, image_channels, batch, measure, ladder, as_json):
     """Parameters and Gflops per network evaluation of a preset (lists presets without one); with
     --measure or --batch, also training and sampling speed and memory measured here."""
     from mpdiff.presets import PRESETS
@@ -267,6 +269,9 @@ def info(preset, resolution, channels, image_channels, batch, measure, as_json):
                         ("--batch", batch)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be positive, got {value}")
+    if ladder is not None:
+        from mpdiff.presets import get_preset, ladder_preset
+        preset = ladder_preset(get_preset(preset), ladder)
     desc = describe_preset(preset, **changes)
     if batch is not None or measure:
         from mpdiff.config import NetworkConfig as _Network
@@ -377,6 +382,19 @@ def plot_ema_profile(run_dir, sigma_rel, at, out_path):
 
     path, error = plot(run_dir, sigma_rel, at_nimg=_at_nimg(at), out_path=out_path)
     click.echo(f"{path} (max abs profile error {error:.3g})")
+
+
+@cli.command("plot-dynamics")
+@click.argument("run_dir")
+@click.option("--out", "out_dir", default=None, help="Output folder [default: RUN_DIR/plots].")
+def plot_dynamics(run_dir, out_dir):
+    """Plot block activations, weights and relative updates over training (from stats.jsonl)."""
+    from mpdiff.train.dynamics_plot import plot_dynamics as plot
+
+    # No run-directory lock: it only reads stats.jsonl and writes plots/ atomically, so it may watch a
+    # run that is training.
+    for path in plot(run_dir, out_dir=out_dir):
+        click.echo(_one_line(path))
 
 
 from mpdiff.cli_dataset import dataset  # noqa: E402  (the `mpdiff dataset` group lives in its own module)

@@ -85,8 +85,17 @@ class _Config:
 
 @dataclass(frozen=True)
 class NetworkConfig(_Config):
-    """The network (config G, SPEC §3.1). Resolution, channels and classes come from the dataset."""
+    """The network (config G, SPEC §3.1, or another ablation config of SPEC §4 by `config`). Resolution,
+    channels and classes come from the dataset."""
     KIND = "network"
+    # Fields added after runs and network files were already being written, with the value those had:
+    # a file without one is read as what it was (config G, before the ablation ladder).
+    ADDED_FIELDS = {"config": "G"}
+
+    @classmethod
+    def completed(cls, d):
+        """A stored network dict with the fields added since it was written (unchanged if not a dict)."""
+        return {**cls.ADDED_FIELDS, **d} if isinstance(d, dict) else d
     img_resolution: int = option(64, "Image resolution (square).")
     img_channels: int = option(4, "Image channels.")
     label_dim: int = option(1000, "Number of classes; 0 = unconditional.")
@@ -112,6 +121,7 @@ class NetworkConfig(_Config):
     sigma_data: float = option(0.5, "Expected standard deviation of the data.")
     use_fp16: bool = option(True, "Run the U-Net in float16 on CUDA.")
     attn_impl: str = option("matmul", "Attention kernel: 'matmul' (reference) or 'sdpa' (fused).", flag="--attn")
+    config: str = option("G", "Ablation-ladder config A..G (SPEC §4); G is the EDM2 network.", flag="--config")
 
 
 @dataclass(frozen=True)
@@ -174,9 +184,13 @@ class RunOptions(_Config):
     tensorboard: bool = option(True, "Write TensorBoard events.", flag="--tensorboard/--no-tensorboard")
     slice_nimg: Optional[int] = option(None, "Stop this invocation after N more images (job slicing).",
                                        flag="--slice", parse="nimg")
+    dynamics: bool = option(True, "Log training dynamics with the stats rows: block activation RMS on a fixed "
+                                  "probe batch, weight RMS and relative update size per layer (mpdiff "
+                                  "plot-dynamics draws them).", flag="--dynamics/--no-dynamics")
 
     # Fields that may differ between the invocations of one run (they change no result).
-    RUNTIME_FIELDS = ("run_dir", "progress", "tensorboard", "device", "slice_nimg", "grid_steps", "final_grid")
+    RUNTIME_FIELDS = ("run_dir", "progress", "tensorboard", "device", "slice_nimg", "grid_steps", "final_grid",
+                      "dynamics")
 
 
 @dataclass(frozen=True)
@@ -279,6 +293,8 @@ def validate_run(network, training, cadence, run, resolution=None):
     if network.model_channels < 1:
         raise ConfigError(f"{{model_channels}} must be positive, got {network.model_channels}",
                           fields=("model_channels",))
+    from mpdiff.nn.ladder import ladder_flags
+    ladder_flags(network.config)  # ConfigError naming {config} unless it is one of A-G
     if training.ema_halflife_img is not None and not training.ema_halflife_img > 0:
         raise ConfigError(f"{{ema_halflife_img}} must be a positive number of images, got "
                           f"{training.ema_halflife_img}", fields=("ema_halflife_img",))

@@ -94,11 +94,11 @@ CPU32 = Preset(
 )
 CPU64 = Preset(
     name="cpu64",
-    description="Config-G U-Net for small 64x64 datasets on a CPU (gray or RGB; ~30 min on 1 core)",
+    description="Config-G U-Net for small 64x64 datasets on a CPU (gray or RGB; ~25 min on 1 core)",
     network=NetworkConfig(img_resolution=64, img_channels=3, label_dim=0, model_channels=16,
                           channel_mult=(1, 2, 2, 2), num_blocks=1, attn_resolutions=(8,),
                           logvar_channels=128, use_fp16=False),
-    training=TrainingConfig(batch=32, lr=0.0100, decay=1000, rampup_img=4 * KIB, duration=48 * KIB,
+    training=TrainingConfig(batch=32, lr=0.0100, decay=1000, rampup_img=4 * KIB, duration=32 * KIB,
                             P_mean=-0.8, P_std=1.6),
     cadence=Cadence(status_nimg=2 * KIB, snapshot_nimg=4 * KIB, checkpoint_nimg=8 * KIB),
     dataset="your own 64x64 images (mpdiff dataset convert)",
@@ -106,6 +106,56 @@ CPU64 = Preset(
 
 PRESETS = {**_edm2_presets(), DIGITS.name: DIGITS, CPU32.name: CPU32, CPU64.name: CPU64}
 DEFAULT_PRESET = DIGITS.name
+
+
+# ---- the ablation ladder (SPEC §4.2): each config's recipe, relative to a preset made for config G
+
+LADDER_CONFIGS = ("A", "B", "C", "D", "E", "F", "G")
+# alpha_ref of A-C over that of D-G in the paper (1e-4 and 2e-4 against 1e-2): before weight
+# normalisation (D) the weights are ~sqrt(fan_in) smaller, so the same relative step needs a smaller
+# learning rate. Applied as a ratio, so the ladder keeps the preset's own alpha_ref for D-G.
+LADDER_LR_RATIO = {"A": 0.01, "B": 0.02, "C": 0.02}
+LADDER_DROPOUT = 0.10                 # A-F; G keeps the preset's (0 for S, 0.10 for M and larger)
+LADDER_HALFLIFE_SHARE = 50 / 2147.5   # A's traditional EMA: half-life 50 M of 2147.5 M images
+
+
+def ladder_preset(preset, config):
+    """`preset` (made for config G) with config `config`'s deltas of SPEC §4.2 applied.
+
+    Network: the config's flags (mpdiff.nn.ladder), dropout 10% and no activation clamp (the code's
+    +-256 clamp belongs to G, SPEC §4.9) for A-F, and for A attention also at
+    the next finer level (ImageNet-512: 32, 16, 8). Recipe: alpha_ref scaled by LADDER_LR_RATIO for
+    A-C; a constant learning rate for A-D (inverse-square-root decay arrives with E); Adam beta2 0.999,
+    P_mean/P_std -1.2/1.2 and a traditional EMA (half-life 2.3% of the training) for A; loss scaling
+    100 for A-C. The batch is the preset's for every config (the paper doubles it for A), so that all
+    rungs train on the same images in the same number of steps. Options given on the command line are
+    applied after these.
+    """
+    if config not in LADDER_CONFIGS:
+        raise ConfigError(f"unknown {{config}} {config!r}; choose one of {', '.join(LADDER_CONFIGS)} (SPEC §4)",
+                          fields=("config",))
+    network = preset.network.replace(config=config)
+    training = preset.training
+    if config == "G":
+        return _renamed(preset, network, training, config)
+    network = network.replace(dropout=LADDER_DROPOUT, clip_act=None)  # the +-256 clamp arrives with G
+    if config == "A" and network.attn_resolutions:
+        finer = 2 * max(network.attn_resolutions)
+        network = network.replace(attn_resolutions=(finer, *sorted(network.attn_resolutions, reverse=True)))
+    changes = {}
+    if config in LADDER_LR_RATIO:
+        changes.update(lr=training.lr * LADDER_LR_RATIO[config], loss_scaling=100.0)
+    if config in ("A", "B", "C", "D"):
+        changes.update(decay=None)
+    if config == "A":
+        changes.update(betas=(0.9, 0.999), P_mean=-1.2, P_std=1.2,
+                       ema_halflife_img=max(1, round(training.duration * LADDER_HALFLIFE_SHARE)))
+    return _renamed(preset, network, training.replace(**changes), config)
+
+
+def _renamed(preset, network, training, config):
+    return Preset(name=preset.name, description=f"{preset.description}, ablation config {config}",
+                  network=network, training=training, cadence=preset.cadence, dataset=preset.dataset)
 
 
 def get_preset(name):

@@ -9,6 +9,7 @@ import json
 import os
 from typing import Optional
 
+from mpdiff.config import NetworkConfig
 from mpdiff.ema.profiles import SIGMA_REL_MAX, check_sigma_rels
 from mpdiff.errors import CheckpointError, NumericalError, first_line
 from mpdiff.storage.layout import parse_snapshot_name, snapshot_dir_of, snapshot_name
@@ -108,7 +109,7 @@ def list_snapshots(path):
                      key=lambda r: (r.nimg, r.sigma_rel))
     first = records[0]
     for record in records:  # (nimg, sigma_rel) is unique: the name says both, and must agree with the metadata
-        if record.network != first.network:
+        if NetworkConfig.completed(record.network) != NetworkConfig.completed(first.network):  # fields added later
             raise CheckpointError(f"{record.path}: network config differs from {first.path}")
         if record.signature != first.signature:
             ours, theirs = dict(record.signature), dict(first.signature)

@@ -8,7 +8,8 @@ from mpdiff.nn.precond import Precond
 
 
 def build_network(config: NetworkConfig, device="cpu"):
-    """Instantiate :class:`~mpdiff.nn.precond.Precond` from a :class:`NetworkConfig`.
+    """Instantiate :class:`~mpdiff.nn.precond.Precond` from a :class:`NetworkConfig` (of any ablation
+    config A-G; ConfigError for another).
 
     Weights are drawn on the CPU and then moved, so a seed gives the same initial network on every
     device; only the meta device is built in place (shapes without memory).

@@ -11,8 +11,9 @@ from mpdiff.config import NetworkConfig
 from mpdiff.errors import CheckpointError, first_line
 from mpdiff.nn.build import build_meta_network, build_network, check_network_memory, check_state_dict
 
-# Official Precond/UNet/Block keyword -> our NetworkConfig field (identical names today).
-_OFFICIAL_KEYWORDS = {f for f in NetworkConfig.__dataclass_fields__}
+# Official Precond/UNet/Block keyword -> our NetworkConfig field (identical names today). The released
+# networks are config G, so the ablation config is no keyword here.
+_OFFICIAL_KEYWORDS = {f for f in NetworkConfig.__dataclass_fields__} - {"config"}
 
 
 def infer_config(state_dict):

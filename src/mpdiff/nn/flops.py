@@ -9,8 +9,9 @@ The count runs the eval-mode forward of :class:`mpdiff.nn.precond.Precond` on th
 under a dispatch-level op counter, so no weight or activation memory is allocated and even
 the XXL network is counted in about a second. What is counted: one network evaluation
 D(x; sigma, c) with class labels, including the weight normalization that every
-:class:`MPConv` applies on each call (normalize + gain scaling, Eq. 46-47), but not the
-log-variance head u(sigma), which only training uses.
+:class:`MPConv` applies on each call (normalize + gain scaling, Eq. 46-47; configs D-G), the
+biases and group norms of the earlier ablation configs (A-E), but not the log-variance head
+u(sigma), which only training uses. Every config A-G counts within 0.4% of paper Table 1.
 """
 
 import contextlib
@@ -87,9 +88,11 @@ def op_flops(name, args, out):
     if name == "convolution":
         # out elements x (in_channels / groups x kh x kw), i.e. weight.shape[1:]. For transposed
         # convolutions weight.shape[1] is out_channels / groups; the reference tool uses the same
-        # product (it only matters for the 2x up-sampling filter, a negligible share).
-        weight = args[1]
-        return result.numel() * (weight.numel() // weight.shape[0])
+        # product (it only matters for the 2x up-sampling filter, a negligible share). A bias
+        # (configs A, B) adds once per output element.
+        weight, bias = args[1], args[2]
+        bias_adds = result.numel() if bias is not None else 0
+        return result.numel() * (weight.numel() // weight.shape[0]) + bias_adds
     if name in ("mm", "bmm", "matmul", "mv"):
         return result.numel() * args[0].shape[-1]
     if name in ("addmm", "baddbmm"):

@@ -3,8 +3,8 @@
 :func:`unet_layout` turns the few numbers of a :class:`~mpdiff.config.NetworkConfig` (resolution,
 widths per level, blocks per level, attention resolutions) into the encoder and decoder as plain
 :class:`BlockSpec` records, in execution order (SPEC §3.5). :class:`~mpdiff.nn.unet.UNet` only
-instantiates them, so a variant of the architecture (the ablation configs A-F, a skip-scaling rule)
-changes this description, not the module code.
+instantiates them. Every ablation config A-G shares this topology (SPEC §4.3); what differs inside
+the blocks is :mod:`mpdiff.nn.ladder`'s business, and a skip-scaling rule acts on :attr:`UNetLayout.skips`.
 
 Spec names are the ModuleDict keys of the released networks (``16x16_block0``, ``8x8_in1``,
 ``32x32_up``, ...), hence the state_dict keys of every network file.
@@ -27,7 +27,7 @@ class BlockSpec:
         path plus the skip (they are concatenated first).
     out_channels: width it produces.
     resample: ``'keep'``, ``'down'`` or ``'up'``, applied first on the main path.
-    attention: whether the block ends with cosine self-attention.
+    attention: whether the block ends with self-attention.
     skip_from: name of the encoder module whose output is concatenated to the input, or None.
     """
     name: str
@@ -73,8 +73,8 @@ class UNetLayout:
 
 
 def unet_layout(img_resolution: int, img_channels: int, model_channels: int, channel_mult: Sequence[int],
-                num_blocks: int, attn_resolutions: Sequence[int]) -> UNetLayout:
-    """Describe the config-G U-Net (SPEC §3.5).
+                num_blocks: int, attn_resolutions: Sequence[int], ones_channel: bool = True) -> UNetLayout:
+    """Describe the U-Net (SPEC §3.5); `ones_channel` widens the input by a constant-one channel (SPEC §2.15).
 
     Level i works at resolution img_resolution / 2^i with width model_channels * channel_mult[i].
     Encoder: the input conv (level 0) or a down-sampling block (deeper levels), then `num_blocks`
@@ -85,7 +85,7 @@ def unet_layout(img_resolution: int, img_channels: int, model_channels: int, cha
     levels = [(img_resolution >> i, model_channels * mult) for i, mult in enumerate(channel_mult)]
     encoder, decoder = [], []
 
-    width = img_channels + 1  # the data plus a constant-one channel (SPEC §2.15)
+    width = img_channels + int(ones_channel)
     for depth, (res, level_width) in enumerate(levels):
         if depth == 0:
             encoder.append(BlockSpec(_key(res, "conv"), STEM, width, level_width))

@@ -4,8 +4,9 @@
 
 :func:`edm_coefficients` is the math. :class:`Preconditioner` applies it to any backbone called as
 ``backbone(x, noise_labels, class_labels) -> F_x`` and adds the log-variance head u(sigma) of the
-uncertainty-weighted loss (Eq. 21). :class:`Precond` is the config-G instance: its constructor
-keywords are exactly the fields of :class:`~mpdiff.config.NetworkConfig`.
+uncertainty-weighted loss (Eq. 21) in the configs that have one (B-G). :class:`Precond` wraps the
+U-Net of any ablation config: its constructor keywords are exactly the fields of
+:class:`~mpdiff.config.NetworkConfig`.
 """
 
 from typing import Optional
@@ -13,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from mpdiff.nn.primitives import MPConv, MPFourier
+from mpdiff.nn.ladder import CONFIG_G, LadderFlags, Layers
 from mpdiff.nn.unet import UNet
 
 
@@ -44,10 +45,18 @@ class Preconditioner(nn.Module):
         use_fp16: run the backbone in float16 on CUDA (the preconditioning stays float32).
         sigma_data: expected standard deviation of the data.
         logvar_channels: Fourier features of the log-variance head u(sigma).
+        flags: the ablation config, which decides whether there is a head (LadderFlags.loss_uncertainty)
+            and builds its layers like the backbone's; G by default.
+
+    The head is u(sigma) = linear(Fourier(c_noise)) to one scalar (SPEC §1.2). In G its features are
+    MP-Fourier and its linear layer an MPConv; in B-F both follow the config's conventions as SPEC §4.4
+    states (plain Fourier features, a bias and A's init in B) (unconfirmed: the paper only says the
+    head follows the current configuration). Config A has no head and no log-variance parameters.
     """
 
     def __init__(self, backbone: nn.Module, *, img_resolution: int, img_channels: int, label_dim: int = 0,
-                 use_fp16: bool = True, sigma_data: float = 0.5, logvar_channels: int = 128):
+                 use_fp16: bool = True, sigma_data: float = 0.5, logvar_channels: int = 128,
+                 flags: LadderFlags = CONFIG_G):
         super().__init__()
         self.img_resolution = img_resolution
         self.img_channels = img_channels
@@ -55,9 +64,11 @@ class Preconditioner(nn.Module):
         self.use_fp16 = use_fp16
         self.sigma_data = sigma_data
         self.unet = backbone
-        # u(sigma) = linear(Fourier(c_noise)): a scalar per noise level (Eq. 21).
-        self.logvar_fourier = MPFourier(logvar_channels)
-        self.logvar_linear = MPConv(logvar_channels, 1, kernel=())
+        self.logvar_fourier = self.logvar_linear = None
+        if flags.loss_uncertainty:  # u(sigma): a scalar per noise level (Eq. 21)
+            layers = Layers(flags)
+            self.logvar_fourier = layers.fourier(logvar_channels)
+            self.logvar_linear = layers.conv(logvar_channels, 1, kernel=())
 
     @property
     def backbone(self) -> nn.Module:
@@ -71,14 +82,21 @@ class Preconditioner(nn.Module):
             return torch.zeros([1, self.label_dim], device=device)
         return class_labels.to(torch.float32).reshape(-1, self.label_dim)
 
-    def log_variance(self, c_noise: torch.Tensor) -> torch.Tensor:
-        """u(sigma) as [N, 1, 1, 1], from c_noise = ln(sigma) / 4."""
+    @property
+    def has_uncertainty(self) -> bool:
+        """Whether the network has the log-variance head u(sigma) (configs B-G)."""
+        return self.logvar_linear is not None
+
+    def log_variance(self, c_noise: torch.Tensor) -> Optional[torch.Tensor]:
+        """u(sigma) as [N, 1, 1, 1], from c_noise = ln(sigma) / 4; None without the head (config A)."""
+        if not self.has_uncertainty:
+            return None
         u = self.logvar_linear(self.logvar_fourier(c_noise))
         return u.reshape(len(u), 1, 1, 1)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
                 force_fp32: bool = False, return_logvar: bool = False):
-        """D(x; sigma, class_labels) in float32; with return_logvar=True, (D, u(sigma))."""
+        """D(x; sigma, class_labels) in float32; with return_logvar=True, (D, u(sigma) or None)."""
         x = x.to(torch.float32)
         sigma = sigma.float().reshape(-1, 1, 1, 1)  # one level per sample, broadcast over pixels
         labels = self._labels(class_labels, x.device)
@@ -94,15 +112,18 @@ class Preconditioner(nn.Module):
 
 
 class Precond(Preconditioner):
-    """The config-G denoiser: :class:`Preconditioner` around a :class:`~mpdiff.nn.unet.UNet`.
+    """The denoiser of an ablation config: :class:`Preconditioner` around a :class:`~mpdiff.nn.unet.UNet`.
 
     Keywords are the fields of :class:`~mpdiff.config.NetworkConfig` (``build_network`` passes
-    ``config.to_dict()``); those not listed here go to the UNet and its blocks.
+    ``config.to_dict()``); those not listed here go to the UNet and its blocks. `config` ('A' .. 'G',
+    default G) selects the ablation config for both the U-Net and the uncertainty head.
     """
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = True,
-                 sigma_data: float = 0.5, logvar_channels: int = 128, **unet_options):
+                 sigma_data: float = 0.5, logvar_channels: int = 128, config: str = "G", **unet_options):
         # The U-Net draws its random weights before the log-variance head does.
-        unet = UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, **unet_options)
+        unet = UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, config=config,
+                    **unet_options)
         super().__init__(unet, img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
-                         use_fp16=use_fp16, sigma_data=sigma_data, logvar_channels=logvar_channels)
+                         use_fp16=use_fp16, sigma_data=sigma_data, logvar_channels=logvar_channels,
+                         flags=unet.flags)

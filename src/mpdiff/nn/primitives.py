@@ -1,7 +1,9 @@
 """Magnitude-preserving (MP) layers and functions of config G (SPEC §2).
 
 The design rule behind every object here: if its inputs are standardized (unit RMS, elements
-uncorrelated), so is its output. Equation numbers refer to Karras et al., "Analyzing and Improving
+uncorrelated), so is its output. Two serve earlier ablation configs too (SPEC §4): the plain
+:class:`FourierFeatures` (C-F) that :class:`MPFourier` rescales, and :class:`MPConv` without its
+forced step (D). Equation numbers refer to Karras et al., "Analyzing and Improving
 the Training Dynamics of Diffusion Models" (arXiv 2312.02696 v2).
 """
 
@@ -96,13 +98,15 @@ def resample(x: torch.Tensor, mode: str = "keep", filter: Sequence[float] = (1, 
                               groups=groups, stride=2, padding=padding)
 
 
-class MPFourier(nn.Module):
-    """Fixed random Fourier features of a scalar per sample: sqrt(2) cos(f a + phi) (Eq. 75).
+class FourierFeatures(nn.Module):
+    """Fixed random Fourier features of a scalar per sample: cos(f a + phi) (config C; SPEC §4.5).
 
     `num_channels` features with frequencies f ~ 2 pi bandwidth N(0, 1) and phases phi ~ 2 pi U(0, 1),
     drawn once (randn, then rand) and kept as buffers: they are saved with the network and must be
-    copied into EMA copies. sqrt(2) restores unit RMS, since E[cos^2] = 1/2.
+    copied into EMA copies. Their RMS is 1/sqrt(2); :class:`MPFourier` restores 1.
     """
+
+    amplitude = 1.0
 
     def __init__(self, num_channels: int, bandwidth: float = 1.0):
         super().__init__()
@@ -114,7 +118,16 @@ class MPFourier(nn.Module):
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         angle = torch.outer(a.to(torch.float32), self.freqs.to(torch.float32))
         angle = angle + self.phases.to(torch.float32)
-        return (angle.cos() * math.sqrt(2)).to(a.dtype)
+        return (angle.cos() * self.amplitude).to(a.dtype)
+
+
+class MPFourier(FourierFeatures):
+    """Magnitude-preserving Fourier features sqrt(2) cos(f a + phi) (Eq. 75; config G).
+
+    sqrt(2) restores unit RMS, since E[cos^2] = 1/2 for a uniformly random phase.
+    """
+
+    amplitude = math.sqrt(2)
 
 
 class MPConv(nn.Module):
@@ -124,9 +137,11 @@ class MPConv(nn.Module):
         in_channels: input channels (features, for a linear layer).
         out_channels: output channels.
         kernel: kernel size, e.g. (3, 3); an empty kernel () makes a fully-connected layer.
+        forced: re-project the stored weight in training mode (forced WN, configs E-G); False leaves
+            only the weight normalization on use (config D, SPEC §4.6).
 
-    The weight W is drawn from N(0, 1). A training-mode call first re-projects every row of W in place
-    to norm sqrt(fan_in) (forced WN, Eq. 66; no autograd). It then always uses
+    The weight W is drawn from N(0, 1). With `forced`, a training-mode call first re-projects every row
+    of W in place to norm sqrt(fan_in) (Eq. 66; no autograd). It then always uses
     normalize(W) * gain / sqrt(fan_in), computed with autograd (Eq. 46-47): that standard WN projects
     the gradient onto the tangent plane of the sphere (Eq. 59), and the scaling gives unit-RMS
     outputs for unit-RMS inputs. `gain` is 1 or a learned scalar (Eq. 104).
@@ -139,10 +154,11 @@ class MPConv(nn.Module):
     effective weight is cached until W, the gain, the device or the dtype changes.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int]):
+    def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int], forced: bool = True):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
+        self.forced = forced
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
         self._frozen = None  # (cache key, effective weight) for gradient-free eval calls
 
@@ -170,7 +186,7 @@ class MPConv(nn.Module):
         return self._frozen[1]
 
     def forward(self, x: torch.Tensor, gain: Union[float, torch.Tensor] = 1) -> torch.Tensor:
-        if self.training:
+        if self.training and self.forced:
             self.force_weight_norm()
         if self.training or torch.is_grad_enabled():
             self._frozen = None
@@ -182,7 +198,8 @@ class MPConv(nn.Module):
         return F.conv2d(x, w, padding=w.shape[-1] // 2)  # "same" padding, stride 1
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, kernel={list(self.weight.shape[2:])}"
+        forced = "" if self.forced else ", forced=False"
+        return f"{self.in_channels}, {self.out_channels}, kernel={list(self.weight.shape[2:])}{forced}"
 
 
 def cosine_attention(qkv: torch.Tensor, num_heads: int, impl: str = "matmul") -> torch.Tensor:

@@ -81,7 +81,7 @@ def load_checkpoint(path, train_state, contract, duration=None):
     tensors, meta = load_tensors(path)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an mpdiff training checkpoint")
-    if meta.get("config") != contract:
+    if _upgraded(meta.get("config")) != contract:
         raise ConfigError(f"{path}: checkpoint was written with a different configuration; "
                           f"use a new run directory or the original options")
     check_metadata(path, meta, contract, duration)
@@ -92,6 +92,15 @@ def load_checkpoint(path, train_state, contract, duration=None):
         train_state.load_state_dict(unflatten_state(tensors, meta), source=path)
     except (KeyError, ValueError, TypeError, IndexError) as e:
         raise CheckpointError(f"{path}: incomplete training state ({type(e).__name__}: {first_line(e, 120)})") from None
+
+
+def _upgraded(stored):
+    """A stored contract with the network fields added since it was written (NetworkConfig.completed)."""
+    from mpdiff.config import NetworkConfig
+
+    if isinstance(stored, dict) and isinstance(stored.get("network"), dict):
+        return {**stored, "network": NetworkConfig.completed(stored["network"])}
+    return stored
 
 
 def check_metadata(path, meta, contract, duration=None):

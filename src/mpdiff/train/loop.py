@@ -22,6 +22,7 @@ from mpdiff.storage.layout import RunLayout
 from mpdiff.storage.lock import run_directory_lock
 from mpdiff.storage.network_files import save_network
 from mpdiff.train import checkpoint
+from mpdiff.train.dynamics import run_dynamics
 from mpdiff.train.precision import apply_precision_policy
 from mpdiff.train.report import IntervalStats, RunReport
 from mpdiff.train.run import check_existing_run, resolve_run, settle_micro_batch, summary_lines, write_run_config
@@ -55,6 +56,11 @@ class Trainer:
                                  micro_batch=resolved.run.batch_gpu,
                                  max_nonfinite_steps=resolved.run.max_nonfinite_steps, device=self.device)
         self.report = RunReport(self.layout, progress=resolved.run.progress, tensorboard=resolved.run.tensorboard)
+        self.dynamics = None  # training-dynamics diagnostics in the stats rows (train/dynamics.py)
+        if resolved.run.dynamics:
+            self.dynamics = run_dynamics(self.state, self.step_fn.images, self.step_fn.labels, resolved.training,
+                                         resolved.cadence, resolved.run.seed, micro_batch=resolved.run.batch_gpu,
+                                         device=self.device)
         self.last_good = None  # the newest checkpoint known to hold this run's state
 
     @property
@@ -133,6 +139,9 @@ class Trainer:
         if ignored:  # never a silent skip
             shown = ", ".join(ignored[:5]) + (", ..." if len(ignored) > 5 else "")
             self.say(f"dataset {self.dataset.name}: ignored {len(ignored)} file(s) that are not images: {shown}")
+        if self.dynamics is not None and self.dynamics.every != cadence.status_nimg:
+            self.say(f"dynamics  in one stats row of every {self.dynamics.every // cadence.status_nimg} "
+                     f"(every {self.dynamics.every:,} images), to keep stats.jsonl readable in one piece")
         slice_nimg = self.run_options.slice_nimg
         stop_at = duration if slice_nimg is None else min(duration, self.state.nimg + slice_nimg)
         self.report.open(self.state.nimg, duration)
@@ -141,6 +150,10 @@ class Trainer:
         try:
             while self.state.nimg < stop_at:
                 started = time.time()
+                watched = self.dynamics is not None and self.dynamics.due(self.state.nimg + self.training.batch,
+                                                                          stop_at)
+                if watched:  # this step ends on a row with dynamics: copy the weights before Adam moves them
+                    self.dynamics.watch(self.state.optimizer)
                 result = self.train_step()
                 self.state.counters["elapsed_sec"] += time.time() - started
                 if len(warmup) < WARMUP_STEPS + 1:
@@ -151,7 +164,9 @@ class Trainer:
                 nimg = self.state.nimg
                 self.report.tick(nimg)
                 if nimg % cadence.status_nimg == 0 or nimg >= stop_at:
-                    self.report.row(interval.row(self.state, result.lr))
+                    dynamics = self.dynamics.measure() if watched else None  # first: its cost counts in img/s
+                    row = interval.row(self.state, result.lr)
+                    self.report.row(row if dynamics is None else {**row, "dynamics": dynamics})
                     interval = IntervalStats(nimg)
                 if nimg % cadence.snapshot_nimg == 0 or nimg >= duration:
                     self.save_snapshots()

@@ -56,6 +56,10 @@ class RunReport:
         if self.writer is not None:
             for key in TENSORBOARD_SCALARS:
                 self.writer.add_scalar(f"train/{key}", row[key], row["nimg"])
+            for kind, values in row.get("dynamics", {}).items():  # dynamics/act/<block>, dynamics/weight/<layer>, ...
+                if isinstance(values, dict):
+                    for name, value in values.items():
+                        self.writer.add_scalar(f"dynamics/{kind}/{name}", value, row["nimg"])
             self.writer.flush()
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", ips=f"{row['img_per_sec']:.0f}")
 

@@ -13,7 +13,7 @@ from mpdiff.config import (
 )
 from mpdiff.data.datasets import open_dataset
 from mpdiff.errors import ConfigError
-from mpdiff.presets import DEFAULT_PRESET, get_preset
+from mpdiff.presets import DEFAULT_PRESET, get_preset, ladder_preset
 from mpdiff.storage.files import printable, read_json, write_json
 from mpdiff.storage.layout import RunLayout
 
@@ -48,7 +48,8 @@ def contract_of(config):
     run = {k: v for k, v in config["run"].items() if k not in RunOptions.RUNTIME_FIELDS}
     cadence = {k: v for k, v in config["cadence"].items() if k not in RUNTIME_CADENCE_FIELDS}
     training = {k: v for k, v in config["training"].items() if k != "duration"}
-    return {"preset": config["preset"], "network": config["network"], "training": training,
+    network = NetworkConfig.completed(config["network"])  # a run made before a field existed resumes
+    return {"preset": config["preset"], "network": network, "training": training,
             "cadence": cadence, "run": run, "dataset": config["dataset"]}
 
 
@@ -59,6 +60,9 @@ def resolve_run(preset=DEFAULT_PRESET, run=None, network=None, training=None, ca
     """
     run = run or RunOptions()
     chosen = get_preset(preset)
+    config = (network or {}).get("config")
+    if config is not None:  # the ablation ladder's deltas first; explicit options then win (SPEC §4.2)
+        chosen = ladder_preset(chosen, config)
     if run.run_dir is None:
         run = run.replace(run_dir=os.path.join("runs", preset))
     network_config = chosen.network.replace(**(network or {}))
@@ -188,12 +192,14 @@ def summary_lines(resolved, dataset, micro_note=None):
     lines = [
         f"data      {dataset.name}: {len(dataset):,} images, {net.img_resolution}x{net.img_resolution}, "
         f"{net.img_channels} channel{'s' if net.img_channels > 1 else ''}, {classes}",
-        f"network   U-Net (config G), C0 {net.model_channels}, {len(levels)} levels "
+        f"network   U-Net (config {getattr(net, 'config', 'G')}), C0 {net.model_channels}, {len(levels)} levels "
         f"({', '.join(f'{r}x{r}' for r in levels)}), attention at "
         f"{', '.join(f'{r}x{r}' for r in used) or 'no level'}; {int(counted['params']):,} parameters, "
         f"{counted['flops'] / 1e9:.4g} Gflops per evaluation",
         f"training  batch {training.batch} (micro-batch {micro}), {training.duration // training.batch:,} steps, "
-        f"{training.duration:,} images, lr {training.lr}, EMA {', '.join(f'{s:.3f}' for s in training.ema_sigma_rels)}",
+        f"{training.duration:,} images, lr {training.lr:.4g}"
+        f"{'' if training.decay else ' constant'}, EMA {', '.join(f'{s:.3f}' for s in training.ema_sigma_rels)}"
+        + (f" + traditional (half-life {training.ema_halflife_img:,} images)" if training.ema_halflife_img else ""),
     ]
     if micro_note:
         lines.append(f"memory    {micro_note}")

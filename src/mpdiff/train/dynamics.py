@@ -1,0 +1,244 @@
+"""Training-dynamics diagnostics cheap enough to leave on (SPEC §10.1-10.2; paper Figs. 3 and 15).
+
+Measured at the stats rows of a run, from its live network:
+
+* ``act``: RMS of each U-Net block's output (the modules of ``unet.enc`` and ``unet.dec``) on a fixed
+  probe batch: the same images, noise levels and noise at every row, so that the curves compare over
+  time. Only the two ModuleDicts and forward hooks are used, never a block's internals.
+* ``weight``: RMS of each layer's stored weight tensor (a layer scaled by k reports k times as much).
+* ``update``: ||w_after - w_before|| / ||w_before|| of one optimizer step per layer, the effective
+  learning rate of SPEC §10.2, taken around the Adam step that ends on the row.
+
+None of it changes training: the probe draws from its own generator, runs without autograd in eval
+mode (MPConv re-normalises its stored weight in place only in training mode), restores every
+module's mode and leaves the global random state as it found it; the update is measured on a copy.
+The math is in plain functions; :class:`TrainingDynamics` only holds the probe and the copy.
+"""
+
+import dataclasses
+import json
+import math
+import time
+
+import torch
+
+from mpdiff.data.pixels import encode_images
+from mpdiff.storage.files import JSON_MAX_BYTES
+from mpdiff.train.data_order import derived_seed
+
+PROBE_IMAGES = 32               # probe batch size (fewer if the dataset is smaller)
+SIGNIFICANT_DIGITS = 4          # values as written into stats.jsonl
+ROW_BUDGET_BYTES = JSON_MAX_BYTES // 2  # all dynamics of a run together; stats.jsonl is read whole on resume
+SIDES = ("enc", "dec")          # the U-Net's block dicts, in forward order
+
+
+# ----------------------------------------------------------------------------------------- math
+
+def rms(x):
+    """sqrt(mean(x^2)) as a float32 0-d tensor, computed in float32 without a copy of `x`."""
+    return torch.linalg.vector_norm(x.detach(), dtype=torch.float32) / math.sqrt(max(x.numel(), 1))
+
+
+def weight_rms(weights):
+    """{layer: RMS of its stored weight} for {layer: tensor}."""
+    return _floats({name: rms(w) for name, w in weights.items()})
+
+
+def relative_updates(before, after):
+    """{layer: ||after - before|| / ||before||} for two {layer: tensor} (inf or NaN where ||before|| = 0)."""
+    sizes = {}
+    for name, old in before.items():
+        step = torch.linalg.vector_norm(after[name].detach().float() - old.float())
+        sizes[name] = step / torch.linalg.vector_norm(old.float())
+    return _floats(sizes)
+
+
+def probe_sigmas(count, P_mean, P_std):
+    """`count` noise levels at evenly spaced quantiles of the training distribution
+    ln(sigma) ~ N(P_mean, P_std^2) (Eq. 16): spread over it, and drawn without any random number."""
+    quantiles = (torch.arange(count, dtype=torch.float64) + 0.5) / count
+    return (P_mean + P_std * torch.special.ndtri(quantiles)).exp().to(torch.float32)
+
+
+def _floats(tensors):
+    """{name: 0-d tensor} -> {name: float}, with one device-to-host copy for all of them."""
+    if not tensors:
+        return {}
+    values = torch.stack([t.reshape(()).float() for t in tensors.values()]).tolist()
+    return dict(zip(tensors, values))
+
+
+# ------------------------------------------------------------------------------------ the network
+
+def block_modules(net):
+    """{'enc.<name>' | 'dec.<name>': module} of the U-Net's encoder and decoder blocks, in forward order.
+    `net` is a preconditioned network (its backbone is ``net.unet``) or the backbone itself."""
+    backbone = getattr(net, "unet", net)
+    return {f"{side}.{name}": module for side in SIDES for name, module in getattr(backbone, side).items()}
+
+
+def block_of(layer):
+    """The block a layer name belongs to ('enc.16x16_block0.conv_res0' -> 'enc.16x16_block0'), or None."""
+    parts = layer.split(".")
+    return ".".join(parts[:2]) if parts[0] in SIDES and len(parts) >= 2 else None
+
+
+def layer_weights(net):
+    """{layer name: weight parameter} of every layer of `net`.
+
+    A layer's weight is every parameter with at least 2 dimensions: the weights of convolutions and
+    linear layers (MPConv's of both kinds), not biases nor scalar gains. Names are parameter names
+    relative to the backbone (``unet.``) without a trailing '.weight', so that a layer's name starts
+    with its block's: 'enc.16x16_block0.conv_res0', 'out_conv', 'logvar_linear'.
+    """
+    layers = {}
+    for name, param in net.named_parameters():
+        if param.ndim >= 2:
+            short = name.removesuffix(".weight").removeprefix("unet.")
+            layers[short if short not in layers else name] = param
+    return layers
+
+
+# ----------------------------------------------------------------------------------- the probe
+
+@dataclasses.dataclass
+class ProbeBatch:
+    """Fixed inputs of the activation probe: noisy images y + n, their noise levels and labels."""
+    noisy: torch.Tensor                 # [N, C, H, W] float32
+    sigma: torch.Tensor                 # [N] float32
+    labels: torch.Tensor = None         # [N, classes] one-hot, or None
+
+
+def make_probe(images, labels, P_mean, P_std, seed, count=PROBE_IMAGES, device="cpu"):
+    """The probe batch of a run: `count` dataset images (uint8 [N, C, H, W]) drawn once with a private
+    generator seeded by (`seed`, 'dynamics'), noise levels at quantiles of the training distribution
+    and unit noise from the same generator. Nothing here touches the global random state."""
+    generator = torch.Generator().manual_seed(derived_seed(seed, "dynamics"))
+    count = min(count, len(images))
+    indices = torch.randperm(len(images), generator=generator)[:count]
+    clean = encode_images(images[indices])
+    noise = torch.randn(clean.shape, generator=generator)
+    sigma = probe_sigmas(count, P_mean, P_std)
+    noisy = clean + noise * sigma.reshape(-1, 1, 1, 1)
+    chosen = None if labels is None else labels[indices].to(device)
+    return ProbeBatch(noisy.to(device), sigma.to(device), chosen)
+
+
+def activation_rms(net, probe, micro_batch=None):
+    """{block: RMS of its output over the whole probe batch}, from forward hooks on the U-Net's blocks.
+
+    Runs without autograd in eval mode, `micro_batch` images at a time; every module's mode and the
+    global random state (CPU, and the probe's CUDA device) are restored afterwards.
+    """
+    blocks = block_modules(net)
+    device = probe.noisy.device
+    sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in blocks}
+    counts = dict.fromkeys(blocks, 0)
+
+    def hook_for(name):
+        def record(module, args, output):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            sums[name] += torch.linalg.vector_norm(out.detach(), dtype=torch.float32).double() ** 2
+            counts[name] += out.numel()
+        return record
+
+    modes = {module: module.training for module in net.modules()}
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in blocks.items()]
+    step = micro_batch or len(probe.noisy)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            net.eval()
+            for start in range(0, len(probe.noisy), step):
+                part = slice(start, start + step)
+                labels = None if probe.labels is None else probe.labels[part]
+                net(probe.noisy[part], probe.sigma[part], labels)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    return _floats({name: (sums[name] / max(counts[name], 1)).sqrt() for name in blocks})
+
+
+# ------------------------------------------------------------------------------------ one run
+
+def rounded(values, digits=SIGNIFICANT_DIGITS):
+    """{name: value to `digits` significant digits}: what a stats row stores."""
+    return {name: float(f"{value:.{digits}g}") for name, value in values.items()}
+
+
+def estimated_row_bytes(blocks, layers):
+    """Bytes of one row's dynamics object in JSON (the names and a value of the widest usual form)."""
+    wide = 1.234e-05
+    sample = {"act": dict.fromkeys(blocks, wide), "weight": dict.fromkeys(layers, wide),
+              "update": dict.fromkeys(layers, wide), "seconds": 0.1234}
+    return len(json.dumps({"dynamics": sample})) + 2
+
+
+def dynamics_every(status_nimg, duration, row_bytes, budget=None):
+    """Image interval of the dynamics: every status row, or every k-th one if the run's rows would
+    otherwise need more than `budget` bytes (default ROW_BUDGET_BYTES; stats.jsonl is read whole when
+    a run resumes)."""
+    budget = ROW_BUDGET_BYTES if budget is None else budget
+    rows = -(-duration // status_nimg)
+    stride = max(1, -(-rows * row_bytes // budget))
+    return stride * status_nimg
+
+
+class TrainingDynamics:
+    """The probe batch and the weight copy of one run; :meth:`measure` returns a stats row's dynamics.
+
+    `every` (images, a multiple of the status interval) says which stats rows carry them: see
+    :func:`dynamics_every`.
+    """
+
+    def __init__(self, net, probe, every, micro_batch=None):
+        self.net = net
+        self.probe = probe
+        self.every = every
+        self.micro_batch = micro_batch
+        self.layers = layer_weights(net)
+        self._before = None        # {layer: copy} taken just before the watched optimizer step
+        self._hook = None
+
+    def due(self, nimg, stop_at):
+        """Does the stats row at image count `nimg` carry dynamics? (Rows come at status boundaries
+        and at the end of an invocation, `stop_at`.)"""
+        return nimg % self.every == 0 or nimg >= stop_at
+
+    def watch(self, optimizer):
+        """Copy the weights just before `optimizer`'s next step (after the forward pass, whose forced
+        weight normalisation belongs to the previous step's weights), for the update of the next row."""
+        self._release()
+
+        def copy_weights(optimizer, args, kwargs):
+            if self._before is None:
+                self._before = {name: w.detach().clone() for name, w in self.layers.items()}
+
+        self._hook = optimizer.register_step_pre_hook(copy_weights)
+
+    def measure(self):
+        """{'act': {block: RMS}, 'weight': {layer: RMS}, 'update': {layer: relative size} (only after a
+        watched step), 'seconds': time taken}, values to SIGNIFICANT_DIGITS digits."""
+        started = time.time()
+        row = {"act": rounded(activation_rms(self.net, self.probe, self.micro_batch)),
+               "weight": rounded(weight_rms(self.layers))}
+        if self._before is not None:
+            row["update"] = rounded(relative_updates(self._before, self.layers))
+        self._release()
+        row["seconds"] = round(time.time() - started, 4)
+        return row
+
+    def _release(self):
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook, self._before = None, None
+
+
+def run_dynamics(state, images, labels, training, cadence, seed, micro_batch=None, device="cpu"):
+    """The :class:`TrainingDynamics` of a run: its probe from the dataset (`images` uint8, `labels`
+    one-hot or None) and the training's noise distribution, its cadence within the row budget."""
+    probe = make_probe(images, labels, training.P_mean, training.P_std, seed, device=device)
+    layers, blocks = layer_weights(state.net), block_modules(state.net)
+    every = dynamics_every(cadence.status_nimg, training.duration, estimated_row_bytes(blocks, layers))
+    return TrainingDynamics(state.net, probe, every, micro_batch=micro_batch)
