@@ -308,6 +308,9 @@ def test_info_measures_training_and_sampling_for_the_size_asked():
     assert measured["batch"] == 4 and measured["network_bytes"] == 4 * desc["params"]
     for kind in ("train", "sample"):
         assert measured[kind]["img_per_sec"] > 0 and measured[kind]["working_bytes"] >= 0
+    assert measured["default_micro_batch"]["micro_batch"] == 4  # a tiny network: the whole batch fits
+    text = run_cli("info", "digits", "--resolution", "16", "--channels", "8", "--batch", "4").stdout
+    assert "training on CPU would use micro-batch 4 of 4 by default" in text
     refused = run_cli("info", "digits", "--batch", "0")
     assert refused.exit_code == 1 and refused.stderr.strip() == "error: --batch must be positive, got 0"
 

@@ -277,7 +277,12 @@ def info(preset, resolution, channels, image_channels, batch, measure, ladder, a
         from mpdiff.config import NetworkConfig as _Network
         from mpdiff.train.measure import measure as run_measure
         batch = batch or desc["training"]["batch"]
-        desc["measured"] = dict(batch=batch, **run_measure(_Network.from_dict(desc["network"]), batch))
+        from mpdiff.train.measure import choose_micro_batch
+        network = _Network.from_dict(desc["network"])
+        desc["measured"] = dict(batch=batch, **run_measure(network, batch))
+        micro, per_image, budget = choose_micro_batch(network, batch)
+        desc["measured"]["default_micro_batch"] = dict(micro_batch=micro, activation_bytes_per_image=per_image,
+                                                       budget_bytes=budget)
     if as_json:
         click.echo(json.dumps({k: v for k, v in desc.items() if k != "gflops_by_op"}, indent=2))
         return
@@ -301,6 +306,10 @@ def info(preset, resolution, channels, image_channels, batch, measure, ladder, a
                    f"working memory (network {m['network_bytes'] / mib:,.1f} MiB)")
         click.echo(f"    sampling  {m['sample']['img_per_sec']:.4g} img/s with {2 * SAMPLING.num_steps - 1} evaluations "
                    f"per image, {m['sample']['working_bytes'] / mib:,.0f} MiB working memory")
+        d = m["default_micro_batch"]
+        click.echo(f"    training on CPU would use micro-batch {d['micro_batch']} of {m['batch']} by default "
+                   f"({d['activation_bytes_per_image'] / mib:.3g} MiB of activations per image, "
+                   f"{d['budget_bytes'] / 2 ** 30:.3g} GiB budget)")
 
 
 # ------------------------------------------------------------------------------------ post-hoc EMA
