@@ -267,3 +267,14 @@ def test_the_command_line_converts_and_reports_errors_in_one_line(tmp_path, cli_
     assert bad.exit_code == 2 and "'stretch' is not one of 'pad', 'resize', 'center-crop', 'center-crop-dhariwal'" in bad.output
     help_text = run_cli("dataset", "convert", "--help").output
     assert "aspect ratio is NOT kept" in help_text and "--no-progress" in help_text
+
+
+def test_a_run_on_edm2_chunk_folders_trains_unconditional_and_says_why(tmp_path):
+    from conftest import train_tiny
+
+    write_files(tmp_path / "chunks", {entry_name(i): png_bytes(pixels(i, 8)) for i in list(range(8)) + [1000, 1001]})
+    run_dir = tmp_path / "run"
+    trainer = train_tiny(run_dir, dataset=str(tmp_path / "chunks"), duration=64, final_grid=False)
+    assert trainer.resolved.network.label_dim == 0
+    assert ("unconditional (labels: none (EDM2 chunk folders 00000/... are not classes))"
+            in (run_dir / "log.txt").read_text())
