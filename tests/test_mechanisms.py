@@ -50,6 +50,7 @@ OURS = {
     "snapshots": [".ema-000000000064-0.050.safetensors.x1y2z3w4.tmp"],
     "phema": [".phema-000000000256-0.070.safetensors.k9j8h7g6.tmp", ".profile-000000000256-0.070.png.abcdefgh.tmp"],
     "samples": [".grid-0000001.png.q1w2e3r4.tmp", ".grid-final.png.abcd1234.tmp"],
+    "plots": [".dynamics-activations.png.abcd1234.tmp", ".dynamics-updates.png.q1w2e3r4.tmp"],
 }
 # Names that are nobody's temporaries, or temporaries of files mpdiff does not write.
 FOREIGN = [".env.tmp", ".x.tmp", ".draft.tmp", ".config.json.abc.tmp", ".config.json.ABCD1234.tmp",
@@ -58,7 +59,7 @@ FOREIGN = [".env.tmp", ".x.tmp", ".draft.tmp", ".config.json.abc.tmp", ".config.
            ".config.json.abcd1234.tmp.abcd1234.tmp", ".ema-000000000064-0.05.safetensors.abcd1234.tmp",
            "plain.txt", "config.json", ".mpdiff.lock"]
 NAMES = sorted({name for names in OURS.values() for name in names} | set(FOREIGN))
-SUBDIRS = ["checkpoints", "snapshots", "phema", "samples"]
+SUBDIRS = ["checkpoints", "snapshots", "phema", "samples", "plots"]
 # Where entries go: our directories, a directory of the user's, a directory inside one of ours, the
 # directory that a symlinked one of ours points to.
 PLACES = ["", *SUBDIRS, "notes", "checkpoints/sub", "outside"]

@@ -32,6 +32,8 @@ SNAPSHOT_DIR = "snapshots"
 PHEMA_DIR = "phema"
 SAMPLES_DIR = "samples"
 EMA_SWEEP_DIR = "ema-sweep"
+PLOTS_DIR = "plots"                   # mpdiff plot-dynamics' default output folder
+DYNAMICS_PLOT_FILES = ("dynamics-activations.png", "dynamics-weights.png", "dynamics-updates.png")
 TRADITIONAL_EMA_FILE = "ema-traditional.safetensors"
 FINAL_GRID_FILE = "grid-final.png"
 
@@ -154,6 +156,10 @@ class RunLayout:
     def profile_plot(self, nimg, sigma_rel):
         return self.path(PHEMA_DIR, profile_plot_name(nimg, sigma_rel))
 
+    @property
+    def plots_dir(self):
+        return self.path(PLOTS_DIR)
+
     def grid(self, nimg=None):
         """samples/grid-<kimg>.png, or the end-of-training grid when `nimg` is None."""
         return self.path(SAMPLES_DIR, FINAL_GRID_FILE if nimg is None else grid_name(nimg))
@@ -166,6 +172,7 @@ class RunLayout:
             self.snapshot_dir: lambda name: parse_snapshot_name(name) is not None,
             self.phema_dir: lambda name: parse_phema_name(name) is not None or bool(_PROFILE_NAME.fullmatch(name)),
             self.samples_dir: lambda name: bool(_GRID_NAME.fullmatch(name)),
+            self.plots_dir: lambda name: name in DYNAMICS_PLOT_FILES,
         }
 
     def stale_temporaries(self):

@@ -12,15 +12,14 @@ import numpy as np
 
 from mpdiff.errors import MpdiffError
 from mpdiff.storage.files import atomic_write, read_jsonl, show_path, write_destination
-from mpdiff.storage.layout import RunLayout
+from mpdiff.storage.layout import DYNAMICS_PLOT_FILES, RunLayout
 from mpdiff.train.dynamics import block_of
 
-PLOTS_DIR = "plots"             # RUN_DIR/plots/, the default output folder
 # (quantity in the rows, file name, title, y label)
 FIGURES = (
-    ("act", "dynamics-activations.png", "Block output RMS on the fixed probe batch", "activation RMS"),
-    ("weight", "dynamics-weights.png", "Weight RMS, mean over each block's layers", "weight RMS"),
-    ("update", "dynamics-updates.png", "Relative update per optimizer step, mean over each block's layers",
+    ("act", DYNAMICS_PLOT_FILES[0], "Block output RMS on the fixed probe batch", "activation RMS"),
+    ("weight", DYNAMICS_PLOT_FILES[1], "Weight RMS, mean over each block's layers", "weight RMS"),
+    ("update", DYNAMICS_PLOT_FILES[2], "Relative update per optimizer step, mean over each block's layers",
      "||Δw|| / ||w||"),
 )
 
@@ -87,7 +86,7 @@ def plot_dynamics(run_dir, out_dir=None):
     import matplotlib.pyplot as plt
 
     rows = dynamics_rows(run_dir)
-    out_dir = os.fspath(out_dir) if out_dir is not None else os.path.join(os.fspath(run_dir), PLOTS_DIR)
+    out_dir = os.fspath(out_dir) if out_dir is not None else RunLayout(run_dir).plots_dir
     nimg = np.array([n for n, _ in rows], dtype=np.float64)
     scale, unit = (1e6, "Mimg") if nimg.max() >= 1e7 else (1e3, "kimg")
     paths = []
