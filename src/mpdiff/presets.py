@@ -94,11 +94,11 @@ CPU32 = Preset(
 )
 CPU64 = Preset(
     name="cpu64",
-    description="Config-G U-Net for small 64x64 datasets on a CPU (gray or RGB; ~25 min on 1 core)",
+    description="Config-G U-Net for small 64x64 datasets on a CPU (gray or RGB; ~45 min on 1 core)",
     network=NetworkConfig(img_resolution=64, img_channels=3, label_dim=0, model_channels=16,
                           channel_mult=(1, 2, 2, 2), num_blocks=1, attn_resolutions=(8,),
                           logvar_channels=128, use_fp16=False),
-    training=TrainingConfig(batch=32, lr=0.0100, decay=1000, rampup_img=4 * KIB, duration=32 * KIB,
+    training=TrainingConfig(batch=32, lr=0.0100, decay=1000, rampup_img=4 * KIB, duration=64 * KIB,
                             P_mean=-0.8, P_std=1.6),
     cadence=Cadence(status_nimg=2 * KIB, snapshot_nimg=4 * KIB, checkpoint_nimg=8 * KIB),
     dataset="your own 64x64 images (mpdiff dataset convert)",
