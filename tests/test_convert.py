@@ -278,3 +278,32 @@ def test_a_run_on_edm2_chunk_folders_trains_unconditional_and_says_why(tmp_path)
     assert trainer.resolved.network.label_dim == 0
     assert ("unconditional (labels: none (EDM2 chunk folders 00000/... are not classes))"
             in (run_dir / "log.txt").read_text())
+
+
+def test_palette_and_16_bit_images_convert_to_their_pixels(tmp_path):
+    # A palette image becomes the RGB of its palette entries; a 16-bit grayscale image is rounded to
+    # 8 bits (value / 257); both padded from 6x6 onto an 8x8 black canvas.
+    from PIL import Image
+
+    index = (np.arange(36).reshape(6, 6) % 3).astype(np.uint8)
+    palette = [255, 0, 0, 0, 255, 0, 0, 0, 255]
+    p_image = Image.fromarray(index, "P")
+    p_image.putpalette(palette + [0] * (768 - len(palette)))
+    deep = (np.arange(36, dtype=np.uint16).reshape(6, 6) * 1800)
+    buffers = {}
+    for name, image in (("p.png", p_image), ("deep.png", Image.fromarray(deep))):
+        path = tmp_path / "src" / name
+        path.parent.mkdir(exist_ok=True)
+        image.save(path)
+        buffers[name] = path
+    assert Image.open(buffers["p.png"]).mode == "P" and Image.open(buffers["deep.png"]).mode.startswith("I")
+    convert_dataset(tmp_path / "src", tmp_path / "out", 8, "pad", progress=False)
+    ds = open_dataset(tmp_path / "out", progress=False)
+    by_name = dict(zip(sorted(buffers), range(2)))  # written in sorted source order: deep.png, p.png
+    deep_out, p_out = ds.images[by_name["deep.png"]], ds.images[by_name["p.png"]]
+    expected_rgb = np.array(palette, np.uint8).reshape(3, 3)[index]          # [6, 6, 3]
+    assert np.array_equal(p_out[:, 1:7, 1:7], expected_rgb.transpose(2, 0, 1))
+    assert p_out[:, 0].max() == 0 and p_out[:, 7].max() == 0               # the black border
+    expected_gray = np.round(deep / 257).astype(np.uint8)
+    assert np.array_equal(deep_out[0, 1:7, 1:7], expected_gray)             # gray among RGB: repeated
+    assert np.array_equal(deep_out[0], deep_out[2])
