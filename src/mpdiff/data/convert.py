@@ -38,9 +38,10 @@ from mpdiff.data.datasets import (
     probe_image,
     scan_source,
 )
-from mpdiff.errors import ConfigError, DatasetError, MpdiffError
+from mpdiff.errors import ConfigError, DatasetError
 from mpdiff.storage.files import (
     atomic_write,
+    destination_stat,
     folder_written_whole,
     show_path,
     write_bytes,
@@ -178,12 +179,7 @@ def _check_destination(src, dest):
     shown = show_path(dest)
     if not dest or os.path.basename(os.path.normpath(dest)) in ("", ".", ".."):
         raise ConfigError(f"DEST '{shown}' must name a new folder or a .zip file")
-    try:
-        info = os.stat(dest)
-    except FileNotFoundError:
-        info = None
-    except OSError as e:
-        raise MpdiffError(f"{shown}: cannot write here ({e.strerror or e})") from None
+    info = destination_stat(dest)
     is_zip = dest.lower().endswith(".zip")
     if info is not None:
         if os.path.isdir(dest):

@@ -186,17 +186,25 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def destination_stat(path):
+    """os.stat of a path about to be written, None when it does not exist yet; any other failure is
+    MpdiffError "<path>: cannot write here (...)"."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise MpdiffError(f"{show_path(path)}: cannot write here ({e.strerror or e})") from None
+
+
 def write_destination(path):
     """The file a write to `path` replaces: symlinks resolved, and refused unless it is absent or regular."""
     path = os.fspath(path)
     if os.path.islink(path):
         path = os.path.realpath(path)  # replace the file the link points to; the link itself stays
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
+    info = destination_stat(path)
+    if info is None:
         return path
-    except OSError as e:
-        raise MpdiffError(f"{show_path(path)}: cannot write here ({e.strerror or e})") from None
     if not stat.S_ISREG(info.st_mode):
         raise MpdiffError(f"{show_path(path)}: is {kind_of(info.st_mode)}; refusing to replace it with a file")
     return path

@@ -13,9 +13,10 @@ import re
 import stat
 
 from mpdiff.data.datasets import write_dataset_json
-from mpdiff.errors import ConfigError, MpdiffError
+from mpdiff.errors import ConfigError
 from mpdiff.storage.files import (
     can_exchange_entries,
+    destination_stat,
     folder_written_whole,
     kind_of,
     show_path,
@@ -40,12 +41,7 @@ def check_sample_destination(out_dir, grid_path=None):
     if os.path.islink(out_dir):
         out_dir = os.path.realpath(out_dir)  # write the folder the link points to; the link stays
     write_destination(grid_path)  # the grid must be writable as a file (not a FIFO, device or directory)
-    try:
-        info = os.stat(out_dir)
-    except FileNotFoundError:
-        info = None
-    except OSError as e:
-        raise MpdiffError(f"{show_path(out_dir)}: cannot write here ({e.strerror or e})") from None
+    info = destination_stat(out_dir)
     if info is not None:
         if not stat.S_ISDIR(info.st_mode):
             raise ConfigError(f"{{out}} {show_path(out_dir)} is {kind_of(info.st_mode)}, not a folder",

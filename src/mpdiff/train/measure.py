@@ -7,7 +7,6 @@ built (activations, gradients, Adam state, sampler state), next to the network's
 """
 
 import multiprocessing
-import os
 import resource
 import time
 
@@ -135,11 +134,10 @@ def activation_bytes_per_image(network):
 
 def micro_batch_budget():
     """Working-memory bytes the default CPU micro-batch aims for: 2 GiB, or 1/8 of the RAM if less."""
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return MICRO_BATCH_BUDGET
-    return min(MICRO_BATCH_BUDGET, ram // MICRO_BATCH_RAM_SHARE)
+    from mpdiff.storage.files import physical_memory
+
+    ram = physical_memory()
+    return MICRO_BATCH_BUDGET if ram is None else min(MICRO_BATCH_BUDGET, ram // MICRO_BATCH_RAM_SHARE)
 
 
 def choose_micro_batch(network, batch, budget=None):
