@@ -103,15 +103,9 @@ def _growth(rows, kind):
 
 
 def _wall_seconds(config):
-    import datetime
+    from recipes import wall_seconds  # the same log.txt reading as the recipes (benchmarks/ is on sys.path)
 
-    stamps = []
-    for line in open(os.path.join(run_dir(config), "log.txt"), encoding="utf-8"):
-        try:
-            stamps.append(datetime.datetime.strptime(line[:19], "%Y-%m-%d %H:%M:%S").timestamp())
-        except ValueError:
-            pass
-    return stamps[-1] - stamps[0] if stamps else None
+    return wall_seconds(os.path.join(run_dir(config), "log.txt"))
 
 
 def report(configs):

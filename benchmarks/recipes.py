@@ -112,7 +112,7 @@ def run(name, threads, extra):
     record(name, threads)
 
 
-def _wall_seconds(log_path):
+def wall_seconds(log_path):
     """Wall time of a run from its log.txt: the sum over invocations (each starts with 'new run' or
     'resumed') of the time from its first line to its last."""
     import datetime
@@ -150,7 +150,7 @@ def record(name, threads):
         "recipe": name, "dataset": dataset, "threads": threads,
         "command": " ".join(["mpdiff", "train", *args, "--data", f"out/recipes/data/{dataset}",
                              "--run-dir", f"out/recipes/runs/{name}"] + _duration_option(args, config)),
-        "wall_seconds": round(_wall_seconds(os.path.join(run_dir, "log.txt")), 1),
+        "wall_seconds": round(wall_seconds(os.path.join(run_dir, "log.txt")), 1),
         "nimg": rows[-1]["nimg"], "final_loss": rows[-1]["loss"],
         "train_img_per_sec": round(sum(r["img_per_sec"] for r in rows[1:]) / max(len(rows) - 1, 1), 1),
         "peak_cpu_mem_gb": round(max(r["cpu_mem_gb"] for r in rows), 2),

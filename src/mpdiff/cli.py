@@ -275,9 +275,9 @@ def info(preset, resolution, channels, image_channels, batch, measure, ladder, a
     desc = describe_preset(preset, **changes)
     if batch is not None or measure:
         from mpdiff.config import NetworkConfig as _Network
+        from mpdiff.train.measure import choose_micro_batch
         from mpdiff.train.measure import measure as run_measure
         batch = batch or desc["training"]["batch"]
-        from mpdiff.train.measure import choose_micro_batch
         network = _Network.from_dict(desc["network"])
         desc["measured"] = dict(batch=batch, **run_measure(network, batch))
         micro, per_image, budget = choose_micro_batch(network, batch)
