@@ -34,7 +34,15 @@ PUBLISHED = {
 def test_every_paper_preset_has_its_published_size():
     # The guide sizes of the code release (XXS; XS at 64x64) have no published counts; digits and the
     # CPU recipes are ours.
-    assert set(PRESETS) - set(PUBLISHED) == {"edm2-img512-xxs", "edm2-img64-xs", "digits", "cpu32", "cpu64"}
+    assert set(PRESETS) - set(PUBLISHED) == {"edm2-img512-xxs", "edm2-img64-xs", "digits", "cpu32", "cpu64",
+                                             "digits-uvit", "uvit-cifar10"}
+
+
+def test_scalelong_cifar10_uvit_has_the_published_size():
+    # U-ViT-S/2, the CIFAR-10 network of the U-ViT paper (Table 1 there: 44 M parameters), which
+    # ScaleLong's repository trains; plus our 129-parameter uncertainty head.
+    result = count_flops(PRESETS["uvit-cifar10"].network)
+    assert round(result["params"] / 1e6) == 44 and result["unknown_ops"] == {}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -181,8 +189,10 @@ def test_cadences_belong_to_the_preset():
     # A fixed 16 Ki snapshot cadence would write two snapshots every 8 steps at batch 2048.
     for name, preset in PRESETS.items():
         cadence = preset.cadence
-        if name == "digits":
+        if name in ("digits", "digits-uvit"):
             assert (cadence.status_nimg, cadence.snapshot_nimg, cadence.checkpoint_nimg) == (16384, 16384, 65536)
+        elif name == "uvit-cifar10":  # batch 128: ScaleLong's 500k steps are 64 M images
+            assert (cadence.status_nimg, cadence.snapshot_nimg, cadence.checkpoint_nimg) == (2 ** 17, 2 ** 22, 2 ** 24)
         elif name == "cpu32":
             assert (cadence.status_nimg, cadence.snapshot_nimg, cadence.checkpoint_nimg) == (4096, 4096, 16384)
         elif name == "cpu64":

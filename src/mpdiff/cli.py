@@ -252,8 +252,10 @@ def eval_(images, as_json):
 @click.option("--measure", is_flag=True, help="Measure img/s and memory on this machine (a few seconds).")
 @click.option("--config", "ladder", type=click.Choice(list("ABCDEFG")), default=None,
               help="Ablation-ladder config (SPEC §4) applied to the preset [G].")
+@click.option("--skip-scaling", type=click.Choice(["none", "cs", "cs-mp", "ls", "ls-nonshared"]), default=None,
+              help="Long-skip scaling (ScaleLong, SPEC §9) [preset].")
 @click.option("--json", "as_json", is_flag=True)
-def info(preset, resolution, channels, image_channels, batch, measure, ladder, as_json):
+def info(preset, resolution, channels, image_channels, batch, measure, ladder, skip_scaling, as_json):
     """Parameters and Gflops per network evaluation of a preset (lists presets without one); with
     --measure or --batch, also training and sampling speed and memory measured here."""
     from mpdiff.presets import PRESETS
@@ -264,7 +266,7 @@ def info(preset, resolution, channels, image_channels, batch, measure, ladder, a
         return
     from mpdiff.nn.flops import describe_preset
     changes = {k: v for k, v in dict(img_resolution=resolution, model_channels=channels,
-                                     img_channels=image_channels).items() if v is not None}
+                                     img_channels=image_channels, skip_scaling=skip_scaling).items() if v is not None}
     for flag, value in (("--resolution", resolution), ("--channels", channels), ("--image-channels", image_channels),
                         ("--batch", batch)):
         if value is not None and value < 1:
@@ -287,6 +289,7 @@ def info(preset, resolution, channels, image_channels, batch, measure, ladder, a
         click.echo(json.dumps({k: v for k, v in desc.items() if k != "gflops_by_op"}, indent=2))
         return
     click.echo(f"{desc['name']}: {desc['description']}")
+    click.echo(f"  network     {network_line(desc['network'])}")
     click.echo(f"  parameters  {desc['params']:,} ({desc['mparams']:.2f} M)")
     click.echo(f"  compute     {desc['gflops']:.4g} Gflops per network evaluation")
     t = desc["training"]
@@ -295,7 +298,7 @@ def info(preset, resolution, channels, image_channels, batch, measure, ladder, a
     c = desc["cadence"]
     click.echo(f"  cadence     status every {c['status_nimg']:,} images, EMA snapshots every {c['snapshot_nimg']:,}, "
                f"checkpoints every {c['checkpoint_nimg']:,}")
-    if changes:
+    if set(changes) - {"skip_scaling"}:
         n = desc["network"]
         click.echo(f"  as asked    {n['img_resolution']}x{n['img_resolution']}x{n['img_channels']}, "
                    f"C0 {n['model_channels']}")
@@ -310,6 +313,22 @@ def info(preset, resolution, channels, image_channels, batch, measure, ladder, a
         click.echo(f"    training on CPU would use micro-batch {d['micro_batch']} of {m['batch']} by default "
                    f"({d['activation_bytes_per_image'] / mib:.3g} MiB of activations per image, "
                    f"{d['budget_bytes'] / 2 ** 30:.3g} GiB budget)")
+
+
+def network_line(fields):
+    """What kind of network a NetworkConfig dict describes, with its long skips and their scaling."""
+    from mpdiff.train.run import skip_scaling_summary
+
+    net = NetworkConfig.from_dict(NetworkConfig.completed(fields))
+    if net.backbone == "uvit":
+        tokens = (net.img_resolution // net.patch_size) ** 2
+        kind = (f"UViT, width {net.model_channels}, {net.depth} blocks + middle, patch {net.patch_size} "
+                f"({tokens} patch tokens), {net.model_channels // net.channels_per_head} heads, {net.depth // 2} long skips")
+    else:
+        levels = len(net.channel_mult)
+        kind = (f"U-Net config {net.config}, C0 {net.model_channels}, {levels} levels, "
+                f"{levels * (net.num_blocks + 1)} long skips")
+    return kind + ("" if net.skip_scaling == "none" else f"; skips {skip_scaling_summary(net)}")
 
 
 # ------------------------------------------------------------------------------------ post-hoc EMA

@@ -90,7 +90,8 @@ class NetworkConfig(_Config):
     KIND = "network"
     # Fields added after runs and network files were already being written, with the value those had:
     # a file without one is read as what it was (config G, before the ablation ladder).
-    ADDED_FIELDS = {"config": "G"}
+    ADDED_FIELDS = {"config": "G", "backbone": "unet", "patch_size": 2, "depth": 12, "mlp_ratio": 4.0,
+                    "skip_scaling": "none", "kappa": 0.5, "kappa_rule": "skip"}
 
     @classmethod
     def completed(cls, d):
@@ -122,6 +123,20 @@ class NetworkConfig(_Config):
     use_fp16: bool = option(True, "Run the U-Net in float16 on CUDA.")
     attn_impl: str = option("matmul", "Attention kernel: 'matmul' (reference) or 'sdpa' (fused).", flag="--attn")
     config: str = option("G", "Ablation-ladder config A..G (SPEC §4); G is the EDM2 network.", flag="--config")
+    backbone: str = option("unet", "Backbone: 'unet' (EDM2's U-Net, any ablation config) or 'uvit' (a transformer "
+                                   "with long skips, SPEC §9.4; width --channels, heads = width / "
+                                   "channels_per_head).", flag="--backbone")
+    patch_size: int = option(2, "UViT: patch size in pixels.", flag="--patch")
+    depth: int = option(12, "UViT: transformer blocks besides the middle one, half before it and half after "
+                            "(depth / 2 long skips).", flag="--depth")
+    mlp_ratio: float = option(4.0, "UViT: hidden width of the MLPs over the token width.", flag="--mlp-ratio")
+    skip_scaling: str = option("none", "Long-skip scaling (ScaleLong, SPEC §9): none, cs (kappa_i x skip), cs-mp "
+                                       "(the same ratio through config G's MP concatenation), ls (a learned gate "
+                                       "shared by the skips), ls-nonshared (one gate per skip).",
+                               flag="--skip-scaling")
+    kappa: float = option(0.5, "Constant skip scaling kappa in (0, 1].", flag="--kappa")
+    kappa_rule: str = option("skip", "kappa_i of the i-th skip from the outermost: 'skip' kappa^(i-1), 'level' "
+                                     "kappa^(resolution level), 'all' kappa.", flag="--kappa-rule")
 
 
 @dataclass(frozen=True)
@@ -254,7 +269,11 @@ def is_positive_finite(value):
 def validate_run(network, training, cadence, run, resolution=None):
     """Check one run's configuration; raises ConfigError naming the offending field as {field}."""
     levels = len(network.channel_mult)
-    if resolution is not None and resolution % (1 << (levels - 1)) != 0:
+    if network.backbone == "uvit":
+        if resolution is not None and (network.patch_size < 1 or resolution % network.patch_size):
+            raise ConfigError(f"{{patch_size}} {network.patch_size} does not divide the dataset resolution {resolution}",
+                              fields=("patch_size",))
+    elif resolution is not None and resolution % (1 << (levels - 1)) != 0:
         raise ConfigError(f"dataset resolution {resolution} cannot be halved {levels - 1} times "
                           f"(channel_mult has {levels} levels)")
     batch = training.batch

@@ -47,15 +47,24 @@ def _edm2_family(prefix, sizes, network, training, what, dataset):
     return presets
 
 
+# ScaleLong's constant skip scaling on the U-Nets (SPEC §9.6), used when --skip-scaling cs or cs-mp is
+# asked for: kappa^(i-1) on the i-th skip. The EDM2 U-Net has 16 skips at S (4 levels x 4), where
+# ScaleLong's kappa 0.5 would leave the innermost skip at 0.5^15 = 3e-5; kappa 0.9 leaves it at 0.21.
+# The small U-Nets have 8-12 skips: kappa 0.8 leaves their innermost at 0.17 (digits) and 0.09 (cpu32),
+# close to the UViT's 0.5^5 = 0.03 at 6 skips. The per-level variant (--kappa-rule level, kappa^level)
+# is the alternative SPEC §9.6 offers; no preset uses it by default.
+UNET_KAPPA = {"edm2": 0.9, "small": 0.8}
+
+
 def _edm2_presets():
     img512 = _edm2_family(
         "edm2-img512", IMG512_SIZES,
-        NetworkConfig(img_resolution=64, img_channels=4, label_dim=1000),
+        NetworkConfig(img_resolution=64, img_channels=4, label_dim=1000, kappa=UNET_KAPPA["edm2"]),
         TrainingConfig(decay=70000, P_mean=-0.4, P_std=1.0),
         "ImageNet-512 latents (64x64x4), 1000 classes", "ImageNet-512 SD-VAE latents")
     img64 = _edm2_family(
         "edm2-img64", IMG64_SIZES,
-        NetworkConfig(img_resolution=64, img_channels=3, label_dim=1000),
+        NetworkConfig(img_resolution=64, img_channels=3, label_dim=1000, kappa=UNET_KAPPA["edm2"]),
         TrainingConfig(decay=35000, P_mean=-0.8, P_std=1.6),
         "ImageNet-64 pixels (64x64x3), 1000 classes", "ImageNet-64 RGB")
     return {**img512, **img64}
@@ -69,7 +78,7 @@ DIGITS = Preset(
     description="Config-G U-Net for the built-in 8x8 digits (class-conditional, 10 classes)",
     network=NetworkConfig(img_resolution=8, img_channels=1, label_dim=10, model_channels=32,
                           channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(4,),
-                          logvar_channels=128, use_fp16=False),
+                          logvar_channels=128, use_fp16=False, kappa=UNET_KAPPA["small"]),
     training=TrainingConfig(batch=256, lr=0.0100, decay=1000, rampup_img=16 * KIB,
                             duration=192 * KIB, P_mean=-0.8, P_std=1.6),
     cadence=Cadence(status_nimg=16 * KIB, snapshot_nimg=16 * KIB, checkpoint_nimg=64 * KIB),
@@ -86,7 +95,7 @@ CPU32 = Preset(
     description="Config-G U-Net for small 32x32 datasets on a CPU (gray or RGB; ~15 min on 1 core)",
     network=NetworkConfig(img_resolution=32, img_channels=1, label_dim=0, model_channels=16,
                           channel_mult=(1, 2, 2, 2), num_blocks=2, attn_resolutions=(8,),
-                          logvar_channels=128, use_fp16=False),
+                          logvar_channels=128, use_fp16=False, kappa=UNET_KAPPA["small"]),
     training=TrainingConfig(batch=64, lr=0.0100, decay=1000, rampup_img=8 * KIB, duration=64 * KIB,
                             P_mean=-0.8, P_std=1.6),
     cadence=Cadence(status_nimg=4 * KIB, snapshot_nimg=4 * KIB, checkpoint_nimg=16 * KIB),
@@ -97,14 +106,45 @@ CPU64 = Preset(
     description="Config-G U-Net for small 64x64 datasets on a CPU (gray or RGB; ~45 min on 1 core)",
     network=NetworkConfig(img_resolution=64, img_channels=3, label_dim=0, model_channels=16,
                           channel_mult=(1, 2, 2, 2), num_blocks=1, attn_resolutions=(8,),
-                          logvar_channels=128, use_fp16=False),
+                          logvar_channels=128, use_fp16=False, kappa=UNET_KAPPA["small"]),
     training=TrainingConfig(batch=32, lr=0.0100, decay=1000, rampup_img=4 * KIB, duration=64 * KIB,
                             P_mean=-0.8, P_std=1.6),
     cadence=Cadence(status_nimg=2 * KIB, snapshot_nimg=4 * KIB, checkpoint_nimg=8 * KIB),
     dataset="your own 64x64 images (mpdiff dataset convert)",
 )
 
-PRESETS = {**_edm2_presets(), DIGITS.name: DIGITS, CPU32.name: CPU32, CPU64.name: CPU64}
+# UViT backbones (SPEC §9.4). ScaleLong's CIFAR-10 network: 32x32x3, patch 2, width 512, 12 blocks
+# around the middle one (6 long skips), 8 heads, MLP ratio 4, unconditional; its recipe is AdamW at
+# 2e-4 (weight decay 0.03, which mpdiff's Adam does not have), betas (0.99, 0.999), 2,500 warm-up
+# steps, 500k steps of batch 128, kappa 0.5. Trained here inside EDM's preconditioning and loss, with
+# P_mean/P_std as EDM's CIFAR-10 recipe (-1.2/1.2).
+UVIT_CIFAR10 = Preset(
+    name="uvit-cifar10",
+    description="UViT of ScaleLong's CIFAR-10 experiments (32x32x3, patch 2, width 512, depth 12, 8 heads)",
+    network=NetworkConfig(img_resolution=32, img_channels=3, label_dim=0, backbone="uvit", model_channels=512,
+                          depth=12, patch_size=2, channels_per_head=64, mlp_ratio=4.0, kappa=0.5,
+                          logvar_channels=128, use_fp16=False),
+    training=TrainingConfig(batch=128, lr=2e-4, decay=None, rampup_img=2500 * 128, duration=500_000 * 128,
+                            betas=(0.99, 0.999), P_mean=-1.2, P_std=1.2),
+    cadence=Cadence(status_nimg=128 * KIB, snapshot_nimg=4 * MIB, checkpoint_nimg=16 * MIB),
+    dataset="CIFAR-10 (32x32x3; mpdiff dataset convert)",
+)
+# A small UViT for the built-in digits: 2x2 patches (16 tokens + noise + class), width 96, 3 heads,
+# 4 long skips; about the U-Net's training cost per image on a CPU (patch 1 costs twice as much). Same batch, schedule and cadence as the digits U-Net so that the two compare at equal
+# images; the learning rate is the one that trained best in a short sweep (docs/SCALELONG.md).
+DIGITS_UVIT = Preset(
+    name="digits-uvit",
+    description="UViT for the built-in 8x8 digits (patch 2, width 96, depth 8; class-conditional)",
+    network=NetworkConfig(img_resolution=8, img_channels=1, label_dim=10, backbone="uvit", model_channels=96,
+                          depth=8, patch_size=2, channels_per_head=32, mlp_ratio=4.0, kappa=0.5,
+                          logvar_channels=128, use_fp16=False),
+    training=DIGITS.training.replace(lr=6e-3, decay=None),
+    cadence=DIGITS.cadence,
+    dataset="digits (built in)",
+)
+
+PRESETS = {**_edm2_presets(), DIGITS.name: DIGITS, CPU32.name: CPU32, CPU64.name: CPU64,
+           DIGITS_UVIT.name: DIGITS_UVIT, UVIT_CIFAR10.name: UVIT_CIFAR10}
 DEFAULT_PRESET = DIGITS.name
 
 

@@ -41,7 +41,7 @@ _ELEMENTWISE_OPS = {
     **dict.fromkeys("""
         abs add addcmul affine_grid_generator ceil clamp_max clamp_min cos div eq exp exp2 floor
         floor_divide ge gt le log log2 lt maximum mean minimum mul ne neg outer pow reciprocal
-        round rsqrt rsub sign sin sqrt square sub sum where
+        relu round rsqrt rsub sign sin sqrt square sub sum where
     """.split(), 1),
     "lerp": 2, "leaky_relu": 2, "clamp": 2,
     "silu": 3, "sigmoid": 3, "_softmax": 3, "_safe_softmax": 3, "softmax": 3,

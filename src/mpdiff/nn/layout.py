@@ -44,12 +44,14 @@ class LongSkip:
     """A long skip connection: the output of encoder module `source` joins decoder block `target`.
 
     index: 0 for the outermost skip (the input convolution to the last decoder block), counting
-        inwards. channels: width of the skip tensor.
+        inwards. channels: width of the skip tensor. level: resolution level of the skip tensor
+        (0 = full resolution, 1 = half, ...).
     """
     index: int
     source: str
     target: str
     channels: int
+    level: int = 0
 
 
 @dataclass(frozen=True)
@@ -61,9 +63,12 @@ class UNetLayout:
     @property
     def skips(self) -> Tuple[LongSkip, ...]:
         """Every long skip, outermost first. Each encoder output feeds exactly one decoder block."""
-        widths = {spec.name: spec.out_channels for spec in self.encoder}
+        widths, levels, level = {}, {}, 0
+        for spec in self.encoder:
+            level += spec.resample == "down"
+            widths[spec.name], levels[spec.name] = spec.out_channels, level
         consumers = [spec for spec in reversed(self.decoder) if spec.skip_from is not None]
-        return tuple(LongSkip(i, spec.skip_from, spec.name, widths[spec.skip_from])
+        return tuple(LongSkip(i, spec.skip_from, spec.name, widths[spec.skip_from], levels[spec.skip_from])
                      for i, spec in enumerate(consumers))
 
     @property

@@ -111,19 +111,42 @@ class Preconditioner(nn.Module):
         return denoised, self.log_variance(c_noise)
 
 
+# NetworkConfig fields that only the UViT reads, and those of the U-Net that the UViT reads too.
+UVIT_ONLY = ("patch_size", "depth", "mlp_ratio")
+UVIT_SHARED = ("model_channels", "channels_per_head", "skip_scaling", "kappa", "kappa_rule")
+BACKBONES = ("unet", "uvit")
+
+
 class Precond(Preconditioner):
-    """The denoiser of an ablation config: :class:`Preconditioner` around a :class:`~mpdiff.nn.unet.UNet`.
+    """The denoiser of a :class:`~mpdiff.config.NetworkConfig`: :class:`Preconditioner` around its backbone.
 
     Keywords are the fields of :class:`~mpdiff.config.NetworkConfig` (``build_network`` passes
-    ``config.to_dict()``); those not listed here go to the UNet and its blocks. `config` ('A' .. 'G',
-    default G) selects the ablation config for both the U-Net and the uncertainty head.
+    ``config.to_dict()``). `backbone` 'unet' builds a :class:`~mpdiff.nn.unet.UNet` of ablation config
+    `config` ('A' .. 'G', default G), which also shapes the uncertainty head; the fields not listed here
+    go to the UNet and its blocks. 'uvit' builds a :class:`~mpdiff.nn.uvit.UViT` from the fields it
+    reads (the U-Net's shape fields are ignored) with config G's uncertainty head.
     """
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = True,
-                 sigma_data: float = 0.5, logvar_channels: int = 128, config: str = "G", **unet_options):
-        # The U-Net draws its random weights before the log-variance head does.
-        unet = UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, config=config,
-                    **unet_options)
-        super().__init__(unet, img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
-                         use_fp16=use_fp16, sigma_data=sigma_data, logvar_channels=logvar_channels,
-                         flags=unet.flags)
+                 sigma_data: float = 0.5, logvar_channels: int = 128, config: str = "G", backbone: str = "unet",
+                 **options):
+        from mpdiff.errors import ConfigError
+
+        shape = dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim)
+        # The backbone draws its random weights before the log-variance head does.
+        if backbone == "unet":
+            net = UNet(config=config, **shape, **{k: v for k, v in options.items() if k not in UVIT_ONLY})
+            flags = net.flags
+        elif backbone == "uvit":
+            if config != "G":
+                raise ConfigError(f"{{config}} {str(config)[:8]!r}: the ablation configs A-F are U-Net variants; "
+                                  f"a UViT takes none (leave config at G)", fields=("config",))
+            from mpdiff.nn.uvit import UViT
+
+            net = UViT(**shape, **{k: options[k] for k in UVIT_ONLY + UVIT_SHARED if k in options})
+            flags = CONFIG_G
+        else:
+            raise ConfigError(f"{{backbone}} {str(backbone)[:20]!r} is not one of {', '.join(BACKBONES)}",
+                              fields=("backbone",))
+        super().__init__(net, use_fp16=use_fp16, sigma_data=sigma_data, logvar_channels=logvar_channels,
+                         flags=flags, **shape)

@@ -18,6 +18,7 @@ from mpdiff.nn.ladder import CONFIG_G, LadderFlags, Layers, ladder_flags
 from mpdiff.nn.layers import PositionalEmbedding, dot_product_attention
 from mpdiff.nn.layout import STEM, BlockSpec, UNetLayout, unet_layout
 from mpdiff.nn.primitives import clip_activations, cosine_attention, normalize, resample
+from mpdiff.nn.skips import SkipGate, SkipScaling, check_skip_options, skip_coefficients
 
 
 class Block(nn.Module):
@@ -170,17 +171,26 @@ class UNet(nn.Module):
         label_balance: mp_sum share t of the class embedding (Eq. 88; G only).
         concat_balance: mp_cat share t of the long skips (Eq. 103; G only).
         config: ablation config 'A' .. 'G' (SPEC §4); G is the EDM2 network.
+        skip_scaling, kappa, kappa_rule: long-skip scaling (ScaleLong, SPEC §9; :mod:`mpdiff.nn.skips`).
+            'none' leaves every config, and NVIDIA's G weights, as they are. In 'ls' mode skips of one
+            width share a gate; a gate pools its skip over pixels into one number per channel and
+            returns one coefficient per channel (SPEC §9.6). Its two linear layers are ScaleLong's:
+            plain, with biases and PyTorch's default init, in every config (the config's own layers
+            would leave the narrow bottleneck without biases, where a unit can be dead for every input,
+            and a shared MPConv would re-project its weight in place between the uses of one pass).
         **block_options: the remaining :class:`Block` keywords (dropout, res_balance, ...).
 
     ``layout`` holds the block specs; ``skips`` lists the long skips, outermost first; ``flags``
-    the config's :class:`~mpdiff.nn.ladder.LadderFlags`.
+    the config's :class:`~mpdiff.nn.ladder.LadderFlags`; ``skip_scaling`` the :class:`SkipScaling`
+    every skip passes through before it is concatenated.
     """
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, model_channels: int = 192,
                  channel_mult: Sequence[int] = (1, 2, 3, 4), channel_mult_noise: Optional[int] = None,
                  channel_mult_emb: Optional[int] = None, num_blocks: int = 3,
                  attn_resolutions: Sequence[int] = (16, 8), label_balance: float = 0.5,
-                 concat_balance: float = 0.5, config: str = "G", **block_options):
+                 concat_balance: float = 0.5, config: str = "G", skip_scaling: str = "none",
+                 kappa: float = 0.5, kappa_rule: str = "skip", **block_options):
         super().__init__()
         self.img_resolution = img_resolution
         self.img_channels = img_channels
@@ -212,6 +222,21 @@ class UNet(nn.Module):
             self.dec[spec.name] = _instantiate(spec, emb_width, self.flags, block_options)
         self.out_norm = layers.group_norm(self.layout.out_channels)
         self.out_conv = layers.conv(self.layout.out_channels, img_channels, last=True)
+        self.skip_scaling = self._skip_scaling(skip_scaling, kappa, kappa_rule)
+        self._skip_index = {skip.target: skip.index for skip in self.skips}
+
+    def _skip_scaling(self, mode, kappa, rule):
+        """The SkipScaling of this U-Net (created last: its gates draw no weights before the others)."""
+        skips = self.skips
+        check_skip_options(mode, kappa, rule, len(skips), self.flags.mp_fixed_function,
+                           f"U-Net (config {self.flags.name})")
+        coefficients = skip_coefficients(len(skips), kappa, rule, [s.level for s in skips])
+        shared = mode == "ls"
+        keys = [f"width{s.channels}" if shared else f"skip{s.index}" for s in skips]
+
+        def make_gate(index):
+            return SkipGate(skips[index].channels, squeeze_dims=(2, 3), make_layer=nn.Linear)
+        return SkipScaling(mode, coefficients, keys, make_gate)
 
     @property
     def skips(self):
@@ -233,9 +258,10 @@ class UNet(nn.Module):
             emb = self.functions.sum(emb, self.emb_label(class_labels), t=self.label_balance)
         return self.functions.silu(emb)
 
-    def join_skip(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        """Concatenate a long skip to the decoder's main path (Eq. 103 in G)."""
-        return self.functions.cat(x, skip, t=self.concat_balance)
+    def join_skip(self, x: torch.Tensor, skip: torch.Tensor, index: int) -> torch.Tensor:
+        """Scale long skip `index` (SPEC §9) and concatenate it to the decoder's main path (Eq. 103 in G)."""
+        skip = self.skip_scaling(skip, index)
+        return self.functions.cat(x, skip, t=self.skip_scaling.balance(index, self.concat_balance))
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
                 class_labels: Optional[torch.Tensor]) -> torch.Tensor:
@@ -251,7 +277,7 @@ class UNet(nn.Module):
             waiting[spec.name] = x
         for spec in self.layout.decoder:
             if spec.skip_from is not None:
-                x = self.join_skip(x, waiting.pop(spec.skip_from))
+                x = self.join_skip(x, waiting.pop(spec.skip_from), self._skip_index[spec.name])
             x = self.dec[spec.name](x, emb)
         x = _normalized(self.out_norm, x)
         if self.flags.out_silu:

@@ -177,6 +177,19 @@ def write_run_config(resolved):
     write_json(layout.config, resolved.to_dict())
 
 
+def skip_scaling_summary(net):
+    """One line on a network's long-skip scaling (ScaleLong, SPEC §9), e.g. for the run summary."""
+    from mpdiff.nn.build import build_meta_network
+
+    scaling = build_meta_network(net).unet.skip_scaling
+    if net.skip_scaling in ("cs", "cs-mp"):
+        how = "x kappa_i on the skip" if net.skip_scaling == "cs" else "as MP-concatenation balance"
+        return (f"{net.skip_scaling}: kappa {net.kappa:g}, rule {net.kappa_rule}, kappa_i (outermost first) "
+                f"{', '.join(f'{c:.3g}' for c in scaling.coefficients)} ({how})")
+    gates = len(scaling.gates) if scaling.gates is not None else 0
+    return f"{net.skip_scaling}: {gates} learned gate{'s' if gates != 1 else ''} for {len(scaling.gate_keys)} long skips"
+
+
 def summary_lines(resolved, dataset, micro_note=None):
     """What the run understood, one line per topic, for the terminal and log.txt (issue 11)."""
     from mpdiff.nn.build import build_meta_network
@@ -189,22 +202,31 @@ def summary_lines(resolved, dataset, micro_note=None):
     used = [r for r in levels if r in net.attn_resolutions]
     counted = count_flops(build_meta_network(net))
     micro = run.batch_gpu or training.batch
+    size = f"{int(counted['params']):,} parameters, {counted['flops'] / 1e9:.4g} Gflops per evaluation"
+    if net.backbone == "uvit":
+        tokens = (net.img_resolution // net.patch_size) ** 2
+        shape = (f"network   UViT, width {net.model_channels}, {net.depth} blocks + middle ({net.depth // 2} long skips), "
+                 f"patch {net.patch_size} ({tokens} patch tokens), {net.model_channels // net.channels_per_head} "
+                 f"heads; {size}")
+    else:
+        shape = (f"network   U-Net (config {getattr(net, 'config', 'G')}), C0 {net.model_channels}, {len(levels)} levels "
+                 f"({', '.join(f'{r}x{r}' for r in levels)}), attention at "
+                 f"{', '.join(f'{r}x{r}' for r in used) or 'no level'}; {size}")
     lines = [
         f"data      {dataset.name}: {len(dataset):,} images, {net.img_resolution}x{net.img_resolution}, "
         f"{net.img_channels} channel{'s' if net.img_channels > 1 else ''}, {classes}",
-        f"network   U-Net (config {getattr(net, 'config', 'G')}), C0 {net.model_channels}, {len(levels)} levels "
-        f"({', '.join(f'{r}x{r}' for r in levels)}), attention at "
-        f"{', '.join(f'{r}x{r}' for r in used) or 'no level'}; {int(counted['params']):,} parameters, "
-        f"{counted['flops'] / 1e9:.4g} Gflops per evaluation",
+        shape,
         f"training  batch {training.batch} (micro-batch {micro}), {training.duration // training.batch:,} steps, "
         f"{training.duration:,} images, lr {training.lr:.4g}"
         f"{'' if training.decay else ' constant'}, EMA {', '.join(f'{s:.3f}' for s in training.ema_sigma_rels)}"
         + (f" + traditional (half-life {training.ema_halflife_img:,} images)" if training.ema_halflife_img else ""),
     ]
+    if net.skip_scaling != "none":
+        lines.append(f"skips     {skip_scaling_summary(net)}")
     if micro_note:
         lines.append(f"memory    {micro_note}")
     dropped = sorted(set(net.attn_resolutions) - set(levels), reverse=True)
-    if dropped:  # never silently: the preset asked for attention where this resolution has no level
+    if dropped and net.backbone == "unet":  # never silently: the preset asked for attention where this resolution has no level
         lines.append(f"warning   attention at {', '.join(f'{r}x{r}' for r in dropped)} (from the preset) does not "
                      f"exist at resolution {net.img_resolution}: its levels are {', '.join(map(str, levels))}")
     return lines
