@@ -19,7 +19,8 @@ from mpdiff.nn.primitives import MPConv
 from mpdiff.storage.files import read_jsonl
 from mpdiff.storage.tensors import load_tensors
 from mpdiff.train import dynamics as dyn
-from mpdiff.train.dynamics_plot import FIGURES, per_block
+from mpdiff.storage.layout import DYNAMICS_PLOT_FILES
+from mpdiff.train.dynamics_plot import per_block
 
 
 class Toy(nn.Module):
@@ -221,7 +222,7 @@ def test_a_run_resumed_with_dynamics_switched_on_matches_bit_for_bit(runs, tmp_p
 @pytest.mark.slow
 def test_a_run_over_the_budget_says_which_rows_carry_dynamics(tmp_path, monkeypatch):
     # 8 rows of 1000 bytes against a budget of 3000: dynamics in every 3rd row, and in the invocation's last.
-    monkeypatch.setattr(dyn, "estimated_row_bytes", lambda blocks, layers: 1000)
+    monkeypatch.setattr(dyn, "estimated_row_bytes", lambda blocks, layers, skips=0: 1000)
     monkeypatch.setattr(dyn, "ROW_BUDGET_BYTES", 3000)
     d = tmp_path / "run"
     assert train_tiny(d, slice_nimg=256).dynamics.every == 192
@@ -239,14 +240,14 @@ def test_plot_dynamics_writes_the_pngs_and_names_them(runs, tmp_path):
     result = run_cli("plot-dynamics", runs[0], "--out", tmp_path / "figures")
     assert result.exit_code == 0, result.output
     printed = result.stdout.splitlines()
-    assert printed == [str(tmp_path / "figures" / name) for _, name, _, _ in FIGURES]
+    assert printed == [str(tmp_path / "figures" / name) for name in DYNAMICS_PLOT_FILES]  # skips, stability too
     for path in printed:
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 1000
     assert not [n for n in os.listdir(tmp_path / "figures") if n.endswith(".tmp")]
     default = run_cli("plot-dynamics", runs[0])
     assert default.exit_code == 0, default.output
-    assert default.stdout.splitlines() == [str(runs[0] / "plots" / name) for _, name, _, _ in FIGURES]
+    assert default.stdout.splitlines() == [str(runs[0] / "plots" / name) for name in DYNAMICS_PLOT_FILES]
 
 
 @pytest.mark.slow
@@ -265,3 +266,63 @@ def test_blocks_average_their_layers():
     values = {"enc.a.conv0": 1.0, "enc.a.conv1": 3.0, "enc.b": 5.0, "out_conv": 7.0, "dec.c.x": float("nan")}
     got = per_block(values)
     assert got["enc.a"] == 2.0 and got["enc.b"] == 5.0 and "out_conv" not in got and math.isnan(got["dec.c"])
+
+
+# ---- ScaleLong's stability measurements (issue 13) ----------------------------------------------------
+
+class Tripler(nn.Module):
+    """A backbone F(u) = 3u: its sensitivity to any input perturbation is exactly 3."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.ModuleDict()
+        self.dec = nn.ModuleDict()
+
+    def forward(self, x, noise_labels, class_labels):
+        return 3 * x
+
+
+def test_sensitivity_is_the_output_change_over_the_input_change():
+    from mpdiff.nn.precond import Preconditioner
+
+    net = Preconditioner(Tripler(), img_resolution=8, img_channels=1)
+    images = torch.randint(0, 256, [20, 1, 8, 8], dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    probe = dyn.make_probe(images, None, P_mean=-0.4, P_std=1.0, seed=0)
+    got = dyn.probe_statistics(net, probe, micro_batch=7)
+    assert got["sensitivity"] == pytest.approx(3.0, rel=1e-5)
+    assert got["skip_in"] == {} and got["skip_out"] == {}     # a backbone without long skips
+    # And a real network (config C: G's zero output gain would make F = 0 at init): finite, positive,
+    # the same on a second call (the perturbation has its own generator).
+    real = build_network(NetworkConfig(img_resolution=8, img_channels=1, label_dim=0, model_channels=8,
+                                       channel_mult=(1, 2), num_blocks=1, attn_resolutions=(), config="C"))
+    first = dyn.probe_statistics(real, probe)["sensitivity"]
+    assert math.isfinite(first) and first > 0 and dyn.probe_statistics(real, probe)["sensitivity"] == first
+
+
+@pytest.mark.parametrize("mode", ["none", "cs"])
+def test_skip_rms_before_and_after_scaling(mode):
+    config = NetworkConfig(img_resolution=8, img_channels=1, label_dim=0, model_channels=8, channel_mult=(1, 2),
+                           num_blocks=1, attn_resolutions=(), skip_scaling=mode, kappa=0.5)
+    net = build_network(config)
+    images = torch.randint(0, 256, [12, 1, 8, 8], dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    probe = dyn.make_probe(images, None, P_mean=-0.4, P_std=1.0, seed=0)
+    got = dyn.probe_statistics(net, probe, sensitivity=False)
+    skips = net.unet.skips
+    assert list(got["skip_in"]) == list(got["skip_out"]) == [f"skip{s.index}" for s in skips]
+    for skip in skips:
+        name = f"skip{skip.index}"
+        factor = 0.5 ** skip.index if mode == "cs" else 1.0   # cs: kappa^(i-1), outermost unscaled
+        assert got["skip_out"][name] == pytest.approx(factor * got["skip_in"][name], rel=1e-5)
+    assert "sensitivity" not in got
+
+
+def test_gradient_norm_is_the_norm_of_all_gradients_and_rows_carry_it(tmp_path):
+    from mpdiff.train.step import gradient_norm
+
+    a, b, c = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(1))
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0, 12.0])  # c has no gradient
+    assert gradient_norm([a, b, c]) == pytest.approx(13.0)
+    train_tiny(tmp_path / "run")
+    rows = read_jsonl(tmp_path / "run" / "stats.jsonl")
+    assert all(0 < r["grad_norm"] <= r["grad_norm_max"] for r in rows)
+    assert all("sensitivity" in r["dynamics"] and r["dynamics"]["skip_in"] for r in rows if "dynamics" in r)

@@ -33,7 +33,8 @@ PHEMA_DIR = "phema"
 SAMPLES_DIR = "samples"
 EMA_SWEEP_DIR = "ema-sweep"
 PLOTS_DIR = "plots"                   # mpdiff plot-dynamics' default output folder
-DYNAMICS_PLOT_FILES = ("dynamics-activations.png", "dynamics-weights.png", "dynamics-updates.png")
+DYNAMICS_PLOT_FILES = ("dynamics-activations.png", "dynamics-weights.png", "dynamics-updates.png",
+                       "dynamics-skips.png", "dynamics-stability.png")
 TRADITIONAL_EMA_FILE = "ema-traditional.safetensors"
 FINAL_GRID_FILE = "grid-final.png"
 

@@ -8,6 +8,15 @@ Measured at the stats rows of a run, from its live network:
 * ``weight``: RMS of each layer's stored weight tensor (a layer scaled by k reports k times as much).
 * ``update``: ||w_after - w_before|| / ||w_before|| of one optimizer step per layer, the effective
   learning rate of SPEC §10.2, taken around the Adam step that ends on the row.
+* ``skip_in`` and ``skip_out``: RMS of every long skip on the probe batch (``skip<i>``, i = 0 the
+  outermost) as the encoder produced it and as the decoder receives it after the backbone's skip
+  scaling (ScaleLong's feature-norm measurement, SPEC §10.4; equal when there is no scaling).
+* ``sensitivity``: how much the backbone's output moves under a small input perturbation,
+  RMS(F(u + delta) - F(u)) / RMS(delta) with u = c_in x the backbone's input on the probe batch and
+  delta = :data:`SENSITIVITY_EPS` times unit Gaussian noise (ScaleLong's robustness measure; SPEC §10.4).
+
+The gradient norm of every step is not here but in each stats row (``grad_norm``: mean over the
+row's steps, ``grad_norm_max``), since it comes free with the step.
 
 None of it changes training: the probe draws from its own generator, runs without autograd in eval
 mode (MPConv re-normalises its stored weight in place only in training mode), restores every
@@ -30,6 +39,7 @@ PROBE_IMAGES = 32               # probe batch size (fewer if the dataset is smal
 SIGNIFICANT_DIGITS = 4          # values as written into stats.jsonl
 ROW_BUDGET_BYTES = JSON_MAX_BYTES // 2  # all dynamics of a run together; stats.jsonl is read whole on resume
 SIDES = ("enc", "dec")          # the U-Net's block dicts, in forward order
+SENSITIVITY_EPS = 1e-2          # RMS of the input perturbation of the sensitivity measurement
 
 
 # ----------------------------------------------------------------------------------------- math
@@ -130,21 +140,49 @@ def activation_rms(net, probe, micro_batch=None):
     Runs without autograd in eval mode, `micro_batch` images at a time; every module's mode and the
     global random state (CPU, and the probe's CUDA device) are restored afterwards.
     """
+    return probe_statistics(net, probe, micro_batch, sensitivity=False)["act"]
+
+
+def probe_statistics(net, probe, micro_batch=None, sensitivity=True):
+    """{'act': {block: RMS}, 'skip_in' / 'skip_out': {'skip<i>': RMS}, 'sensitivity': float} on the probe.
+
+    One pass over the probe batch with forward hooks on the blocks and on the backbone's
+    ``skip_scaling`` (backbones without long skips give empty skip dicts), then, with `sensitivity`
+    and a preconditioned `net` (one with a backbone ``net.unet``), the backbone evaluated at c_in x and
+    at c_in x + delta. Same guarantees as :func:`activation_rms`.
+    """
+    from mpdiff.nn.precond import edm_coefficients
+
     blocks = block_modules(net)
+    backbone = getattr(net, "unet", net)
+    sensitivity = sensitivity and backbone is not net
+    scaling = getattr(backbone, "skip_scaling", None)
     device = probe.noisy.device
-    sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in blocks}
-    counts = dict.fromkeys(blocks, 0)
+    sums = {}
+    counts = {}
+
+    def accumulate(name, tensor):
+        sums[name] = sums.get(name, 0.0) + torch.linalg.vector_norm(tensor.detach(), dtype=torch.float32).double() ** 2
+        counts[name] = counts.get(name, 0) + tensor.numel()
 
     def hook_for(name):
         def record(module, args, output):
-            out = output[0] if isinstance(output, (tuple, list)) else output
-            sums[name] += torch.linalg.vector_norm(out.detach(), dtype=torch.float32).double() ** 2
-            counts[name] += out.numel()
+            accumulate(name, output[0] if isinstance(output, (tuple, list)) else output)
         return record
+
+    def record_skip(module, args, output):
+        skip, index = args[0], args[1]
+        accumulate(("skip_in", f"skip{index}"), skip)
+        accumulate(("skip_out", f"skip{index}"), output)
 
     modes = {module: module.training for module in net.modules()}
     handles = [module.register_forward_hook(hook_for(name)) for name, module in blocks.items()]
+    if scaling is not None:
+        handles.append(scaling.register_forward_hook(record_skip))
     step = micro_batch or len(probe.noisy)
+    moved = torch.zeros((), dtype=torch.float64, device=device)
+    pushed = torch.zeros((), dtype=torch.float64, device=device)  # ||delta||^2 over the probe
+    generator = torch.Generator(device=device).manual_seed(derived_seed(0, "sensitivity"))
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             net.eval()
@@ -152,12 +190,34 @@ def activation_rms(net, probe, micro_batch=None):
                 part = slice(start, start + step)
                 labels = None if probe.labels is None else probe.labels[part]
                 net(probe.noisy[part], probe.sigma[part], labels)
+            for handle in handles:
+                handle.remove()
+            handles = []
+            if sensitivity:
+                sigma_data = getattr(net, "sigma_data", 0.5)
+                for start in range(0, len(probe.noisy), step):
+                    part = slice(start, start + step)
+                    sigma = probe.sigma[part].reshape(-1, *[1] * (probe.noisy.ndim - 1))
+                    _, _, c_in, c_noise = edm_coefficients(sigma, sigma_data)
+                    labels = None if probe.labels is None else net._labels(probe.labels[part], device)
+                    u = c_in * probe.noisy[part]
+                    delta = SENSITIVITY_EPS * torch.randn(u.shape, generator=generator, device=device)
+                    change = backbone(u + delta, c_noise, labels).float() - backbone(u, c_noise, labels).float()
+                    moved += torch.linalg.vector_norm(change, dtype=torch.float32).double() ** 2
+                    pushed += torch.linalg.vector_norm(delta, dtype=torch.float32).double() ** 2
     finally:
         for handle in handles:
             handle.remove()
         for module, training in modes.items():
             module.training = training
-    return _floats({name: (sums[name] / max(counts[name], 1)).sqrt() for name in blocks})
+    result = {"act": _floats({name: (sums[name] / counts[name]).sqrt() for name in blocks if name in sums})}
+    for kind in ("skip_in", "skip_out"):
+        names = sorted((key[1] for key in sums if isinstance(key, tuple) and key[0] == kind),
+                       key=lambda name: int(name[4:]))
+        result[kind] = _floats({name: (sums[(kind, name)] / counts[(kind, name)]).sqrt() for name in names})
+    if sensitivity:
+        result["sensitivity"] = float((moved / pushed).sqrt())  # output and input have the same size
+    return result
 
 
 # ------------------------------------------------------------------------------------ one run
@@ -167,11 +227,13 @@ def rounded(values, digits=SIGNIFICANT_DIGITS):
     return {name: float(f"{value:.{digits}g}") for name, value in values.items()}
 
 
-def estimated_row_bytes(blocks, layers):
+def estimated_row_bytes(blocks, layers, skips=0):
     """Bytes of one row's dynamics object in JSON (the names and a value of the widest usual form)."""
     wide = 1.234e-05
+    skip_names = [f"skip{i}" for i in range(skips)]
     sample = {"act": dict.fromkeys(blocks, wide), "weight": dict.fromkeys(layers, wide),
-              "update": dict.fromkeys(layers, wide), "seconds": 0.1234}
+              "update": dict.fromkeys(layers, wide), "skip_in": dict.fromkeys(skip_names, wide),
+              "skip_out": dict.fromkeys(skip_names, wide), "sensitivity": wide, "seconds": 0.1234}
     return len(json.dumps({"dynamics": sample})) + 2
 
 
@@ -221,10 +283,13 @@ class TrainingDynamics:
         """{'act': {block: RMS}, 'weight': {layer: RMS}, 'update': {layer: relative size} (only after a
         watched step), 'seconds': time taken}, values to SIGNIFICANT_DIGITS digits."""
         started = time.time()
-        row = {"act": rounded(activation_rms(self.net, self.probe, self.micro_batch)),
-               "weight": rounded(weight_rms(self.layers))}
+        probed = probe_statistics(self.net, self.probe, self.micro_batch)
+        row = {"act": rounded(probed["act"]), "weight": rounded(weight_rms(self.layers))}
         if self._before is not None:
             row["update"] = rounded(relative_updates(self._before, self.layers))
+        row.update(skip_in=rounded(probed["skip_in"]), skip_out=rounded(probed["skip_out"]))
+        if "sensitivity" in probed:
+            row["sensitivity"] = rounded({"s": probed["sensitivity"]})["s"]
         self._release()
         row["seconds"] = round(time.time() - started, 4)
         return row
@@ -240,5 +305,6 @@ def run_dynamics(state, images, labels, training, cadence, seed, micro_batch=Non
     one-hot or None) and the training's noise distribution, its cadence within the row budget."""
     probe = make_probe(images, labels, training.P_mean, training.P_std, seed, device=device)
     layers, blocks = layer_weights(state.net), block_modules(state.net)
-    every = dynamics_every(cadence.status_nimg, training.duration, estimated_row_bytes(blocks, layers))
+    skips = len(getattr(getattr(state.net, "unet", state.net), "skips", ()))
+    every = dynamics_every(cadence.status_nimg, training.duration, estimated_row_bytes(blocks, layers, skips))
     return TrainingDynamics(state.net, probe, every, micro_batch=micro_batch)

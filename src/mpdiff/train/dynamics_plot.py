@@ -1,8 +1,11 @@
 """Plots of a run's training dynamics over training (`mpdiff plot-dynamics`; paper Figs. 3 and 15).
 
 Reads the ``dynamics`` objects of RUN_DIR/stats.jsonl (:mod:`mpdiff.train.dynamics`) and draws one
-figure per quantity, one line per U-Net block: encoder blocks in blues, decoder blocks in reds,
-darker further along the forward pass. matplotlib with the Agg backend; imported only to draw.
+figure per quantity, one line per block: encoder blocks in blues, decoder blocks in reds,
+darker further along the forward pass. Two more figures hold ScaleLong's stability measurements
+(SPEC §10.4): the long skips' RMS before and after scaling, one line per skip, and the gradient norm
+with the output's sensitivity to input perturbations. matplotlib with the Agg backend; imported
+only to draw.
 """
 
 import math
@@ -37,7 +40,8 @@ def dynamics_rows(run_dir):
             continue  # damaged lines, and rows written without dynamics
         nimg = row.get("nimg")
         if isinstance(nimg, int) and not isinstance(nimg, bool):
-            found[nimg] = dict(row["dynamics"], lr=row.get("lr"))
+            found[nimg] = dict(row["dynamics"], lr=row.get("lr"), grad_norm=row.get("grad_norm"),
+                               grad_norm_max=row.get("grad_norm_max"))
     if not found:
         raise MpdiffError(f"{show_path(stats)}: no stats row holds training dynamics; train with --dynamics "
                           f"(the default) to record them")
@@ -113,12 +117,86 @@ def plot_dynamics(run_dir, out_dir=None):
         axes.grid(True, which="major", alpha=0.3)
         axes.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if len(blocks) <= 24 else 2,
                     frameon=False)
-        figure.tight_layout()
-        with atomic_write(path, "wb") as f:
-            figure.savefig(f, format="png")
-        plt.close(figure)
+        _save(figure, path)
         paths.append(path)
+    for draw, name in ((_plot_skips, DYNAMICS_PLOT_FILES[3]), (_plot_stability, DYNAMICS_PLOT_FILES[4])):
+        path = os.path.join(out_dir, name)
+        if draw(rows, nimg / scale, unit, path):
+            paths.append(path)
     return paths
+
+
+def _save(figure, path):
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    with atomic_write(path, "wb") as f:
+        figure.savefig(f, format="png")
+    plt.close(figure)
+
+
+def skip_series(rows, quantity):
+    """(skip names outermost first, {skip: array over rows}) of 'skip_in' or 'skip_out'."""
+    per_row = [{k: v for k, v in (d.get(quantity) if isinstance(d.get(quantity), dict) else {}).items()
+                if _number(v)} for _, d in rows]
+    names = sorted({k for values in per_row for k in values}, key=lambda k: int(k[4:]) if k[4:].isdigit() else 0)
+    return names, {k: np.array([values.get(k, math.nan) for values in per_row]) for k in names}
+
+
+def _plot_skips(rows, x, unit, path):
+    """Long-skip RMS before (encoder output) and after the skip scaling; False if the run has none."""
+    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+
+    names, before = skip_series(rows, "skip_in")
+    if not names:
+        return False
+    _, after = skip_series(rows, "skip_out")
+    write_destination(path)
+    colors = {name: colormaps["viridis"](shade) for name, shade in zip(names, np.linspace(0, 0.9, len(names)))}
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120, sharey=True)
+    for ax, series, title in ((axes[0], before, "as the encoder produced it"),
+                              (axes[1], after, "as the decoder receives it (after skip scaling)")):
+        for name in names:
+            if name in series:
+                ax.plot(x, series[name], color=colors[name], linewidth=1, label=name)
+        ax.set(xlabel=f"training images ({unit})", title=f"Long-skip RMS on the probe batch, {title}")
+        ax.title.set_fontsize(9)
+        ax.grid(True, alpha=0.3)
+    values = np.concatenate([*before.values(), *after.values()])
+    if _wants_log(values):
+        axes[0].set_yscale("log")
+    axes[0].set_ylabel("RMS (skip0 = outermost)")
+    axes[1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    _save(figure, path)
+    return True
+
+
+def _plot_stability(rows, x, unit, path):
+    """Gradient norm (mean and max of each row's steps) and output sensitivity over training."""
+    import matplotlib.pyplot as plt
+
+    def column(key):
+        return np.array([d[key] if _number(d.get(key)) else math.nan for _, d in rows], dtype=np.float64)
+
+    grad, grad_max, sensitivity = column("grad_norm"), column("grad_norm_max"), column("sensitivity")
+    if np.isnan(grad).all() and np.isnan(sensitivity).all():
+        return False
+    write_destination(path)
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
+    axes[0].plot(x, grad, color="tab:blue", linewidth=1, label="mean over the row's steps")
+    axes[0].plot(x, grad_max, color="tab:blue", linewidth=0.8, linestyle=":", label="max")
+    axes[0].set(ylabel="||gradient|| of the mean loss", title="Gradient norm")
+    axes[1].plot(x, sensitivity, color="tab:red", linewidth=1)
+    axes[1].set(ylabel="RMS(F(u + d) - F(u)) / RMS(d)", title="Output sensitivity to a small input perturbation")
+    for ax, values in ((axes[0], np.concatenate([grad, grad_max])), (axes[1], sensitivity)):
+        if _wants_log(values):
+            ax.set_yscale("log")
+        ax.set_xlabel(f"training images ({unit})")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    _save(figure, path)
+    return True
 
 
 def _wants_log(values, allow_zeros=False, decades=1.0):

@@ -160,7 +160,7 @@ class Trainer:
                     warmup.append(time.time() - started)
                     if len(warmup) == WARMUP_STEPS + 1:
                         self._estimate(warmup[1:], stop_at)
-                interval.add(result.loss)
+                interval.add(result.loss, result.grad_norm)
                 nimg = self.state.nimg
                 self.report.tick(nimg)
                 if nimg % cadence.status_nimg == 0 or nimg >= stop_at:

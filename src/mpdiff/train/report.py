@@ -15,7 +15,7 @@ from mpdiff.storage.files import DamagedLine, append_line, jsonl_lines, printabl
 
 log = logging.getLogger("mpdiff.train")
 
-TENSORBOARD_SCALARS = ("loss", "lr", "img_per_sec", "cpu_mem_gb", "gpu_mem_gb")
+TENSORBOARD_SCALARS = ("loss", "grad_norm", "grad_norm_max", "lr", "img_per_sec", "cpu_mem_gb", "gpu_mem_gb")
 
 
 class RunReport:
@@ -75,15 +75,19 @@ class IntervalStats:
 
     def __init__(self, nimg):
         self.loss, self.steps, self.start, self.nimg = 0.0, 0, time.time(), nimg
+        self.grad_norm, self.grad_norm_max = 0.0, 0.0
 
-    def add(self, loss):
+    def add(self, loss, grad_norm=0.0):
         self.loss += loss
+        self.grad_norm += grad_norm
+        self.grad_norm_max = max(self.grad_norm_max, grad_norm)
         self.steps += 1
 
     def row(self, state, lr):
         seconds = max(time.time() - self.start, 1e-9)
         row = {"nimg": state.nimg, "kimg": state.nimg / 1000, "step": state.step,
                "loss": self.loss / max(self.steps, 1), "lr": lr,
+               "grad_norm": self.grad_norm / max(self.steps, 1), "grad_norm_max": self.grad_norm_max,
                "img_per_sec": (state.nimg - self.nimg) / seconds,
                "cpu_mem_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
                "gpu_mem_gb": (torch.cuda.max_memory_allocated() / 2 ** 30) if torch.cuda.is_available() else 0.0,

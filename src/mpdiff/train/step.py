@@ -24,6 +24,13 @@ class StepResult:
     loss: float                 # mean per-image loss of the batch
     lr: float                   # learning rate used for the step
     bad_grad_values: int        # gradient entries that were NaN/Inf and were zeroed
+    grad_norm: float = 0.0      # L2 norm of the whole gradient of the mean loss (loss scaling undone)
+
+
+def gradient_norm(parameters):
+    """L2 norm of all gradients together (ScaleLong's gradient-stability measure, SPEC §10.4)."""
+    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in parameters if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 class TrainStep:
@@ -77,9 +84,10 @@ class TrainStep:
         set_learning_rate(state.optimizer, lr)
         bad_grads = zero_nonfinite_grads(state.net.parameters())
         self._check_health(state, math.isfinite(total_loss), bad_grads)
+        grad_norm = gradient_norm(state.net.parameters()) / recipe.loss_scaling
         state.optimizer.step()
         state.advance(batch)
-        return StepResult(loss=total_loss / batch, lr=lr, bad_grad_values=bad_grads)
+        return StepResult(loss=total_loss / batch, lr=lr, bad_grad_values=bad_grads, grad_norm=grad_norm)
 
     def _check_health(self, state, loss_finite, bad_grads):
         """Count non-finite steps (SPEC §1.5); stop after too many in a row, before Adam takes the step."""
