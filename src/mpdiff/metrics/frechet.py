@@ -1,9 +1,6 @@
 """The Fréchet distance between two Gaussians fitted to features (SPEC §7.5)."""
 
-import warnings
-
 import numpy as np
-import scipy.linalg
 
 # ---------------------------------------------------------------------------------------------
 # Fréchet distance (SPEC §7.5).
@@ -19,40 +16,44 @@ def feature_statistics(features):
     return mu, np.atleast_2d(sigma)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||² + Tr(sigma1 + sigma2 - 2·sqrtm(sigma1·sigma2)), real part (SPEC §7.5).
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=None):
+    """||mu1 - mu2||^2 + Tr(sigma1) + Tr(sigma2) - 2 Tr(sqrtm(sigma1 sigma2)), in float64 (SPEC §7.5).
 
-    If the matrix square root of the product fails (near-singular covariances, e.g. fewer samples
-    than feature dimensions), it is retried with `eps`·I added to both covariances.
+    The trace of the matrix square root is computed as the sum of sqrt(eigenvalues) of the symmetric
+    positive semi-definite matrix S1 sigma2 S1, where S1 is the PSD square root of sigma1 (the two
+    products have the same eigenvalues). Unlike a general sqrtm of the non-symmetric product, this is
+    exact for rank-deficient covariances (fewer samples than feature dimensions) without any
+    regularisation. Eigenvalues below the numerical rank threshold (dimension x float64 epsilon x the
+    largest) are rounding noise of true zeros and are taken as zero: their square roots would otherwise
+    add up to a visible error. `eps` is accepted for compatibility and ignored.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"mismatched statistics: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}")
-    covmean = _sqrtm_of_product(sigma1, sigma2)
-    if covmean is None:
-        offset = np.eye(len(sigma1)) * eps
-        covmean = _sqrtm_of_product(sigma1 + offset, sigma2 + offset)
-        if covmean is None:
-            raise FloatingPointError("matrix square root failed even after regularisation")
+    for name, value in (("mu1", mu1), ("mu2", mu2), ("sigma1", sigma1), ("sigma2", sigma2)):
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"{name} holds non-finite values")
     diff = mu1 - mu2
-    distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
+    distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
     return max(distance, 0.0)  # non-negative by definition; identical inputs can round to -1e-12
 
 
-def _sqrtm_of_product(sigma1, sigma2, max_rel_error=1e-4):
-    """sqrtm(sigma1 @ sigma2), or None when the result is non-finite or clearly inaccurate."""
-    product = sigma1 @ sigma2
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)  # accuracy is checked below
-        root = scipy.linalg.sqrtm(product)
-    if not np.all(np.isfinite(root)):
-        return None
-    scale = max(np.linalg.norm(product), np.finfo(np.float64).tiny)
-    if np.linalg.norm(root @ root - product) / scale > max_rel_error:
-        return None
-    # The product of two PSD matrices has real non-negative eigenvalues; a large imaginary
-    # part means the square root went to the wrong branch, not rounding noise.
-    if np.iscomplexobj(root) and np.abs(np.diagonal(root).imag).max() > 1e-3 * max(np.abs(np.diagonal(root)).max(), 1):
-        return None
-    return root
+def _significant(values):
+    """Eigenvalues with those under the numerical rank threshold set to zero."""
+    threshold = len(values) * np.finfo(np.float64).eps * max(float(np.abs(values).max(initial=0)), 0.0)
+    return np.where(values > threshold, values, 0.0)
+
+
+def psd_sqrt(sigma):
+    """The symmetric PSD square root of a covariance (rounding-noise eigenvalues taken as 0)."""
+    values, vectors = np.linalg.eigh((sigma + sigma.T) / 2)
+    return (vectors * np.sqrt(_significant(values))) @ vectors.T
+
+
+def trace_sqrt_product(sigma1, sigma2):
+    """Tr(sqrtm(sigma1 sigma2)) for two PSD matrices, as sum sqrt(eig(S1 sigma2 S1)), S1 = sqrt(sigma1)."""
+    root1 = psd_sqrt(sigma1)
+    middle = root1 @ sigma2 @ root1
+    values = np.linalg.eigvalsh((middle + middle.T) / 2)
+    return float(np.sqrt(_significant(values)).sum())
