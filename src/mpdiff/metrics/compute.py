@@ -1,0 +1,169 @@
+"""Fréchet-distance metrics of image sets: reference statistics and streamed evaluation (SPEC §7.5).
+
+Metric names and their detectors (:mod:`mpdiff.metrics.detectors`):
+
+* ``fid``: Inception-v3 pool features (2048-d), :mod:`mpdiff.metrics.inception`;
+* ``fd_dinov2``: DINOv2 ViT-L/14 class features (1024-d), :mod:`mpdiff.metrics.dinov2`;
+* ``fd_digits``: the built-in digits classifier's features (64-d; 8x8 grayscale only).
+
+Images arrive in batches (uint8 [N, C, H, W]) from a dataset, a folder of samples, or a network that
+generates them on the fly; each batch goes through every detector and only the detectors' running
+float64 statistics are kept (:class:`~mpdiff.metrics.detectors.FeatureStats`), so memory does not
+grow with the number of images. A reference file (``mpdiff ref``) is an ``.npz`` with
+``<metric>_mu``, ``<metric>_sigma`` and ``<metric>_count`` per metric; EDM's FID reference files
+(``mu``, ``sigma``) are read as ``fid``.
+"""
+
+import io
+import os
+import zipfile
+
+import numpy as np
+import torch
+
+from mpdiff.errors import ConfigError, MpdiffError
+from mpdiff.metrics.detectors import Detector, FeatureStats, check_images
+from mpdiff.metrics.frechet import frechet_distance
+from mpdiff.storage.files import read_bytes, show_path, write_bytes
+
+METRICS = ("fid", "fd_dinov2", "fd_digits")
+REFERENCE_MAX_BYTES = 256 * 2 ** 20  # two 2048-d and 1024-d covariances are ~42 MB
+
+
+class DigitsDetector(Detector):
+    """The built-in digits classifier's penultimate features (8x8 grayscale images only)."""
+
+    name = "digits"
+    metric = "fd_digits"
+
+    def __init__(self, classifier=None, device="cpu"):
+        super().__init__(device)
+        from mpdiff.metrics.digits import load_digit_classifier
+
+        self.classifier = (classifier or load_digit_classifier()).to(self.device)
+        self.feature_dim = self.classifier.fc.out_features
+
+    def preprocess(self, images):
+        if tuple(images.shape[1:]) != (1, 8, 8):
+            raise MpdiffError(f"fd_digits measures 8x8 grayscale digits, got images of shape {list(images.shape[1:])}")
+        return images.to(self.device)
+
+    def embed(self, inputs):
+        return self.classifier.features(inputs)
+
+
+def parse_metrics(text):
+    """'fid,fd_dinov2' -> ('fid', 'fd_dinov2'); ConfigError naming an unknown metric."""
+    names = tuple(dict.fromkeys(part.strip() for part in str(text).split(",") if part.strip()))
+    unknown = [n for n in names if n not in METRICS]
+    if unknown or not names:
+        raise ConfigError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}")
+    return names
+
+
+def make_detector(metric, device="cpu", dinov2=None):
+    """The detector of a metric name. Weights come from local files only (see each module)."""
+    if metric == "fid":
+        from mpdiff.metrics.inception import InceptionDetector
+
+        return InceptionDetector(device=device)
+    if metric == "fd_dinov2":
+        from mpdiff.metrics.dinov2 import DinoV2Detector
+
+        return DinoV2Detector(path=dinov2, device=device)
+    if metric == "fd_digits":
+        return DigitsDetector(device=device)
+    raise ConfigError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+
+
+def accumulate(batches, detectors, progress=None):
+    """{metric: FeatureStats} over every batch of uint8 images; batches are dropped after use."""
+    stats = {d.metric: FeatureStats(d.feature_dim) for d in detectors}
+    for images in batches:
+        images = check_images(images)
+        for detector in detectors:
+            stats[detector.metric].add(detector.features(images))
+        if progress is not None:
+            progress(len(images))
+    return stats
+
+
+# ------------------------------------------------------------------------------------ image sources
+
+def dataset_batches(images, batch_size=64):
+    """Batches of an in-memory uint8 array or tensor [N, C, H, W]."""
+    for start in range(0, len(images), batch_size):
+        yield torch.as_tensor(np.asarray(images[start:start + batch_size]))
+
+
+def network_batches(net, num, batch_size=64, first_seed=0, num_steps=None, device="cpu"):
+    """Generated images, one batch at a time (seeds first_seed .. first_seed + num - 1; random classes
+    per seed as `mpdiff generate` draws them). Nothing but the current batch is kept."""
+    from mpdiff.config import SAMPLING
+    from mpdiff.data.pixels import decode_images
+    from mpdiff.diffusion.generate import generate
+
+    steps = num_steps or SAMPLING.num_steps
+    for start in range(first_seed, first_seed + num, batch_size):
+        seeds = range(start, min(start + batch_size, first_seed + num))
+        images, _ = generate(net, seeds, batch_size=batch_size, num_steps=steps, progress=False, device=device)
+        yield decode_images(images)
+
+
+# ------------------------------------------------------------------------------------ reference files
+
+def save_reference(path, stats, source=""):
+    """Write {metric: FeatureStats} as a reference .npz (atomically)."""
+    arrays = {"source": np.array(str(source))}
+    for metric, s in stats.items():
+        mu, sigma = s.mean_cov()
+        arrays.update({f"{metric}_mu": mu, f"{metric}_sigma": sigma, f"{metric}_count": np.array(s.count)})
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_bytes(path, buffer.getvalue())
+    return path
+
+
+def load_reference(path):
+    """{metric: (mu, sigma)} of a reference .npz (ours, or EDM's FID file with 'mu' and 'sigma')."""
+    data = read_bytes(path, REFERENCE_MAX_BYTES, what="reference statistics")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise MpdiffError(f"{show_path(path)}: not a readable .npz of reference statistics ({e})") from None
+    found = {}
+    if "mu" in arrays and "sigma" in arrays:
+        found["fid"] = (arrays["mu"], arrays["sigma"])
+    for metric in METRICS:
+        if f"{metric}_mu" in arrays and f"{metric}_sigma" in arrays:
+            found[metric] = (arrays[f"{metric}_mu"], arrays[f"{metric}_sigma"])
+    for metric, (mu, sigma) in found.items():
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise MpdiffError(f"{show_path(path)}: {metric} statistics have shapes {list(mu.shape)} / {list(sigma.shape)} "
+                              f"or non-finite values")
+    if not found:
+        raise MpdiffError(f"{show_path(path)}: no statistics in it (expected <metric>_mu / <metric>_sigma, or mu / sigma)")
+    return found
+
+
+def compute_metrics(batches, reference, metrics, device="cpu", dinov2=None, detectors=None, progress=None):
+    """{metric: Fréchet distance to the reference, 'num_images': count} for images streamed from `batches`.
+
+    `reference` is {metric: (mu, sigma)} (:func:`load_reference`); every asked metric must be in it.
+    """
+    missing = [m for m in metrics if m not in reference]
+    if missing:
+        raise MpdiffError(f"the reference statistics have no {', '.join(missing)}; they hold {', '.join(reference)}")
+    detectors = detectors or [make_detector(m, device=device, dinov2=dinov2) for m in metrics]
+    stats = accumulate(batches, detectors, progress)
+    result = {}
+    for metric in metrics:
+        mu, sigma = stats[metric].mean_cov()
+        result[metric] = frechet_distance(mu, sigma, *reference[metric])
+    result["num_images"] = next(iter(stats.values())).count
+    return result
+
+
+def default_reference_name(dataset):
+    return os.path.splitext(os.path.basename(os.path.normpath(str(dataset))))[0] + "-ref.npz"
