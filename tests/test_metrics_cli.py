@@ -1,6 +1,7 @@
 """Reference statistics and streamed metrics (issue 14): `mpdiff ref`, `mpdiff metrics`, the .npz format."""
 
 import gc
+import os
 import weakref
 
 import numpy as np
@@ -116,3 +117,4 @@ def test_ref_and_metrics_commands_on_the_digits(tmp_path):
     assert both.exit_code != 0 and "exactly one of --images" in both.output
     missing = run_cli("metrics", "--images", folder, "--ref", ref, "--metrics", "fid")
     assert missing.exit_code != 0 and "no fid" in missing.output
+

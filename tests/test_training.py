@@ -439,3 +439,32 @@ def test_a_run_written_before_the_config_field_resumes_as_config_g(tmp_path):
     trainer = train_tiny(run_dir, duration=256, final_grid=False)
     assert "resumed from" in (run_dir / "log.txt").read_text() and trainer.nimg == 256
     assert {r.nimg for r in list_snapshots(run_dir)} == {64, 128, 192, 256}
+
+
+@pytest.mark.slow
+def test_ema_sweep_scores_with_metrics_or_writes_grids_only(reference_run, tmp_path):
+    import json
+    import shutil
+
+    ref = tmp_path / "ref.npz"
+    assert run_cli("ref", "digits", "--out", ref, "--metrics", "fd_digits", "--no-progress").exit_code == 0
+    out = tmp_path / "sweep"
+    scored = run_cli("ema-sweep", reference_run, "--sigma-rel", "0.05,0.1", "--seeds", "0-19", "--steps", "2",
+                     "--out", out, "--metrics", "fd_digits", "--ref", ref, "--no-progress")
+    assert scored.exit_code == 0, scored.output
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["sigma_rel"] for r in rows] == [0.05, 0.1] and all(r["fd_digits"] > 0 for r in rows)
+    assert all(os.path.getsize(r["grid"]) > 100 for r in rows) and "best fd_digits" in scored.output
+    # A run on data without a built-in evaluation: one grid per EMA length, no score, no error.
+    copy = tmp_path / "run"
+    shutil.copytree(reference_run, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["dataset"]["spec"] = "my_images.zip"
+    (copy / "config.json").write_text(json.dumps(config))
+    grids = run_cli("ema-sweep", copy, "--sigma-rel", "0.05", "--seeds", "0-3", "--steps", "2", "--no-progress")
+    assert grids.exit_code == 0, grids.output
+    rows = json.loads((copy / "ema-sweep" / "sweep.json").read_text())
+    assert list(rows[0]) == ["sigma_rel", "nimg", "grid"] and os.path.exists(rows[0]["grid"])
+    assert "grids:" in grids.output
+    refused = run_cli("ema-sweep", copy, "--sigma-rel", "0.05", "--seeds", "0-3", "--metrics", "fid")
+    assert refused.exit_code != 0 and "--ref" in refused.output

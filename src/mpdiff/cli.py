@@ -480,18 +480,25 @@ def _at_nimg(text):
 @click.option("--steps", type=int, default=SAMPLING.num_steps, show_default=True, help="Heun steps per sample.")
 @click.option("--at", "at", default=None, help="Snapshot time in images, e.g. 8Mi or 8388608 [default: the last].")
 @click.option("--out", "out_dir", default=None, help="Output folder [default: RUN_DIR/ema-sweep].")
+@click.option("--metrics", "metric_names", default=None,
+              help="Score with these metrics against --ref (e.g. fid,fd_dinov2) [digits runs: the digits "
+                   "evaluation; other data: grids only].")
+@click.option("--ref", "ref_path", default=None, help="Reference statistics for --metrics (mpdiff ref).")
+@click.option("--dinov2", default=None, help="DINOv2 ViT-L/14 weights for fd_dinov2 [$MPDIFF_DINOV2].")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def ema_sweep(run_dir, sigma_rel, seeds, steps, at, out_dir, progress):
-    """Reconstruct a range of EMA lengths, evaluate each, write a table and a plot."""
+def ema_sweep(run_dir, sigma_rel, seeds, steps, at, out_dir, metric_names, ref_path, dinov2, progress):
+    """Reconstruct a range of EMA lengths, sample and evaluate each (one grid per length); table and plot."""
     from mpdiff.diffusion.generate import parse_seeds
+    from mpdiff.metrics.compute import parse_metrics
     from mpdiff.metrics.ema_sweep import ema_sweep as run_sweep
 
     targets, seed_list = parse_range(sigma_rel, "--sigma-rel"), parse_seeds(seeds)
+    metrics = parse_metrics(metric_names) if metric_names else None
     with _writing(run_dir, "ema-sweep"):
         result = run_sweep(run_dir, targets, seed_list, num_steps=steps, at_nimg=_at_nimg(at), out_dir=out_dir,
-                           progress=progress)
+                           progress=progress, metrics=metrics, ref=ref_path, dinov2=dinov2)
     click.echo(result["table"])
-    click.echo(f"plot: {result['plot']}")
+    click.echo(f"plot: {result['plot']}" if result["plot"] else f"grids: {os.path.dirname(result['rows'][0]['grid'])}")
 
 
 @cli.command("plot-ema-profile")
