@@ -26,3 +26,13 @@ def test_data_mnist_opens_the_training_split_with_labels():
     ds = open_dataset("mnist")
     assert ds.name == "mnist-train" and len(ds) == 4000 and ds.num_classes == 10 and ds.label_source == "built-in"
     assert open_dataset("mnist", use_labels=False).labels is None
+
+
+def test_the_mnist_preset_trains_on_mnist_without_data_flag(tmp_path):
+    from conftest import run_cli
+
+    result = run_cli("train", "--preset", "mnist", "--duration", "64", "--batch", "64", "--run-dir", tmp_path / "run",
+                     "--no-progress", "--no-final-grid", "--no-dynamics", "--no-tensorboard", "--checkpoint", "64",
+                     "--status", "64", "--snapshot", "64")
+    assert result.exit_code == 0, result.output
+    assert "mnist-train: 4,000 images, 32x32" in result.output

@@ -35,7 +35,7 @@ def test_every_paper_preset_has_its_published_size():
     # The guide sizes of the code release (XXS; XS at 64x64) have no published counts; digits and the
     # CPU recipes are ours.
     assert set(PRESETS) - set(PUBLISHED) == {"edm2-img512-xxs", "edm2-img64-xs", "digits", "cpu32", "cpu64",
-                                             "digits-uvit", "uvit-cifar10"}
+                                             "digits-uvit", "uvit-cifar10", "mnist"}
 
 
 def test_scalelong_cifar10_uvit_has_the_published_size():
@@ -193,7 +193,7 @@ def test_cadences_belong_to_the_preset():
             assert (cadence.status_nimg, cadence.snapshot_nimg, cadence.checkpoint_nimg) == (16384, 16384, 65536)
         elif name == "uvit-cifar10":  # batch 128: ScaleLong's 500k steps are 64 M images
             assert (cadence.status_nimg, cadence.snapshot_nimg, cadence.checkpoint_nimg) == (2 ** 17, 2 ** 22, 2 ** 24)
-        elif name == "cpu32":
+        elif name in ("cpu32", "mnist"):
             assert (cadence.status_nimg, cadence.snapshot_nimg, cadence.checkpoint_nimg) == (4096, 4096, 16384)
         elif name == "cpu64":
             assert (cadence.status_nimg, cadence.snapshot_nimg, cadence.checkpoint_nimg) == (2048, 4096, 8192)

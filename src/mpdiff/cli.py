@@ -128,6 +128,9 @@ def _click_option(section, field):
         default, shown = field.default, True
         if field.name == "run_dir":
             help_text, shown = "Run directory [default: runs/<preset>].", False
+        if field.name == "dataset":  # the preset's built-in data (mnist for --preset mnist), else digits
+            default, shown = None, False
+            help_text += " [default: the preset's data: mnist for --preset mnist, digits otherwise]"
         kind = None if parse else _CLICK_TYPES.get(field.type)
         if field.name == "snapshot_dtype":
             kind = click.Choice(STORAGE_DTYPES)
@@ -175,6 +178,10 @@ def train(preset, **values):
         value = values[field.name]
         if value is not None or section == "run":
             overrides[section][field.name] = value if value is None else _parsed(field, value)
+    if overrides["run"].get("dataset") is None:
+        from mpdiff.presets import get_preset
+
+        overrides["run"]["dataset"] = get_preset(preset).data
     run = RunOptions(**overrides["run"])
     trainer = run_training(preset, run, network=overrides["network"], training=overrides["training"],
                            cadence=overrides["cadence"])

@@ -234,9 +234,10 @@ class Preset:
     training: TrainingConfig
     cadence: Cadence = Cadence()
     dataset: str = ""
+    data: str = "digits"      # what `mpdiff train --preset NAME` trains on when --data is not given
 
     def to_dict(self):
-        return {"name": self.name, "description": self.description, "dataset": self.dataset,
+        return {"name": self.name, "description": self.description, "dataset": self.dataset, "data": self.data,
                 "network": self.network.to_dict(), "training": self.training.to_dict(),
                 "cadence": self.cadence.to_dict()}
 
