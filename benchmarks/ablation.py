@@ -64,15 +64,16 @@ def train(configs, duration, parallel, threads):
                     raise SystemExit(f"config {config} failed; see {os.path.join(OUT, config + '.out')}")
 
 
-def sweep(configs):
+def sweep(configs, metrics=None, ref=None):
     for config in configs:
         if not finished(config):
             print(f"config {config}: not finished, skipped")
             continue
         out = os.path.join(run_dir(config), "ema-sweep")
         if not os.path.exists(os.path.join(out, "sweep.json")):
+            scoring = ["--metrics", metrics, "--ref", ref] if metrics else []  # else the digits evaluation
             subprocess.run(["mpdiff", "ema-sweep", run_dir(config), "--sigma-rel", SWEEP, "--seeds", SWEEP_SEEDS,
-                            "--steps", str(SWEEP_STEPS), "--no-progress"], check=True)
+                            "--steps", str(SWEEP_STEPS), "--no-progress", *scoring], check=True)
         traditional = os.path.join(run_dir(config), "ema-traditional.safetensors")
         samples = os.path.join(run_dir(config), "traditional-samples")
         result = os.path.join(run_dir(config), "traditional-eval.json")
@@ -122,6 +123,9 @@ def report(configs):
         if not os.path.exists(sweep_path):
             continue
         sweep_rows = json.load(open(sweep_path))
+        score = "fd" if "fd" in sweep_rows[0] else [k for k in sweep_rows[0] if k not in ("sigma_rel", "nimg", "grid")][0]
+        sweep_rows = [dict(r, fd=r[score], accuracy=r.get("accuracy"), fd_real_vs_real=r.get("fd_real_vs_real"))
+                      for r in sweep_rows]
         best = min(sweep_rows, key=lambda r: r["fd"])
         rows = _rows(config)
         entry = {"config": config, "final_loss": rows[-1]["loss"], "best_sigma_rel": best["sigma_rel"],
@@ -135,7 +139,8 @@ def report(configs):
         table.append(entry)
         sigmas = [r["sigma_rel"] for r in sweep_rows]
         axes[0].plot(sigmas, [r["fd"] for r in sweep_rows], marker="o", label=config)
-        axes[1].plot(sigmas, [r["accuracy"] for r in sweep_rows], marker="o", label=config)
+        axes[1].plot(sigmas, [float("nan") if r["accuracy"] is None else r["accuracy"] for r in sweep_rows], marker="o",
+                     label=config)
         subprocess.run(["mpdiff", "plot-dynamics", run_dir(config), "--out", os.path.join(RESULTS, f"dynamics-{config}")],
                        check=False)
     axes[0].set(xlabel="EMA length sigma_rel", ylabel="Frechet distance (digits classifier features)",
@@ -153,7 +158,7 @@ def report(configs):
     for e in table:
         def num(v, fmt):
             return "-" if v is None else format(v, fmt)
-        lines.append(f"| {e['config']} | {e['final_loss']:.1f} | {e['best_sigma_rel']:.3f} | {e['accuracy']:.3f} | "
+        lines.append(f"| {e['config']} | {e['final_loss']:.1f} | {e['best_sigma_rel']:.3f} | {num(e['accuracy'], '.3f')} | "
                      f"{e['fd']:.2f} | {num(e['activation_growth'], '.2f')}x | {num(e['weight_growth'], '.2f')}x | "
                      f"{num(e['wall_seconds'] and e['wall_seconds'] / 60, '.1f')} min |")
     with open(os.path.join(RESULTS, "table.md"), "w") as f:
@@ -168,13 +173,16 @@ def main():
     parser.add_argument("--duration", default="192Ki")
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--metrics", default=None, help="Score the sweep with these metrics (e.g. fid) against --ref "
+                                                        "instead of the digits evaluation.")
+    parser.add_argument("--ref", default=None, help="Reference statistics for --metrics (mpdiff ref digits ...).")
     args = parser.parse_args()
     os.makedirs(OUT, exist_ok=True)
     configs = [c for c in args.configs.upper() if c in CONFIGS]
     if args.action in ("run", "all"):
         train(configs, args.duration, args.parallel, args.threads)
     if args.action in ("sweep", "all"):
-        sweep(configs)
+        sweep(configs, args.metrics, args.ref)
     if args.action in ("report", "all"):
         report(configs)
 
