@@ -36,3 +36,13 @@ def test_the_mnist_preset_trains_on_mnist_without_data_flag(tmp_path):
                      "--status", "64", "--snapshot", "64")
     assert result.exit_code == 0, result.output
     assert "mnist-train: 4,000 images, 32x32" in result.output
+    # Its samples are measured by the MNIST classifier (mpdiff eval picks it for 32x32 grayscale).
+    samples = tmp_path / "samples"
+    assert run_cli("generate", tmp_path / "run", "--seeds", "0-9", "--steps", "2", "--out", samples,
+                   "--no-progress").exit_code == 0
+    shown = run_cli("eval", samples, "--json")
+    assert shown.exit_code == 0, shown.output
+    import json
+
+    report = json.loads(shown.stdout)
+    assert report["num_samples"] == 10 and 0 <= report["accuracy"] <= 1 and report["fd"] > 0

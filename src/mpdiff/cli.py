@@ -236,13 +236,18 @@ def generate(source, seeds, out_dir, class_idx, steps, batch, sigma_rel, guide, 
 @click.argument("images")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_(images, as_json):
-    """Evaluate generated digits (a folder written by `mpdiff generate`)."""
-    from mpdiff.metrics.digits import (
-        evaluate_digits,
-        format_report,
-        load_image_folder_for_eval,
-    )
+    """Evaluate generated digits (a folder written by `mpdiff generate`): 8x8 samples of the built-in
+    digits, or 32x32 samples of the built-in MNIST (classifier accuracy and Fréchet distance)."""
+    from mpdiff.data.datasets import open_dataset
+    from mpdiff.metrics.digits import evaluate_digits, format_report, load_image_folder_for_eval
 
+    ds = open_dataset(os.fspath(images))
+    if ds.channels == 1 and ds.resolution == 32:
+        from mpdiff.metrics.mnist import evaluate_mnist, format_mnist_report
+
+        result = evaluate_mnist(ds.images, ds.labels)
+        click.echo(json.dumps(result, indent=2) if as_json else format_mnist_report(result))
+        return
     pixels, labels = load_image_folder_for_eval(images)
     result = evaluate_digits(pixels, labels)
     click.echo(json.dumps(result, indent=2) if as_json else format_report(result))
@@ -250,7 +255,8 @@ def eval_(images, as_json):
 
 # ------------------------------------------------------------------------------- FID and FD_DINOv2
 
-_METRICS_HELP = "Comma-separated: fid (Inception-v3), fd_dinov2 (DINOv2 ViT-L/14), fd_digits (8x8 digits only)."
+_METRICS_HELP = ("Comma-separated: fid (Inception-v3), fd_dinov2 (DINOv2 ViT-L/14), fd_digits (8x8 digits only), "
+                 "fd_mnist (32x32 MNIST only).")
 
 
 @cli.command()

@@ -4,7 +4,9 @@ Metric names and their detectors (:mod:`mpdiff.metrics.detectors`):
 
 * ``fid``: Inception-v3 pool features (2048-d), :mod:`mpdiff.metrics.inception`;
 * ``fd_dinov2``: DINOv2 ViT-L/14 class features (1024-d), :mod:`mpdiff.metrics.dinov2`;
-* ``fd_digits``: the built-in digits classifier's features (64-d; 8x8 grayscale only).
+* ``fd_digits``: the built-in digits classifier's features (64-d; 8x8 grayscale only);
+* ``fd_mnist``: the built-in MNIST classifier's features (128-d; 32x32 grayscale only),
+  :mod:`mpdiff.metrics.mnist`.
 
 Images arrive in batches (uint8 [N, C, H, W]) from a dataset, a folder of samples, or a network that
 generates them on the fly; each batch goes through every detector and only the detectors' running
@@ -26,7 +28,7 @@ from mpdiff.metrics.detectors import Detector, FeatureStats, check_images
 from mpdiff.metrics.frechet import frechet_distance
 from mpdiff.storage.files import read_bytes, show_path, write_bytes
 
-METRICS = ("fid", "fd_dinov2", "fd_digits")
+METRICS = ("fid", "fd_dinov2", "fd_digits", "fd_mnist")
 REFERENCE_MAX_BYTES = 256 * 2 ** 20  # two 2048-d and 1024-d covariances are ~42 MB
 
 
@@ -73,6 +75,10 @@ def make_detector(metric, device="cpu", dinov2=None):
         return DinoV2Detector(path=dinov2, device=device)
     if metric == "fd_digits":
         return DigitsDetector(device=device)
+    if metric == "fd_mnist":
+        from mpdiff.metrics.mnist import MnistDetector
+
+        return MnistDetector(device=device)
     raise ConfigError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
 
 
