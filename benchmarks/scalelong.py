@@ -60,6 +60,7 @@ RUNS = [f"{b}-{v}" for v in VARIANTS for b in BACKBONES if v != "cs-mp" or b == 
 QUALITY_SIGMA_REL = 0.05
 QUALITY_SEEDS = range(250)
 QUALITY_STEPS = 16
+FINAL_SEEDS = range(1000)   # the final snapshot once more with 4x the samples: less noise where it matters
 
 
 def run_dir(name):
@@ -122,8 +123,8 @@ def quality(names, metrics=None, ref=None):
         scorers.append(lambda pixels: compute_metrics(dataset_batches(pixels), reference, names_asked,
                                                       detectors=detectors))
     for name in names:
-        if not os.path.isdir(run_dir(name)):
-            continue
+        if not os.path.isdir(os.path.join(run_dir(name), "snapshots")):
+            continue  # not started, or no snapshot yet
         path = os.path.join(run_dir(name), "quality.json")
         rows = json.load(open(path)) if os.path.exists(path) else []
         done = {r["nimg"] for r in rows}
@@ -142,6 +143,18 @@ def quality(names, metrics=None, ref=None):
             rows.sort(key=lambda r: r["nimg"])
             write_json(path, rows)
             print(f"{name} at {snapshot.nimg:,} images: accuracy {result['accuracy']:.3f}, FD {result['fd']:.2f}",
+                  flush=True)
+        final_path = os.path.join(run_dir(name), "quality-final.json")
+        if finished(name) and not os.path.exists(final_path):
+            last = max((s for s in list_snapshots(RunLayout(run_dir(name)).snapshot_dir)
+                        if abs(s.sigma_rel - QUALITY_SIGMA_REL) < 1e-6), key=lambda s: s.nimg)
+            net, _ = load_network(last.path)
+            images, classes = generate(net, list(FINAL_SEEDS), num_steps=QUALITY_STEPS, progress=False)
+            result = evaluate_digits(decode_images(images).numpy(), classes, classifier=classifier)
+            write_json(final_path, {"nimg": last.nimg, "num_samples": len(FINAL_SEEDS), "accuracy": result["accuracy"],
+                                    "fd": result["fd"], "fd_real_vs_real": result["fd_real_vs_real"],
+                                    "fd_real_vs_real_std": result["fd_real_vs_real_std"]})
+            print(f"{name} final, {len(FINAL_SEEDS)} samples: accuracy {result['accuracy']:.3f}, FD {result['fd']:.2f}",
                   flush=True)
 
 
@@ -189,25 +202,73 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
+def recomputed_sensitivity(name):
+    """The output sensitivity of a run's final training state, measured now on its probe batch (cached in
+    RUN/sensitivity-final.json). The report scales each run's logged sensitivity curve so that its last
+    point equals this value: the first runs of the experiment logged it divided by the nominal RMS of
+    the perturbation instead of its measured RMS (a constant 2.97%, fixed while the experiment ran)."""
+    cache = os.path.join(run_dir(name), "sensitivity-final.json")
+    if os.path.exists(cache):
+        return json.load(open(cache))["sensitivity"]
+    import glob
+
+    import torch
+
+    from mpdiff.config import NetworkConfig
+    from mpdiff.data.datasets import open_dataset
+    from mpdiff.nn.build import build_network
+    from mpdiff.storage.tensors import load_tensors
+    from mpdiff.train import dynamics
+
+    config = json.load(open(os.path.join(run_dir(name), "config.json")))
+    net = build_network(NetworkConfig.from_dict(NetworkConfig.completed(config["network"])))
+    checkpoint = sorted(glob.glob(os.path.join(run_dir(name), "checkpoints", "*.safetensors")))[-1]
+    tensors, meta = load_tensors(checkpoint)
+    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+    data = open_dataset(config["run"]["dataset"])
+    labels = torch.eye(data.num_classes)[torch.as_tensor(data.labels)]
+    training = config["training"]
+    probe = dynamics.make_probe(torch.as_tensor(data.images), labels, training["P_mean"], training["P_std"],
+                                config["run"]["seed"])
+    value = dynamics.probe_statistics(net, probe, micro_batch=config["run"].get("batch_gpu"))["sensitivity"]
+    with open(cache, "w") as f:
+        json.dump({"sensitivity": value, "nimg": meta["nimg"]}, f)
+    return value
+
+
+def sensitivity_curve(name, dyn_rows):
+    """(nimg, sensitivity) of the rows with dynamics, calibrated to :func:`recomputed_sensitivity`."""
+    points = [(r["nimg"], r["dynamics"].get("sensitivity")) for r in dyn_rows if r["dynamics"].get("sensitivity")]
+    if not points:
+        return []
+    scale = recomputed_sensitivity(name) / points[-1][1] if finished(name) else 1.0
+    return [(n, v * scale) for n, v in points]
+
+
 def summarise(name):
     stats = _stats(name)
     dyn = [r for r in stats if isinstance(r.get("dynamics"), dict)]
     quality_rows = _quality(name)
     skip_in = [_mean(list(r["dynamics"].get("skip_in", {}).values())) for r in dyn]
     decoder = [_mean([v for k, v in r["dynamics"]["act"].items() if k.startswith("dec.")]) for r in dyn]
+    sensitivity = sensitivity_curve(name, dyn)
+    final_path = os.path.join(run_dir(name), "quality-final.json")
+    final = json.load(open(final_path)) if os.path.exists(final_path) else {}
     last = quality_rows[-1] if quality_rows else {}
     best = min(quality_rows, key=lambda r: r["fd"]) if quality_rows else {}
     return {
         "run": name, "nimg": stats[-1]["nimg"] if stats else 0, "final_loss": stats[-1]["loss"] if stats else None,
         "final_fd": last.get("fd"), "final_accuracy": last.get("accuracy"),
+        "final_fd_1000": final.get("fd"), "final_accuracy_1000": final.get("accuracy"),
+        "fd_real_vs_real_1000": final.get("fd_real_vs_real"), "fd_real_vs_real_std_1000": final.get("fd_real_vs_real_std"),
         "best_fd": best.get("fd"), "best_fd_nimg": best.get("nimg"), "fd_real_vs_real": last.get("fd_real_vs_real"),
         "grad_norm": _mean([r.get("grad_norm") for r in stats[1:]]),
         "grad_norm_oscillation": oscillation([r.get("grad_norm") for r in stats]),
         "skip_rms_final": skip_in[-1] if skip_in else None,
         "skip_rms_oscillation": oscillation(skip_in),
         "decoder_rms_oscillation": oscillation(decoder),
-        "sensitivity_final": dyn[-1]["dynamics"].get("sensitivity") if dyn else None,
-        "sensitivity_mean": _mean([r["dynamics"].get("sensitivity") for r in dyn]),
+        "sensitivity_final": sensitivity[-1][1] if sensitivity else None,
+        "sensitivity_mean": _mean([v for _, v in sensitivity]),
         "wall_seconds": _wall_seconds(name),
     }
 
@@ -247,14 +308,14 @@ def report(names):
     def num(value, fmt):
         return "-" if value is None else format(value, fmt)
 
-    lines = ["| run | final loss | FD (final) | accuracy (final) | best FD (at kimg) | images to target FD | "
-             "speed-up | skip RMS (final) | skip RMS osc. | decoder RMS osc. | grad norm (mean) | grad norm osc. | "
-             "sensitivity (final) | wall |",
-             "| --- | " + "--- | " * 13]
+    lines = ["| run | final loss | FD, 1000 samples | accuracy, 1000 | FD (final, 250) | best FD of 250 (kimg) | "
+             "images to target FD | speed-up | skip RMS (final) | skip RMS osc. | decoder RMS osc. | grad norm (mean) | "
+             "grad norm osc. | sensitivity (final) | wall |",
+             "| --- | " + "--- | " * 14]
     for e in table:
         lines.append(
-            f"| {e['run']} | {num(e['final_loss'], '.1f')} | {num(e['final_fd'], '.2f')} | "
-            f"{num(e['final_accuracy'], '.3f')} | {num(e['best_fd'], '.2f')} ({num(e['best_fd_nimg'] and e['best_fd_nimg'] / 1000, '.0f')}) | "
+            f"| {e['run']} | {num(e['final_loss'], '.1f')} | {num(e['final_fd_1000'], '.2f')} | "
+            f"{num(e['final_accuracy_1000'], '.3f')} | {num(e['final_fd'], '.2f')} | {num(e['best_fd'], '.2f')} ({num(e['best_fd_nimg'] and e['best_fd_nimg'] / 1000, '.0f')}) | "
             f"{num(e.get('images_to_target') and e['images_to_target'] / 1000, '.0f')} kimg | "
             f"{num(e.get('speedup'), '.2f')}x | {num(e['skip_rms_final'], '.3g')} | {num(e['skip_rms_oscillation'], '.3f')} | "
             f"{num(e['decoder_rms_oscillation'], '.3f')} | {num(e['grad_norm'], '.3g')} | "
@@ -285,7 +346,8 @@ def _figures(plt, backbone, names):
         saxes[0].plot(dkimg, [_mean(list(r["dynamics"].get("skip_in", {}).values())) for r in dyn], color=color,
                       label=variant)
         saxes[1].plot(kimg, [r.get("grad_norm") for r in stats], color=color, label=variant)
-        saxes[2].plot(dkimg, [r["dynamics"].get("sensitivity") for r in dyn], color=color, label=variant)
+        curve = sensitivity_curve(name, dyn)
+        saxes[2].plot([n / 1000 for n, _ in curve], [v for _, v in curve], color=color, label=variant)
     titles = ("training loss (per stats row)", "FD of 250 samples (EMA 0.05), lower is better", "class accuracy")
     for ax, title in zip(axes, titles):
         ax.set(xlabel="training images (kimg)", title=f"{backbone}: {title}")
