@@ -466,3 +466,14 @@ def test_refusal_on_the_command_line_names_the_flag(tmp_path):
     assert result.exit_code == 1
     assert "--skip-scaling" in result.output and "cs-mp" in result.output
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_refused_network_options_leave_no_run_directory(tmp_path):
+    from conftest import run_cli
+
+    for flags in (["--skip-scaling", "cs-mp", "--config", "C"], ["--preset", "digits-uvit", "--depth", "3"],
+                  ["--skip-scaling", "cs", "--kappa", "0"]):
+        run_dir = tmp_path / "run"
+        result = run_cli("train", *flags, "--run-dir", run_dir, "--duration", "256")
+        assert result.exit_code != 0 and result.output.startswith("error: --"), result.output
+        assert not run_dir.exists()

@@ -72,6 +72,9 @@ def resolve_run(preset=DEFAULT_PRESET, run=None, network=None, training=None, ca
     network_config = network_config.replace(img_resolution=dataset.resolution, img_channels=dataset.channels,
                                             label_dim=dataset.num_classes if run.use_labels else 0)
     validate_run(network_config, training_config, cadence_config, run, resolution=dataset.resolution)
+    from mpdiff.nn.build import build_meta_network
+
+    build_meta_network(network_config)  # what only the constructors check (skip scaling, UViT shape), before any write
     _check_apart(run.run_dir, run.dataset)
     found = {"spec": run.dataset, "name": dataset.name, "size": len(dataset), "resolution": dataset.resolution,
              "channels": dataset.channels, "num_classes": dataset.num_classes}
