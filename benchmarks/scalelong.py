@@ -73,9 +73,17 @@ def finished(name):
 
 
 def command(name, duration):
-    backbone, variant = name.split("-", 1)
+    """The training command of a run: '<backbone>-<variant>', or '<backbone>-<variant>@<seed>' for a
+    replicate with another training seed."""
+    base, _, seed = name.partition("@")
+    backbone, variant = base.split("-", 1)
     return ["mpdiff", "train", *BACKBONES[backbone], *VARIANTS[variant], "--duration", duration,
-            "--run-dir", run_dir(name), "--no-progress", "--no-final-grid"]
+            "--run-dir", run_dir(name), "--no-progress", "--no-final-grid", *(["--seed", seed] if seed else [])]
+
+
+def known(name):
+    base, _, seed = name.partition("@")
+    return base in RUNS and (not seed or seed.isdigit())
 
 
 def train(names, duration, parallel, threads):
@@ -290,6 +298,11 @@ def report(names):
     present = [n for n in names if os.path.exists(os.path.join(run_dir(n), "stats.jsonl"))]
     table = [summarise(n) for n in present]
     by_name = {e["run"]: e for e in table}
+    replicates = sorted({n for n in os.listdir(OUT) if "@" in n and known(n) and os.path.isdir(run_dir(n))}) \
+        if os.path.isdir(OUT) else []
+    present += [n for n in replicates if n not in present and os.path.exists(os.path.join(run_dir(n), "stats.jsonl"))]
+    table += [summarise(n) for n in replicates if n not in by_name and n in present]
+    by_name = {e["run"]: e for e in table}
     for backbone in BACKBONES:
         base = by_name.get(f"{backbone}-none")
         target = base and base["final_fd"]
@@ -369,7 +382,8 @@ def _figures(plt, backbone, names):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["run", "quality", "report", "all"])
-    parser.add_argument("--only", default=None, help="Comma-separated runs, e.g. uvit-none,G-cs [all].")
+    parser.add_argument("--only", default=None, help="Comma-separated runs, e.g. uvit-none,G-cs [all]; NAME@SEED is "
+                                                     "a replicate trained with another seed, e.g. uvit-ls@1.")
     parser.add_argument("--duration", default="128Ki")
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
@@ -377,7 +391,9 @@ def main():
     parser.add_argument("--ref", default=None, help="Reference statistics for --metrics (mpdiff ref digits ...).")
     args = parser.parse_args()
     os.makedirs(OUT, exist_ok=True)
-    names = RUNS if args.only is None else [n for n in args.only.split(",") if n in RUNS]
+    names = RUNS if args.only is None else [n for n in args.only.split(",") if known(n)]
+    if args.only is None and args.action == "quality" and os.path.isdir(OUT):  # and every replicate started
+        names = names + sorted(n for n in os.listdir(OUT) if "@" in n and known(n))
     if args.action in ("run", "all"):
         train(names, args.duration, args.parallel, args.threads)
     if args.action in ("quality", "all"):
