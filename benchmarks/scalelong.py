@@ -351,20 +351,23 @@ def _figures(plt, backbone, names):
     stability, saxes = plt.subplots(1, 3, figsize=(15, 4))
     for name in names:
         variant = name.split("-", 1)[1]
-        color = colors.get(variant, "gray")
+        color = colors.get(variant.split("@")[0], "gray")
+        style = "--" if "@" in variant else "-"  # a replicate with another seed: the variant's colour, dashed
         stats = _stats(name)
         kimg = [r["nimg"] / 1000 for r in stats]
-        axes[0].plot(kimg, [r["loss"] for r in stats], color=color, label=variant)
+        axes[0].plot(kimg, [r["loss"] for r in stats], color=color, linestyle=style, label=variant)
         rows = _quality(name)
-        axes[1].plot([r["nimg"] / 1000 for r in rows], [r["fd"] for r in rows], "o-", color=color, label=variant)
-        axes[2].plot([r["nimg"] / 1000 for r in rows], [r["accuracy"] for r in rows], "o-", color=color, label=variant)
+        axes[1].plot([r["nimg"] / 1000 for r in rows], [r["fd"] for r in rows], marker="o", linestyle=style, color=color,
+                     label=variant)
+        axes[2].plot([r["nimg"] / 1000 for r in rows], [r["accuracy"] for r in rows], marker="o", linestyle=style,
+                     color=color, label=variant)
         dyn = [r for r in stats if isinstance(r.get("dynamics"), dict)]
         dkimg = [r["nimg"] / 1000 for r in dyn]
         saxes[0].plot(dkimg, [_mean(list(r["dynamics"].get("skip_in", {}).values())) for r in dyn], color=color,
-                      label=variant)
-        saxes[1].plot(kimg, [r.get("grad_norm") for r in stats], color=color, label=variant)
+                      linestyle=style, label=variant)
+        saxes[1].plot(kimg, [r.get("grad_norm") for r in stats], color=color, linestyle=style, label=variant)
         curve = sensitivity_curve(name, dyn)
-        saxes[2].plot([n / 1000 for n, _ in curve], [v for _, v in curve], color=color, label=variant)
+        saxes[2].plot([n / 1000 for n, _ in curve], [v for _, v in curve], color=color, linestyle=style, label=variant)
     titles = ("training loss (per stats row)", "FD of 250 samples (EMA 0.05), lower is better", "class accuracy")
     for ax, title in zip(axes, titles):
         ax.set(xlabel="training images (kimg)", title=f"{backbone}: {title}")
