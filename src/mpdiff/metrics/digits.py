@@ -132,34 +132,46 @@ def load_digit_classifier(cache_dir=None):
     A missing, damaged or outdated cache file is retrained and overwritten; a cache directory
     that cannot be written only costs retraining next time.
     """
-    path = os.path.join(os.fspath(cache_dir or default_cache_dir()), CLASSIFIER_FILE)
+    return cached_classifier(
+        os.path.join(os.fspath(cache_dir or default_cache_dir()), CLASSIFIER_FILE), DigitClassifier,
+        train_digit_classifier, "mpdiff-digit-classifier", CLASSIFIER_VERSION, "digit", "held-out accuracy",
+        dict(train_seed=CLASSIFIER_SEED, train_epochs=_TRAIN_EPOCHS))
+
+
+def cached_classifier(path, build, train, fmt, version, what, accuracy_name, metadata):
+    """A built-in classifier in eval mode, from its cache file `path` or trained by `train()` and cached.
+
+    `build()` makes an untrained network of the right shape; the file's metadata must name format
+    `fmt` and `version`. A missing, damaged or outdated file is retrained and overwritten (`what`
+    names the classifier in the log, `accuracy_name` its recorded accuracy); a file that cannot be
+    written only costs retraining next time. `metadata` is stored with the weights.
+    """
     if os.path.exists(path):
         try:
-            net = _read_classifier(path)
+            net = _read_classifier(path, build, fmt, version, what)
             net.cache_path = path
             return net
         except CheckpointError as e:
-            log.warning("digit classifier cache unusable, retraining and overwriting it: %s", e)
+            log.warning("%s classifier cache unusable, retraining and overwriting it: %s", what, e)
     start = time.perf_counter()
-    net = train_digit_classifier()
+    net = train()
     seconds = time.perf_counter() - start
-    log.info("trained the digit classifier in %.1f s: held-out accuracy %.2f%%", seconds, 100 * net.test_accuracy)
+    log.info("trained the %s classifier in %.1f s: %s %.2f%%", what, seconds, accuracy_name, 100 * net.test_accuracy)
     net.trained_now = True
     net.cache_path = path
     try:
-        save_tensors(path, net.state_dict(), dict(
-            format="mpdiff-digit-classifier", version=CLASSIFIER_VERSION, accuracy=net.test_accuracy,
-            train_seed=CLASSIFIER_SEED, train_epochs=_TRAIN_EPOCHS, train_seconds=round(seconds, 2)))
+        save_tensors(path, net.state_dict(), dict(format=fmt, version=version, accuracy=net.test_accuracy,
+                                                  **metadata, train_seconds=round(seconds, 2)))
     except MpdiffError as e:
-        log.warning("could not cache the digit classifier (it will be retrained next time): %s", e)
+        log.warning("could not cache the %s classifier (it will be retrained next time): %s", what, e)
     return net
 
 
-def _read_classifier(path):
+def _read_classifier(path, build, fmt, version, what):
     tensors, meta = load_tensors(path)
-    if meta.get("format") != "mpdiff-digit-classifier" or meta.get("version") != CLASSIFIER_VERSION:
-        raise CheckpointError(f"{path}: not a version-{CLASSIFIER_VERSION} digit classifier")
-    net = DigitClassifier()
+    if meta.get("format") != fmt or meta.get("version") != version:
+        raise CheckpointError(f"{path}: not a version-{version} {what} classifier")
+    net = build()
     try:
         net.load_state_dict(tensors)
     except RuntimeError as e:

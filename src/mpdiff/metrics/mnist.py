@@ -18,10 +18,8 @@ interface, next to Inception (``fid``), for :func:`mpdiff.metrics.compute.accumu
 """
 
 import functools
-import logging
 import math
 import os
-import time
 import weakref
 
 import numpy as np
@@ -29,18 +27,17 @@ import torch
 from torch import nn
 
 from mpdiff.data.pixels import encode_images
-from mpdiff.errors import CheckpointError, MpdiffError, first_line
+from mpdiff.errors import MpdiffError
 from mpdiff.metrics.detectors import Detector
 from mpdiff.metrics.digits import (
     _check_digit_labels,
     _deterministic_cpu,
+    cached_classifier,
     default_cache_dir,
 )
 from mpdiff.metrics.frechet import feature_statistics, frechet_distance
-from mpdiff.storage.tensors import load_tensors, save_tensors
 from mpdiff.threads import torch_threads
 
-log = logging.getLogger(__name__)
 
 MNIST_SHAPE = (1, 32, 32)
 
@@ -154,45 +151,11 @@ def load_mnist_classifier(cache_dir=None):
     """The MNIST classifier in eval mode: read from the cache (:func:`default_cache_dir`), or trained
     once and cached. A missing, damaged or outdated cache file is retrained and overwritten; a cache
     directory that cannot be written only costs retraining next time."""
-    path = os.path.join(os.fspath(cache_dir or default_cache_dir()), CLASSIFIER_FILE)
-    if os.path.exists(path):
-        try:
-            net = _read_classifier(path)
-            net.cache_path = path
-            return net
-        except CheckpointError as e:
-            log.warning("MNIST classifier cache unusable, retraining and overwriting it: %s", e)
-    start = time.perf_counter()
-    net = train_mnist_classifier()
-    seconds = time.perf_counter() - start
-    log.info("trained the MNIST classifier in %.1f s: accuracy on the training split %.2f%%", seconds,
-             100 * net.test_accuracy)
-    net.trained_now = True
-    net.cache_path = path
-    try:
-        save_tensors(path, net.state_dict(), {
-            "format": CLASSIFIER_FORMAT, "version": CLASSIFIER_VERSION, "accuracy": net.test_accuracy,
-            "accuracy_on": "train split (4000 images, unseen; trained on the 1000 held-out)",
-            "train_seed": CLASSIFIER_SEED, "train_epochs": _TRAIN_EPOCHS, "train_seconds": round(seconds, 2)})
-    except MpdiffError as e:
-        log.warning("could not cache the MNIST classifier (it will be retrained next time): %s", e)
-    return net
-
-
-def _read_classifier(path):
-    tensors, meta = load_tensors(path)
-    if meta.get("format") != CLASSIFIER_FORMAT or meta.get("version") != CLASSIFIER_VERSION:
-        raise CheckpointError(f"{path}: not a version-{CLASSIFIER_VERSION} MNIST classifier")
-    net = MnistClassifier()
-    try:
-        net.load_state_dict(tensors)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not match the classifier ({first_line(e)})") from None
-    if not all(torch.isfinite(t).all() for t in tensors.values()):
-        raise CheckpointError(f"{path}: weights contain non-finite values")
-    net.eval().requires_grad_(False)
-    net.test_accuracy = float(meta.get("accuracy", float("nan")))
-    return net
+    return cached_classifier(
+        os.path.join(os.fspath(cache_dir or default_cache_dir()), CLASSIFIER_FILE), MnistClassifier,
+        train_mnist_classifier, CLASSIFIER_FORMAT, CLASSIFIER_VERSION, "MNIST", "accuracy on the training split",
+        {"accuracy_on": "train split (4000 images, unseen; trained on the 1000 held-out)",
+         "train_seed": CLASSIFIER_SEED, "train_epochs": _TRAIN_EPOCHS})
 
 
 @torch.no_grad()
