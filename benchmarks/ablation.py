@@ -23,7 +23,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.normpath(os.path.join(HERE, "..", "out", "ablation"))
@@ -44,24 +43,11 @@ def finished(config):
 
 
 def train(configs, duration, parallel, threads):
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    pending = [c for c in configs if not finished(c)]
-    running = []
-    while pending or running:
-        while pending and len(running) < parallel:
-            config = pending.pop(0)
-            command = ["mpdiff", "train", "--preset", "digits", "--config", config, "--duration", duration,
-                       "--run-dir", run_dir(config), "--no-progress"]
-            print(" ".join(command), flush=True)
-            log = open(os.path.join(OUT, f"{config}.out"), "a")
-            running.append((config, subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)))
-        time.sleep(2)
-        for config, process in list(running):
-            if process.poll() is not None:
-                running.remove((config, process))
-                print(f"config {config}: exit {process.returncode}", flush=True)
-                if process.returncode:
-                    raise SystemExit(f"config {config} failed; see {os.path.join(OUT, config + '.out')}")
+    from recipes import run_commands  # benchmarks/ is on sys.path
+
+    run_commands({c: ["mpdiff", "train", "--preset", "digits", "--config", c, "--duration", duration,
+                      "--run-dir", run_dir(c), "--no-progress"] for c in configs if not finished(c)},
+                 OUT, parallel, threads, label="config {}")
 
 
 def sweep(configs, metrics=None, ref=None):

@@ -112,6 +112,26 @@ def run(name, threads, extra):
     record(name, threads)
 
 
+def run_commands(commands, out_dir, parallel=2, threads=1, label="{}"):
+    """Run {name: command} as subprocesses, `parallel` at a time with `threads` threads each, in the given
+    order; each one's output goes to OUT_DIR/<name>.out. Stops at the first failure (SystemExit)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    pending, running = list(commands), []
+    while pending or running:
+        while pending and len(running) < parallel:
+            name = pending.pop(0)
+            print(" ".join(commands[name]), flush=True)
+            log = open(os.path.join(out_dir, f"{name}.out"), "a")
+            running.append((name, subprocess.Popen(commands[name], env=env, stdout=log, stderr=subprocess.STDOUT)))
+        time.sleep(2)
+        for name, process in list(running):
+            if process.poll() is not None:
+                running.remove((name, process))
+                print(f"{label.format(name)}: exit {process.returncode}", flush=True)
+                if process.returncode:
+                    raise SystemExit(f"{label.format(name)} failed; see {os.path.join(out_dir, name + '.out')}")
+
+
 def wall_seconds(log_path):
     """Wall time of a run from its log.txt: the sum over invocations (each starts with 'new run' or
     'resumed') of the time from its first line to its last."""

@@ -35,9 +35,7 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.normpath(os.path.join(HERE, "..", "out", "scalelong"))
@@ -88,23 +86,9 @@ def known(name):
 
 
 def train(names, duration, parallel, threads):
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    pending = [n for n in names if not finished(n)]
-    running = []
-    while pending or running:
-        while pending and len(running) < parallel:
-            name = pending.pop(0)
-            cmd = command(name, duration)
-            print(" ".join(cmd), flush=True)
-            log = open(os.path.join(OUT, f"{name}.out"), "a")
-            running.append((name, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
-        time.sleep(2)
-        for name, process in list(running):
-            if process.poll() is not None:
-                running.remove((name, process))
-                print(f"{name}: exit {process.returncode}", flush=True)
-                if process.returncode:
-                    raise SystemExit(f"{name} failed; see {os.path.join(OUT, name + '.out')}")
+    from recipes import run_commands  # benchmarks/ is on sys.path
+
+    run_commands({n: command(n, duration) for n in names if not finished(n)}, OUT, parallel, threads)
 
 
 def quality(names, metrics=None, ref=None):
