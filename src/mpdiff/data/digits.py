@@ -22,7 +22,12 @@ def load_builtin_digits():
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]
     labels = digits.target.astype(np.int64)
-    held_out = np.arange(len(images)) % DIGITS_HOLDOUT_EVERY == 0
+    return _split(images, labels, DIGITS_HOLDOUT_EVERY)
+
+
+def _split(images, labels, every):
+    """The fixed split of a built-in dataset: every `every`-th image held out (test_*), the rest train_*."""
+    held_out = np.arange(len(images)) % every == 0
     return dict(train_images=images[~held_out], train_labels=labels[~held_out],
                 test_images=images[held_out], test_labels=labels[held_out])
 
@@ -58,9 +63,7 @@ def load_builtin_mnist():
     images = np.round(np.asarray(pixels, dtype=np.float64)).clip(0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
     images = np.pad(images, ((0, 0), (0, 0), (MNIST_PAD, MNIST_PAD), (MNIST_PAD, MNIST_PAD)))
     labels = np.asarray(labels, dtype=np.int64)
-    held_out = np.arange(len(images)) % MNIST_HOLDOUT_EVERY == 0
-    return dict(train_images=images[~held_out], train_labels=labels[~held_out],
-                test_images=images[held_out], test_labels=labels[held_out])
+    return _split(images, labels, MNIST_HOLDOUT_EVERY)
 
 
 def mnist_dataset(split="train"):
