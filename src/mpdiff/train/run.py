@@ -180,11 +180,12 @@ def write_run_config(resolved):
     write_json(layout.config, resolved.to_dict())
 
 
-def skip_scaling_summary(net):
-    """One line on a network's long-skip scaling (ScaleLong, SPEC §9), e.g. for the run summary."""
+def skip_scaling_summary(net, built=None):
+    """One line on a network's long-skip scaling (ScaleLong, SPEC §9), e.g. for the run summary.
+    `built`: the network of config `net` if the caller has it (on any device), else one is built on meta."""
     from mpdiff.nn.build import build_meta_network
 
-    scaling = build_meta_network(net).unet.skip_scaling
+    scaling = (built if built is not None else build_meta_network(net)).unet.skip_scaling
     if net.skip_scaling in ("cs", "cs-mp"):
         how = "x kappa_i on the skip" if net.skip_scaling == "cs" else "as MP-concatenation balance"
         return (f"{net.skip_scaling}: kappa {net.kappa:g}, rule {net.kappa_rule}, kappa_i (outermost first) "
@@ -203,7 +204,8 @@ def summary_lines(resolved, dataset, micro_note=None):
                else f"unconditional (labels: {dataset.label_source if run.use_labels else 'not used (--uncond)'})")
     levels = [net.img_resolution >> i for i in range(len(net.channel_mult))]
     used = [r for r in levels if r in net.attn_resolutions]
-    counted = count_flops(build_meta_network(net))
+    meta = build_meta_network(net)
+    counted = count_flops(meta)
     micro = run.batch_gpu or training.batch
     size = f"{int(counted['params']):,} parameters, {counted['flops'] / 1e9:.4g} Gflops per evaluation"
     if net.backbone == "uvit":
@@ -225,7 +227,7 @@ def summary_lines(resolved, dataset, micro_note=None):
         + (f" + traditional (half-life {training.ema_halflife_img:,} images)" if training.ema_halflife_img else ""),
     ]
     if net.skip_scaling != "none":
-        lines.append(f"skips     {skip_scaling_summary(net)}")
+        lines.append(f"skips     {skip_scaling_summary(net, meta)}")
     if micro_note:
         lines.append(f"memory    {micro_note}")
     dropped = sorted(set(net.attn_resolutions) - set(levels), reverse=True)
