@@ -321,7 +321,7 @@ def test_generate_never_mixes_two_runs_in_one_folder(partial_run):
     assert tree(".") == before
 
 
-def test_generate_killed_midway_leaves_no_folder(partial_run, monkeypatch):
+def test_generate_killed_midway_leaves_no_folder_and_resumes(partial_run, monkeypatch):
     real_save_png = mpdiff.storage.samples.save_png
     written = []
 
@@ -334,8 +334,17 @@ def test_generate_killed_midway_leaves_no_folder(partial_run, monkeypatch):
     monkeypatch.setattr(mpdiff.storage.samples, "save_png", killed_after_two)
     result = run_cli("generate", partial_run, *GEN, "--out", "out")
     assert result.exit_code == 130 and "interrupted" in result.stderr, (result.output, repr(result.exception))
-    assert len(written) == 2 and os.listdir(".") == []          # neither the folder nor its partial copy
+    # No folder named out: only the hidden one being generated, with the two images made so far.
+    assert len(written) == 2 and os.listdir(".") == [".out.generating"]
+    assert sorted(os.listdir(".out.generating")) == [".generation.json", "000000.png", "000001.png"]
+    made = {n: os.stat(os.path.join(".out.generating", n)).st_mtime_ns for n in ("000000.png", "000001.png")}
     monkeypatch.setattr(mpdiff.storage.samples, "save_png", real_save_png)
+    result = succeeds("generate", partial_run, *GEN, "--out", "out")  # the same command: resumed
+    assert "resuming" in result.stderr and sorted(os.listdir(".")) == ["out", "out-grid.png"]
+    assert sorted(os.listdir("out")) == SAMPLES_0_3
+    assert {n: os.stat(os.path.join("out", n)).st_mtime_ns for n in made} == made  # kept, not made again
+    shutil.rmtree("out")
+    os.remove("out-grid.png")
 
     # Interrupted while replacing a previous sample folder: the previous one stays as it was.
     succeeds("generate", partial_run, "--seeds", "10-13", "--steps", "2", "--no-progress", "--out", "previous")
@@ -344,19 +353,25 @@ def test_generate_killed_midway_leaves_no_folder(partial_run, monkeypatch):
     monkeypatch.setattr(mpdiff.storage.samples, "save_png", killed_after_two)
     result = run_cli("generate", partial_run, *GEN, "--out", "previous")
     assert result.exit_code == 130, (result.output, repr(result.exception))
-    assert tree(".") == before
+    assert {k: v for k, v in tree(".").items() if not k.startswith(".previous.generating")} == before
     monkeypatch.setattr(mpdiff.storage.samples, "save_png", real_save_png)
     shutil.rmtree("previous")
+    shutil.rmtree(".previous.generating")
     os.remove("previous-grid.png")
 
-    # A SIGKILL gets no chance to clean up: it leaves the hidden partial folder, which the next run removes.
-    os.makedirs(".out.partial-k1ll3d00")
-    write(".out.partial-k1ll3d00/000000.png", b"half an image")
-    os.makedirs(".outer.partial-abcd1234")                      # another folder's: not ours to remove
-    write(".out.partial-notadir", b"a file, not a partial folder")
+    # A SIGKILL between creating the folder's staging copy and naming it leaves the staging copy (nothing in it
+    # but a manifest): the next run removes it. Another folder's is not ours to remove, and a file in the
+    # place of the folder being generated is refused, not deleted.
+    os.makedirs(".out.generating.k1ll3d00")
+    write(".out.generating.k1ll3d00/.generation.json", b"{}")
+    os.makedirs(".outer.generating.abcd1234")
     succeeds("generate", partial_run, *GEN, "--out", "out")
     assert sorted(os.listdir("out")) == SAMPLES_0_3
-    assert sorted(os.listdir(".")) == [".out.partial-notadir", ".outer.partial-abcd1234", "out", "out-grid.png"]
+    assert sorted(os.listdir(".")) == [".outer.generating.abcd1234", "out", "out-grid.png"]
+    write(".other.generating", b"a file, not a folder")
+    refused("generate", partial_run, *GEN, "--out", "other",
+            expect=["error: ", ".other.generating: in the way of generation (not a folder); remove it"])
+    assert open(".other.generating", "rb").read() == b"a file, not a folder"
 
 
 def test_generate_grid_through_a_symlink_replaces_its_target(partial_run):

@@ -1,7 +1,6 @@
 """Reference statistics and streamed metrics (issue 14): `mpdiff ref`, `mpdiff metrics`, the .npz format."""
 
 import gc
-import os
 import weakref
 
 import numpy as np

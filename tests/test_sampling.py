@@ -10,7 +10,7 @@ from conftest import randomized_network
 
 from mpdiff.diffusion.generate import generate, seed_inputs
 from mpdiff.diffusion.guidance import guided
-from mpdiff.diffusion.samplers import sample_heun
+from mpdiff.diffusion.samplers import sample_euler, sample_heun
 from mpdiff.diffusion.schedules import edm_sigmas
 
 # ---- noise levels (SPEC §6.1) -------------------------------------------------------------------
@@ -248,9 +248,14 @@ def test_generated_image_depends_on_its_class(tiny_net):
 
 
 def test_the_callback_sees_every_step():
-    # Progress (and anything else that watches sampling) hears about every step, not only whole batches.
+    # Progress (and anything else that watches sampling) hears about every step, not only whole batches,
+    # with the levels of the step and the denoiser's estimate (a preview of the image).
     seen = []
     sigmas = edm_sigmas(5)
-    sample_heun(lambda x, sigma, labels: x * 0, torch.ones(2, 1, 2, 2) * 80, sigmas,
-                callback=lambda i, x: seen.append((i, tuple(x.shape))))
-    assert seen == [(i, (2, 1, 2, 2)) for i in range(5)]
+    for sampler in (sample_heun, sample_euler):
+        seen.clear()
+        sampler(lambda x, sigma, labels: x * 0 + 0.5, torch.ones(2, 1, 2, 2) * 80, sigmas, callback=seen.append)
+        assert [s.index for s in seen] == list(range(5))
+        assert [s.sigma for s in seen] == pytest.approx(sigmas[:-1].tolist())
+        assert [s.sigma_next for s in seen] == pytest.approx(sigmas[1:].tolist())
+        assert all(s.x.shape == (2, 1, 2, 2) and bool((s.denoised == 0.5).all()) for s in seen)

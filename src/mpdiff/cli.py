@@ -14,6 +14,7 @@ import click
 
 from mpdiff.config import (
     SAMPLING,
+    SamplingConfig,
     STORAGE_DTYPES,
     Cadence,
     NetworkConfig,
@@ -22,6 +23,7 @@ from mpdiff.config import (
     check_device,
     flag_for,
 )
+from mpdiff.diffusion.samplers import SAMPLERS
 from mpdiff.errors import ConfigError, MpdiffError
 from mpdiff.presets import DEFAULT_PRESET
 
@@ -194,40 +196,114 @@ def train(preset, **values):
 
 # --------------------------------------------------------------------------------------- generate
 
+# Sampler options are the SamplingConfig fields with a flag (mpdiff.config), as for `train`; the
+# commands that sample (generate, metrics) share them and the guidance options.
+def _sampling_options(func):
+    fields = [f for f in dataclasses.fields(SamplingConfig) if f.metadata.get("flag") and f.name != "batch_size"]
+    for field in reversed(fields):
+        kind = click.Choice(sorted(SAMPLERS)) if field.name == "sampler" else _CLICK_TYPES.get(field.type)
+        default = getattr(SAMPLING, field.name)
+        func = click.option(field.metadata["flag"], field.name, default=None, type=kind,
+                            help=f"{field.metadata['help']} [{default}]")(func)
+    return func
+
+
+def _guidance_options(func):
+    for option in reversed([
+        click.option("--guide", default=None, help="Guide network (run directory or file): an unconditional one for "
+                                                   "classifier-free guidance, a smaller or less-trained one for "
+                                                   "autoguidance."),
+        click.option("--guidance", type=float, default=None, help="Guidance strength w: D = w D_net + (1 - w) D_guide; "
+                                                                  "1 = unguided [1, or the preset's]."),
+        click.option("--guide-sigma-rel", type=float, default=None,
+                     help="EMA length of the guide, when --guide is a run directory [--sigma-rel, or the preset's]."),
+        click.option("--guidance-preset", default=None,
+                     help="A released guided configuration (`mpdiff info --guidance` lists them): sets w and both "
+                          "EMA lengths unless given."),
+    ]):
+        func = option(func)
+    return func
+
+
+def _sampling_from(values, batch_size=None):
+    """The SamplingConfig of a command's sampler options (None = the default), checked."""
+    changes = {f.name: values[f.name] for f in dataclasses.fields(SamplingConfig)
+               if f.name in values and values[f.name] is not None}
+    if batch_size is not None:
+        changes["batch_size"] = batch_size
+    return SAMPLING.replace(**changes).check()
+
+
+def _networks(source, sigma_rel, guide, guidance, guide_sigma_rel, guidance_preset, device):
+    """(net, guide or None, GuidanceChoice, description lines) for a command that samples."""
+    from mpdiff.diffusion.guidance import check_guide, resolve_guidance
+    from mpdiff.loading import resolve_network
+
+    choice = resolve_guidance(guidance_preset, guidance, sigma_rel, guide_sigma_rel)
+    if not math.isfinite(choice.guidance):
+        raise ConfigError(f"--guidance must be a finite number, got {choice.guidance}")
+    if choice.guidance != 1 and guide is None:
+        raise ConfigError(f"--guidance {choice.guidance:g} needs a --guide network")
+    net, described = resolve_network(source, choice.sigma_rel, device=device)
+    lines = [f"network: {described}"]
+    guide_net = None
+    if guide is not None:  # loaded and checked even at w = 1, where it is not evaluated
+        guide_net, guide_described = resolve_network(guide, choice.guide_sigma_rel, device=device)
+        kind = check_guide(net, guide_net, choice.preset.kind if choice.preset else None)
+        lines.append(f"guide: {guide_described} ({kind}, w {choice.guidance:g}"
+                     f"{'' if choice.guidance != 1 else ': unguided, the guide is not evaluated'})")
+        guide_net = guide_net if choice.guidance != 1 else None
+    if choice.preset is not None:
+        lines.append(f"guidance preset {choice.preset.describe()}")
+    return net, guide_net, choice, lines
+
+
 @cli.command()
 @click.argument("source")
-@click.option("--seeds", default="0-99", show_default=True, help="Seeds, e.g. 0-999 or 1,5,7-9.")
+@click.option("--seeds", default="0-99", show_default=True, help="Seeds, e.g. 0-49999 or 1,5,7-9.")
 @click.option("--out", "out_dir", required=True, help="Output folder (one PNG per seed + dataset.json).")
 @click.option("--class", "class_idx", type=int, default=None, help="Fixed class [default: random per seed].")
-@click.option("--steps", type=int, default=SAMPLING.num_steps, show_default=True, help="Heun steps (NFE = 2*steps - 1).")
+@click.option("--subdirs", is_flag=True, help="One sub-folder per 1000 seeds (000000/, 001000/, ...), as EDM2 writes.")
 @click.option("--batch", type=int, default=SAMPLING.batch_size, show_default=True, help="Images per sampler batch.")
-@click.option("--sigma-rel", type=float, default=None, help="EMA profile to use from a run directory.")
-@click.option("--guide", default=None, help="Guide network for CFG/autoguidance.")
-@click.option("--guidance", type=float, default=1.0, show_default=True)
+@click.option("--sigma-rel", type=float, default=None, help="EMA length to use from a run directory.")
+@_guidance_options
+@_sampling_options
 @click.option("--grid", default=None, help="Grid image path [default: OUT-grid.png, next to the folder].")
 @click.option("--device", default=RunOptions.device, show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def generate(source, seeds, out_dir, class_idx, steps, batch, sigma_rel, guide, guidance, grid, device, progress):
-    """Sample images from a run directory or a network file."""
+def generate(source, seeds, out_dir, class_idx, subdirs, batch, sigma_rel, guide, guidance, guide_sigma_rel,
+             guidance_preset, grid, device, progress, **sampler_values):
+    """Sample images from a run directory or a network file, writing each batch as it is made.
+
+    The folder fills in the hidden .OUT.generating and takes OUT's place when complete; a killed
+    generation resumes with the same command. Under `torchrun --nproc_per_node N -m mpdiff generate ...`
+    the batches are dealt out to the N processes (the images are the same as with one process)."""
     from mpdiff.diffusion.generate import generate_to_folder, parse_seeds
-    from mpdiff.loading import resolve_network
+    from mpdiff.distributed import Distributed
     from mpdiff.storage.samples import check_sample_destination, default_grid_path
 
     seed_list = parse_seeds(seeds)
-    if steps < 1 or batch < 1:
-        raise ConfigError("--steps and --batch must be at least 1")
-    if not math.isfinite(guidance):
-        raise ConfigError(f"--guidance must be a finite number, got {guidance}")
+    sampling = _sampling_from(sampler_values, batch)
     check_device(device, field="device")
     check_sample_destination(out_dir, grid)  # before any work: a refused destination costs nothing
-    net, described = resolve_network(source, sigma_rel, device=device)
-    if class_idx is not None and not 0 <= class_idx < max(net.label_dim, 1):
-        raise ConfigError(f"--class {class_idx} is out of range for a network with {net.label_dim} classes")
-    guide_net = resolve_network(guide, sigma_rel, device=device)[0] if guide else None
-    click.echo(f"network: {described}", err=True)
-    generate_to_folder(net, seed_list, out_dir, class_idx=class_idx, grid_path=grid, num_steps=steps,
-                       batch_size=batch, guide=guide_net, guidance=guidance, progress=progress, device=device)
-    click.echo(f"wrote {len(seed_list)} images and dataset.json to {out_dir}; grid: {grid or default_grid_path(out_dir)}")
+    dist = Distributed.from_env(device)
+    try:
+        device = dist.device(device)
+        net, guide_net, choice, lines = _networks(source, sigma_rel, guide, guidance, guide_sigma_rel,
+                                                  guidance_preset, device)
+        if class_idx is not None and not 0 <= class_idx < max(net.label_dim, 1):
+            raise ConfigError(f"--class {class_idx} is out of range for a network with {net.label_dim} classes")
+        if dist.rank == 0:
+            for line in lines:
+                click.echo(line, err=True)
+        generate_to_folder(net, seed_list, out_dir, class_idx=class_idx, grid_path=grid, sampling=sampling,
+                           guide=guide_net, guidance=choice.guidance, progress=progress, device=device,
+                           subdirs=subdirs, dist=dist, log=lambda m: click.echo(_one_line(m), err=True))
+    finally:
+        dist.close()
+    if dist.rank == 0:
+        click.echo(f"wrote {len(seed_list)} images and dataset.json to {out_dir}; "
+                   f"grid: {grid or default_grid_path(out_dir)}")
 
 
 # ------------------------------------------------------------------------------------------- eval
@@ -296,39 +372,58 @@ def ref(dataset, out_path, metric_names, dinov2, batch, device, progress):
 @click.option("--seed", "first_seed", type=int, default=0, show_default=True, help="First seed (--net).")
 @click.option("--metrics", "metric_names", default="fid", show_default=True, help=_METRICS_HELP)
 @click.option("--dinov2", default=None, help="DINOv2 ViT-L/14 weights (dinov2_vitl14_pretrain.pth) [$MPDIFF_DINOV2].")
-@click.option("--steps", type=int, default=SAMPLING.num_steps, show_default=True, help="Heun steps (--net).")
-@click.option("--sigma-rel", type=float, default=None, help="EMA profile to use from a run directory (--net).")
+@click.option("--sigma-rel", type=float, default=None, help="EMA length to use from a run directory (--net).")
+@_guidance_options
+@_sampling_options
 @click.option("--batch", type=int, default=64, show_default=True, help="Images per batch.")
 @click.option("--device", default=RunOptions.device, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def metrics(images, net_source, ref_path, num, first_seed, metric_names, dinov2, steps, sigma_rel, batch, device,
-            as_json, progress):
-    """FID / FD_DINOv2 of a folder of images or of a network's samples, against reference statistics."""
+def metrics(images, net_source, ref_path, num, first_seed, metric_names, dinov2, sigma_rel, guide, guidance,
+            guide_sigma_rel, guidance_preset, batch, device, as_json, progress, **sampler_values):
+    """FID / FD_DINOv2 of a folder of images or of a network's samples, against reference statistics.
+
+    With --net, under `torchrun --nproc_per_node N -m mpdiff metrics ...`, the batches of seeds are
+    dealt out to the processes and their statistics combined."""
     from tqdm import tqdm
 
+    from mpdiff.distributed import Distributed
     from mpdiff.metrics.compute import compute_metrics, dataset_batches, load_reference, network_batches, parse_metrics
 
     names = parse_metrics(metric_names)
     if (images is None) == (net_source is None):
         raise ConfigError("give exactly one of --images DIR and --net RUN_OR_FILE")
-    if num < 2 or batch < 1 or steps < 1:
-        raise ConfigError("--num must be at least 2, --batch and --steps at least 1")
+    if num < 2 or batch < 1:
+        raise ConfigError("--num must be at least 2, --batch at least 1")
+    sampling = _sampling_from(sampler_values, batch)
     check_device(device, field="device")
     reference = load_reference(ref_path)
-    if images is not None:
-        from mpdiff.data.datasets import open_dataset
+    dist = Distributed.from_env(device) if net_source is not None else Distributed.single()
+    try:
+        device = dist.device(device)
+        if images is not None:
+            from mpdiff.data.datasets import open_dataset
 
-        ds = open_dataset(images, use_labels=False, progress=None if progress else False)
-        total, batches = len(ds), dataset_batches(ds.images, batch)
-    else:
-        from mpdiff.loading import resolve_network
+            ds = open_dataset(images, use_labels=False, progress=None if progress else False)
+            total, batches = len(ds), dataset_batches(ds.images, batch)
+        else:
+            net, guide_net, choice, lines = _networks(net_source, sigma_rel, guide, guidance, guide_sigma_rel,
+                                                      guidance_preset, device)
+            if dist.rank == 0:
+                for line in lines:
+                    click.echo(line, err=True)
+            from mpdiff.diffusion.generate import process_batches
 
-        net, described = resolve_network(net_source, sigma_rel, device=device)
-        click.echo(f"network: {described}", err=True)
-        total, batches = num, network_batches(net, num, batch, first_seed, steps, device=device)
-    with tqdm(total=total, disable=not progress, desc="metrics", unit="img") as bar:
-        result = compute_metrics(batches, reference, names, device=device, dinov2=dinov2, progress=bar.update)
+            seeds = sum(process_batches(list(range(first_seed, first_seed + num)), sampling.batch_size, dist), [])
+            total, batches = len(seeds), network_batches(net, seeds=seeds, sampling=sampling, guide=guide_net,
+                                                         guidance=choice.guidance, device=device)
+        with tqdm(total=total, disable=not progress or dist.rank != 0, desc="metrics", unit="img") as bar:
+            result = compute_metrics(batches, reference, names, device=device, dinov2=dinov2, progress=bar.update,
+                                     dist=dist)
+    finally:
+        dist.close()
+    if dist.rank != 0:
+        return
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -362,12 +457,22 @@ def fetch_inception_cmd(wheel, dest):
               help="Ablation-ladder config (SPEC §4) applied to the preset [G].")
 @click.option("--skip-scaling", type=click.Choice(["none", "cs", "cs-mp", "ls", "ls-nonshared"]), default=None,
               help="Long-skip scaling (ScaleLong, SPEC §9) [preset].")
+@click.option("--guidance", "list_guidance", is_flag=True,
+              help="List the released guided configurations (for mpdiff generate --guidance-preset).")
 @click.option("--json", "as_json", is_flag=True)
-def info(preset, resolution, channels, image_channels, batch, measure, ladder, skip_scaling, as_json):
+def info(preset, resolution, channels, image_channels, batch, measure, ladder, skip_scaling, list_guidance, as_json):
     """Parameters and Gflops per network evaluation of a preset (lists presets without one); with
     --measure or --batch, also training and sampling speed and memory measured here."""
     from mpdiff.presets import PRESETS
 
+    if list_guidance:
+        from mpdiff.diffusion.guidance import GUIDANCE_PRESETS
+
+        if as_json:
+            click.echo(json.dumps({k: dataclasses.asdict(v) for k, v in GUIDANCE_PRESETS.items()}, indent=2))
+        for p in GUIDANCE_PRESETS.values() if not as_json else ():
+            click.echo(p.describe())
+        return
     if preset is None:
         for name, p in PRESETS.items():
             click.echo(f"{name:20s} {p.description}")

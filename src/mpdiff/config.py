@@ -211,13 +211,45 @@ class RunOptions(_Config):
 
 @dataclass(frozen=True)
 class SamplingConfig(_Config):
-    """The EDM sampler's defaults (SPEC §6): Heun steps and the noise-level schedule."""
+    """The sampler and its noise-level schedule (SPEC §6.1-6.3): EDM's deterministic Heun sampler by
+    default; Euler, and EDM's stochastic churn for either."""
     KIND = "sampling"
-    num_steps: int = option(32, "Heun steps (NFE = 2 x steps - 1).", flag="--steps")
-    sigma_min: float = option(0.002, "Lowest noise level.")
-    sigma_max: float = option(80.0, "Highest noise level.")
-    rho: float = option(7.0, "Schedule exponent.")
+    sampler: str = option("heun", "ODE solver: 'heun' (2nd order, NFE = 2 x steps - 1) or 'euler' (1st order, "
+                                  "NFE = steps).", flag="--sampler")
+    num_steps: int = option(32, "Sampler steps.", flag="--steps")
+    sigma_min: float = option(0.002, "Lowest noise level.", flag="--sigma-min")
+    sigma_max: float = option(80.0, "Highest noise level.", flag="--sigma-max")
+    rho: float = option(7.0, "Schedule exponent.", flag="--rho")
+    S_churn: float = option(0.0, "Stochastic churn (EDM's S_churn); 0 = the deterministic sampler.", flag="--churn")
+    S_min: float = option(0.0, "Churn only at noise levels >= this.", flag="--churn-min")
+    S_max: Optional[float] = option(None, "Churn only at noise levels <= this; None = no limit.", flag="--churn-max")
+    S_noise: float = option(1.0, "Standard deviation factor of the churn noise.", flag="--churn-noise")
     batch_size: int = option(256, "Images per sampler batch.", flag="--batch")
+
+    def check(self):
+        """Refuse values no sampler can use, naming the field."""
+        from mpdiff.diffusion.samplers import SAMPLERS
+
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"{{sampler}} {self.sampler!r} is not one of {', '.join(SAMPLERS)}", fields=("sampler",))
+        if self.num_steps < 1 or self.batch_size < 1:
+            raise ConfigError("{num_steps} and {batch_size} must be at least 1", fields=("num_steps", "batch_size"))
+        finite = {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "rho": self.rho,
+                  "S_churn": self.S_churn, "S_min": self.S_min, "S_noise": self.S_noise}
+        for name, value in finite.items():
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{{{name}}} must be a finite number >= 0, got {value}", fields=(name,))
+        if not 0 < self.sigma_min < self.sigma_max or self.rho <= 0:
+            raise ConfigError(f"need 0 < {{sigma_min}} < {{sigma_max}} and {{rho}} > 0, got {self.sigma_min}, "
+                              f"{self.sigma_max}, {self.rho}", fields=("sigma_min", "sigma_max", "rho"))
+        if self.S_max is not None and not (math.isfinite(self.S_max) and self.S_max >= self.S_min):
+            raise ConfigError(f"{{S_max}} must be a finite number >= {{S_min}}, got {self.S_max}",
+                              fields=("S_max", "S_min"))
+        return self
+
+    def sampler_options(self):
+        """The keyword arguments of :data:`mpdiff.diffusion.samplers.SAMPLERS` functions."""
+        return dict(S_churn=self.S_churn, S_min=self.S_min, S_max=self.S_max, S_noise=self.S_noise)
 
 
 SAMPLING = SamplingConfig()

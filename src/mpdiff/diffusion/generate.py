@@ -1,16 +1,26 @@
-"""Generating images per seed: initial noise and labels drawn from each seed's own generator, so an
-image depends only on its seed and class, never on its batch (SPEC §6)."""
+"""Generating images per seed (SPEC §6.6). Each seed has its own generator for its initial noise, its
+random class and its churn noise, so an image depends only on its seed, its class and the settings,
+never on its batch, its position or the number of processes.
+
+* :func:`generate_batches` yields one batch at a time: nothing but the current batch is kept, so any
+  number of images can be streamed (to a folder, or through the metrics' detectors).
+* :func:`generate` collects the batches: for grids and other small counts.
+* :func:`generate_to_folder` writes a sample folder as images are made, resumably, optionally split
+  across the processes of a ``torchrun`` launch (:mod:`mpdiff.distributed`).
+"""
+
+from typing import List, NamedTuple, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from mpdiff.config import SAMPLING
 from mpdiff.data.datasets import one_hot
-from mpdiff.data.pixels import decode_images
 from mpdiff.diffusion.guidance import guided
-from mpdiff.diffusion.samplers import sample_heun
+from mpdiff.diffusion.samplers import SAMPLERS
 from mpdiff.diffusion.schedules import edm_sigmas
-from mpdiff.storage.samples import write_samples
+
+CHURN_STREAM = 1 << 31  # the churn noise of seed s comes from the generator of seed s + 2^31
 
 
 def seed_generator(seed, device="cpu"):
@@ -32,47 +42,87 @@ def seed_inputs(seeds, shape, num_classes=0, class_idx=None, device="cpu"):
         if num_classes:
             drawn = int(torch.randint(num_classes, [], generator=gen))  # drawn always: same stream either way
             classes.append(drawn if fixed is None else int(fixed))
-    noise = torch.stack(noise).to(device)
+    noise = torch.stack(noise).to(device) if noise else torch.zeros(0, *shape, device=device)
     if not num_classes:
         return noise, None, [None] * len(seeds)
     labels = one_hot(classes, num_classes).to(device)
     return noise, labels, classes
 
 
-@torch.no_grad()
-def generate(net, seeds, class_idx=None, batch_size=SAMPLING.batch_size, num_steps=SAMPLING.num_steps,
-             sigma_min=SAMPLING.sigma_min, sigma_max=SAMPLING.sigma_max, rho=SAMPLING.rho, guide=None, guidance=1.0, progress=True, device="cpu", **sampler_kwargs):
+class Batch(NamedTuple):
+    seeds: List[int]
+    images: torch.Tensor          # float32 [B, C, H, W] in the network's data space, on the CPU
+    classes: List[Optional[int]]
+
+
+def sampling_config(sampling=None, **overrides):
+    """`sampling` (default: the EDM sampler's defaults) with field overrides such as num_steps=16,
+    checked. Unknown names raise TypeError, as a misspelt keyword should."""
+    sampling = sampling or SAMPLING
+    return (sampling.replace(**overrides) if overrides else sampling).check()
+
+
+def generate_batches(net, seeds, class_idx=None, sampling=None, guide=None, guidance=1.0, device="cpu",
+                     progress=False, callback=None, **overrides):
+    """Yield a :class:`Batch` per `sampling.batch_size` seeds, in order.
+
+    `guide`/`guidance`: D = w D_net + (1 - w) D_guide (:func:`mpdiff.diffusion.guidance.guided`).
+    `progress`: True for a bar of its own, or a tqdm bar to advance (by images, every sampler step).
+    `callback(step)` is passed to the sampler (:class:`mpdiff.diffusion.samplers.Step`).
+    Keyword overrides are SamplingConfig fields (num_steps=..., batch_size=..., S_churn=...).
+    """
+    sampling = sampling_config(sampling, **overrides)
+    net = net.eval()
+    if guide is not None:
+        guide = guide.eval()
+    seeds = [int(s) for s in seeds]
+    per_seed = list(class_idx) if isinstance(class_idx, (list, tuple)) else [class_idx] * len(seeds)
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    sigmas = edm_sigmas(sampling.num_steps, sampling.sigma_min, sampling.sigma_max, sampling.rho)
+    denoise = guided(net, guide, guidance)
+    sampler = SAMPLERS[sampling.sampler]
+    own_bar = progress is True
+    bar = tqdm(total=len(seeds), desc="generating", unit="img", dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n:.1f}/{total} img [{elapsed}<{remaining}]") if own_bar else (progress or None)
+    try:
+        for start in range(0, len(seeds), sampling.batch_size):
+            batch = seeds[start:start + sampling.batch_size]
+            noise, labels, classes = seed_inputs(batch, shape, net.label_dim, per_seed[start:start + len(batch)],
+                                                 device)
+            gens = [seed_generator(s + CHURN_STREAM) for s in batch]
+
+            def noise_fn(full_shape, gens=gens):
+                return torch.stack([torch.randn(full_shape[1:], generator=g) for g in gens]).to(device)
+
+            def on_step(step, share=len(batch) / sampling.num_steps):  # the bar moves every step
+                if bar is not None:
+                    bar.update(share)
+                if callback is not None:
+                    callback(step)
+
+            with torch.no_grad():
+                x = sampler(denoise, noise.to(torch.float64) * sigmas[0], sigmas, labels, noise_fn=noise_fn,
+                            callback=on_step, **sampling.sampler_options())
+            yield Batch(batch, x.to(torch.float32).cpu(), classes)
+    finally:
+        if own_bar:
+            bar.close()
+
+
+def generate(net, seeds, class_idx=None, sampling=None, guide=None, guidance=1.0, progress=True, device="cpu",
+             **overrides):
     """Sample one image per seed. Returns (images float32 [N, C, H, W] in data space, classes).
 
-    Images come back in the network's data space (e.g. [-1, 1]); decode with
-    :func:`mpdiff.data.decode_images`.
+    Keeps every image: for grids and small counts (:func:`generate_batches` streams). Images come back
+    in the network's data space (e.g. [-1, 1]); decode with :func:`mpdiff.data.pixels.decode_images`.
     """
-    net = net.eval()
-    seeds = list(seeds)
-    shape = (net.img_channels, net.img_resolution, net.img_resolution)
-    sigmas = edm_sigmas(num_steps, sigma_min, sigma_max, rho)
-    denoise = guided(net, guide, guidance)
-    outputs, all_classes = [], []
-    batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
-    per_seed = list(class_idx) if isinstance(class_idx, (list, tuple)) else [class_idx] * len(seeds)
-    bar = tqdm(total=len(seeds), disable=not progress, desc="generating", unit="img", dynamic_ncols=True,
-               bar_format="{l_bar}{bar}| {n:.1f}/{total} img [{elapsed}<{remaining}]")
-    for start, batch in zip(range(0, len(seeds), batch_size), batches):
-        noise, labels, classes = seed_inputs(batch, shape, net.label_dim, per_seed[start:start + len(batch)], device)
-        gens = [seed_generator(s + (1 << 31)) for s in batch]  # separate stream for churn noise
-
-        def noise_fn(full_shape, gens=gens):
-            return torch.stack([torch.randn(full_shape[1:], generator=g) for g in gens]).to(device)
-
-        def advance(step, x, share=len(batch) / num_steps):  # the bar moves every sampler step, not every batch
-            bar.update(share)
-
-        x = sample_heun(denoise, noise.to(torch.float64) * sigmas[0], sigmas, labels, noise_fn=noise_fn,
-                        callback=advance, **sampler_kwargs)
-        outputs.append(x.to(torch.float32).cpu())
-        all_classes += classes
-    bar.close()
-    return torch.cat(outputs), all_classes
+    images, classes = [], []
+    for batch in generate_batches(net, seeds, class_idx, sampling, guide, guidance, device, progress, **overrides):
+        images.append(batch.images)
+        classes += batch.classes
+    if not images:
+        return torch.zeros(0, net.img_channels, net.img_resolution, net.img_resolution), []
+    return torch.cat(images), classes
 
 
 MAX_SEEDS = 10_000_000  # a typo such as 0-99999999999 must not exhaust memory
@@ -99,10 +149,94 @@ def parse_seeds(text):
         raise ConfigError(f"--seeds: cannot parse {text!r}; expected e.g. '0-99' or '1,5,7-9'") from None
     if not seeds or min(seeds) < 0:
         raise ConfigError(f"--seeds: {text!r} gives no non-negative seeds")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds: {text!r} names a seed twice; each seed is one image file")
     return seeds
 
 
-def generate_to_folder(net, seeds, out_dir, class_idx=None, grid_path=None, **kwargs):
-    images, classes = generate(net, seeds, class_idx=class_idx, **kwargs)
-    images = decode_images(images).numpy()
-    return write_samples(out_dir, images, list(seeds), classes, num_classes=net.label_dim, grid_path=grid_path)
+def generation_settings(net, seeds, class_idx, sampling, guide=None, guidance=1.0):
+    """Everything an image of the folder depends on, as JSON: a resumed generation must match it.
+    The batch size is left out: images do not depend on it."""
+    from mpdiff.storage.fingerprint import network_fingerprint, seeds_fingerprint
+
+    sampling = sampling.to_dict()
+    sampling.pop("batch_size")
+    use_guide = guide is not None and guidance != 1
+    return {"network": network_fingerprint(net), "seeds": seeds_fingerprint(seeds),
+            "class": list(class_idx) if isinstance(class_idx, (list, tuple)) else class_idx,
+            "sampling": sampling, "guidance": float(guidance) if use_guide else 1.0,
+            "guide": network_fingerprint(guide) if use_guide else None}
+
+
+def generate_to_folder(net, seeds, out_dir, class_idx=None, grid_path=None, sampling=None, guide=None,
+                       guidance=1.0, device="cpu", progress=True, subdirs=False, dist=None, log=None,
+                       **overrides):
+    """Write one PNG per seed and dataset.json into `out_dir`, streaming: images are written as each
+    batch is made, and memory holds one batch whatever the number of seeds.
+
+    The images go into the hidden sibling ``.NAME.generating`` (with the settings they depend on);
+    when every seed is there, dataset.json is written and the folder takes NAME's place, replacing a
+    previous sample folder atomically. A killed generation resumed with the same settings keeps the
+    images already written and makes only the missing ones; other settings are refused.
+    `dist` (:class:`mpdiff.distributed.Distributed`): each process makes every world_size-th seed and
+    process 0 completes the folder. Returns the folder path.
+    """
+    from mpdiff.data.pixels import decode_images
+    from mpdiff.distributed import Distributed
+    from mpdiff.storage.samples import StreamingSampleFolder
+
+    dist = dist or Distributed.single()
+    sampling = sampling_config(sampling, **overrides)
+    seeds = [int(s) for s in seeds]
+    per_seed = list(class_idx) if isinstance(class_idx, (list, tuple)) else [class_idx] * len(seeds)
+    settings = generation_settings(net, seeds, class_idx, sampling, guide, guidance)
+    folder = StreamingSampleFolder(out_dir, settings, grid_path=grid_path, subdirs=subdirs,
+                                   num_classes=net.label_dim)
+    if dist.rank == 0:
+        folder.open()
+    dist.barrier()
+    if dist.rank != 0:
+        folder.open(create=False)
+    batches = process_batches(list(range(len(seeds))), sampling.batch_size, dist)
+    mine = sum(len(b) for b in batches)
+    todo = [b for b in batches if not all(folder.has(seeds[i]) for i in b)]
+    written = sum(folder.has(seeds[i]) for b in batches for i in b)
+    if log is not None and dist.rank == 0 and written:
+        log(f"resuming {folder.partial}: {written} of {mine} images of this process already written")
+    bar = tqdm(total=mine, initial=mine - sum(len(b) for b in todo), desc="generating", unit="img",
+               dynamic_ncols=True, disable=not progress or dist.rank != 0,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total} img [{elapsed}<{remaining}]")
+    try:
+        for indices in todo:  # whole batches as one process would make them: the same images, bit for bit
+            for batch in generate_batches(net, [seeds[i] for i in indices], [per_seed[i] for i in indices],
+                                          sampling, guide, guidance, device, progress=bar):
+                for seed, image, cls in zip(batch.seeds, decode_images(batch.images).numpy(), batch.classes):
+                    if not folder.has(seed):  # a batch cut short by a kill: only its missing images
+                        folder.write(seed, image, cls)
+    finally:
+        bar.close()
+    dist.barrier()
+    if dist.rank == 0:
+        shape = (net.img_channels, net.img_resolution, net.img_resolution)
+        classes = _classes_of(seeds, shape, net.label_dim, per_seed)
+        folder.finish(seeds, classes)
+    dist.barrier()
+    return folder.out_dir
+
+
+def process_batches(items, batch_size, dist):
+    """This process's share of `items`: the batches of `batch_size` that one process would make, dealt
+    out in turn (batch k to process k mod world_size). Batches are never re-cut, so every image is made
+    in the same batch, and hence bit for bit the same, whatever the number of processes."""
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    return batches[dist.rank::dist.world_size]
+
+
+def _classes_of(seeds, shape, num_classes, per_seed, chunk=1024):
+    """The class of every seed, as generation draws it (without the network), a chunk at a time."""
+    if not num_classes:
+        return [None] * len(seeds)
+    classes = []
+    for start in range(0, len(seeds), chunk):
+        classes += seed_inputs(seeds[start:start + chunk], shape, num_classes, per_seed[start:start + chunk])[2]
+    return classes

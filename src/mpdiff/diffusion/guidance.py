@@ -1,10 +1,140 @@
-"""Guidance: mixing a main and a guide denoiser (SPEC §6.4)."""
+"""Guidance: mixing a main and a guide denoiser (SPEC §6.4-6.5), and the released guided settings.
 
+    D(x; sigma, c) = w D_main(x; sigma, c) + (1 - w) D_guide(x; sigma, c)
+
+* classifier-free guidance as EDM2 does it: the guide is a separately trained *unconditional* network
+  (label_dim 0; it ignores the class), the XS size for every main size, at the main network's EMA length;
+* autoguidance (Karras et al. 2024): the guide is a smaller and/or less-trained version of the main
+  network with the same conditioning, at an EMA length of its own.
+
+w = 1 is the unguided model (the guide is not evaluated). A guided evaluation counts as one NFE.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+from mpdiff.errors import ConfigError
 
 
 def guided(net, guide=None, guidance=1.0):
-    """D = w * D_net + (1 - w) * D_guide (SPEC §6.4): CFG with an unconditional guide, or
-    autoguidance with a weaker conditional one. w = 1 (or no guide) skips the guide."""
+    """The denoiser D = w D_net + (1 - w) D_guide (computed as lerp(D_guide, D_net, w)). With no guide
+    or w = 1, the network itself (the guide is never evaluated)."""
     if guide is None or guidance == 1:
         return lambda x, sigma, labels: net(x, sigma, labels)
     return lambda x, sigma, labels: guide(x, sigma, labels).lerp(net(x, sigma, labels), guidance)
+
+
+def check_guide(net, guide, kind=None):
+    """Refuse a guide that cannot guide `net`: another image shape, or (for `kind`) the wrong
+    conditioning. CFG needs an unconditional guide; autoguidance one with the main network's classes.
+    Returns 'cfg' or 'autoguidance' (what the pair is)."""
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    guide_shape = (guide.img_channels, guide.img_resolution, guide.img_resolution)
+    if shape != guide_shape:
+        raise ConfigError(f"{{guide}} makes {'x'.join(map(str, guide_shape))} images, the network "
+                          f"{'x'.join(map(str, shape))}", fields=("guide",))
+    if guide.label_dim not in (0, net.label_dim):
+        raise ConfigError(f"{{guide}} has {guide.label_dim} classes, the network {net.label_dim}; a guide is "
+                          f"unconditional (classifier-free guidance) or has the same classes (autoguidance)",
+                          fields=("guide",))
+    found = "cfg" if guide.label_dim == 0 and net.label_dim else "autoguidance"
+    if kind is not None and kind != found:
+        need = "an unconditional guide" if kind == "cfg" else f"a guide with the network's {net.label_dim} classes"
+        raise ConfigError(f"{{guide}}: this guidance preset is {kind}, which needs {need}; the guide has "
+                          f"{guide.label_dim} classes", fields=("guide",))
+    return found
+
+
+@dataclass(frozen=True)
+class GuidedNet:
+    """One network of a released guided configuration: its size preset, whether it is class-conditional,
+    how long it was trained (thousands of images) and the EMA length of its post-hoc reconstruction."""
+    preset: str
+    conditional: bool
+    kimg: int
+    sigma_rel: float
+
+
+@dataclass(frozen=True)
+class GuidancePreset:
+    name: str
+    kind: str            # 'cfg' or 'autoguidance'
+    net: GuidedNet
+    guide: GuidedNet
+    guidance: float
+    metric: str          # what the EMA lengths and w were chosen for: 'fid' or 'fd_dinov2'
+    result: float        # the published value of that metric (ImageNet, 50,000 samples)
+
+    def describe(self):
+        def one(n):
+            return (f"{n.preset}{'' if n.conditional else ' uncond'} at {n.kimg:,} kimg, EMA {n.sigma_rel:.3f}")
+        return (f"{self.name}: {self.kind}, w {self.guidance:g}; network {one(self.net)}; guide {one(self.guide)}; "
+                f"published {self.metric} {self.result:g}")
+
+
+def _cfg(name, size, kimg, sigma_rel, guidance, metric, result):
+    img = name.split("-")[1]  # img512 / img64
+    return GuidancePreset(name, "cfg", GuidedNet(f"edm2-{img}-{size}", True, kimg, sigma_rel),
+                          GuidedNet(f"edm2-{img}-xs", False, 2147483, sigma_rel), guidance, metric, result)
+
+
+def _autog(name, size, cond, kimg, sigma_rel, guide_size, guide_kimg, guide_sigma_rel, guidance, metric, result):
+    img = name.split("-")[1]
+    return GuidancePreset(name, "autoguidance", GuidedNet(f"edm2-{img}-{size}", cond, kimg, sigma_rel),
+                          GuidedNet(f"edm2-{img}-{guide_size}", cond, guide_kimg, guide_sigma_rel), guidance,
+                          metric, result)
+
+
+# The guided and autoguided configurations of the EDM2 release (SPEC §3.7, §6.5): the CFG guide is the
+# XS unconditional network trained as long as the XS run (2147483 kimg) at the main network's EMA length.
+GUIDANCE_PRESETS = {p.name: p for p in [
+    _cfg("edm2-img512-xs-guid-fid", "xs", 2147483, 0.045, 1.40, "fid", 2.91),
+    _cfg("edm2-img512-xs-guid-dino", "xs", 2147483, 0.150, 1.70, "fd_dinov2", 79.94),
+    _cfg("edm2-img512-s-guid-fid", "s", 2147483, 0.025, 1.40, "fid", 2.23),
+    _cfg("edm2-img512-s-guid-dino", "s", 2147483, 0.085, 1.90, "fd_dinov2", 52.32),
+    _cfg("edm2-img512-m-guid-fid", "m", 2147483, 0.030, 1.20, "fid", 2.01),
+    _cfg("edm2-img512-m-guid-dino", "m", 2147483, 0.015, 2.00, "fd_dinov2", 41.98),
+    _cfg("edm2-img512-l-guid-fid", "l", 1879048, 0.015, 1.20, "fid", 1.88),
+    _cfg("edm2-img512-l-guid-dino", "l", 1879048, 0.035, 1.70, "fd_dinov2", 38.20),
+    _cfg("edm2-img512-xl-guid-fid", "xl", 1342177, 0.020, 1.20, "fid", 1.85),
+    _cfg("edm2-img512-xl-guid-dino", "xl", 1342177, 0.030, 1.70, "fd_dinov2", 35.67),
+    _cfg("edm2-img512-xxl-guid-fid", "xxl", 939524, 0.015, 1.20, "fid", 1.81),
+    _cfg("edm2-img512-xxl-guid-dino", "xxl", 939524, 0.015, 1.70, "fd_dinov2", 33.09),
+    _autog("edm2-img512-s-autog-fid", "s", True, 2147483, 0.070, "xs", 134217, 0.125, 2.10, "fid", 1.34),
+    _autog("edm2-img512-s-autog-dino", "s", True, 2147483, 0.120, "xs", 134217, 0.165, 2.45, "fd_dinov2", 36.67),
+    _autog("edm2-img512-xxl-autog-fid", "xxl", True, 939524, 0.075, "m", 268435, 0.155, 2.05, "fid", 1.25),
+    _autog("edm2-img512-xxl-autog-dino", "xxl", True, 939524, 0.130, "m", 268435, 0.205, 2.30, "fd_dinov2", 24.18),
+    _autog("edm2-img512-s-uncond-autog-fid", "s", False, 2147483, 0.070, "xs", 134217, 0.110, 2.85, "fid", 3.86),
+    _autog("edm2-img512-s-uncond-autog-dino", "s", False, 2147483, 0.090, "xs", 134217, 0.125, 2.90, "fd_dinov2",
+           90.39),
+    _autog("edm2-img64-s-autog-fid", "s", True, 1073741, 0.045, "xs", 134217, 0.110, 1.70, "fid", 1.01),
+    _autog("edm2-img64-s-autog-dino", "s", True, 1073741, 0.105, "xs", 134217, 0.175, 2.20, "fd_dinov2", 31.85),
+]}
+
+
+def get_guidance_preset(name) -> GuidancePreset:
+    try:
+        return GUIDANCE_PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"{{guidance_preset}} {name!r} is unknown; choose one of: "
+                          f"{', '.join(GUIDANCE_PRESETS)}", fields=("guidance_preset",)) from None
+
+
+@dataclass(frozen=True)
+class GuidanceChoice:
+    """The resolved guidance of one generation: strength and the two EMA lengths (None = the tracked
+    default of a run directory)."""
+    guidance: float = 1.0
+    sigma_rel: Optional[float] = None
+    guide_sigma_rel: Optional[float] = None
+    preset: Optional[GuidancePreset] = None
+
+
+def resolve_guidance(preset=None, guidance=None, sigma_rel=None, guide_sigma_rel=None):
+    """Explicit values win over the preset's; the guide's EMA length defaults to the network's (EDM2's
+    CFG uses the same sigma_rel for both)."""
+    p = get_guidance_preset(preset) if preset else None
+    guidance = guidance if guidance is not None else (p.guidance if p else 1.0)
+    sigma_rel = sigma_rel if sigma_rel is not None else (p.net.sigma_rel if p else None)
+    guide_sigma_rel = guide_sigma_rel if guide_sigma_rel is not None else (p.guide.sigma_rel if p else sigma_rel)
+    return GuidanceChoice(float(guidance), sigma_rel, guide_sigma_rel, p)

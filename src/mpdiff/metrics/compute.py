@@ -102,18 +102,19 @@ def dataset_batches(images, batch_size=64):
         yield torch.as_tensor(np.asarray(images[start:start + batch_size]))
 
 
-def network_batches(net, num, batch_size=64, first_seed=0, num_steps=None, device="cpu"):
-    """Generated images, one batch at a time (seeds first_seed .. first_seed + num - 1; random classes
-    per seed as `mpdiff generate` draws them). Nothing but the current batch is kept."""
-    from mpdiff.config import SAMPLING
+def network_batches(net, num=None, batch_size=64, first_seed=0, num_steps=None, device="cpu", seeds=None,
+                    sampling=None, guide=None, guidance=1.0):
+    """Generated images as uint8, one batch at a time: seeds first_seed .. first_seed + num - 1 (or the
+    list `seeds`), random classes per seed as `mpdiff generate` draws them, the sampler of `sampling`
+    (with num_steps and batch_size applied) and optional guidance. Nothing but the current batch is kept."""
     from mpdiff.data.pixels import decode_images
-    from mpdiff.diffusion.generate import generate
+    from mpdiff.diffusion.generate import generate_batches, sampling_config
 
-    steps = num_steps or SAMPLING.num_steps
-    for start in range(first_seed, first_seed + num, batch_size):
-        seeds = range(start, min(start + batch_size, first_seed + num))
-        images, _ = generate(net, seeds, batch_size=batch_size, num_steps=steps, progress=False, device=device)
-        yield decode_images(images)
+    seeds = list(range(first_seed, first_seed + num)) if seeds is None else list(seeds)
+    overrides = {"batch_size": batch_size, **({"num_steps": num_steps} if num_steps else {})}
+    sampling = sampling_config(sampling, **overrides)
+    for batch in generate_batches(net, seeds, sampling=sampling, guide=guide, guidance=guidance, device=device):
+        yield decode_images(batch.images)
 
 
 # ------------------------------------------------------------------------------------ reference files
@@ -153,16 +154,22 @@ def load_reference(path):
     return found
 
 
-def compute_metrics(batches, reference, metrics, device="cpu", dinov2=None, detectors=None, progress=None):
+def compute_metrics(batches, reference, metrics, device="cpu", dinov2=None, detectors=None, progress=None,
+                    dist=None):
     """{metric: Fréchet distance to the reference, 'num_images': count} for images streamed from `batches`.
 
     `reference` is {metric: (mu, sigma)} (:func:`load_reference`); every asked metric must be in it.
+    `dist` (:class:`mpdiff.distributed.Distributed`): each process streams its own share of the images;
+    their statistics are combined before the distances, which every process returns.
     """
     missing = [m for m in metrics if m not in reference]
     if missing:
         raise MpdiffError(f"the reference statistics have no {', '.join(missing)}; they hold {', '.join(reference)}")
     detectors = detectors or [make_detector(m, device=device, dinov2=dinov2) for m in metrics]
     stats = accumulate(batches, detectors, progress)
+    if dist is not None:
+        for s in stats.values():
+            s.all_reduce(dist)
     result = {}
     for metric in metrics:
         mu, sigma = stats[metric].mean_cov()

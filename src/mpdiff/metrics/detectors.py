@@ -82,6 +82,27 @@ class FeatureStats:
         self.outer += x.T @ x
         return self
 
+    def all_reduce(self, dist):
+        """Combine the statistics of every process of `dist` (:class:`mpdiff.distributed.Distributed`)
+        in place: afterwards each holds those of all features. Each process's sums are re-centred on the
+        common mean first (Chan's parallel formula), so nothing is lost to a large mean."""
+        if not dist.active:
+            return self
+        own_mean = self.sum / self.count + self.shift if self.count else np.zeros(self.dim)
+        totals = dist.all_sum(torch.from_numpy(np.concatenate([[self.count], self.count * own_mean])))
+        count = int(round(float(totals[0])))
+        mean = (totals[1:] / max(count, 1)).numpy()
+        if self.count:
+            centred = self.sum / self.count
+            scatter = self.outer - self.count * np.outer(centred, centred)  # about this process's own mean
+            offset = own_mean - mean
+            scatter = scatter + self.count * np.outer(offset, offset)
+        else:
+            scatter = np.zeros((self.dim, self.dim))
+        self.outer = dist.all_sum(torch.from_numpy(np.ascontiguousarray(scatter))).numpy()
+        self.count, self.shift, self.sum = count, mean, np.zeros(self.dim)
+        return self
+
     def mean_cov(self):
         """(mean [D], unbiased covariance [D, D]) in float64; needs at least two feature vectors."""
         if self.count < 2:

@@ -52,6 +52,7 @@ from torch import nn
 from mpdiff.errors import CheckpointError, MpdiffError, first_line
 from mpdiff.metrics.detectors import Detector
 from mpdiff.storage.files import open_regular, read_bytes, show_path
+from mpdiff.storage.fingerprint import tensors_digest
 from mpdiff.storage.tensors import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
@@ -340,13 +341,8 @@ def default_inception_path():
 
 
 def weights_digest(tensors):
-    """sha256 of a state dict: each tensor's name, dtype, shape and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{str(t.dtype).replace('torch.', '')}|{list(t.shape)}\n".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
+    """sha256 of a state dict (:func:`mpdiff.storage.fingerprint.tensors_digest`)."""
+    return tensors_digest(tensors)
 
 
 def load_inception(path=None, device="cpu", verify=True):

@@ -1,6 +1,9 @@
 """Writing generated samples as an EDM2-style dataset folder, with a grid image beside it.
 
-A folder is written whole or not at all: the images and ``dataset.json`` go into a hidden sibling
+:class:`StreamingSampleFolder` (``mpdiff generate``) writes images as they are made into the hidden
+sibling ``.NAME.generating``, which records the settings the images depend on; a killed generation is
+resumed there, and the folder takes NAME's place when complete. :func:`write_samples` writes images
+already in memory. Either way a folder is written whole or not at all: the images and ``dataset.json`` go into a hidden sibling
 ``.NAME.partial-XXXXXXXX``, which takes NAME's place only when complete. A kill therefore leaves the
 previous folder (or none) and never new images under old labels. A previous sample folder (nothing in
 it but ``NNNNNN.png`` files and ``dataset.json``) is replaced whole, by an atomic exchange of the two
@@ -8,23 +11,53 @@ directories (Linux ``renameat2``); any other non-empty folder is refused rather 
 images. The grid is never written inside the folder (it would be an unlabelled image of the dataset).
 """
 
+import json
 import os
 import re
+import shutil
 import stat
+import tempfile
+
+import numpy as np
 
 from mpdiff.data.datasets import write_dataset_json
-from mpdiff.errors import ConfigError
+from mpdiff.errors import ConfigError, MpdiffError
 from mpdiff.storage.files import (
     can_exchange_entries,
     destination_stat,
+    exchange_entries,
     folder_written_whole,
     kind_of,
     show_path,
     write_destination,
+    write_json,
 )
+from mpdiff.storage.files import _UMASK
 from mpdiff.storage.images import class_grid, save_grid, save_png
 
 _SAMPLE_NAME = re.compile(r"\d{6,}\.png|dataset\.json")
+_IMAGE_NAME = re.compile(r"\d{6,}\.png")
+_SUBDIR_NAME = re.compile(r"\d{6,}")
+GENERATING = ".generating"            # .NAME.generating: a folder being generated
+MANIFEST = ".generation.json"         # in it: the settings its images were made with
+
+
+def sample_file(seed, subdirs=False):
+    """The relative path of a seed's image: NNNNNN.png, or with subdirs (EDM2's layout, one folder per
+    1000 seeds) NNN000/NNNNNN.png."""
+    name = f"{seed:06d}.png"
+    return f"{seed - seed % 1000:06d}/{name}" if subdirs else name
+
+
+def _is_previous_sample_folder(path):
+    """Only NNNNNN.png, dataset.json and NNNNNN/ folders of NNNNNN.png files: what generation writes."""
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False) and _SUBDIR_NAME.fullmatch(entry.name):
+            if not all(_IMAGE_NAME.fullmatch(n) for n in os.listdir(entry.path)):
+                return False
+        elif not (entry.is_file(follow_symlinks=False) and _SAMPLE_NAME.fullmatch(entry.name)):
+            return False
+    return True
 
 
 def default_grid_path(out_dir):
@@ -47,7 +80,7 @@ def check_sample_destination(out_dir, grid_path=None):
             raise ConfigError(f"{{out}} {show_path(out_dir)} is {kind_of(info.st_mode)}, not a folder",
                               fields=("out",))
         names = os.listdir(out_dir)
-        if names and not (all(_SAMPLE_NAME.fullmatch(n) for n in names) and can_exchange_entries()):
+        if names and not (_is_previous_sample_folder(out_dir) and can_exchange_entries()):
             raise ConfigError(f"{{out}} {show_path(out_dir)} is not empty and is not a previous sample folder; "
                               f"generation writes a complete new folder (choose another, or remove this one)",
                               fields=("out",))
@@ -72,3 +105,136 @@ def write_samples(out_dir, images_uint8, seeds, classes, num_classes=0, grid_pat
         write_dataset_json(partial, entries, num_classes=num_classes or None)
     save_grid(grid_path, *class_grid(images_uint8, classes))
     return out_dir
+
+
+class StreamingSampleFolder:
+    """A sample folder filled seed by seed (possibly by several processes) and completed at the end.
+
+    ``open()`` creates ``.NAME.generating`` next to NAME with the settings in its manifest, or reopens
+    one left by a killed generation if its settings are the same (and refuses it otherwise, naming the
+    settings that differ: its images would not belong with the new ones). ``write()`` stores one image
+    atomically; ``finish()`` checks that every seed is there, writes dataset.json and the grid, and
+    puts the folder in NAME's place (atomically replacing a previous sample folder).
+    """
+
+    def __init__(self, out_dir, settings, grid_path=None, subdirs=False, num_classes=0):
+        self.out_dir, self.grid_path = check_sample_destination(out_dir, grid_path)
+        parent, name = os.path.split(os.path.abspath(self.out_dir))
+        self.partial = os.path.join(parent, f".{name}{GENERATING}")
+        self.manifest = {"format": 1, "subdirs": bool(subdirs), "settings": settings}
+        self.subdirs, self.num_classes = bool(subdirs), num_classes
+        self.done = set()
+
+    def open(self, create=True):
+        """Create or reopen the folder being generated; with create=False (processes other than the
+        first, after it opened it) only reopen it. Returns the number of images already there."""
+        manifest_path = os.path.join(self.partial, MANIFEST)
+        if not os.path.lexists(self.partial):
+            if not create:
+                raise MpdiffError(f"{show_path(self.partial)}: missing (the first process should have made it)")
+            parent = os.path.dirname(self.partial)
+            os.makedirs(parent, exist_ok=True)
+            for entry in os.scandir(parent):  # staging folders of a start that was killed: empty but for a manifest
+                if entry.name.startswith(os.path.basename(self.partial) + ".") and entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+            staging = tempfile.mkdtemp(prefix=os.path.basename(self.partial) + ".", dir=parent)
+            write_json(os.path.join(staging, MANIFEST), self.manifest)
+            os.chmod(staging, 0o777 & ~_UMASK)
+            os.rename(staging, self.partial)  # never visible without its manifest
+        elif not os.path.isdir(self.partial) or os.path.islink(self.partial):
+            raise MpdiffError(f"{show_path(self.partial)}: in the way of generation (not a folder); remove it")
+        else:
+            found = _read_manifest(manifest_path)
+            if found != self.manifest:
+                differ = _differences(found, self.manifest) if isinstance(found, dict) else ["its manifest is unreadable"]
+                raise ConfigError(f"{{out}}: {show_path(self.partial)} holds an unfinished generation with other "
+                                  f"settings ({'; '.join(differ)[:300]}); finish it with the command that started it, "
+                                  f"or remove that folder", fields=("out",))
+        self.done = set(self._scan())
+        return len(self.done)
+
+    def _scan(self):
+        folders = [self.partial]
+        if self.subdirs:
+            folders += [e.path for e in os.scandir(self.partial)
+                        if e.is_dir(follow_symlinks=False) and _SUBDIR_NAME.fullmatch(e.name)]
+        for folder in folders:
+            for entry in os.scandir(folder):
+                if _IMAGE_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                    yield int(entry.name[:-4])
+
+    def has(self, seed):
+        return seed in self.done
+
+    def write(self, seed, image_uint8, cls=None):
+        path = os.path.join(self.partial, sample_file(seed, self.subdirs))
+        if self.subdirs:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_png(path, image_uint8)  # atomic: a file that exists is a whole image
+        self.done.add(seed)
+
+    def finish(self, seeds, classes):
+        """Complete the folder: every seed must have its image. Returns the final folder path."""
+        self.done = set(self._scan())
+        missing = [s for s in seeds if s not in self.done]
+        if missing:
+            raise MpdiffError(f"{show_path(self.partial)}: {len(missing)} of {len(seeds)} images are missing "
+                              f"(first: seed {missing[0]}); run the same command again to make them")
+        entries = [(sample_file(s, self.subdirs), c) for s, c in zip(seeds, classes)]
+        _remove_strays(self.partial, {e[0] for e in entries})
+        write_dataset_json(self.partial, entries, num_classes=self.num_classes or None)
+        tiles = self._grid_tiles(seeds, classes)
+        os.remove(os.path.join(self.partial, MANIFEST))
+        os.chmod(self.partial, 0o777 & ~_UMASK)
+        if os.path.isdir(self.out_dir) and os.listdir(self.out_dir):
+            exchange_entries(self.partial, self.out_dir)  # atomic: the old folder or the new one
+            shutil.rmtree(self.partial)
+        else:
+            os.rename(self.partial, self.out_dir)  # replaces nothing but an empty folder
+        save_grid(self.grid_path, *tiles)
+        return self.out_dir
+
+    def _grid_tiles(self, seeds, classes, per_class=16, max_images=256):
+        """The grid's images, read back from the files: at most `per_class` per class (or `max_images`)."""
+        from PIL import Image
+
+        picked, count = [], {}
+        for seed, cls in zip(seeds, classes):
+            if count.get(cls, 0) < (per_class if cls is not None else max_images):
+                count[cls] = count.get(cls, 0) + 1
+                picked.append((seed, cls))
+        images = []
+        for seed, _ in picked:
+            with Image.open(os.path.join(self.partial, sample_file(seed, self.subdirs))) as im:
+                array = np.asarray(im)
+            images.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+        return class_grid(np.stack(images), [c for _, c in picked])
+
+
+def _read_manifest(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _differences(found, wanted, prefix=""):
+    """'key: old -> new' for each leaf that differs between two manifests."""
+    out = []
+    for key in sorted(set(found) | set(wanted), key=str):
+        a, b = found.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {str(a)[:40]} -> {str(b)[:40]}")
+    return out
+
+
+def _remove_strays(folder, keep):
+    """Remove what a killed write left (temporaries) so the finished folder holds only its images."""
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+            if rel not in keep and rel != MANIFEST:
+                os.remove(os.path.join(root, name))

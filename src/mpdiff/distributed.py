@@ -1,0 +1,81 @@
+"""Several processes launched by ``torchrun``: who this process is, and the few collective operations
+mpdiff needs (barrier, sum, broadcast of a small object).
+
+``torchrun --nproc_per_node N -m mpdiff ...`` sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous
+address; :meth:`Distributed.from_env` joins the process group (gloo on the CPU, NCCL on CUDA devices).
+A plain ``mpdiff ...`` is a world of one, and every operation is then a no-op.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from mpdiff.errors import ConfigError
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str = ""
+
+    @classmethod
+    def single(cls):
+        return cls()
+
+    @classmethod
+    def from_env(cls, device="cpu"):
+        """The process group of a torchrun launch (joined here), or a world of one without one.
+
+        On CUDA, process LOCAL_RANK uses device cuda:LOCAL_RANK; :meth:`device` gives it."""
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world <= 1:
+            return cls.single()
+        import torch.distributed as dist
+
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        backend = "nccl" if str(device).startswith("cuda") else "gloo"
+        if backend == "nccl":
+            if local >= torch.cuda.device_count():
+                raise ConfigError(f"torchrun started process {local} on this node, but there are only "
+                                  f"{torch.cuda.device_count()} CUDA devices")
+            torch.cuda.set_device(local)
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend)
+        return cls(rank=rank, world_size=world, local_rank=local, backend=backend)
+
+    @property
+    def active(self):
+        return self.world_size > 1
+
+    def device(self, device):
+        """`device` for this process: 'cuda' becomes cuda:LOCAL_RANK in a multi-process launch."""
+        if self.active and str(device) == "cuda":
+            return f"cuda:{self.local_rank}"
+        return device
+
+    def barrier(self):
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def all_sum(self, tensor):
+        """Sum a tensor over the processes (in place; also returned). Gloo sums float64 exactly as given."""
+        if self.active:
+            import torch.distributed as dist
+
+            on_device = tensor.cuda() if self.backend == "nccl" else tensor
+            dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+            if on_device is not tensor:
+                tensor.copy_(on_device.cpu())
+        return tensor
+
+    def close(self):
+        if self.active:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
