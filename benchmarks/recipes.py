@@ -89,10 +89,10 @@ def prepare():
 
 def real_grid(name):
     """The training images in the layout of the recipe's final grid, for comparison."""
-    from mpdiff.data.datasets import open_dataset
+    from mpdiff.data.datasets import load_dataset
     from mpdiff.storage.images import class_grid, save_grid
 
-    dataset = open_dataset(os.path.join(OUT, "data", RECIPES[name][0]), progress=False)
+    dataset = load_dataset(os.path.join(OUT, "data", RECIPES[name][0]), progress=False)
     images = dataset.images
     if dataset.num_classes:
         picks = [int(i) for c in range(10) for i in np.flatnonzero(dataset.labels == c)[:10]]

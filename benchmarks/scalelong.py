@@ -208,7 +208,7 @@ def recomputed_sensitivity(name):
     import torch
 
     from mpdiff.config import NetworkConfig
-    from mpdiff.data.datasets import open_dataset
+    from mpdiff.data.datasets import load_dataset
     from mpdiff.nn.build import build_network
     from mpdiff.storage.tensors import load_tensors
     from mpdiff.train import dynamics
@@ -218,7 +218,7 @@ def recomputed_sensitivity(name):
     checkpoint = sorted(glob.glob(os.path.join(run_dir(name), "checkpoints", "*.safetensors")))[-1]
     tensors, meta = load_tensors(checkpoint)
     net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-    data = open_dataset(config["run"]["dataset"])
+    data = load_dataset(config["run"]["dataset"])
     labels = torch.eye(data.num_classes)[torch.as_tensor(data.labels)]
     training = config["training"]
     probe = dynamics.make_probe(torch.as_tensor(data.images), labels, training["P_mean"], training["P_std"],

@@ -25,6 +25,8 @@ def test_mnist_is_32x32_with_a_fixed_balanced_held_out_split():
 def test_data_mnist_opens_the_training_split_with_labels():
     ds = open_dataset("mnist")
     assert ds.name == "mnist-train" and len(ds) == 4000 and ds.num_classes == 10 and ds.label_source == "built-in"
+    assert ds.in_memory and ds.load() is ds and ds.shape == (1, 32, 32)  # built in: in memory, not streamed
+    assert np.array_equal(np.concatenate(list(ds.batches(1000))), ds.images) and ds.read(7) is not None
     assert open_dataset("mnist", use_labels=False).labels is None
 
 

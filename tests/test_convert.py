@@ -11,7 +11,7 @@ from conftest import pixels, png_bytes, run_cli, write_files
 
 from mpdiff.data import convert as convert_module
 from mpdiff.data.convert import convert_dataset, entry_name, transform_image
-from mpdiff.data.datasets import CHUNK_FOLDERS_UNLABELLED, open_dataset
+from mpdiff.data.datasets import CHUNK_FOLDERS_UNLABELLED, load_dataset, open_dataset
 from mpdiff.errors import ConfigError, DatasetError
 
 
@@ -110,7 +110,7 @@ def test_mnist_sized_images_padded_into_a_zip_open_with_the_same_labels(tmp_path
         assert archive.namelist() == [f"00000/img0000000{i}.png" for i in range(5)] + ["dataset.json"]
         assert {info.compress_type for info in archive.infolist()} == {zipfile.ZIP_STORED}
         assert json.loads(archive.read("dataset.json"))["labels"][1] == ["00000/img00000001.png", 1]
-    ds = open_dataset(tmp_path / "mnist-32.zip", progress=False)
+    ds = load_dataset(tmp_path / "mnist-32.zip", progress=False)
     assert ds.images.shape == (5, 1, 32, 32) and ds.labels.tolist() == [3, 1, 4, 1, 5] and ds.num_classes == 10
     assert np.array_equal(ds.images[2, 0, 2:30, 2:30], pixels(2, 28, 1)) and ds.label_source == "dataset.json"
 
@@ -129,7 +129,7 @@ def test_class_folders_of_mixed_sizes_and_modes_become_a_labelled_folder(tmp_pat
     result = convert_dataset(tmp_path / "src", tmp_path / "out", 16, "center-crop", progress=False)
     assert result.summary() == f"wrote 4 images (16x16, 3 channels, 2 classes from top-level folders) to {tmp_path}/out"
     assert sorted(os.listdir(tmp_path / "out")) == ["00000", "dataset.json"]
-    ds = open_dataset(tmp_path / "out", progress=False)
+    ds = load_dataset(tmp_path / "out", progress=False)
     assert ds.images.shape == (4, 3, 16, 16) and ds.labels.tolist() == [0, 0, 1, 1]
     assert np.array_equal(ds.images[1, 0], ds.images[1, 2])  # the grayscale image, repeated into RGB
     assert np.array_equal(ds.images[3], chw(pixels(3, 16)))  # already 16x16: unchanged
@@ -142,7 +142,7 @@ def test_a_dataset_of_the_right_size_converts_to_the_same_dataset(tmp_path):
     result = convert_dataset(tmp_path / "src", tmp_path / "out.zip", progress=False)
     assert (result.count, result.resolution, result.num_classes) == (3, 8, 0)
     assert result.summary().endswith("(8x8, 3 channels, unlabelled) to " + os.fspath(tmp_path / "out.zip"))
-    before, after = open_dataset(tmp_path / "src", progress=False), open_dataset(tmp_path / "out.zip", progress=False)
+    before, after = load_dataset(tmp_path / "src", progress=False), load_dataset(tmp_path / "out.zip", progress=False)
     assert np.array_equal(before.images, after.images) and after.labels is None
     with zipfile.ZipFile(tmp_path / "out.zip") as archive:
         assert json.loads(archive.read("dataset.json")) == {"labels": None}
@@ -216,7 +216,7 @@ def test_a_partial_folder_left_by_a_killed_conversion_is_removed(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out", "src"]
 
 
-# ---- what open_dataset says about sizes and chunk folders ----------------------------------------------
+# ---- what open_dataset and load_dataset say about sizes and chunk folders ------------------------------
 
 def test_the_size_errors_of_open_dataset_name_the_convert_command(tmp_path, cli_with_dataset):
     write_files(tmp_path / "mnist", {f"{i}.png": png_bytes(pixels(i, 28, 1)) for i in range(2)})
@@ -230,7 +230,7 @@ def test_the_size_errors_of_open_dataset_name_the_convert_command(tmp_path, cli_
     result = run_cli(*command, "--no-progress")
     assert result.exit_code == 0, result.output
     assert result.output == f"wrote 2 images (32x32, 1 channel, unlabelled) to {tmp_path}/mnist-32\n"
-    assert open_dataset(tmp_path / "mnist-32", progress=False).images.shape == (2, 1, 32, 32)
+    assert load_dataset(tmp_path / "mnist-32", progress=False).images.shape == (2, 1, 32, 32)
 
     write_files(tmp_path / "photos.zip.d", {"a.png": png_bytes(pixels(0, 128)), "b.png": png_bytes(pixels(1, 96)[:80])})
     with zipfile.ZipFile(tmp_path / "photos.zip", "w") as archive:
@@ -239,7 +239,7 @@ def test_the_size_errors_of_open_dataset_name_the_convert_command(tmp_path, cli_
     with pytest.raises(DatasetError, match=r"b\.png: image is 96x80 pixels but .*a\.png is 128x128; all images must have "
                                            r"the same size; convert it with: mpdiff dataset convert .*photos\.zip "
                                            r".*photos-64\.zip --resolution 64 --transform center-crop$"):
-        open_dataset(tmp_path / "photos.zip", progress=False)
+        load_dataset(tmp_path / "photos.zip", progress=False)  # b.png is not the first image: met when decoded
 
 
 def test_edm2_chunk_folders_are_not_classes(tmp_path):
@@ -298,7 +298,7 @@ def test_palette_and_16_bit_images_convert_to_their_pixels(tmp_path):
         buffers[name] = path
     assert Image.open(buffers["p.png"]).mode == "P" and Image.open(buffers["deep.png"]).mode.startswith("I")
     convert_dataset(tmp_path / "src", tmp_path / "out", 8, "pad", progress=False)
-    ds = open_dataset(tmp_path / "out", progress=False)
+    ds = load_dataset(tmp_path / "out", progress=False)
     by_name = dict(zip(sorted(buffers), range(2)))  # written in sorted source order: deep.png, p.png
     deep_out, p_out = ds.images[by_name["deep.png"]], ds.images[by_name["p.png"]]
     expected_rgb = np.array(palette, np.uint8).reshape(3, 3)[index]          # [6, 6, 3]

@@ -14,6 +14,7 @@ from mpdiff.data.datasets import (
     MAX_IMAGE_PIXELS,
     ImageDataset,
     decode_image,
+    load_dataset,
     open_dataset,
     write_dataset_json,
 )
@@ -27,9 +28,10 @@ def image_files(count=3, size=8, channels=3, prefix=""):
 
 
 def open_error(path, **kwargs):
-    """The DatasetError message from opening `path`; asserts it is a single line."""
+    """The DatasetError message from loading `path` whole (load_dataset: the index of open_dataset, then
+    every image decoded); asserts it is a single line."""
     with pytest.raises(DatasetError) as info:
-        open_dataset(os.fspath(path), **kwargs)
+        load_dataset(os.fspath(path), **kwargs)
     message = str(info.value)
     assert "\n" not in message and message.strip() == message
     return message
@@ -41,7 +43,7 @@ def open_error(path, **kwargs):
 def test_folder_without_labels_reads_exact_pixels(tmp_path, channels):
     files = image_files(3, 8, channels)
     write_files(tmp_path / "set", files)
-    ds = open_dataset(tmp_path / "set")
+    ds = load_dataset(tmp_path / "set")
     assert (len(ds), ds.channels, ds.resolution, ds.num_classes, ds.labels) == (3, channels, 8, 0, None)
     assert ds.images.dtype == np.uint8 and ds.images.shape == (3, channels, 8, 8)
     for i in range(3):
@@ -62,7 +64,7 @@ def test_nested_folders_sorted_by_posix_path(tmp_path):
     ds = open_dataset(tmp_path, use_labels=False)
     order = sorted(names)  # "A.bmp" < "a/b.jpg" < "a/c/x.PNG" < "a/c/y.webp" < "b/z.png"
     # flat colours survive JPEG; each image identifies itself by its value 10 * original index
-    got = [int(round(ds.images[k].mean())) for k in range(len(ds))]
+    got = [int(round(ds.read(k).mean())) for k in range(len(ds))]  # each image decoded when read
     assert got == [10 * names.index(name) for name in order]
 
 
@@ -82,7 +84,7 @@ def test_zip_matches_folder(tmp_path, compression):
     files = image_files(4, 16, 3, prefix="00000/")
     write_files(tmp_path / "dir", files)
     write_zip(tmp_path / "data.zip", files, compression)
-    from_dir, from_zip = open_dataset(tmp_path / "dir"), open_dataset(tmp_path / "data.zip")
+    from_dir, from_zip = load_dataset(tmp_path / "dir"), load_dataset(tmp_path / "data.zip")
     np.testing.assert_array_equal(from_dir.images, from_zip.images)
     assert from_zip.name == "data" and from_zip.resolution == 16
 
@@ -161,9 +163,11 @@ def test_write_dataset_json_rejects_caller_errors(tmp_path):
 
 def test_progress_bar_can_be_forced_and_disabled(tmp_path, capsys):
     write_files(tmp_path, image_files(2))
-    open_dataset(tmp_path, progress=True)
+    load_dataset(tmp_path, progress=True)
     assert "2/2" in capsys.readouterr().err
-    open_dataset(tmp_path, progress=False)
+    load_dataset(tmp_path, progress=False)
+    assert capsys.readouterr().err == ""
+    open_dataset(tmp_path, progress=True).load(progress=False)  # open reads no image: no bar; load's own flag wins
     assert capsys.readouterr().err == ""
 
 
@@ -242,7 +246,7 @@ BAD_IMAGES = {
 
 @pytest.mark.parametrize("bad", sorted(BAD_IMAGES))
 @pytest.mark.parametrize("container", ["dir", "zip"])
-def test_unreadable_image_fails_at_open(tmp_path, bad, container):
+def test_unreadable_image_fails_when_loaded(tmp_path, bad, container):
     files = {**image_files(2, 16), "sub/" + bad: BAD_IMAGES[bad]}
     path = write_files(tmp_path / "d", files) if container == "dir" else write_zip(tmp_path / "d.zip", files)
     message = open_error(path)

@@ -1,4 +1,5 @@
-"""Hostile datasets (issue 10): each mechanism of the dataset reader, through open_dataset and the command line.
+"""Hostile datasets (issue 10): each mechanism of the dataset reader, through load_dataset (open_dataset's index,
+then every image decoded), open_dataset and the command line.
 
 1. transparency of every kind (alpha, transparent palette entries, tRNS colour keys) follows one rule;
 2. dataset.json may not name a key twice;
@@ -26,7 +27,12 @@ from conftest import pixels, png_bytes, run_cli, write_files, write_zip
 from PIL import Image
 
 from mpdiff.data import datasets
-from mpdiff.data.datasets import decode_image, max_dataset_bytes, open_dataset
+from mpdiff.data.datasets import (
+    decode_image,
+    load_dataset,
+    max_dataset_bytes,
+    open_dataset,
+)
 from mpdiff.errors import DatasetError
 
 RUN_ARGS = ["--duration", "256", "--batch", "256", "--channels", "8", "--no-progress"]
@@ -56,9 +62,9 @@ def where(path, name):
 
 
 def open_error(path, **kwargs):
-    """The DatasetError message from opening `path`; asserts it is a single line."""
+    """The DatasetError message from loading `path` whole (load_dataset); asserts it is a single line."""
     with pytest.raises(DatasetError) as info:
-        open_dataset(path if isinstance(path, bytes) else os.fspath(path), progress=False, **kwargs)
+        load_dataset(path if isinstance(path, bytes) else os.fspath(path), progress=False, **kwargs)
     message = str(info.value)
     assert "\n" not in message and "\r" not in message and message.strip() == message
     return message
@@ -173,7 +179,7 @@ OPAQUE = {  # name: (file bytes, the uint8 pixels [C, H, W] it must give)
 @pytest.mark.parametrize("container", ["dir", "zip"])
 def test_transparency_that_marks_no_pixel_is_dropped(tmp_path, case, container):
     data, expected = OPAQUE[case]
-    ds = open_dataset(make(tmp_path, container, {"x.png": data}), progress=False)
+    ds = load_dataset(make(tmp_path, container, {"x.png": data}), progress=False)
     assert ds.images.shape == (1, *expected.shape)
     np.testing.assert_array_equal(ds.images[0], expected.astype(np.uint8))
 
@@ -247,7 +253,7 @@ def test_memory_limit_default_and_override(tmp_path, monkeypatch):
     assert limit == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2 and origin.startswith("half of")
     write_files(tmp_path, good_images(3))  # 3 x 3 x 8 x 8 = 576 bytes
     monkeypatch.setenv("MPDIFF_MAX_DATASET_BYTES", "576")
-    assert len(open_dataset(tmp_path, progress=False)) == 3
+    assert len(load_dataset(tmp_path, progress=False)) == 3
     monkeypatch.setenv("MPDIFF_MAX_DATASET_BYTES", "575")
     refuse_decoding(monkeypatch)
     assert open_error(tmp_path) == (f"{tmp_path}: 3 images of 8x8 pixels with 3 channels need 576 bytes of memory "
@@ -354,7 +360,7 @@ def test_symbolic_links(tmp_path):
     os.symlink("loop", root / "loop")                                  # a loop with another name: listed
     ds = open_dataset(root, progress=False)
     assert len(ds) == 3 and set(ds.ignored_files) == {"up/", "everything/", "loop"}
-    np.testing.assert_array_equal(ds.images[2], pixels(9).transpose(2, 0, 1))  # img0, img1, link
+    np.testing.assert_array_equal(ds.read(2), pixels(9).transpose(2, 0, 1))  # img0, img1, link
     os.symlink("loop.png", root / "loop.png")                          # a loop named like an image: one line
     assert open_error(root).startswith(f"{root}/loop.png: cannot read (")
     os.unlink(root / "loop.png")
@@ -421,30 +427,47 @@ def test_names_that_are_not_utf8(tmp_path):
 
 # ---- the command line: one line, exit 1, no run directory ----------------------------------------
 
-CLI_CASES = {
-    "colour key": ({"a.png": TRANSPARENT["rgb8 key"][0]}, "a.png: image has transparent pixels (mode RGB, colour key"),
-    "duplicate key": ({**good_images(), "dataset.json": DUPLICATES["labels then null"][0]},
+def gray32(count):
+    return {f"img{i}.png": png_bytes(pixels(i, 32, 1)) for i in range(count)}
+
+
+CLI_CASES = {  # name: (command, files, the message)
+    # what the index shows (dataset.json, the first image's header): train refuses it before any run directory
+    "duplicate key": ("train", {**good_images(), "dataset.json": DUPLICATES["labels then null"][0]},
                       'dataset.json: key "labels" appears twice in one object'),
-    "memory": ({**good_images(3)}, ": 3 images of 8x8 pixels with 3 channels need 576 bytes of memory"),
-    "dataset.json size": ({**good_images(1), "dataset.json": " " * (2**20 + 2**10 + 1)},
+    "dataset.json size": ("train", {**good_images(1), "dataset.json": " " * (2**20 + 2**10 + 1)},
                           "dataset.json: file is 1,049,601 bytes, above the limit of 1,049,600 bytes"),
-    "fifo": ({**good_images(1)}, "pipe.png: expected a regular file, found a FIFO"),
-    "not utf-8": (None, "\\xff\\xfeset/\\xfe\\xffcls/bad.png: cannot read image ("),
+    "not utf-8": ("train", None, "\\xff\\xfeset/\\xfe\\xffcls/bad.png: cannot read image ("),
+    # what only decoding shows: `mpdiff dataset check` finds it (training would stop when it meets the file)
+    "colour key": ("check", {"a.png": TRANSPARENT["rgb8 key"][0]},
+                   "a.png: image has transparent pixels (mode RGB, colour key"),
+    "fifo": ("check", {**good_images(1)}, "pipe.png: expected a regular file, found a FIFO"),
+    # memory: checked where a dataset is decoded whole (eval of 32x32 grayscale samples loads them)
+    "memory": ("eval", gray32(3), ": 3 images of 32x32 pixels with 1 channel need 3.0 KiB of memory (3,072 bytes)"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CLI_CASES))
 def test_cli_refuses_hostile_datasets_in_one_line(tmp_path, case):
-    files, expect = CLI_CASES[case]
-    if files is None:
-        data = os.fsdecode(bytes_dataset(tmp_path, {b"\xfe\xffcls/a.png": png_bytes(pixels(0)),
+    command, files, expect = CLI_CASES[case]
+    if files is None:  # the bad file sorts first ("bad.png" < "c.png"): its header is read at open
+        data = os.fsdecode(bytes_dataset(tmp_path, {b"\xfe\xffcls/c.png": png_bytes(pixels(0)),
                                                     b"\xfe\xffcls/bad.png": b"junk"}))
     else:
         data = write_files(tmp_path / "data", files)
     if case == "fifo":
         os.mkfifo(data / "pipe.png")
-    result = run_cli("train", "--data", data, "--run-dir", tmp_path / "run", *RUN_ARGS,
-                     env={"MPDIFF_MAX_DATASET_BYTES": "575"} if case == "memory" else None)
+    if command == "check":
+        result = run_cli("dataset", "check", data, "--no-progress")
+        assert result.exit_code == 1, result.output
+        lines = result.stdout.splitlines()
+        count = len(files) + (case == "fifo")
+        summary = f"{data}: {count} image{'s' if count > 1 else ''}, 1 bad"
+        assert len(lines) == 2 and expect in lines[0] and lines[1] == summary, result.output
+        assert result.stderr == ""
+        return
+    args = ["train", "--data", data, "--run-dir", tmp_path / "run", *RUN_ARGS] if command == "train" else ["eval", data]
+    result = run_cli(*args, env={"MPDIFF_MAX_DATASET_BYTES": "3071"} if case == "memory" else None)
     assert result.exit_code == 1, result.output
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], result.stderr
@@ -454,8 +477,8 @@ def test_cli_refuses_hostile_datasets_in_one_line(tmp_path, case):
 
 def test_cli_process_with_undecodable_dataset_path(tmp_path):
     """A real process: the path arrives as bytes in argv and the message leaves through stderr's encoder."""
-    root = bytes_dataset(tmp_path, {b"\xfe\xffcls/a.png": png_bytes(pixels(0)), b"\xfe\xffcls/bad.png": b"junk"})
-    run_dir = os.fsencode(tmp_path) + b"/run"
+    root = bytes_dataset(tmp_path, {b"\xfe\xffcls/c.png": png_bytes(pixels(0)), b"\xfe\xffcls/bad.png": b"junk"})
+    run_dir = os.fsencode(tmp_path) + b"/run"  # the bad file sorts first: its header is read at open
     env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
     done = subprocess.run([sys.executable.encode(), b"-m", b"mpdiff", b"train", b"--data", root, b"--run-dir", run_dir,
                            *[arg.encode() for arg in RUN_ARGS]], capture_output=True, env=env, timeout=120, check=False)

@@ -15,7 +15,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mpdiff.data.datasets import decode_image, open_dataset, write_dataset_json
+from mpdiff.data.datasets import (
+    check_dataset,
+    decode_image,
+    load_dataset,
+    open_dataset,
+    write_dataset_json,
+)
 from mpdiff.errors import DatasetError
 
 # Deterministic (derandomize) and small: the file runs in a few seconds. No deadline: a slow
@@ -40,8 +46,9 @@ def base_dir(tmp_path_factory):
 
 
 def open_or_error(path):
+    """The dataset at `path` loaded whole (every image decoded), or None after a one-line DatasetError."""
     try:
-        ds = open_dataset(os.fspath(path), progress=False)
+        ds = load_dataset(os.fspath(path), progress=False)
     except DatasetError as e:
         assert "\n" not in str(e)
         event("DatasetError")
@@ -121,6 +128,12 @@ def test_any_bytes_as_image_give_valid_dataset_or_error(data):
         with open(os.path.join(root, "x.png"), "wb") as f:
             f.write(data)
         ds = open_or_error(root)
+        try:  # the streamed reader agrees: the index refuses it, or the full check finds it, or all is well
+            problems = check_dataset(root, progress=False)
+        except DatasetError as e:
+            problems = [str(e)]
+    assert (ds is None) == (len(problems) == 1) and len(problems) <= 1
+    assert all("\n" not in line and line.startswith(os.path.join(root, "x.png") + ": ") for line in problems)
     if ds is not None:
         assert len(ds) == 1 and ds.images.dtype == np.uint8 and ds.channels in (1, 3)
         assert ds.resolution >= 4 and ds.resolution & (ds.resolution - 1) == 0

@@ -265,7 +265,7 @@ def digests(folder):
 
 
 def test_folder_images_are_those_of_generate_and_subdirs_follow_edm2(tiny_net, tmp_path):
-    from mpdiff.data.datasets import open_dataset
+    from mpdiff.data.datasets import load_dataset
     from mpdiff.data.pixels import decode_images
 
     seeds = [5, 999, 1000, 2001]
@@ -276,7 +276,7 @@ def test_folder_images_are_those_of_generate_and_subdirs_follow_edm2(tiny_net, t
                                        "002000/002001.png", "dataset.json"]
     images, classes = generate(tiny_net, seeds, num_steps=2, batch_size=3, progress=False)
     for folder in (flat, nested):
-        ds = open_dataset(folder)
+        ds = load_dataset(folder)
         assert len(ds) == 4 and list(ds.labels.argmax(1) if ds.labels.ndim == 2 else ds.labels) == classes
         assert np.array_equal(np.asarray(ds.images), decode_images(images).numpy())
     assert os.path.exists(f"{flat}-grid.png") and not any(n.startswith(".") for n in os.listdir(tmp_path))

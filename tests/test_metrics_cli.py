@@ -1,6 +1,7 @@
 """Reference statistics and streamed metrics (issue 14): `mpdiff ref`, `mpdiff metrics`, the .npz format."""
 
 import gc
+import json
 import weakref
 
 import numpy as np
@@ -117,3 +118,41 @@ def test_ref_and_metrics_commands_on_the_digits(tmp_path):
     missing = run_cli("metrics", "--images", folder, "--ref", ref, "--metrics", "fid")
     assert missing.exit_code != 0 and "no fid" in missing.output
 
+
+
+def test_ref_and_metrics_stream_a_folder_without_decoding_it_whole(tmp_path, monkeypatch):
+    """`mpdiff ref` and `mpdiff metrics --images` read a folder or ZIP one batch at a time (open_dataset's
+    index, then batches): never load(); a bad file met on the way stops them with its one line."""
+    from conftest import pixels, png_bytes, write_files, write_zip
+
+    from mpdiff.data import datasets
+    from mpdiff.data.datasets import load_dataset, open_dataset
+    from mpdiff.metrics import compute
+    from mpdiff.metrics.compute import dataset_batches
+
+    files = {f"{i:03d}.png": png_bytes(pixels(i, 8, 1)) for i in range(10)}
+    folder, archive = write_files(tmp_path / "samples", files), write_zip(tmp_path / "samples.zip", files)
+    whole = load_dataset(folder).images
+    batches = list(dataset_batches(open_dataset(archive), 4))
+    assert [len(b) for b in batches] == [4, 4, 2] and all(b.dtype == torch.uint8 for b in batches)
+    np.testing.assert_array_equal(torch.cat(batches).numpy(), whole)
+
+    monkeypatch.setattr(compute, "make_detector", lambda *a, **k: Mean())
+    monkeypatch.setattr(datasets.StreamedImageDataset, "load", lambda *a, **k: pytest.fail("decoded whole"))
+    ref = tmp_path / "ref.npz"
+    result = run_cli("ref", folder, "--out", ref, "--metrics", "fd_digits", "--batch", "3", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "10 images" in result.output
+    expected = accumulate(dataset_batches(whole, 5), [Mean()])["fd_digits"].mean_cov()
+    np.testing.assert_allclose(load_reference(ref)["fd_digits"][0], expected[0])
+    shown = run_cli("metrics", "--images", archive, "--ref", ref, "--metrics", "fd_digits", "--batch", "4", "--json",
+                    "--no-progress")
+    assert shown.exit_code == 0, shown.output
+    result = json.loads(shown.output)
+    assert result["num_images"] == 10 and abs(result["fd_digits"]) < 1e-6  # the same images: distance 0
+
+    (folder / "005.png").write_bytes(b"damaged")
+    result = run_cli("ref", folder, "--out", tmp_path / "again.npz", "--metrics", "fd_digits", "--no-progress")
+    assert result.exit_code == 1 and not (tmp_path / "again.npz").exists()
+    assert result.stderr == (f"error: {folder}/005.png: cannot read image (not a PNG, JPEG, BMP or WebP image, or its "
+                             f"header is damaged)\n")

@@ -1,4 +1,5 @@
-"""`mpdiff dataset ...`: preparing datasets (parsing only; the work is in :mod:`mpdiff.data.convert`)."""
+"""`mpdiff dataset ...`: preparing and checking datasets (parsing only; the work is in :mod:`mpdiff.data.convert`
+and :mod:`mpdiff.data.datasets`)."""
 
 import click
 
@@ -38,3 +39,32 @@ def convert(src, dest, resolution, transform, progress):
 
     result = convert_dataset(src, dest, resolution, transform, progress=progress)
     click.echo(printable(result.summary()))
+
+
+@dataset.command()
+@click.argument("path")
+@click.option("--labels/--no-labels", default=True, show_default=True,
+              help="Check the labels too (dataset.json or class folders), as training with labels reads them.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.pass_context
+def check(ctx, path, labels, progress):
+    """Decode and check every image of a dataset, reporting every bad file in one pass.
+
+    PATH: a folder or ZIP of images, as `mpdiff train --data` takes it. Training opens a dataset as an
+    index and decodes each image when it is used, so a damaged file would stop a run when it is met;
+    this finds them all first. Prints one line per bad file (damaged, another size or channel count than
+    the first image, transparent, too large, ...), then 'PATH: N images, K bad'. Exit status 1 when any
+    file is bad; a problem of the whole dataset (dataset.json, no images, an unusable first image) is an
+    error as in training.
+    """
+    from mpdiff.data.datasets import open_dataset
+    from mpdiff.storage.files import printable
+
+    ds = open_dataset(path, use_labels=labels, progress=progress)
+    problems = ds.check(progress)
+    for line in problems:
+        click.echo(printable(line))
+    count = len(ds)
+    click.echo(printable(f"{path}: {count:,} image{'' if count == 1 else 's'}, {len(problems):,} bad"))
+    if problems:
+        ctx.exit(1)

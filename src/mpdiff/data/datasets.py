@@ -1,19 +1,29 @@
 """Datasets: folders and ZIP archives of images with EDM2 labels (SPEC §7.3-7.4).
 
-Every dataset is an :class:`ImageDataset`: uint8 images [N, C, H, W], integer labels, and
-`resolution`, `channels`, `num_classes` (0 = unlabelled) and `name`.
+A dataset has `labels` (int64 [N] or None), `num_classes` (0 = unlabelled), `name`, `shape`
+(C, H, W), `channels`, `resolution`, ``read(i)`` (uint8 [C, H, W]) and ``batches(n)``. There are two
+kinds, with that one interface:
 
-:func:`open_dataset` reads an EDM2-style dataset (a folder or ZIP of images with an optional
-`dataset.json`), or the built-in digits, and checks all of it up front: every image is fully
-decoded at open time, and every problem raises :class:`~mpdiff.errors.DatasetError` with one line
-naming the file. Nothing is skipped silently.
+* :class:`StreamedImageDataset`, what :func:`open_dataset` gives for a folder or ZIP: an index of
+  the files (names, labels, and the shape of the first image), each image read and decoded when it
+  is asked for. Opening ImageNet costs a listing of its files, not hours of decoding and a terabyte.
+* :class:`ImageDataset`, every image decoded into one uint8 array [N, C, H, W]: the built-in
+  datasets, and :func:`load_dataset` (or ``open_dataset(...).load()``) for folders and ZIPs small
+  enough to hold in memory.
+
+Every problem raises :class:`~mpdiff.errors.DatasetError` with one line naming the file; nothing is
+skipped silently. Problems of the index (labels, no images, an unusable first image) fail at open; a
+damaged image elsewhere fails when it is read, which :func:`check_dataset` (`mpdiff dataset check`)
+finds up front, every bad file in one pass.
 """
 
 import contextlib
 import json
+import operator
 import os
 import re
 import shlex
+import threading
 import warnings
 import zipfile
 from typing import NamedTuple
@@ -40,16 +50,19 @@ CHUNK_FOLDERS_UNLABELLED = "none (EDM2 chunk folders 00000/... are not classes)"
 
 
 class ImageDataset:
-    """In-memory dataset of uint8 images [N, C, H, W] and integer labels [N] (or None).
+    """A dataset held in memory: uint8 images [N, C, H, W] (`images`) and integer labels [N] (or None).
 
-    Everything is held in memory, which suits the dataset sizes this project trains on; very
-    large datasets (e.g. ImageNet at 64x64 is ~16 GB) would want lazy per-item loading instead.
+    The built-in datasets, and what :func:`load_dataset` gives. It has the interface of
+    :class:`StreamedImageDataset` (``read``, ``shape``, ``batches``, ``load``), with ``in_memory = True``.
     """
+
+    in_memory = True
 
     def __init__(self, images, labels=None, num_classes=None, name="dataset",
                  label_source=None,     # where labels came from: "dataset.json", "directories", "built-in", "none",
                                         # or CHUNK_FOLDERS_UNLABELLED ("none (EDM2 chunk folders ...)")
-                 ignored_files=()):     # relative paths of files that were skipped (links to folders end in "/"), for the log
+                 ignored_files=(),      # relative paths of files that were skipped (links to folders end in "/"), for the log
+                 path=None):            # the folder or ZIP it was read from (None: built in or given)
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError("images must be a uint8 array [N, C, H, W]")
@@ -63,9 +76,15 @@ class ImageDataset:
         self.name = name
         self.label_source = label_source or ("none" if self.labels is None else "given")
         self.ignored_files = tuple(ignored_files)
+        self.path = path
 
     def __len__(self):
         return len(self.images)
+
+    @property
+    def shape(self):
+        """(channels, height, width) of every image."""
+        return tuple(self.images.shape[1:])
 
     @property
     def channels(self):
@@ -75,17 +94,214 @@ class ImageDataset:
     def resolution(self):
         return self.images.shape[2]
 
+    def read(self, i):
+        """Image `i` as uint8 [C, H, W] (a view of `images`)."""
+        return self.images[i]
+
+    def __getitem__(self, i):
+        return self.read(i)
+
+    def batches(self, batch_size=64, progress=False):
+        """uint8 arrays [b, C, H, W] of at most `batch_size` images, in order (views of `images`)."""
+        batch_size = _check_batch_size(batch_size)
+        with _bar(len(self), progress, f"Reading {self.name}") as bar:
+            for start in range(0, len(self), batch_size):
+                batch = self.images[start:start + batch_size]
+                bar.update(len(batch))
+                yield batch
+
+    def load(self, progress=None):
+        """The dataset in memory: itself."""
+        return self
+
+    def check(self, progress=None):
+        """The problems of its images, one line each: none (they were checked when decoded)."""
+        return []
+
+
+class StreamedImageDataset:
+    """A folder or ZIP of images opened as an index (:func:`open_dataset`): file names, labels and the
+    shape (C, H, W) of the first image; every image is read and decoded when it is asked for.
+
+    ``read(i)`` decodes image i with the strict decoder of :func:`decode_image` and checks its shape
+    against the first image's; a damaged file, or one of another size or channel count, raises
+    DatasetError with one line naming it. ``ds[i]`` is ``ds.read(i)``, so the dataset can be given to a
+    ``torch.utils.data.DataLoader``: it pickles without open files (only the path and the index), and each
+    process opens the folder or ZIP for itself on its first read (after a fork too). The index keeps the
+    names in one compact buffer, not a Python string per image.
+
+    ``batches(n)`` streams the images in order, ``load()`` decodes them all into an
+    :class:`ImageDataset` (refused when they would not fit in memory), ``check()`` lists every bad file.
+    """
+
+    in_memory = False
+
+    def __init__(self, path, image_names, shape, labels=None, num_classes=0, name="dataset",
+                 label_source="none", ignored_files=(), first_where=None, progress=None):
+        self.path = path                        # the folder or ZIP, as given (str; undecodable bytes as surrogates)
+        encoded = [name.encode("utf-8", "surrogatepass") for name in image_names]
+        self._names = b"".join(encoded)
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
+        self._shape = tuple(int(n) for n in shape)
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        if self.labels is not None and self.labels.shape != (len(encoded),):
+            raise ValueError("labels must be an int array [N] matching the images")
+        self.num_classes = num_classes
+        self.name = name
+        self.label_source = label_source
+        self.ignored_files = tuple(ignored_files)
+        self.progress = progress                # the default of load() (None: a bar above PROGRESS_MIN_IMAGES images)
+        self._first_where = first_where or (self.image_name(0) if encoded else "")  # how messages name image 0
+        self._reset()
+
+    def _reset(self):
+        self._source, self._pid, self._lock = None, os.getpid(), threading.Lock()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for key in ("_source", "_pid", "_lock"):  # open files and locks stay in their process
+            del state[key]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
+
+    def __len__(self):
+        return len(self._offsets) - 1
+
+    @property
+    def shape(self):
+        """(channels, height, width) of every image (from the first image's header)."""
+        return self._shape
+
+    @property
+    def channels(self):
+        return self._shape[0]
+
+    @property
+    def resolution(self):
+        return self._shape[1]
+
+    @property
+    def images(self):
+        raise AttributeError("a streamed dataset holds no array of images: read(i), batches(n), or load() "
+                             "(load_dataset) to decode them all into memory")
+
+    def image_name(self, i):
+        """The relative posix path of image `i` in the folder or ZIP."""
+        i = operator.index(i)
+        count = len(self)
+        if i < 0:
+            i += count
+        if not 0 <= i < count:
+            raise IndexError(f"image index {i} is out of range for a dataset of {count} images")
+        return self._names[self._offsets[i]:self._offsets[i + 1]].decode("utf-8", "surrogatepass")
+
+    def read(self, i):
+        """Image `i` as uint8 [C, H, W], read and decoded now; DatasetError (one line naming the file) when
+        it is damaged or its shape differs from the first image's."""
+        return _decode_checked(self._source_here(), self.image_name(i), self._first_where, self._shape)
+
+    def __getitem__(self, i):
+        return self.read(i)
+
+    def batches(self, batch_size=64, progress=False):
+        """uint8 arrays [b, C, H, W] of at most `batch_size` images, in order; only the current batch is held.
+        progress: a tqdm bar (True/False; None: above PROGRESS_MIN_IMAGES images)."""
+        batch_size = _check_batch_size(batch_size)
+        with _bar(len(self), progress, f"Reading {self.name}") as bar:
+            for start in range(0, len(self), batch_size):
+                batch = np.empty((min(batch_size, len(self) - start), *self._shape), dtype=np.uint8)
+                for k in range(len(batch)):
+                    batch[k] = self.read(start + k)
+                bar.update(len(batch))
+                yield batch
+
+    def load(self, progress=None):
+        """Every image decoded into an :class:`ImageDataset`, as :func:`load_dataset` gives it: every header
+        is read first (all images must share one shape), the array they need is compared with
+        :func:`max_dataset_bytes`, and only then is anything decoded. progress: tqdm bars (True/False;
+        None: the `progress` given to open_dataset, whose None shows them above PROGRESS_MIN_IMAGES images)."""
+        progress = self.progress if progress is None else progress
+        names = [self.image_name(i) for i in range(len(self))]
+        show = _show_bar(len(names), progress)
+        with _open_source(self.path) as source:
+            first_where, shape = _check_headers(source, names, show)  # nothing decoded or allocated yet
+            _check_memory(source.shown, len(names), shape)
+            images = _decode_all(source, names, first_where, shape, show)
+        return ImageDataset(images, self.labels, self.num_classes, name=self.name, label_source=self.label_source,
+                            ignored_files=self.ignored_files, path=self.path)
+
+    def check(self, progress=None):
+        """Read and decode every image, as ``read`` does; return one line per bad file (damaged, of another
+        shape than the first image, transparent, too large, ...), in the order of the images.
+        progress: a tqdm bar (True/False; None: above PROGRESS_MIN_IMAGES images)."""
+        problems = []
+        with _open_source(self.path) as source, \
+                _bar(len(self), progress, f"Checking {source.shown}") as bar:
+            for i in range(len(self)):
+                try:
+                    _decode_checked(source, self.image_name(i), self._first_where, self._shape)
+                except DatasetError as e:
+                    problems.append(str(e))
+                bar.update(1)
+                if problems:
+                    bar.set_postfix(bad=len(problems), refresh=False)
+        return problems
+
+    def close(self):
+        """Close the folder or ZIP this process opened for ``read`` (it is opened again when needed)."""
+        source, self._source = self._source, None
+        if source is not None and self._pid == os.getpid():
+            source.__exit__(None, None, None)
+
+    def _source_here(self):
+        """This process's open source: opened on its first read, and again in a forked child (a ZIP's file
+        offset would otherwise be shared with the parent)."""
+        if self._pid != os.getpid():
+            self._reset()  # the parent's handles and lock are not ours
+        source = self._source
+        if source is None:
+            with self._lock:
+                if self._source is None:
+                    self._source = _open_source(self.path).__enter__()
+                source = self._source
+        return source
+
+
+def _check_batch_size(batch_size):
+    if isinstance(batch_size, bool) or operator.index(batch_size) < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return operator.index(batch_size)
+
+
+def _show_bar(count, progress):
+    return count > PROGRESS_MIN_IMAGES if progress is None else bool(progress)
+
+
+def _bar(count, progress, desc):
+    from tqdm import tqdm
+
+    return tqdm(total=count, desc=desc, unit="img", disable=not _show_bar(count, progress))
+
 
 # ----------------------------------------------------------------------------------------------
 # Folders and ZIP archives (SPEC §7.3-7.4)
 
 def open_dataset(spec, use_labels=True, *, progress=None):
-    """Open "digits" or "mnist" (a built-in dataset's train split) or a folder / ZIP archive of images.
+    """Open "digits" or "mnist" (a built-in dataset's train split, an in-memory :class:`ImageDataset`) or
+    a folder / ZIP archive of images (a :class:`StreamedImageDataset`: an index; images are decoded when read).
+
+    Opening a folder or ZIP lists its files, reads the labels and the FIRST image's header (its shape
+    sets the dataset's); no other image is opened, so a damaged file elsewhere fails when it is read
+    (``read``, ``batches``, ``load``), with one line naming it. :func:`check_dataset` (`mpdiff dataset
+    check`) decodes every image and lists every bad file; :func:`load_dataset` decodes them all into memory.
 
     Images: files ending in .png .jpg .jpeg .bmp .webp (any case), searched recursively and
     sorted by their relative path with "/" separators (as EDM2's dataset tool names them). A
-    ZIP may be stored or deflated. Every image is fully decoded here, so a damaged file fails
-    now, not mid-training. Ignored: files with other extensions, `dataset.json` itself, anything
+    ZIP may be stored or deflated. Ignored: files with other extensions, `dataset.json` itself, anything
     under `__MACOSX/`, and any path with a component starting with "." (dotfiles such as
     `.DS_Store`, `._x.png`, `.ipynb_checkpoints/`); their relative paths are kept in
     `ds.ignored_files`. A local folder literally named "digits" or "mnist" must be given as "./digits".
@@ -94,19 +310,20 @@ def open_dataset(spec, use_labels=True, *, progress=None):
     with a trailing "/". Only regular files are read: a FIFO, device or socket named like an
     image (or dataset.json) is an error, never a hang.
 
-    Pixels: 8-bit grayscale (mode L, also 1-bit) gives 1 channel, RGB gives 3. Palette images
-    become RGB; YCbCr/CMYK JPEGs are converted to RGB; 16-bit grayscale is rounded to 8 bits
+    Pixels (when an image is decoded): 8-bit grayscale (mode L, also 1-bit) gives 1 channel, RGB gives 3.
+    Palette images become RGB; YCbCr/CMYK JPEGs are converted to RGB; 16-bit grayscale is rounded to 8 bits
     (x / 257). An image with transparency (an alpha channel: LA, RGBA, PA; or a PNG tRNS chunk:
     a transparent palette entry or a grayscale/RGB colour key) is accepted only when every pixel
     is opaque, and then the transparency is dropped; otherwise it is an error. 32-bit/float modes
     are refused. Multi-frame files give their first frame; EXIF orientation is not applied (as in
     EDM2). All images must share one channel count and one square size whose side is a power of
-    two >= 4 (the size errors say how to convert other images: :mod:`mpdiff.data.convert`). Images
-    above MAX_IMAGE_PIXELS pixels or files above MAX_FILE_BYTES are refused.
+    two >= 4 (the size errors say how to convert other images: :mod:`mpdiff.data.convert`): the
+    first image's header is checked at open, every other image against it when it is decoded.
+    Images above MAX_IMAGE_PIXELS pixels or files above MAX_FILE_BYTES are refused.
 
-    Memory: before any pixel is decoded, every image's header is read (size and mode) and the
-    array they need (N x C x H x W bytes) is compared with :func:`max_dataset_bytes` (half of
-    physical memory, or $MPDIFF_MAX_DATASET_BYTES); a dataset that would not fit is refused.
+    Memory: the index holds the names and labels, never pixels. ``load()`` (and :func:`load_dataset`)
+    first reads every header and compares the array they need (N x C x H x W bytes) with
+    :func:`max_dataset_bytes` (half of physical memory, or $MPDIFF_MAX_DATASET_BYTES).
 
     Labels (use_labels=True): from `dataset.json` at the root, EDM2's format
     `{"labels": [["00000/img00000000.png", 6], ...]}` or `{"labels": null}`, with an optional
@@ -122,7 +339,8 @@ def open_dataset(spec, use_labels=True, *, progress=None):
     says so; numbered class folders need a dataset.json). use_labels=False ignores dataset.json
     and folders entirely.
 
-    progress: None = a tqdm bar when there are more than PROGRESS_MIN_IMAGES images; True/False.
+    progress: the default of ``load()``'s bars (None = a tqdm bar when there are more than
+    PROGRESS_MIN_IMAGES images; True/False); opening itself shows none.
     Every problem raises DatasetError with one line naming the file (and entry) at fault.
     """
     from mpdiff.data.digits import BUILTIN_DATASETS  # the built-in datasets build on this module
@@ -132,15 +350,33 @@ def open_dataset(spec, use_labels=True, *, progress=None):
         return ds if use_labels else ImageDataset(ds.images, name=ds.name)
     path = os.fsdecode(os.fspath(spec))  # bytes paths too; undecodable bytes become surrogate escapes
     with _open_source(path) as source:
-        found = scan_source(source, use_labels)  # labels first: a bad dataset.json fails before minutes of decoding
-        image_names = found.image_names
-        show = len(image_names) > PROGRESS_MIN_IMAGES if progress is None else bool(progress)
-        first_where, shape = _check_headers(source, image_names, show)  # nothing decoded or allocated yet
-        _check_memory(source.shown, len(image_names), shape)
-        images = _decode_all(source, image_names, first_where, shape, show)
-    labels, num_classes, label_source, ignored = found.labels, found.num_classes, found.label_source, found.ignored
-    return ImageDataset(images, labels, num_classes, name=_dataset_name(path),
-                        label_source=label_source, ignored_files=ignored)
+        found = scan_source(source, use_labels)  # labels first: a bad dataset.json fails before any image is read
+        first = found.image_names[0]
+        first_where = source.where(first)
+        with source.open(first) as stream:
+            shape = probe_image(stream, first_where)  # the one header read at open
+        _check_first_shape(shape, first_where, source.path)
+    return StreamedImageDataset(path, found.image_names, shape, found.labels, found.num_classes,
+                                name=_dataset_name(path), label_source=found.label_source,
+                                ignored_files=found.ignored, first_where=first_where, progress=progress)
+
+
+def load_dataset(spec, use_labels=True, *, progress=None):
+    """A dataset decoded whole into memory (an :class:`ImageDataset`): :func:`open_dataset`, then every
+    image's header is read and checked (one shape for all), the memory they need is compared with
+    :func:`max_dataset_bytes`, and every image is decoded, before this returns. For datasets small enough
+    to hold in memory (evaluation folders, MNIST-sized sets). progress: tqdm bars (None = above
+    PROGRESS_MIN_IMAGES images; True/False)."""
+    return open_dataset(spec, use_labels, progress=progress).load()
+
+
+def check_dataset(spec, use_labels=True, progress=None):
+    """Decode and check every image of a dataset in one pass; return one line per bad file (empty when all
+    are good): a damaged or unreadable file, a shape other than the first image's, transparency, a file or
+    image too large, ... Problems of the index (dataset.json, no images, an unusable first image) raise
+    DatasetError as :func:`open_dataset` does. progress: a tqdm bar (None = above PROGRESS_MIN_IMAGES
+    images; True/False). This is `mpdiff dataset check`."""
+    return open_dataset(spec, use_labels, progress=progress).check(progress)
 
 
 class SourceScan(NamedTuple):
@@ -585,13 +821,23 @@ def _decode_all(source, image_names, first_where, shape, show):
                            f"(out of memory)") from None
     with tqdm(total=len(image_names), desc=f"Reading {source.shown}", unit="img", disable=not show) as bar:
         for i, name in enumerate(image_names):
-            where = source.where(name)
-            array = decode_image(source.read(name), where)
-            if array.shape != shape:  # the file changed since its header was read, or PIL disagrees with itself
-                _raise_shape_mismatch(array.shape, where, first_where, shape, source.path)
-            images[i] = array
+            images[i] = _decode_checked(source, name, first_where, shape)
             bar.update(1)
     return images
+
+
+def _decode_checked(source, name, first_where, shape):
+    """Image `name` of an open source decoded into uint8 [C, H, W]; DatasetError naming it when it cannot be
+    read or decoded, or when its shape is not `shape` (that of the first image, named `first_where`)."""
+    where = source.where(name)
+    try:
+        data = source.read(name)
+    except KeyError:  # a ZIP opened again (another process) that no longer holds it
+        raise DatasetError(f"{where}: not in the archive any more (it changed after the dataset was opened)") from None
+    array = decode_image(data, where)
+    if array.shape != shape:  # another size or channel count, or the file changed since its header was read
+        _raise_shape_mismatch(array.shape, where, first_where, shape, source.path)
+    return array
 
 
 def _check_first_shape(shape, where, path):

@@ -97,7 +97,14 @@ def accumulate(batches, detectors, progress=None):
 # ------------------------------------------------------------------------------------ image sources
 
 def dataset_batches(images, batch_size=64):
-    """Batches of an in-memory uint8 array or tensor [N, C, H, W]."""
+    """uint8 tensors [b, C, H, W] of a dataset or of an in-memory uint8 array or tensor [N, C, H, W].
+
+    A dataset (anything with ``batches``, e.g. :func:`mpdiff.data.datasets.open_dataset`'s) is streamed:
+    a folder or ZIP is read and decoded one batch at a time, so memory does not grow with its size."""
+    if hasattr(images, "batches"):
+        for batch in images.batches(batch_size):
+            yield torch.as_tensor(batch)
+        return
     for start in range(0, len(images), batch_size):
         yield torch.as_tensor(np.asarray(images[start:start + batch_size]))
 

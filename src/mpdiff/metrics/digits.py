@@ -327,8 +327,10 @@ def load_image_folder_for_eval(path):
     """(uint8 [N, 1, 8, 8], int64 labels [N] or None) from a folder or ZIP of PNGs, e.g. as
     `mpdiff generate` writes them (with `dataset.json`: `{"labels": [["000000.png", 3], ...]}`).
 
-    Read with :func:`mpdiff.data.open_dataset`, so images come sorted by path and every file
-    problem is reported the same way; here only the digits' 8x8 grayscale format is added.
+    Read with :func:`mpdiff.data.datasets.open_dataset` and then decoded whole (``load``, as
+    :func:`~mpdiff.data.datasets.load_dataset` does), so images come sorted by path and every file
+    problem is reported the same way; here only the digits' 8x8 grayscale format is added, checked
+    from the first image before anything is decoded.
     """
     from mpdiff.data.datasets import open_dataset
 
@@ -336,4 +338,5 @@ def load_image_folder_for_eval(path):
     if ds.channels != 1 or ds.resolution != 8:
         raise DatasetError(f"{path}: the digits evaluation needs 8x8 grayscale images, got "
                            f"{ds.resolution}x{ds.resolution} with {ds.channels} channel{'s' if ds.channels != 1 else ''}")
+    ds = ds.load()
     return ds.images, ds.labels
