@@ -317,10 +317,11 @@ def eval_(images, as_json):
     from mpdiff.data.datasets import open_dataset
     from mpdiff.metrics.digits import evaluate_digits, format_report, load_image_folder_for_eval
 
-    ds = open_dataset(os.fspath(images))
+    ds = open_dataset(os.fspath(images))  # the index: the first image's shape picks the evaluation
     if ds.channels == 1 and ds.resolution == 32:
         from mpdiff.metrics.mnist import evaluate_mnist, format_mnist_report
 
+        ds = ds.load()  # every image in memory (sample folders are small), each checked
         result = evaluate_mnist(ds.images, ds.labels)
         click.echo(json.dumps(result, indent=2) if as_json else format_mnist_report(result))
         return
@@ -358,8 +359,8 @@ def ref(dataset, out_path, metric_names, dinov2, batch, device, progress):
     write_destination(out_path)
     ds = open_dataset(dataset, use_labels=False, progress=None if progress else False)
     detectors = [make_detector(m, device=device, dinov2=dinov2) for m in metrics]
-    with tqdm(total=len(ds), disable=not progress, desc="reference", unit="img") as bar:
-        stats = accumulate(dataset_batches(ds.images, batch), detectors, progress=bar.update)
+    with tqdm(total=len(ds), disable=not progress, desc="reference", unit="img") as bar:  # streamed: one batch in memory
+        stats = accumulate(dataset_batches(ds, batch), detectors, progress=bar.update)
     save_reference(out_path, stats, source=dataset)
     click.echo(f"wrote {', '.join(metrics)} statistics of {len(ds):,} images ({ds.name}) to {out_path}")
 
@@ -405,7 +406,7 @@ def metrics(images, net_source, ref_path, num, first_seed, metric_names, dinov2,
             from mpdiff.data.datasets import open_dataset
 
             ds = open_dataset(images, use_labels=False, progress=None if progress else False)
-            total, batches = len(ds), dataset_batches(ds.images, batch)
+            total, batches = len(ds), dataset_batches(ds, batch)  # streamed: one batch in memory
         else:
             net, guide_net, choice, lines = _networks(net_source, sigma_rel, guide, guidance, guide_sigma_rel,
                                                       guidance_preset, device)

@@ -200,13 +200,16 @@ class RunOptions(_Config):
     tensorboard: bool = option(True, "Write TensorBoard events.", flag="--tensorboard/--no-tensorboard")
     slice_nimg: Optional[int] = option(None, "Stop this invocation after N more images (job slicing).",
                                        flag="--slice", parse="nimg")
+    data_workers: int = option(2, "Processes that read and decode images of a folder or ZIP dataset ahead of "
+                                  "the steps (0: in the training process). The built-in datasets are in memory.",
+                               flag="--data-workers")
     dynamics: bool = option(True, "Log training dynamics with the stats rows: block activation RMS on a fixed "
                                   "probe batch, weight RMS and relative update size per layer (mpdiff "
                                   "plot-dynamics draws them).", flag="--dynamics/--no-dynamics")
 
     # Fields that may differ between the invocations of one run (they change no result).
     RUNTIME_FIELDS = ("run_dir", "progress", "tensorboard", "device", "slice_nimg", "grid_steps", "final_grid",
-                      "dynamics")
+                      "dynamics", "data_workers")
 
 
 @dataclass(frozen=True)

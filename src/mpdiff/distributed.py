@@ -73,6 +73,18 @@ class Distributed:
                 tensor.copy_(on_device.cpu())
         return tensor
 
+    def all_min(self, value):
+        """The smallest of an integer over the processes."""
+        if not self.active:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([int(value)], dtype=torch.int64)
+        if self.backend == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
     def close(self):
         if self.active:
             import torch.distributed as dist

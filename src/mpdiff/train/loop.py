@@ -6,6 +6,7 @@ The pieces it drives live next to it: :mod:`~mpdiff.train.state` (what is traine
 :mod:`~mpdiff.train.report` (messages and stats) and :mod:`~mpdiff.train.run` (configuration).
 """
 
+import contextlib
 import os
 import time
 
@@ -15,17 +16,26 @@ from mpdiff.data.datasets import one_hot
 from mpdiff.data.pixels import decode_images
 from mpdiff.diffusion.generate import generate
 from mpdiff.ema.snapshots import save_ema_snapshots
-from mpdiff.errors import NumericalError
+from mpdiff.distributed import Distributed
+from mpdiff.errors import DatasetError, NumericalError
 from mpdiff.nn.build import build_network
 from mpdiff.storage.images import class_grid, save_grid
-from mpdiff.storage.layout import RunLayout
+from mpdiff.storage.layout import RunLayout, parse_checkpoint_name
 from mpdiff.storage.lock import run_directory_lock
 from mpdiff.storage.network_files import save_network
 from mpdiff.train import checkpoint
 from mpdiff.train.dynamics import run_dynamics
+from mpdiff.train.feed import StepPlan, images_of, make_feed
 from mpdiff.train.precision import apply_precision_policy
 from mpdiff.train.report import IntervalStats, RunReport
-from mpdiff.train.run import check_existing_run, resolve_run, settle_micro_batch, summary_lines, write_run_config
+from mpdiff.train.run import (
+    _with_micro,
+    check_existing_run,
+    resolve_run,
+    settle_micro_batch,
+    summary_lines,
+    write_run_config,
+)
 from mpdiff.train.state import TrainState
 from mpdiff.train.step import TrainStep
 
@@ -38,26 +48,38 @@ WARMUP_STEPS = 3                # steps measured (after the first) for the time 
 class Trainer:
     """One invocation of a run: builds the state from the resolved config, resumes, trains, writes outputs."""
 
-    def __init__(self, resolved, dataset, micro_note=None):
+    def __init__(self, resolved, dataset, micro_note=None, dist=None):
         self.resolved = resolved
         self.micro_note = micro_note
         self.run_options = resolved.run
         self.cadence = resolved.cadence
         self.training = resolved.training
         self.layout = RunLayout(resolved.run.run_dir)
-        self.device = torch.device(resolved.run.device)
+        self.dist = dist or Distributed.single()
+        self.writer = self.dist.rank == 0  # only the first process writes (stats, snapshots, checkpoints, grids)
+        self.device = torch.device(self.dist.device(resolved.run.device))
         apply_precision_policy(self.device)
         self.dataset = dataset
         self.state = TrainState(resolved.network, resolved.training, resolved.run.seed, device=self.device)
         labels = None
         if resolved.network.label_dim:
             labels = one_hot(torch.from_numpy(dataset.labels), resolved.network.label_dim)
-        self.step_fn = TrainStep(torch.from_numpy(dataset.images), labels, resolved.training, resolved.run.seed,
+        ddp = None
+        if self.dist.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ddp = DistributedDataParallel(self.state.net, device_ids=[self.device.index] if self.device.type == "cuda"
+                                          else None, broadcast_buffers=False)
+        images = images_of(dataset)
+        self.feed = make_feed(dataset, workers=resolved.run.data_workers)
+        self.step_fn = TrainStep(images, labels, resolved.training, resolved.run.seed,
                                  micro_batch=resolved.run.batch_gpu,
-                                 max_nonfinite_steps=resolved.run.max_nonfinite_steps, device=self.device)
-        self.report = RunReport(self.layout, progress=resolved.run.progress, tensorboard=resolved.run.tensorboard)
+                                 max_nonfinite_steps=resolved.run.max_nonfinite_steps, device=self.device,
+                                 feed=self.feed, dist=self.dist, ddp=ddp)
+        self.report = RunReport(self.layout, progress=resolved.run.progress and self.writer,
+                                tensorboard=resolved.run.tensorboard) if self.writer else _QuietReport()
         self.dynamics = None  # training-dynamics diagnostics in the stats rows (train/dynamics.py)
-        if resolved.run.dynamics:
+        if resolved.run.dynamics and self.writer:
             self.dynamics = run_dynamics(self.state, self.step_fn.images, self.step_fn.labels, resolved.training,
                                          resolved.cadence, resolved.run.seed, micro_batch=resolved.run.batch_gpu,
                                          device=self.device)
@@ -83,13 +105,22 @@ class Trainer:
             return self.step_fn(self.state)
         except NumericalError as e:
             raise NumericalError(f"{e}. Last good checkpoint: {self.last_good or 'none'}") from None
+        except DatasetError as e:  # a bad file met mid-run: keep the state so far, then stop with its line
+            saved = self.last_good is not None and parse_checkpoint_name(self.last_good) == self.state.nimg
+            path = self.last_good if saved else self.save_checkpoint() if self.writer and self.state.nimg else None
+            raise DatasetError(f"{e}; stopped at {self.state.nimg:,} images"
+                               + (f", state saved in {path}" if path else "")) from None
 
     def save_checkpoint(self):
+        if not self.writer:
+            return None
         self.last_good = checkpoint.save_checkpoint(self.layout, self.state, self.resolved.contract(),
                                                     keep=self.run_options.keep_checkpoints)
         return self.last_good
 
     def save_snapshots(self):
+        if not self.writer:
+            return
         dtype = self.run_options.snapshot_dtype
         save_ema_snapshots(self.state.ema, self.layout.snapshot_dir, self.resolved.network, step=self.state.step,
                            batch_size=self.training.batch, dtype=dtype)
@@ -127,8 +158,10 @@ class Trainer:
 
     def run(self):
         cadence, duration = self.cadence, self.training.duration
-        os.makedirs(self.layout.run_dir, exist_ok=True)
-        self.layout.remove_stale_temporaries()
+        if self.writer:
+            os.makedirs(self.layout.run_dir, exist_ok=True)
+            self.layout.remove_stale_temporaries()
+        self.dist.barrier()
         if self.resume() is None:
             params = sum(p.numel() for p in self.state.net.parameters())
             self.say(f"new run in {self.layout.run_dir}: {params:,} parameters, "
@@ -145,6 +178,7 @@ class Trainer:
         slice_nimg = self.run_options.slice_nimg
         stop_at = duration if slice_nimg is None else min(duration, self.state.nimg + slice_nimg)
         self.report.open(self.state.nimg, duration)
+        self.feed.start(StepPlan(self.step_fn.indices_at, self.state.nimg, stop_at, self.training.batch))
         interval = IntervalStats(self.state.nimg)
         warmup = []  # seconds of the first steps of this invocation, for the time estimate
         try:
@@ -170,18 +204,19 @@ class Trainer:
                     interval = IntervalStats(nimg)
                 if nimg % cadence.snapshot_nimg == 0 or nimg >= duration:
                     self.save_snapshots()
-                if cadence.sample_nimg and nimg % cadence.sample_nimg == 0 and nimg < duration:
+                if cadence.sample_nimg and nimg % cadence.sample_nimg == 0 and nimg < duration and self.writer:
                     self.sample_grid()
                 if nimg % cadence.checkpoint_nimg == 0 or nimg >= stop_at:
                     self.save_checkpoint()
         finally:
+            self.feed.close()
             self.report.close()
         if self.state.nimg >= duration:
             bad = self.state.counters["consecutive_nonfinite"]
             if bad:  # a run whose last steps all failed has not learned; never call it complete
                 raise NumericalError(f"the last {bad} training steps produced non-finite losses or gradients; "
                                      f"the run ended without a usable network")
-            if self.run_options.final_grid:
+            if self.run_options.final_grid and self.writer:
                 grid = self.sample_grid(final=True)
                 self.say(f"training complete at {self.state.nimg} images; samples: {grid}")
             else:
@@ -195,13 +230,44 @@ def _duration(seconds):
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
+class _QuietReport:
+    """The report of a process other than the first: it says and writes nothing."""
+
+    def say(self, message):
+        pass
+
+    def open(self, nimg, duration):
+        pass
+
+    def tick(self, nimg):
+        pass
+
+    def row(self, row):
+        pass
+
+    def close(self):
+        pass
+
+
 def train(preset="digits", run=None, network=None, training=None, cadence=None):
-    """Train (or resume) a run from a preset and overrides (dicts of config fields). Returns the Trainer."""
+    """Train (or resume) a run from a preset and overrides (dicts of config fields). Returns the Trainer.
+
+    Under torchrun (WORLD_SIZE > 1) every process runs this; they form one run (:mod:`mpdiff.distributed`):
+    the first process holds the run directory's lock and writes, the others only train."""
     resolved, dataset = resolve_run(preset, run, network, training, cadence)
-    with run_directory_lock(resolved.run.run_dir, "train"):
-        resolved, micro_note = settle_micro_batch(resolved)
-        check_existing_run(resolved)
-        trainer = Trainer(resolved, dataset, micro_note)  # options refused here write nothing
-        write_run_config(resolved)
-        trainer.run()
+    dist = Distributed.from_env(resolved.run.device)
+    try:
+        lock = run_directory_lock(resolved.run.run_dir, "train") if dist.rank == 0 else contextlib.nullcontext()
+        with lock:
+            resolved, micro_note = settle_micro_batch(resolved)
+            if dist.active:  # every process takes the smallest micro-batch any of them chose
+                micro = dist.all_min(resolved.run.batch_gpu or resolved.training.batch)
+                resolved = _with_micro(resolved, micro)
+            check_existing_run(resolved)
+            trainer = Trainer(resolved, dataset, micro_note, dist=dist)  # options refused here write nothing
+            if dist.rank == 0:
+                write_run_config(resolved)
+            trainer.run()
+    finally:
+        dist.close()
     return trainer
