@@ -61,6 +61,13 @@ def train_guide(out, duration, threads):
     subprocess.run(command, check=True, env=env)
 
 
+def _shown(path):
+    """A path relative to the repository when inside it."""
+    root = os.path.dirname(HERE)
+    path = os.path.abspath(path)
+    return os.path.relpath(path, root) if path.startswith(root + os.sep) else path
+
+
 def guide_finished(out):
     log = os.path.join(out, "uncond", "log.txt")
     return os.path.exists(log) and "training complete" in open(log, encoding="utf-8").read()
@@ -76,10 +83,10 @@ def _snapshot(run, nimg=None, sigma_rel=SIGMA_REL):
     return max(found, key=lambda s: s.nimg)
 
 
-def settings(out, mnist_paths, w_values, autoguide_nimg, autoguide_sigma_rel):
+def settings(guide_run, mnist_paths, w_values, autoguide_nimg, autoguide_sigma_rel):
     """[(kind, w, main snapshot, guide snapshot or None)] to evaluate; w = 1 once, unguided."""
     main = _snapshot(mnist_paths.run)
-    guides = {"cfg": _snapshot(os.path.join(out, "uncond")),
+    guides = {"cfg": _snapshot(guide_run),
               "autoguidance": _snapshot(mnist_paths.run, autoguide_nimg, autoguide_sigma_rel)}
     rows = [("none", 1.0, main, None)]
     for kind, guide in guides.items():
@@ -87,7 +94,7 @@ def settings(out, mnist_paths, w_values, autoguide_nimg, autoguide_sigma_rel):
     return rows
 
 
-def quality(out, mnist_paths, num, steps, w_values, fid, threads, autoguide_nimg, autoguide_sigma_rel):
+def quality(out, guide_run, mnist_paths, num, steps, w_values, fid, threads, autoguide_nimg, autoguide_sigma_rel):
     import torch
 
     from mpdiff.data.pixels import decode_images
@@ -108,7 +115,7 @@ def quality(out, mnist_paths, num, steps, w_values, fid, threads, autoguide_nimg
     path = os.path.join(out, "quality.json")
     rows = mnist_bench._load_json(path, [])
     names = [d.metric for d in detectors]
-    for kind, w, main, guide in settings(out, mnist_paths, w_values, autoguide_nimg, autoguide_sigma_rel):
+    for kind, w, main, guide in settings(guide_run, mnist_paths, w_values, autoguide_nimg, autoguide_sigma_rel):
         if any(r["kind"] == kind and r["w"] == w and r["num"] == num and r["steps"] == steps
                and all(f"{m}_held_out" in r for m in names) for r in rows):
             continue
@@ -125,7 +132,7 @@ def quality(out, mnist_paths, num, steps, w_values, fid, threads, autoguide_nimg
         sampled = time.perf_counter()
         _, predicted = classifier_outputs(classifier, images)
         row = {"kind": kind, "w": w, "num": num, "steps": steps,
-               "net": os.path.relpath(main.path, out), "guide": guide and os.path.relpath(guide.path, out),
+               "net": _shown(main.path), "guide": guide and _shown(guide.path),
                "accuracy": float(np.mean(predicted == np.asarray(classes)))}
         features = mnist_bench._real_features(detectors, images)
         for m in names:
@@ -224,6 +231,7 @@ def main():
     parser.add_argument("--autoguide-sigma-rel", type=float, default=0.100, help="Its EMA length [0.100].")
     parser.add_argument("--no-fid", dest="fid", action="store_false")
     parser.add_argument("--out", default=OUT)
+    parser.add_argument("--guide-run", default=None, help="The CFG guide's run directory [OUT/uncond].")
     parser.add_argument("--mnist-out", default=mnist_bench.OUT, help="The MNIST recipe's folder (run, references).")
     parser.add_argument("--results", default=RESULTS)
     args = parser.parse_args()
@@ -232,7 +240,7 @@ def main():
     if args.action in ("guide", "all") and not guide_finished(args.out):
         train_guide(args.out, args.duration, args.threads)
     if args.action in ("quality", "all"):
-        quality(args.out, mnist_paths, args.num, args.steps, w_values, args.fid, args.threads, args.autoguide_nimg,
+        quality(args.out, args.guide_run or os.path.join(args.out, "uncond"), mnist_paths, args.num, args.steps, w_values, args.fid, args.threads, args.autoguide_nimg,
                 args.autoguide_sigma_rel)
     if args.action in ("report", "all"):
         report(args.out, args.results)
