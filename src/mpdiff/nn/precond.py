@@ -17,6 +17,8 @@ from torch import nn
 from mpdiff.nn.ladder import CONFIG_G, LadderFlags, Layers
 from mpdiff.nn.unet import UNet
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def edm_coefficients(sigma: torch.Tensor, sigma_data: float):
     """(c_skip, c_out, c_in, c_noise) for noise levels `sigma` (Eq. 4-8).
@@ -62,6 +64,7 @@ class Preconditioner(nn.Module):
         self.img_channels = img_channels
         self.label_dim = label_dim
         self.use_fp16 = use_fp16
+        self.precision = None  # runtime override of the activation dtype: see compute_dtype
         self.sigma_data = sigma_data
         self.unet = backbone
         self.logvar_fourier = self.logvar_linear = None
@@ -82,6 +85,17 @@ class Preconditioner(nn.Module):
             return torch.zeros([1, self.label_dim], device=device)
         return class_labels.to(torch.float32).reshape(-1, self.label_dim)
 
+    def compute_dtype(self, device, force_fp32: bool = False) -> torch.dtype:
+        """The backbone's activation dtype: `precision` when set (a runtime choice: 'fp32', 'bf16',
+        'fp16'), else float16 on CUDA when the network says use_fp16, else float32. The
+        preconditioning, the embedding, the norms inside normalisations, attention logits and the
+        loss stay float32 whatever this is, and so do the weights (cast per use)."""
+        if force_fp32:
+            return torch.float32
+        if self.precision is not None:
+            return PRECISIONS[self.precision]
+        return torch.float16 if self.use_fp16 and torch.device(device).type == "cuda" else torch.float32
+
     @property
     def has_uncertainty(self) -> bool:
         """Whether the network has the log-variance head u(sigma) (configs B-G)."""
@@ -100,8 +114,7 @@ class Preconditioner(nn.Module):
         x = x.to(torch.float32)
         sigma = sigma.float().reshape(-1, 1, 1, 1)  # one level per sample, broadcast over pixels
         labels = self._labels(class_labels, x.device)
-        half = self.use_fp16 and not force_fp32 and x.device.type == "cuda"
-        compute_dtype = torch.float16 if half else torch.float32
+        compute_dtype = self.compute_dtype(x.device, force_fp32)
 
         c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
         raw = self.unet((c_in * x).to(compute_dtype), c_noise, labels)

@@ -188,8 +188,8 @@ class MPConv(nn.Module):
     def forward(self, x: torch.Tensor, gain: Union[float, torch.Tensor] = 1) -> torch.Tensor:
         if self.training and self.forced:
             self.force_weight_norm()
-        if self.training or torch.is_grad_enabled():
-            self._frozen = None
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            self._frozen = None  # compiled: the normalisation is part of the graph (fused), not cached
             w = self.effective_weight(gain, x.dtype)
         else:
             w = self._reusable_weight(gain, x.dtype)
