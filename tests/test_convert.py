@@ -1,5 +1,6 @@
 """`mpdiff dataset convert`: any images -> an EDM2-style dataset that open_dataset accepts (issue 11)."""
 
+import io
 import json
 import os
 import shlex
@@ -307,3 +308,114 @@ def test_palette_and_16_bit_images_convert_to_their_pixels(tmp_path):
     expected_gray = np.round(deep / 257).astype(np.uint8)
     assert np.array_equal(deep_out[0, 1:7, 1:7], expected_gray)             # gray among RGB: repeated
     assert np.array_equal(deep_out[0], deep_out[2])
+
+
+# ---- ADM's centre crop (SPEC §7.3) on constructed images; ImageNet-style trees, streamed --------------------
+
+def adm_reference(image, size):
+    """SPEC §7.3 written out step by step on a PIL image: while the shorter side is >= 2x the target, halve
+    the image with a box filter; then a bicubic resize so that the shorter side equals the target (the
+    longer one rounded); then the centred square, its offset rounded down."""
+    from PIL import Image
+
+    while min(image.size) >= 2 * size:
+        image = image.resize((image.width // 2, image.height // 2), Image.Resampling.BOX)
+    scale = size / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
+    array = np.asarray(image)
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    array = array[top:top + size, left:left + size]
+    return chw(array)
+
+
+@pytest.mark.parametrize("height, width", [(64, 64), (65, 64), (64, 129), (127, 128), (128, 128), (257, 129),
+                                           (31, 45), (16, 16), (200, 31), (513, 1024), (17, 16)])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_center_crop_dhariwal_is_spec_7_3_on_non_square_and_odd_sizes(height, width, channels):
+    from PIL import Image
+
+    image = rect(height, width, channels, seed=height * 1000 + width)
+    got = transform_image(image, "center-crop-dhariwal", 32)
+    picture = Image.fromarray(image[0] if channels == 1 else image.transpose(1, 2, 0))
+    assert got.shape == (channels, 32, 32) and got.dtype == np.uint8
+    assert np.array_equal(got, adm_reference(picture, 32))
+
+
+def test_center_crop_dhariwal_known_answers():
+    # 4R x 6R made of constant 4x4 blocks: two box halvings give exactly the block values, and stop (the short
+    # side is then R < 2R); a bicubic "resize" to the same size changes nothing; the crop takes the middle R
+    # columns of 1.5R: from column R/4
+    blocks = np.random.RandomState(1).randint(0, 256, (3, 16, 24), dtype=np.uint8)
+    image = blocks.repeat(4, axis=1).repeat(4, axis=2)             # 64 x 96, R = 16
+    assert np.array_equal(transform_image(image, "center-crop-dhariwal", 16), blocks[:, :, 4:20])
+    # short side exactly R: no halving, no resize; an odd excess of 3 columns puts the extra one on the right
+    narrow = rect(16, 19, seed=2)
+    assert np.array_equal(transform_image(narrow, "center-crop-dhariwal", 16), narrow[:, :, 1:17])
+    # a constant image stays that constant through box, bicubic and crop, whatever its size
+    flat = np.full((3, 301, 199), 77, np.uint8)
+    assert (transform_image(flat, "center-crop-dhariwal", 16) == 77).all()
+
+
+def test_an_imagenet_style_tree_converts_streamed_with_adm_crop(tmp_path, monkeypatch):
+    """Class-per-folder (WordNet ids, .JPEG), odd and non-square sizes, grayscale, palette and opaque RGBA: one
+    image is decoded, transformed and written at a time (never all first), in source order, and the result is
+    SPEC §7.3 applied to the image as the reader decodes it."""
+    from PIL import Image
+
+    rs = np.random.RandomState(3)
+    palette = Image.fromarray(rs.randint(0, 4, (50, 70), dtype=np.uint8), "P")
+    palette.putpalette(list(rs.randint(0, 256, 12)) + [0] * (768 - 12))
+    buffer = io.BytesIO()
+    palette.save(buffer, "PNG")
+    files = {
+        "n01440764/n01440764_10026.JPEG": png_bytes(rs.randint(0, 256, (75, 100, 3), dtype=np.uint8), fmt="JPEG"),
+        "n01440764/n01440764_2.png": png_bytes(rs.randint(0, 256, (33, 47), dtype=np.uint8)),        # grayscale
+        "n01443537/a.png": buffer.getvalue(),                                                       # palette
+        "n01443537/b.png": png_bytes(np.dstack([rs.randint(0, 256, (41, 40, 3), dtype=np.uint8),
+                                                np.full((41, 40), 255, np.uint8)])),                # opaque RGBA
+        "n01484850/c.png": png_bytes(rs.randint(0, 256, (130, 66, 3), dtype=np.uint8)),
+    }
+    write_files(tmp_path / "train", files)
+    decoded, encoded = [], []
+    real_decode, real_png = convert_module.decode_image, convert_module._png
+
+    def decode(data, where):
+        decoded.append(where)
+        return real_decode(data, where)
+
+    def png(image):
+        encoded.append(len(decoded))
+        return real_png(image)
+
+    monkeypatch.setattr(convert_module, "decode_image", decode)
+    monkeypatch.setattr(convert_module, "_png", png)
+    result = convert_dataset(tmp_path / "train", tmp_path / "out.zip", 16, "center-crop-dhariwal", progress=False)
+    assert encoded == [1, 2, 3, 4, 5]  # streamed: each image written right after it was decoded
+    assert result.summary() == f"wrote 5 images (16x16, 3 channels, 3 classes from top-level folders) to {tmp_path}/out.zip"
+    out = load_dataset(tmp_path / "out.zip", progress=False)
+    assert out.labels.tolist() == [0, 0, 1, 1, 2]
+    source = load_dataset_images(tmp_path / "train", sorted(files))
+    for i, image in enumerate(source):
+        picture = Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
+        expected = adm_reference(picture, 16)
+        expected = np.repeat(expected, 3, axis=0) if expected.shape[0] == 1 else expected  # gray among RGB
+        assert np.array_equal(out.images[i], expected), sorted(files)[i]
+
+
+def load_dataset_images(root, names):
+    """Each file decoded as the dataset reader decodes it (any size)."""
+    from mpdiff.data.datasets import decode_image
+    return [decode_image((root / name).read_bytes(), name) for name in names]
+
+
+def test_a_bad_file_in_a_class_tree_is_one_line_naming_it(tmp_path):
+    good = png_bytes(pixels(0, 40))
+    write_files(tmp_path / "train", {"n1/a.png": good, "n1/b.JPEG": b"\xff\xd8\xff not a jpeg", "n2/c.png": good})
+    with pytest.raises(DatasetError) as error:
+        convert_dataset(tmp_path / "train", tmp_path / "out.zip", 16, "center-crop-dhariwal", progress=False)
+    assert str(error.value).startswith(f"{tmp_path}/train/n1/b.JPEG: cannot read image (") and "\n" not in str(error.value)
+    truncated = png_bytes(pixels(1, 40))
+    write_files(tmp_path / "train", {"n1/b.JPEG": png_bytes(pixels(2, 40), fmt="JPEG"), "n2/c.png": truncated[:-30]})
+    with pytest.raises(DatasetError, match=r"train/n2/c\.png: cannot read image \("):  # its header is fine: met when decoded
+        convert_dataset(tmp_path / "train", tmp_path / "out.zip", 16, "center-crop-dhariwal", progress=False)
+    assert not (tmp_path / "out.zip").exists()

@@ -42,6 +42,33 @@ def convert(src, dest, resolution, transform, progress):
 
 
 @dataset.command()
+@click.argument("src")
+@click.argument("dest")
+@click.option("--vae", required=True, metavar="DIR",
+              help="A local folder holding the Stable Diffusion VAE in diffusers format (EDM2: stabilityai/sd-vae-ft-mse, "
+                   "fetched with `hf download stabilityai/sd-vae-ft-mse --local-dir DIR`); the hub is never contacted.")
+@click.option("--batch", type=int, default=8, show_default=True, help="Images per VAE encoder call.")
+@click.option("--device", default="cpu", show_default=True, help="Torch device of the VAE, e.g. cuda.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def encode(src, dest, vae, batch, device, progress):
+    """Encode an image dataset into latents of the Stable Diffusion VAE, as EDM2 stores them.
+
+    SRC: a folder or ZIP of images (e.g. written by `mpdiff dataset convert`), side a multiple of 8
+    (512 for EDM2's ImageNet-512). DEST: a new .zip file (or folder) holding, per image, a float32
+    00000/img-mean-std-00000000.npy of shape [8, R/8, R/8] (the VAE encoder's 4 means, then its 4
+    standard deviations; training draws mean + std * eps) and dataset.json with the same labels.
+    Needs the optional diffusers package: pip install "mpdiff[latent]".
+    """
+    from mpdiff.config import check_device
+    from mpdiff.data.latents import encode_dataset
+    from mpdiff.storage.files import printable
+
+    check_device(device, field=None)
+    result = encode_dataset(src, dest, vae, batch_size=batch, device=device, progress=progress)
+    click.echo(printable(result.summary()))
+
+
+@dataset.command()
 @click.argument("path")
 @click.option("--labels/--no-labels", default=True, show_default=True,
               help="Check the labels too (dataset.json or class folders), as training with labels reads them.")

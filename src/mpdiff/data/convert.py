@@ -32,6 +32,7 @@ from mpdiff.data.datasets import (
     CHUNK_FOLDERS_UNLABELLED,
     LABELS_FILE,
     MIN_RESOLUTION,
+    _is_latent_name,
     _open_source,
     decode_image,
     labels_document,
@@ -97,6 +98,9 @@ def convert_dataset(src, dest, resolution=None, transform=None, *, progress=True
     _check_destination(src, dest)  # before reading anything: a refused DEST costs nothing
     with _open_source(src) as source:
         scan = scan_source(source)
+        if _is_latent_name(scan.image_names[0]):
+            raise DatasetError(f"{source.shown}: holds latents (.npy files); convert takes images (mpdiff dataset "
+                               f"encode makes latents from a converted image dataset)")
         shapes = _read_headers(source, scan.image_names, progress)
         resolution = _plan(source, scan.image_names, shapes, resolution, transform)
         channels = 3 if any(shape[0] == 3 for shape in shapes) else 1
@@ -173,9 +177,10 @@ def _check_options(resolution, transform):
         raise ConfigError(f"--transform must be one of {', '.join(TRANSFORMS)}, got {transform!r}")
 
 
-def _check_destination(src, dest):
+def _check_destination(src, dest, command="convert"):
     """Refuse a DEST that exists and is not empty (or is not what its name says), or a folder DEST
-    inside the source folder (its images would join the source's)."""
+    inside the source folder (its images would join the source's). `command` names the command in
+    the messages (convert, encode)."""
     shown = show_path(dest)
     if not dest or os.path.basename(os.path.normpath(dest)) in ("", ".", ".."):
         raise ConfigError(f"DEST '{shown}' must name a new folder or a .zip file")
@@ -186,11 +191,11 @@ def _check_destination(src, dest):
             if is_zip:
                 raise ConfigError(f"{shown} is a folder; a .zip DEST must be a file (choose another name)")
             if os.listdir(dest):
-                raise ConfigError(f"{shown} is not empty; convert writes a complete new dataset (choose another "
+                raise ConfigError(f"{shown} is not empty; {command} writes a complete new dataset (choose another "
                                   f"DEST, or remove this one)")
         elif is_zip and os.path.isfile(dest):
             if info.st_size:
-                raise ConfigError(f"{shown} already exists; convert writes a complete new dataset (choose another "
+                raise ConfigError(f"{shown} already exists; {command} writes a complete new dataset (choose another "
                                   f"DEST, or remove this one)")
         else:
             raise ConfigError(f"{shown} already exists and is not a folder; name a new folder or a .zip file")

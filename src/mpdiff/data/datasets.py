@@ -1,4 +1,4 @@
-"""Datasets: folders and ZIP archives of images with EDM2 labels (SPEC §7.3-7.4).
+"""Datasets: folders and ZIP archives of images, or of latents, with EDM2 labels (SPEC §7.3-7.4).
 
 A dataset has `labels` (int64 [N] or None), `num_classes` (0 = unlabelled), `name`, `shape`
 (C, H, W), `channels`, `resolution`, ``read(i)`` (uint8 [C, H, W]) and ``batches(n)``. There are two
@@ -10,6 +10,11 @@ kinds, with that one interface:
 * :class:`ImageDataset`, every image decoded into one uint8 array [N, C, H, W]: the built-in
   datasets, and :func:`load_dataset` (or ``open_dataset(...).load()``) for folders and ZIPs small
   enough to hold in memory.
+
+A folder or ZIP of ``.npy`` files instead of images is a latent dataset (SPEC §7.1, §7.3: what
+`mpdiff dataset encode` writes): each file a float32 [8, R, R], the VAE encoder's 4 means then 4
+standard deviations; ``read(i)`` gives that float32 array, `latent` is True and `dtype` float32. It is
+streamed only (``load()`` is for images).
 
 Every problem raises :class:`~mpdiff.errors.DatasetError` with one line naming the file; nothing is
 skipped silently. Problems of the index (labels, no images, an unusable first image) fail at open; a
@@ -36,6 +41,8 @@ from mpdiff.storage.files import memory_limit, open_regular, show_path
 
 LABELS_FILE = "dataset.json"           # EDM2 label file, at the dataset root only
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")  # matched case-insensitively
+LATENT_EXTENSIONS = (".npy",)          # latents: float32 [LATENT_DATA_CHANNELS, R, R] per file (SPEC §7.1)
+LATENT_DATA_CHANNELS = 8               # the VAE encoder's 4 means, then its 4 standard deviations
 PIL_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")  # the only decoders run (JPEG includes multi-picture MPO)
 MIN_RESOLUTION = 4                     # the U-Net halves the resolution once per level
 MAX_IMAGE_PIXELS = 8192 * 8192         # larger images are refused as possible decompression bombs
@@ -153,6 +160,7 @@ class StreamedImageDataset:
         self.ignored_files = tuple(ignored_files)
         self.progress = progress                # the default of load() (None: a bar above PROGRESS_MIN_IMAGES images)
         self._first_where = first_where or (self.image_name(0) if encoded else "")  # how messages name image 0
+        self.latent = bool(encoded) and _is_latent_name(self.image_name(0))  # .npy latents (a dataset never mixes)
         self._reset()
 
     def _reset(self):
@@ -185,6 +193,11 @@ class StreamedImageDataset:
         return self._shape[1]
 
     @property
+    def dtype(self):
+        """What ``read`` gives: uint8 images, or float32 latents."""
+        return np.dtype(np.float32) if self.latent else np.dtype(np.uint8)
+
+    @property
     def images(self):
         raise AttributeError("a streamed dataset holds no array of images: read(i), batches(n), or load() "
                              "(load_dataset) to decode them all into memory")
@@ -200,20 +213,20 @@ class StreamedImageDataset:
         return self._names[self._offsets[i]:self._offsets[i + 1]].decode("utf-8", "surrogatepass")
 
     def read(self, i):
-        """Image `i` as uint8 [C, H, W], read and decoded now; DatasetError (one line naming the file) when
-        it is damaged or its shape differs from the first image's."""
+        """Image `i` as uint8 [C, H, W] (a latent dataset: float32 [8, R, R]), read and decoded now;
+        DatasetError (one line naming the file) when it is damaged or its shape differs from the first one's."""
         return _decode_checked(self._source_here(), self.image_name(i), self._first_where, self._shape)
 
     def __getitem__(self, i):
         return self.read(i)
 
     def batches(self, batch_size=64, progress=False):
-        """uint8 arrays [b, C, H, W] of at most `batch_size` images, in order; only the current batch is held.
-        progress: a tqdm bar (True/False; None: above PROGRESS_MIN_IMAGES images)."""
+        """uint8 arrays [b, C, H, W] (latents: float32) of at most `batch_size` images, in order; only the
+        current batch is held. progress: a tqdm bar (True/False; None: above PROGRESS_MIN_IMAGES images)."""
         batch_size = _check_batch_size(batch_size)
         with _bar(len(self), progress, f"Reading {self.name}") as bar:
             for start in range(0, len(self), batch_size):
-                batch = np.empty((min(batch_size, len(self) - start), *self._shape), dtype=np.uint8)
+                batch = np.empty((min(batch_size, len(self) - start), *self._shape), dtype=self.dtype)
                 for k in range(len(batch)):
                     batch[k] = self.read(start + k)
                 bar.update(len(batch))
@@ -224,6 +237,9 @@ class StreamedImageDataset:
         is read first (all images must share one shape), the array they need is compared with
         :func:`max_dataset_bytes`, and only then is anything decoded. progress: tqdm bars (True/False;
         None: the `progress` given to open_dataset, whose None shows them above PROGRESS_MIN_IMAGES images)."""
+        if self.latent:
+            raise DatasetError(f"{_show(self.path, None)}: a latent dataset (.npy files) is read file by file "
+                               f"(read, batches); load() decodes images only")
         progress = self.progress if progress is None else progress
         names = [self.image_name(i) for i in range(len(self))]
         show = _show_bar(len(names), progress)
@@ -321,6 +337,12 @@ def open_dataset(spec, use_labels=True, *, progress=None):
     first image's header is checked at open, every other image against it when it is decoded.
     Images above MAX_IMAGE_PIXELS pixels or files above MAX_FILE_BYTES are refused.
 
+    Latents: a folder or ZIP of ``.npy`` files (any case) instead is a latent dataset, as `mpdiff dataset
+    encode` writes it (``00000/img-mean-std-00000000.npy``): every file a float32 array [8, R, R] (the VAE
+    encoder's 4 means, then its 4 standard deviations >= 0), R a power of two >= 4, finite, in NumPy's
+    .npy format without pickled objects (read with allow_pickle=False); ``read(i)`` gives it as float32
+    (native byte order). Images and .npy files in one dataset are an error. Labels as for images.
+
     Memory: the index holds the names and labels, never pixels. ``load()`` (and :func:`load_dataset`)
     first reads every header and compares the array they need (N x C x H x W bytes) with
     :func:`max_dataset_bytes` (half of physical memory, or $MPDIFF_MAX_DATASET_BYTES).
@@ -354,7 +376,7 @@ def open_dataset(spec, use_labels=True, *, progress=None):
         first = found.image_names[0]
         first_where = source.where(first)
         with source.open(first) as stream:
-            shape = probe_image(stream, first_where)  # the one header read at open
+            shape = probe_file(stream, first_where, first)  # the one header read at open
         _check_first_shape(shape, first_where, source.path)
     return StreamedImageDataset(path, found.image_names, shape, found.labels, found.num_classes,
                                 name=_dataset_name(path), label_source=found.label_source,
@@ -393,11 +415,17 @@ def scan_source(source, use_labels=True):
     in :func:`open_dataset`; nothing is decoded. Raises DatasetError when there is no image or the
     labels are unusable."""
     files = source.list_files()
-    image_names = sorted(name for name in files if _is_image_name(name))
-    ignored = sorted(name for name in files if not _is_image_name(name) and name != LABELS_FILE)
+    image_names = sorted(name for name in files if _is_data_name(name))
+    ignored = sorted(name for name in files if not _is_data_name(name) and name != LABELS_FILE)
     if not image_names:
         raise DatasetError(f"{source.shown}: no images found (searched recursively for "
-                           f"{', '.join(IMAGE_EXTENSIONS)} files; other files ignored: {len(ignored)})")
+                           f"{', '.join(IMAGE_EXTENSIONS + LATENT_EXTENSIONS)} files; other files ignored: "
+                           f"{len(ignored)})")
+    latent = [_is_latent_name(name) for name in image_names]
+    if any(latent) and not all(latent):
+        npy, image = image_names[latent.index(True)], image_names[latent.index(False)]
+        raise DatasetError(f"{source.where(npy)} is a latent (.npy) but {source.where(image)} is an image; a "
+                           f"dataset holds images or latents, not both")
     labels, num_classes, label_source = None, 0, "none"
     if use_labels and LABELS_FILE in files:
         where = source.where(LABELS_FILE)
@@ -790,6 +818,102 @@ def _refuse_transparent(transparent, where, detail, maybe=False):
                            f"{count:,} of {transparent.size:,} pixels); flatten it onto a background first")
 
 
+# ---- latent files (.npy) ---------------------------------------------------------------------
+
+def probe_file(stream, where, name):
+    """(channels, height, width) from the header of an image or, for a name ending in .npy, a latent."""
+    return probe_latent(stream, where) if _is_latent_name(name) else probe_image(stream, where)
+
+
+def probe_latent(stream, where):
+    """(8, R, R) of a latent .npy file from its header alone; DatasetError (one line naming the file) when
+    the header is damaged or does not describe a float32 [8, R, R] array (see :func:`decode_latent`)."""
+    with _latent_errors(where):
+        shape, dtype = _npy_header(stream)
+    _check_latent_header(shape, dtype, where)
+    return tuple(int(n) for n in shape)
+
+
+_NPY_HEADER_BYTES = 10000  # NumPy's own default limit on an .npy header
+
+
+def _npy_header(stream):
+    """(shape, dtype) from an .npy header (format versions 1.0 and 2.0, which NumPy writes for arrays
+    such as ours; 3.0 only adds UTF-8 field names, which a float32 array has none of)."""
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(stream, max_header_size=_NPY_HEADER_BYTES)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(stream, max_header_size=_NPY_HEADER_BYTES)
+    else:
+        raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported (1.0 or 2.0)")
+    return shape, dtype
+
+
+def decode_latent(data, where):
+    """One latent .npy file's bytes -> float32 [8, R, R] (native byte order), refusing anything doubtful:
+    not NumPy's .npy format, a damaged or truncated file, trailing bytes, pickled objects (never
+    unpickled: allow_pickle=False), another dtype than float32, another shape than [8, R, R] with R a
+    power of two >= MIN_RESOLUTION, non-finite values, or a negative standard deviation."""
+    import io
+
+    if len(data) == 0:
+        raise DatasetError(f"{where}: cannot read latent (empty file)")
+    stream = io.BytesIO(data)
+    with _latent_errors(where):
+        shape, dtype = _npy_header(stream)
+    _check_latent_header(shape, dtype, where)  # before reading any data: no object array is ever built
+    stream.seek(0)
+    with _latent_errors(where):
+        array = np.lib.format.read_array(stream, allow_pickle=False, max_header_size=_NPY_HEADER_BYTES)
+    if stream.tell() != len(data):
+        raise DatasetError(f"{where}: cannot read latent ({len(data) - stream.tell():,} bytes after the array; "
+                           f"the file is damaged)")
+    array = np.ascontiguousarray(array, dtype=np.float32)  # native byte order
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:
+        raise DatasetError(f"{where}: latent has {bad:,} non-finite values (NaN or infinity) of {array.size:,}")
+    half = LATENT_DATA_CHANNELS // 2
+    negative = int(np.count_nonzero(array[half:] < 0))
+    if negative:
+        raise DatasetError(f"{where}: latent has {negative:,} negative standard deviations (channels "
+                           f"{half}-{LATENT_DATA_CHANNELS - 1} hold the VAE's standard deviations)")
+    return array
+
+
+def _check_latent_header(shape, dtype, where):
+    if dtype.hasobject:
+        raise DatasetError(f"{where}: latent holds Python objects (a pickled array); refused, expected float32 "
+                           f"[{LATENT_DATA_CHANNELS}, R, R]")
+    if dtype.kind != "f" or dtype.itemsize != 4 or dtype.fields is not None or dtype.subdtype is not None:
+        raise DatasetError(f"{where}: latent is {dtype.str.lstrip('<>|=')} ({dtype.name}), expected float32 "
+                           f"[{LATENT_DATA_CHANNELS}, R, R] (the VAE's 4 means and 4 standard deviations)")
+    if len(shape) != 3 or shape[0] != LATENT_DATA_CHANNELS:
+        raise DatasetError(f"{where}: latent has shape {list(shape)}, expected [{LATENT_DATA_CHANNELS}, R, R] "
+                           f"(the VAE's 4 means and 4 standard deviations)")
+    _, height, width = shape
+    if height != width or width < MIN_RESOLUTION or width & (width - 1):
+        raise DatasetError(f"{where}: latent has shape {list(shape)}; its two sides must be equal, a power of two "
+                           f"of at least {MIN_RESOLUTION}")
+
+
+@contextlib.contextmanager
+def _latent_errors(where):
+    """Any exception of NumPy's .npy reader as one DatasetError line naming the file."""
+    try:
+        yield
+    except DatasetError:
+        raise
+    except MemoryError:
+        raise DatasetError(f"{where}: cannot read latent (out of memory while reading it)") from None
+    except Exception as e:  # ValueError (not .npy, bad header, pickled data, truncated), EOFError, OSError, ...
+        raise DatasetError(f"{where}: cannot read latent, not a valid .npy file ({first_line(e)})") from None
+
+
+def _dims(shape):
+    return "x".join(str(n) for n in shape)
+
+
 def _check_headers(source, image_names, show):
     """Read every image's header; check that all share one valid shape. Returns (where, shape) of the first."""
     from tqdm import tqdm
@@ -799,7 +923,7 @@ def _check_headers(source, image_names, show):
         for name in image_names:
             where = source.where(name)
             with source.open(name) as stream:
-                shape = probe_image(stream, where)
+                shape = probe_file(stream, where, name)
             if first is None:
                 _check_first_shape(shape, where, source.path)
                 first = (where, shape)
@@ -834,7 +958,7 @@ def _decode_checked(source, name, first_where, shape):
         data = source.read(name)
     except KeyError:  # a ZIP opened again (another process) that no longer holds it
         raise DatasetError(f"{where}: not in the archive any more (it changed after the dataset was opened)") from None
-    array = decode_image(data, where)
+    array = decode_latent(data, where) if _is_latent_name(name) else decode_image(data, where)
     if array.shape != shape:  # another size or channel count, or the file changed since its header was read
         _raise_shape_mismatch(array.shape, where, first_where, shape, source.path)
     return array
@@ -852,6 +976,9 @@ def _check_first_shape(shape, where, path):
 
 
 def _raise_shape_mismatch(shape, where, first_where, first_shape, path):
+    if first_shape[0] == LATENT_DATA_CHANNELS or shape[0] == LATENT_DATA_CHANNELS:  # latents: no convert advice
+        raise DatasetError(f"{where}: latent is {_dims(shape)} but {first_where} is {_dims(first_shape)}; all "
+                           f"latents must have the same shape")
     if shape[1:] != first_shape[1:]:
         raise DatasetError(f"{where}: image is {shape[2]}x{shape[1]} pixels but {first_where} is "
                            f"{first_shape[2]}x{first_shape[1]}; all images must have the same size"
@@ -893,6 +1020,15 @@ def _is_visible(name):
 
 def _is_image_name(name):
     return _is_visible(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _is_latent_name(name):
+    return _is_visible(name) and os.path.splitext(name)[1].lower() in LATENT_EXTENSIONS
+
+
+def _is_data_name(name):
+    """An image or a latent file: what a dataset is made of."""
+    return _is_image_name(name) or _is_latent_name(name)
 
 
 def _dataset_name(path):
