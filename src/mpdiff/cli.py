@@ -136,6 +136,8 @@ def _click_option(section, field):
         kind = None if parse else _CLICK_TYPES.get(field.type)
         if field.name == "snapshot_dtype":
             kind = click.Choice(STORAGE_DTYPES)
+        if field.name == "precision":
+            kind = click.Choice(["fp32", "bf16", "fp16"])
         return click.option(flag, field.name, default=default, type=kind, show_default=shown, help=help_text)
     kind = None if parse else _CLICK_TYPES.get(field.type)
     if field.name == "attn_impl":
@@ -188,7 +190,8 @@ def train(preset, **values):
     trainer = run_training(preset, run, network=overrides["network"], training=overrides["training"],
                            cadence=overrides["cadence"])
     if trainer.nimg >= trainer.training.duration:
-        samples = f" (samples: {trainer.layout.grid()})" if run.final_grid else ""
+        samples = f" (samples: {trainer.layout.grid()})" if run.final_grid and os.path.exists(trainer.layout.grid()) \
+            else ""  # a latent run without --vae draws no grid
         click.echo(_one_line(f"done: {trainer.layout.run_dir}{samples}"))
     else:
         click.echo(f"stopped at {trainer.nimg} images (slice); run the same command again to continue")
@@ -201,7 +204,8 @@ def train(preset, **values):
 def _sampling_options(func):
     fields = [f for f in dataclasses.fields(SamplingConfig) if f.metadata.get("flag") and f.name != "batch_size"]
     for field in reversed(fields):
-        kind = click.Choice(sorted(SAMPLERS)) if field.name == "sampler" else _CLICK_TYPES.get(field.type)
+        kind = (click.Choice(sorted(SAMPLERS)) if field.name == "sampler" else
+                click.Choice(["fp32", "bf16", "fp16"]) if field.name == "precision" else _CLICK_TYPES.get(field.type))
         default = getattr(SAMPLING, field.name)
         func = click.option(field.metadata["flag"], field.name, default=None, type=kind,
                             help=f"{field.metadata['help']} [{default}]")(func)
@@ -232,6 +236,23 @@ def _sampling_from(values, batch_size=None):
     if batch_size is not None:
         changes["batch_size"] = batch_size
     return SAMPLING.replace(**changes).check()
+
+
+_VAE_HELP = ("Latent networks (4 channels, e.g. an edm2-img512 run or NVIDIA's released img512 networks): a local "
+             "folder with the Stable Diffusion VAE in diffusers format (stabilityai/sd-vae-ft-mse) to decode them "
+             "into images [default: the one the run recorded]. Needs diffusers: pip install \"mpdiff[latent]\".")
+
+
+def _decoder(net, source, vae, device, lines):
+    """The encoder that turns `net`'s output into images (pixels, or latents through the VAE); a line
+    for latents is added to `lines`."""
+    from mpdiff.data.latents import network_encoder
+
+    encoder = network_encoder(net, source, vae, device=device)
+    if encoder.name != "pixels":
+        lines.append(f"decoder: latents decoded with the Stable Diffusion VAE in {encoder.vae_dir} (raw_mean "
+                     f"{list(encoder.raw_mean)}, raw_std {list(encoder.raw_std)})")
+    return encoder
 
 
 def _networks(source, sigma_rel, guide, guidance, guide_sigma_rel, guidance_preset, device):
@@ -269,10 +290,11 @@ def _networks(source, sigma_rel, guide, guidance, guide_sigma_rel, guidance_pres
 @_guidance_options
 @_sampling_options
 @click.option("--grid", default=None, help="Grid image path [default: OUT-grid.png, next to the folder].")
+@click.option("--vae", default=None, metavar="DIR", help=_VAE_HELP)
 @click.option("--device", default=RunOptions.device, show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def generate(source, seeds, out_dir, class_idx, subdirs, batch, sigma_rel, guide, guidance, guide_sigma_rel,
-             guidance_preset, grid, device, progress, **sampler_values):
+             guidance_preset, grid, vae, device, progress, **sampler_values):
     """Sample images from a run directory or a network file, writing each batch as it is made.
 
     The folder fills in the hidden .OUT.generating and takes OUT's place when complete; a killed
@@ -293,12 +315,14 @@ def generate(source, seeds, out_dir, class_idx, subdirs, batch, sigma_rel, guide
                                                   guidance_preset, device)
         if class_idx is not None and not 0 <= class_idx < max(net.label_dim, 1):
             raise ConfigError(f"--class {class_idx} is out of range for a network with {net.label_dim} classes")
+        encoder = _decoder(net, source, vae, device, lines)
         if dist.rank == 0:
             for line in lines:
                 click.echo(line, err=True)
         generate_to_folder(net, seed_list, out_dir, class_idx=class_idx, grid_path=grid, sampling=sampling,
                            guide=guide_net, guidance=choice.guidance, progress=progress, device=device,
-                           subdirs=subdirs, dist=dist, log=lambda m: click.echo(_one_line(m), err=True))
+                           subdirs=subdirs, dist=dist, log=lambda m: click.echo(_one_line(m), err=True),
+                           encoder=encoder)
     finally:
         dist.close()
     if dist.rank == 0:
@@ -377,11 +401,12 @@ def ref(dataset, out_path, metric_names, dinov2, batch, device, progress):
 @_guidance_options
 @_sampling_options
 @click.option("--batch", type=int, default=64, show_default=True, help="Images per batch.")
+@click.option("--vae", default=None, metavar="DIR", help=_VAE_HELP + " (--net only)")
 @click.option("--device", default=RunOptions.device, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def metrics(images, net_source, ref_path, num, first_seed, metric_names, dinov2, sigma_rel, guide, guidance,
-            guide_sigma_rel, guidance_preset, batch, device, as_json, progress, **sampler_values):
+            guide_sigma_rel, guidance_preset, batch, vae, device, as_json, progress, **sampler_values):
     """FID / FD_DINOv2 of a folder of images or of a network's samples, against reference statistics.
 
     With --net, under `torchrun --nproc_per_node N -m mpdiff metrics ...`, the batches of seeds are
@@ -396,6 +421,8 @@ def metrics(images, net_source, ref_path, num, first_seed, metric_names, dinov2,
         raise ConfigError("give exactly one of --images DIR and --net RUN_OR_FILE")
     if num < 2 or batch < 1:
         raise ConfigError("--num must be at least 2, --batch at least 1")
+    if vae is not None and images is not None:
+        raise ConfigError("--vae decodes the latents of a --net; --images are images already")
     sampling = _sampling_from(sampler_values, batch)
     check_device(device, field="device")
     reference = load_reference(ref_path)
@@ -410,6 +437,7 @@ def metrics(images, net_source, ref_path, num, first_seed, metric_names, dinov2,
         else:
             net, guide_net, choice, lines = _networks(net_source, sigma_rel, guide, guidance, guide_sigma_rel,
                                                       guidance_preset, device)
+            encoder = _decoder(net, net_source, vae, device, lines)  # FID is measured on pixels
             if dist.rank == 0:
                 for line in lines:
                     click.echo(line, err=True)
@@ -417,7 +445,7 @@ def metrics(images, net_source, ref_path, num, first_seed, metric_names, dinov2,
 
             seeds = sum(process_batches(list(range(first_seed, first_seed + num)), sampling.batch_size, dist), [])
             total, batches = len(seeds), network_batches(net, seeds=seeds, sampling=sampling, guide=guide_net,
-                                                         guidance=choice.guidance, device=device)
+                                                         guidance=choice.guidance, device=device, encoder=encoder)
         with tqdm(total=total, disable=not progress or dist.rank != 0, desc="metrics", unit="img") as bar:
             result = compute_metrics(batches, reference, names, device=device, dinov2=dinov2, progress=bar.update,
                                      dist=dist)

@@ -200,16 +200,25 @@ class RunOptions(_Config):
     tensorboard: bool = option(True, "Write TensorBoard events.", flag="--tensorboard/--no-tensorboard")
     slice_nimg: Optional[int] = option(None, "Stop this invocation after N more images (job slicing).",
                                        flag="--slice", parse="nimg")
+    precision: Optional[str] = option(None, "Activation precision of training: fp32, bf16 or fp16 (loss scaling "
+                                            "from the recipe); None = the network's default (fp16 on CUDA when "
+                                            "use_fp16, else fp32). Master weights, Adam, EMA, embedding, norms and "
+                                            "the loss stay float32.", flag="--precision")
+    compile: bool = option(False, "Train through torch.compile (the first steps compile).",
+                           flag="--compile/--no-compile")
     data_workers: int = option(2, "Processes that read and decode images of a folder or ZIP dataset ahead of "
                                   "the steps (0: in the training process). The built-in datasets are in memory.",
                                flag="--data-workers")
     dynamics: bool = option(True, "Log training dynamics with the stats rows: block activation RMS on a fixed "
                                   "probe batch, weight RMS and relative update size per layer (mpdiff "
                                   "plot-dynamics draws them).", flag="--dynamics/--no-dynamics")
+    vae: Optional[str] = option(None, "Latent datasets only: a local folder with the Stable Diffusion VAE in diffusers "
+                                      "format (stabilityai/sd-vae-ft-mse), to decode the sample grids; training "
+                                      "itself does not need it (without it, no grids).", flag="--vae")
 
     # Fields that may differ between the invocations of one run (they change no result).
     RUNTIME_FIELDS = ("run_dir", "progress", "tensorboard", "device", "slice_nimg", "grid_steps", "final_grid",
-                      "dynamics", "data_workers")
+                      "dynamics", "data_workers", "precision", "compile", "vae")
 
 
 @dataclass(frozen=True)
@@ -228,6 +237,11 @@ class SamplingConfig(_Config):
     S_max: Optional[float] = option(None, "Churn only at noise levels <= this; None = no limit.", flag="--churn-max")
     S_noise: float = option(1.0, "Standard deviation factor of the churn noise.", flag="--churn-noise")
     batch_size: int = option(256, "Images per sampler batch.", flag="--batch")
+    precision: Optional[str] = option(None, "Activation precision of the network: fp32, bf16 or fp16; None = the "
+                                            "network's default (fp16 on CUDA when use_fp16, else fp32). Weights, "
+                                            "embedding, norms and the sampler state stay float32.", flag="--precision")
+    compile: bool = option(False, "Run the network through torch.compile (compiles on first use of each batch "
+                                  "shape).", flag="--compile/--no-compile")
 
     def check(self):
         """Refuse values no sampler can use, naming the field."""
@@ -245,6 +259,8 @@ class SamplingConfig(_Config):
         if not 0 < self.sigma_min < self.sigma_max or self.rho <= 0:
             raise ConfigError(f"need 0 < {{sigma_min}} < {{sigma_max}} and {{rho}} > 0, got {self.sigma_min}, "
                               f"{self.sigma_max}, {self.rho}", fields=("sigma_min", "sigma_max", "rho"))
+        if self.precision is not None and self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"{{precision}} {self.precision!r} is not one of fp32, bf16, fp16", fields=("precision",))
         if self.S_max is not None and not (math.isfinite(self.S_max) and self.S_max >= self.S_min):
             raise ConfigError(f"{{S_max}} must be a finite number >= {{S_min}}, got {self.S_max}",
                               fields=("S_max", "S_min"))
@@ -313,6 +329,8 @@ def validate_run(network, training, cadence, run, resolution=None):
     elif resolution is not None and resolution % (1 << (levels - 1)) != 0:
         raise ConfigError(f"dataset resolution {resolution} cannot be halved {levels - 1} times "
                           f"(channel_mult has {levels} levels)")
+    if run.precision is not None and run.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"{{precision}} {run.precision!r} is not one of fp32, bf16, fp16", fields=("precision",))
     batch = training.batch
     if not batch > 0:
         raise ConfigError(f"{{batch}} must be positive, got {batch}", fields=("batch",))

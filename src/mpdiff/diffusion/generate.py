@@ -71,15 +71,25 @@ def generate_batches(net, seeds, class_idx=None, sampling=None, guide=None, guid
     `callback(step)` is passed to the sampler (:class:`mpdiff.diffusion.samplers.Step`).
     Keyword overrides are SamplingConfig fields (num_steps=..., batch_size=..., S_churn=...).
     """
+    from mpdiff.nn.runtime import compiled, precision_of
+
     sampling = sampling_config(sampling, **overrides)
     net = net.eval()
     if guide is not None:
         guide = guide.eval()
+    with precision_of(sampling.precision, net, guide):
+        yield from _batches(net, compiled(net, sampling.compile), seeds, class_idx, sampling,
+                            compiled(guide, sampling.compile and guide is not None), guidance, device, progress,
+                            callback)
+
+
+def _batches(net, model, seeds, class_idx, sampling, guide, guidance, device, progress, callback):
+    """generate_batches' loop: `net` describes the images, `model` (net, or net compiled) makes them."""
     seeds = [int(s) for s in seeds]
     per_seed = list(class_idx) if isinstance(class_idx, (list, tuple)) else [class_idx] * len(seeds)
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
     sigmas = edm_sigmas(sampling.num_steps, sampling.sigma_min, sampling.sigma_max, sampling.rho)
-    denoise = guided(net, guide, guidance)
+    denoise = guided(model, guide, guidance)
     sampler = SAMPLERS[sampling.sampler]
     own_bar = progress is True
     bar = tqdm(total=len(seeds), desc="generating", unit="img", dynamic_ncols=True,
@@ -170,7 +180,7 @@ def generation_settings(net, seeds, class_idx, sampling, guide=None, guidance=1.
 
 def generate_to_folder(net, seeds, out_dir, class_idx=None, grid_path=None, sampling=None, guide=None,
                        guidance=1.0, device="cpu", progress=True, subdirs=False, dist=None, log=None,
-                       **overrides):
+                       encoder=None, **overrides):
     """Write one PNG per seed and dataset.json into `out_dir`, streaming: images are written as each
     batch is made, and memory holds one batch whatever the number of seeds.
 
@@ -180,8 +190,11 @@ def generate_to_folder(net, seeds, out_dir, class_idx=None, grid_path=None, samp
     images already written and makes only the missing ones; other settings are refused.
     `dist` (:class:`mpdiff.distributed.Distributed`): each process makes every world_size-th seed and
     process 0 completes the folder. Returns the folder path.
+    `encoder` turns each batch into uint8 images (``encoder.decode``): pixels by default; a latent network's
+    :class:`mpdiff.data.latents.LatentEncoder` decodes through the VAE, batch by batch, and the decoder
+    becomes one of the settings a resumed folder must match.
     """
-    from mpdiff.data.pixels import decode_images
+    from mpdiff.data.pixels import PixelEncoder
     from mpdiff.distributed import Distributed
     from mpdiff.storage.samples import StreamingSampleFolder
 
@@ -190,6 +203,9 @@ def generate_to_folder(net, seeds, out_dir, class_idx=None, grid_path=None, samp
     seeds = [int(s) for s in seeds]
     per_seed = list(class_idx) if isinstance(class_idx, (list, tuple)) else [class_idx] * len(seeds)
     settings = generation_settings(net, seeds, class_idx, sampling, guide, guidance)
+    encoder = encoder or PixelEncoder()
+    if encoder.name != PixelEncoder.name:  # pixel folders keep the settings they always had
+        settings["decoder"] = encoder.describe(with_vae=True)
     folder = StreamingSampleFolder(out_dir, settings, grid_path=grid_path, subdirs=subdirs,
                                    num_classes=net.label_dim)
     if dist.rank == 0:
@@ -210,7 +226,7 @@ def generate_to_folder(net, seeds, out_dir, class_idx=None, grid_path=None, samp
         for indices in todo:  # whole batches as one process would make them: the same images, bit for bit
             for batch in generate_batches(net, [seeds[i] for i in indices], [per_seed[i] for i in indices],
                                           sampling, guide, guidance, device, progress=bar):
-                for seed, image, cls in zip(batch.seeds, decode_images(batch.images).numpy(), batch.classes):
+                for seed, image, cls in zip(batch.seeds, encoder.decode(batch.images).numpy(), batch.classes):
                     if not folder.has(seed):  # a batch cut short by a kill: only its missing images
                         folder.write(seed, image, cls)
     finally:

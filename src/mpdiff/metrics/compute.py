@@ -109,19 +109,24 @@ def dataset_batches(images, batch_size=64):
         yield torch.as_tensor(np.asarray(images[start:start + batch_size]))
 
 
-def network_batches(net, num=None, batch_size=64, first_seed=0, num_steps=None, device="cpu", seeds=None,
-                    sampling=None, guide=None, guidance=1.0):
+def network_batches(net, num=None, batch_size=None, first_seed=0, num_steps=None, device="cpu", seeds=None,
+                    sampling=None, guide=None, guidance=1.0, encoder=None):
     """Generated images as uint8, one batch at a time: seeds first_seed .. first_seed + num - 1 (or the
     list `seeds`), random classes per seed as `mpdiff generate` draws them, the sampler of `sampling`
-    (with num_steps and batch_size applied) and optional guidance. Nothing but the current batch is kept."""
-    from mpdiff.data.pixels import decode_images
+    (num_steps and batch_size, when given, replace its own; without `sampling`, batches of 64) and
+    optional guidance. Nothing but the current batch is kept.
+    `encoder` decodes each batch (default pixels; a latent network's LatentEncoder runs the VAE decoder,
+    so that the metrics see pixels)."""
+    from mpdiff.data.pixels import PixelEncoder
     from mpdiff.diffusion.generate import generate_batches, sampling_config
 
     seeds = list(range(first_seed, first_seed + num)) if seeds is None else list(seeds)
-    overrides = {"batch_size": batch_size, **({"num_steps": num_steps} if num_steps else {})}
+    if batch_size is None and sampling is None:
+        batch_size = 64
+    overrides = {**({"batch_size": batch_size} if batch_size else {}), **({"num_steps": num_steps} if num_steps else {})}
     sampling = sampling_config(sampling, **overrides)
     for batch in generate_batches(net, seeds, sampling=sampling, guide=guide, guidance=guidance, device=device):
-        yield decode_images(batch.images)
+        yield (encoder or PixelEncoder()).decode(batch.images)
 
 
 # ------------------------------------------------------------------------------------ reference files

@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from mpdiff.data.pixels import encode_images
+from mpdiff.data.pixels import PixelEncoder
 from mpdiff.storage.files import JSON_MAX_BYTES
 from mpdiff.train.data_order import derived_seed
 
@@ -119,14 +119,15 @@ class ProbeBatch:
     labels: torch.Tensor = None         # [N, classes] one-hot, or None
 
 
-def make_probe(images, labels, P_mean, P_std, seed, count=PROBE_IMAGES, device="cpu"):
-    """The probe batch of a run: `count` dataset images (uint8 [N, C, H, W]) drawn once with a private
-    generator seeded by (`seed`, 'dynamics'), noise levels at quantiles of the training distribution
-    and unit noise from the same generator. Nothing here touches the global random state."""
+def make_probe(images, labels, P_mean, P_std, seed, count=PROBE_IMAGES, device="cpu", encoder=None):
+    """The probe batch of a run: `count` dataset images (uint8 [N, C, H, W], or latents) drawn once with a
+    private generator seeded by (`seed`, 'dynamics'), encoded by `encoder` (default pixels; a latent
+    encoder draws its sample noise from the same generator), noise levels at quantiles of the training
+    distribution and unit noise from the same generator. Nothing here touches the global random state."""
     generator = torch.Generator().manual_seed(derived_seed(seed, "dynamics"))
     count = min(count, len(images))
     indices = torch.randperm(len(images), generator=generator)[:count]
-    clean = encode_images(images[indices])
+    clean = (encoder or PixelEncoder()).encode(images[indices], generator=generator)
     noise = torch.randn(clean.shape, generator=generator)
     sigma = probe_sigmas(count, P_mean, P_std)
     noisy = clean + noise * sigma.reshape(-1, 1, 1, 1)
@@ -300,10 +301,10 @@ class TrainingDynamics:
         self._hook, self._before = None, None
 
 
-def run_dynamics(state, images, labels, training, cadence, seed, micro_batch=None, device="cpu"):
+def run_dynamics(state, images, labels, training, cadence, seed, micro_batch=None, device="cpu", encoder=None):
     """The :class:`TrainingDynamics` of a run: its probe from the dataset (`images` uint8, `labels`
     one-hot or None) and the training's noise distribution, its cadence within the row budget."""
-    probe = make_probe(images, labels, training.P_mean, training.P_std, seed, device=device)
+    probe = make_probe(images, labels, training.P_mean, training.P_std, seed, device=device, encoder=encoder)
     layers, blocks = layer_weights(state.net), block_modules(state.net)
     skips = len(getattr(getattr(state.net, "unet", state.net), "skips", ()))
     every = dynamics_every(cadence.status_nimg, training.duration, estimated_row_bytes(blocks, layers, skips))

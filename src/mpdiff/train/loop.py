@@ -13,7 +13,6 @@ import time
 import torch
 
 from mpdiff.data.datasets import one_hot
-from mpdiff.data.pixels import decode_images
 from mpdiff.diffusion.generate import generate
 from mpdiff.ema.snapshots import save_ema_snapshots
 from mpdiff.distributed import Distributed
@@ -31,6 +30,7 @@ from mpdiff.train.report import IntervalStats, RunReport
 from mpdiff.train.run import (
     _with_micro,
     check_existing_run,
+    encoder_of,
     resolve_run,
     settle_micro_batch,
     summary_lines,
@@ -70,19 +70,26 @@ class Trainer:
 
             ddp = DistributedDataParallel(self.state.net, device_ids=[self.device.index] if self.device.type == "cuda"
                                           else None, broadcast_buffers=False)
+        from mpdiff.nn.runtime import compiled, set_precision
+
+        set_precision(self.state.net, resolved.run.precision)
         images = images_of(dataset)
         self.feed = make_feed(dataset, workers=resolved.run.data_workers)
+        self.encoder = encoder_of(resolved, self.device)  # pixels, or latents (SPEC §7.1): by the data's channels
+        self.grid_note = None  # said once when grids cannot be drawn (latents without --vae)
         self.step_fn = TrainStep(images, labels, resolved.training, resolved.run.seed,
                                  micro_batch=resolved.run.batch_gpu,
                                  max_nonfinite_steps=resolved.run.max_nonfinite_steps, device=self.device,
-                                 feed=self.feed, dist=self.dist, ddp=ddp)
+                                 feed=self.feed, dist=self.dist, ddp=ddp, encoder=self.encoder)
+        if resolved.run.compile:  # the step's forward and backward go through the compiled module
+            self.step_fn.model = compiled(ddp if ddp is not None else self.state.net)
         self.report = RunReport(self.layout, progress=resolved.run.progress and self.writer,
                                 tensorboard=resolved.run.tensorboard) if self.writer else _QuietReport()
         self.dynamics = None  # training-dynamics diagnostics in the stats rows (train/dynamics.py)
         if resolved.run.dynamics and self.writer:
             self.dynamics = run_dynamics(self.state, self.step_fn.images, self.step_fn.labels, resolved.training,
                                          resolved.cadence, resolved.run.seed, micro_batch=resolved.run.batch_gpu,
-                                         device=self.device)
+                                         device=self.device, encoder=self.encoder)
         self.last_good = None  # the newest checkpoint known to hold this run's state
 
     @property
@@ -130,7 +137,13 @@ class Trainer:
                          halflife_img=self.training.ema_halflife_img)
 
     def sample_grid(self, final=False):
-        """Sample a grid with the longest tracked EMA profile; one column per class when conditional."""
+        """Sample a grid with the longest tracked EMA profile; one column per class when conditional.
+        Latents are decoded with the run's VAE; without one (no --vae) there is no grid: None."""
+        if not self.encoder.can_decode:
+            if self.grid_note is None:
+                self.grid_note = "no sample grids: this latent run has no VAE to decode them (--vae DIR)"
+                self.say(self.grid_note)
+            return None
         net = build_network(self.resolved.network, device=self.device)
         self.state.ema.copy_to(net, self.state.ema.sigma_rels[-1])
         classes = self.resolved.network.label_dim
@@ -144,7 +157,7 @@ class Trainer:
         x, drawn = generate(net, seeds, class_idx=class_ids, num_steps=self.run_options.grid_steps, progress=False,
                             device=self.device)
         path = self.layout.grid(None if final else self.state.nimg)
-        save_grid(path, *class_grid(decode_images(x).numpy(), drawn))
+        save_grid(path, *class_grid(self.encoder.decode(x).numpy(), drawn))
         return path
 
     def _estimate(self, seconds, stop_at):
@@ -216,9 +229,11 @@ class Trainer:
             if bad:  # a run whose last steps all failed has not learned; never call it complete
                 raise NumericalError(f"the last {bad} training steps produced non-finite losses or gradients; "
                                      f"the run ended without a usable network")
-            if self.run_options.final_grid and self.writer:
-                grid = self.sample_grid(final=True)
+            grid = self.sample_grid(final=True) if self.run_options.final_grid and self.writer else None
+            if grid is not None:
                 self.say(f"training complete at {self.state.nimg} images; samples: {grid}")
+            elif self.run_options.final_grid:
+                self.say(f"training complete at {self.state.nimg} images (no final grid: no --vae to decode latents)")
             else:
                 self.say(f"training complete at {self.state.nimg} images (no final grid: --no-final-grid)")
         return self.state.nimg

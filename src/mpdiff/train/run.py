@@ -12,6 +12,7 @@ from mpdiff.config import (
     validate_run,
 )
 from mpdiff.data.datasets import open_dataset
+from mpdiff.data.pixels import PixelEncoder
 from mpdiff.errors import ConfigError
 from mpdiff.presets import DEFAULT_PRESET, get_preset, ladder_preset
 from mpdiff.storage.files import printable, read_json, write_json
@@ -30,10 +31,14 @@ class ResolvedRun:
     cadence: Cadence
     run: RunOptions
     dataset: dict               # what was found: spec, name, size, resolution, channels, num_classes
+    # The encoder between the data and the network (PixelEncoder / LatentEncoder.describe()): recorded in
+    # config.json, outside the resume contract (the dataset's channel count, in it, decides the encoder).
+    encoder: dict = dataclasses.field(default_factory=lambda: PixelEncoder().describe())
 
     def to_dict(self):
         return {"preset": self.preset, "network": self.network.to_dict(), "training": self.training.to_dict(),
-                "cadence": self.cadence.to_dict(), "run": self.run.to_dict(), "dataset": dict(self.dataset)}
+                "cadence": self.cadence.to_dict(), "run": self.run.to_dict(), "dataset": dict(self.dataset),
+                "encoder": dict(self.encoder)}
 
     def contract(self):
         return contract_of(self.to_dict())
@@ -69,7 +74,11 @@ def resolve_run(preset=DEFAULT_PRESET, run=None, network=None, training=None, ca
     training_config = chosen.training.replace(**(training or {}))
     cadence_config = chosen.cadence.replace(**(cadence or {}))
     dataset = open_dataset(run.dataset, use_labels=run.use_labels, progress=None if run.progress else False)
-    network_config = network_config.replace(img_resolution=dataset.resolution, img_channels=dataset.channels,
+    encoder = _encoder_of(dataset, run)
+    if run.vae is not None:  # an absolute path: config.json records it for mpdiff generate, run from anywhere
+        run = run.replace(vae=os.path.abspath(run.vae))
+    network_config = network_config.replace(img_resolution=dataset.resolution,
+                                            img_channels=encoder.channels(dataset.channels),
                                             label_dim=dataset.num_classes if run.use_labels else 0)
     validate_run(network_config, training_config, cadence_config, run, resolution=dataset.resolution)
     from mpdiff.nn.build import build_meta_network
@@ -78,7 +87,26 @@ def resolve_run(preset=DEFAULT_PRESET, run=None, network=None, training=None, ca
     _check_apart(run.run_dir, run.dataset)
     found = {"spec": run.dataset, "name": dataset.name, "size": len(dataset), "resolution": dataset.resolution,
              "channels": dataset.channels, "num_classes": dataset.num_classes}
-    return ResolvedRun(preset, network_config, training_config, cadence_config, run, found), dataset
+    return ResolvedRun(preset, network_config, training_config, cadence_config, run, found, encoder.describe()), dataset
+
+
+def _encoder_of(dataset, run):
+    """The encoder of the dataset's channel count (SPEC §7.4: 8 -> latents, 1 or 3 -> pixels; else an
+    error); a --vae folder (latents only) is checked now, not at the first sample grid."""
+    from mpdiff.data.latents import check_vae_dir, encoder_for, import_diffusers
+
+    encoder = encoder_for(dataset.channels, run.vae)
+    if run.vae is not None:
+        import_diffusers("decoding the sample grids of a latent run (--vae)")
+        check_vae_dir(run.vae)
+    return encoder
+
+
+def encoder_of(resolved, device="cpu"):
+    """The encoder object of a resolved run, decoding (latents) with its --vae folder on `device`."""
+    from mpdiff.data.latents import encoder_for
+
+    return encoder_for(resolved.dataset["channels"], resolved.run.vae, device=device)
 
 
 def _check_apart(run_dir, dataset):
@@ -220,6 +248,13 @@ def summary_lines(resolved, dataset, micro_note=None):
     lines = [
         f"data      {dataset.name}: {len(dataset):,} images, {net.img_resolution}x{net.img_resolution}, "
         f"{net.img_channels} channel{'s' if net.img_channels > 1 else ''}, {classes}",
+    ]
+    if resolved.encoder.get("name") != PixelEncoder.name:  # latents: say how they are read and decoded
+        lines.append(f"latents   {resolved.dataset['channels']} stored channels (VAE means, standard deviations) -> "
+                     f"{net.img_channels}: mean + std * eps, standardised with raw_mean "
+                     f"{resolved.encoder.get('raw_mean')}, raw_std {resolved.encoder.get('raw_std')}; grids "
+                     + (f"decoded with the VAE in {run.vae}" if run.vae else "not drawn (no --vae)"))
+    lines += [
         shape,
         f"training  batch {training.batch} (micro-batch {micro}), {training.duration // training.batch:,} steps, "
         f"{training.duration:,} images, lr {training.lr:.4g}"

@@ -13,6 +13,11 @@ micro-batches before the last one run under ``no_sync``. The data stream therefo
 on the number of processes, and a checkpoint resumes on any number. (Dropout masks are drawn per
 process, so with dropout > 0 the runs agree in distribution, not bit for bit.)
 
+Latent data (SPEC §7.1): the step's encoder (:class:`mpdiff.data.latents.LatentEncoder`) turns each
+stored [mean, std] into the sample mean + std * eps that the network trains on; eps of the whole
+global batch comes from its own generator seeded by (seed, 'latent', image count), like the noise,
+so a resumed run repeats it and every process takes its slice. Pixel data draws nothing there.
+
 Host synchronisation: the loss, the count of non-finite gradient entries and the gradient norm are
 accumulated on the device and read once per step, as one small tensor (the non-finite guard decides
 before Adam's step), not once per micro-batch or per parameter.
@@ -24,7 +29,7 @@ import math
 
 import torch
 
-from mpdiff.data.pixels import encode_images
+from mpdiff.data.pixels import PixelEncoder
 from mpdiff.diffusion.loss import edm2_loss, sample_sigma
 from mpdiff.errors import DatasetError, NumericalError
 from mpdiff.train.data_order import batch_indices, derived_seed
@@ -65,11 +70,13 @@ class TrainStep:
     :class:`mpdiff.train.feed.IndexedImages`); `feed` (:mod:`mpdiff.train.feed`) delivers each step's
     images (default: indexing `images`). `labels` is float one-hot [N, classes] or None.
     `micro_batch` limits how many images go through the network at once; `dist` and `ddp` (the
-    DistributedDataParallel wrapper of the state's network) split the batch over processes.
+    DistributedDataParallel wrapper of the state's network) split the batch over processes. `encoder`
+    (default :class:`~mpdiff.data.pixels.PixelEncoder`) turns the data into what the network sees and sets
+    its channel count (``encoder.channels(data channels)``: 4 for 8-channel latents).
     """
 
     def __init__(self, images, labels, training, seed, micro_batch=None, max_nonfinite_steps=50, device="cpu",
-                 feed=None, dist=None, ddp=None):
+                 feed=None, dist=None, ddp=None, encoder=None):
         from mpdiff.distributed import Distributed
         from mpdiff.train.feed import MemoryFeed
 
@@ -88,6 +95,10 @@ class TrainStep:
         self.device = torch.device(device)
         self.feed = feed or MemoryFeed(images)
         self.ddp = ddp
+        self.encoder = encoder or PixelEncoder()
+        data_shape = tuple(images.shape[1:])
+        self.shape = (self.encoder.channels(data_shape[0]), *data_shape[1:])  # what the network sees and makes
+        self.model = None  # what runs forward and backward, when not the network (or its DDP wrapper): compiled
 
     def local_part(self):
         """This process's slice of a step's global batch."""
@@ -105,8 +116,19 @@ class TrainStep:
         generator = torch.Generator().manual_seed(step_seed)
         indices = torch.tensor(batch_indices(self.seed, len(self.images), nimg, batch))
         sigma = sample_sigma(batch, recipe.P_mean, recipe.P_std, generator=generator)
-        noise = torch.randn([batch, *self.images.shape[1:]], generator=generator)
+        noise = torch.randn([batch, *self.shape], generator=generator)
         return indices, sigma, noise
+
+    def encoding_noise(self, nimg):
+        """The unit noise eps of the encoder's sample mean + std * eps for the whole step that starts at
+        image count `nimg` (from a generator seeded by (seed, 'latent', nimg)), or None when the encoder
+        draws nothing (pixels)."""
+        if not self.encoder.stochastic:
+            return None
+        if nimg is None:
+            raise ValueError("a latent step needs its image count: its sample noise is drawn from it")
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, "latent", nimg))
+        return torch.randn([self.training.batch, *self.shape], generator=generator)
 
     def fetch(self, nimg, indices):
         """This process's images of the step (uint8). A bad file stops every process: each learns of it
@@ -132,14 +154,17 @@ class TrainStep:
             pixels = self.fetch(nimg, indices)
         part = self.local_part()
         indices, sigma, noise = indices[part], sigma[part], noise[part]
-        model = self.ddp if self.ddp is not None else net
+        eps = self.encoding_noise(nimg)
+        if eps is not None:
+            eps = eps[part]
+        model = self.model or (self.ddp if self.ddp is not None else net)
         factor = scale / batch * self.dist.world_size  # DDP averages the processes' gradients: undo the 1/world
         total = torch.zeros([], dtype=torch.float64, device=self.device)
         starts = list(range(0, len(indices), self.micro_batch))
         for k, start in enumerate(starts):
             part = slice(start, start + self.micro_batch)
             idx = indices[part]
-            images = encode_images(pixels[part]).to(self.device)
+            images = self.encoder.encode(pixels[part], eps=None if eps is None else eps[part]).to(self.device)
             labels = None if self.labels is None else self.labels[idx].to(self.device)
             sync = self.ddp is None or k == len(starts) - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():

@@ -1,0 +1,153 @@
+"""Speed options that must not change the model (issue 18): activation precision (bf16/fp16 with the
+float32 islands the paper needs) and torch.compile (no graph breaks; the compiled graph computes the
+same function, forced weight normalisation included). Speed itself is measured in benchmarks/."""
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+from conftest import randomized_network
+
+from mpdiff.diffusion.generate import generate, generate_to_folder
+from mpdiff.diffusion.loss import edm2_loss
+from mpdiff.errors import ConfigError
+from mpdiff.nn.runtime import compiled, precision_of, set_precision
+
+
+def inputs(n=4, label_dim=10):
+    gen = torch.Generator().manual_seed(1)
+    sigma = torch.tensor([0.02, 0.5, 3.0, 40.0])[:n]
+    x = torch.randn(n, 3, 16, 16, generator=gen) * sigma.reshape(-1, 1, 1, 1)
+    return x, sigma, torch.eye(label_dim)[torch.arange(n) % label_dim]
+
+
+def block_inputs(net):
+    """{block name: (module, its positional inputs)} from one training-mode forward."""
+    blocks = {n: m for n, m in net.named_modules() if type(m).__name__ == "Block"}
+    seen = {}
+
+    def record(module, args, name):
+        seen.setdefault(name, args)  # returns None: the inputs stay as they are
+
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=n: record(mod, args, name)) for n, m in blocks.items()]
+    net.train()
+    net(*inputs())
+    for h in hooks:
+        h.remove()
+    return {n: (blocks[n], seen[n]) for n in seen}
+
+
+def test_every_kind_of_block_traces_without_graph_breaks():
+    # One of each kind: encoder, downsampling, attention, decoder with skip, upsampling; in training
+    # (forced weight normalisation writes the weight in place) and in eval (the weight cache is not
+    # consulted under compilation).
+    net = randomized_network(label_dim=10)
+    found = block_inputs(net)
+    kinds = {}
+    for name, (module, args) in found.items():
+        kind = ("attention" if getattr(module, "attn_qkv", None) is not None else "down" if "down" in name
+                else "up" if "up" in name else name.split(".")[1])
+        kinds.setdefault(kind, (name, module, args))
+    assert {"enc", "dec", "down", "up", "attention"} <= set(kinds), sorted(kinds)
+    for kind, (name, module, args) in kinds.items():
+        for mode in ("train", "eval"):
+            getattr(module, mode)()
+            with torch.set_grad_enabled(mode == "train"):
+                explained = dynamo.explain(module)(*args)
+            assert explained.graph_break_count == 0, (name, mode, [str(r.reason) for r in explained.break_reasons])
+            dynamo.reset()
+
+
+def test_compiled_network_computes_the_same_function_in_eval_and_training():
+    # aot_eager runs the captured forward and backward graphs without generating kernels: any difference
+    # would be a tracing error (a missed in-place weight update, a stale cache), not rounding.
+    eager, other = randomized_network(label_dim=10), randomized_network(label_dim=10)
+    other.load_state_dict(eager.state_dict())
+    fast = compiled(other, backend="aot_eager")
+    x, sigma, labels = inputs()
+    eager.eval(), other.eval()
+    with torch.no_grad():
+        assert torch.allclose(eager(x, sigma, labels), fast(x, sigma, labels), rtol=1e-6, atol=1e-6)
+    opts = [torch.optim.Adam(m.parameters(), lr=0.01) for m in (eager, other)]
+    eager.train(), other.train()
+    for step in range(2):
+        for model, opt in ((eager, opts[0]), (fast, opts[1])):
+            opt.zero_grad()
+            edm2_loss(model, x / sigma.reshape(-1, 1, 1, 1) * 0.5, labels,
+                      sigma=sigma, noise=torch.ones_like(x)).sum().backward()
+            opt.step()
+    for (name, a), b in zip(eager.named_parameters(), other.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+
+
+def test_precision_default_is_float32_on_cpu_and_bf16_keeps_the_float32_islands():
+    net = randomized_network(label_dim=10).eval()
+    x, sigma, labels = inputs()
+    with torch.no_grad():
+        reference = net(x, sigma, labels)
+        seen = {}
+        blocks = [m for m in net.modules() if type(m).__name__ == "Block"]
+
+        def record(module, args):  # a pre-hook that returns something would replace the inputs
+            seen.setdefault("block", (args[0].dtype, args[1].dtype))
+
+        hooks = [b.register_forward_pre_hook(record) for b in blocks[:1]]
+        with precision_of("bf16", net):
+            out = net(x, sigma, labels)
+        for h in hooks:
+            h.remove()
+        assert net.precision is None and torch.equal(net(x, sigma, labels), reference)  # restored
+    # Activations bf16, the embedding float32 (SPEC §1.5), the output float32; weights never change dtype.
+    assert seen["block"] == (torch.bfloat16, torch.float32)
+    assert out.dtype == torch.float32 and all(p.dtype == torch.float32 for p in net.parameters())
+    # Measured relative error of D at these noise levels: ~4e-3 (bf16 has an 8-bit mantissa; the
+    # skip path c_skip x is exact). The bound leaves room for other weights.
+    error = ((out - reference).norm() / reference.norm()).item()
+    assert 0 < error < 2e-2, error
+    with pytest.raises(ConfigError):
+        set_precision(net, "fp8")
+
+
+def test_generation_at_another_precision_is_close_restored_and_part_of_the_folder_settings(tmp_path):
+    net = randomized_network(label_dim=10).eval()
+    full, classes = generate(net, range(6), num_steps=4, progress=False)
+    low, low_classes = generate(net, range(6), num_steps=4, progress=False, precision="bf16")
+    assert classes == low_classes and net.precision is None
+    assert not torch.equal(full, low) and ((low - full).norm() / full.norm()).item() < 5e-2
+    generate_to_folder(net, range(4), tmp_path / "a", num_steps=2, progress=False, precision="bf16", batch_size=2)
+    # A resumed folder must match: the precision is one of its settings (images depend on it).
+    from mpdiff.storage.samples import GENERATING
+
+    partial = tmp_path / f".b{GENERATING}"
+    import mpdiff.storage.samples as samples
+
+    real = samples.save_png
+    calls = []
+
+    def dies(path, image):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(path)
+        real(path, image)
+
+    samples.save_png = dies
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            generate_to_folder(net, range(4), tmp_path / "b", num_steps=2, progress=False, precision="bf16")
+    finally:
+        samples.save_png = real
+    assert partial.exists()
+    with pytest.raises(ConfigError, match="precision: bf16 -> None"):
+        generate_to_folder(net, range(4), tmp_path / "b", num_steps=2, progress=False)
+
+
+def test_training_in_bf16_keeps_float32_weights_and_adam_state(tmp_path):
+    from conftest import train_tiny
+
+    trainer = train_tiny(tmp_path / "run", duration=128, precision="bf16", final_grid=False, dynamics=False)
+    state = trainer.state
+    assert state.nimg == 128 and state.weights_finite()
+    assert all(p.dtype == torch.float32 for p in state.net.parameters())
+    moments = [t for s in state.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim]
+    assert moments and all(t.dtype == torch.float32 for t in moments)
+    rows = (tmp_path / "run" / "stats.jsonl").read_text().splitlines()
+    assert rows and "nan" not in rows[-1].lower()
