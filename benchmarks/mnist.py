@@ -355,7 +355,7 @@ def report(paths):
     from mpdiff.metrics.mnist import load_mnist_classifier
 
     classifier = load_mnist_classifier()
-    metrics = [m for m in ("fd_mnist", "fid") if f"{m}_held_out" in rows[-1]]
+    metrics = [m for m in ("fd_mnist", "fid") if any(f"{m}_held_out" in r for r in rows)]
     summary = {
         "preset": config.get("preset"),
         "command": " ".join(["mpdiff", "train", *_train_args(config)]),
@@ -454,9 +454,11 @@ def _curve(plt, rows, scale, metrics, path):
     everything = counts.get("held_out_vs_train", [1000, 4000])
     for ax, m in zip(axes[1:], metrics):
         for split, label in (("held_out", f"vs held-out ({everything[0]:,})"), ("train", f"vs training ({everything[1]:,})")):
-            ax.plot(minutes, [r[f"{m}_{split}"] for r in main], "o-", color=colors[split], label=label)
+            have = [(t, r[f"{m}_{split}"]) for t, r in zip(minutes, main) if f"{m}_{split}" in r]  # rows without it: skipped
+            ax.plot([t for t, _ in have], [v for _, v in have], "o-", color=colors[split], label=label)
             for r in extra:
-                ax.plot(r["train_seconds"] / 60, r[f"{m}_{split}"], "s", color=colors[split])
+                if f"{m}_{split}" in r:
+                    ax.plot(r["train_seconds"] / 60, r[f"{m}_{split}"], "s", color=colors[split])
         if scale.get("train_halves", {}).get(m) is not None:
             ax.axhline(scale["train_halves"][m], color="gray", ls=":",
                        label=f"real: training halves ({halves[0]:,} vs {halves[1]:,})")
