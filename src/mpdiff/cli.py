@@ -13,6 +13,7 @@ from typing import Optional
 import click
 
 from mpdiff.config import (
+    PRECISION_NAMES,
     SAMPLING,
     SamplingConfig,
     STORAGE_DTYPES,
@@ -137,7 +138,7 @@ def _click_option(section, field):
         if field.name == "snapshot_dtype":
             kind = click.Choice(STORAGE_DTYPES)
         if field.name == "precision":
-            kind = click.Choice(["fp32", "bf16", "fp16"])
+            kind = click.Choice(list(PRECISION_NAMES))
         return click.option(flag, field.name, default=default, type=kind, show_default=shown, help=help_text)
     kind = None if parse else _CLICK_TYPES.get(field.type)
     if field.name == "attn_impl":
@@ -205,7 +206,7 @@ def _sampling_options(func):
     fields = [f for f in dataclasses.fields(SamplingConfig) if f.metadata.get("flag") and f.name != "batch_size"]
     for field in reversed(fields):
         kind = (click.Choice(sorted(SAMPLERS)) if field.name == "sampler" else
-                click.Choice(["fp32", "bf16", "fp16"]) if field.name == "precision" else _CLICK_TYPES.get(field.type))
+                click.Choice(list(PRECISION_NAMES)) if field.name == "precision" else _CLICK_TYPES.get(field.type))
         default = getattr(SAMPLING, field.name)
         func = click.option(field.metadata["flag"], field.name, default=None, type=kind,
                             help=f"{field.metadata['help']} [{default}]")(func)

@@ -259,8 +259,7 @@ class SamplingConfig(_Config):
         if not 0 < self.sigma_min < self.sigma_max or self.rho <= 0:
             raise ConfigError(f"need 0 < {{sigma_min}} < {{sigma_max}} and {{rho}} > 0, got {self.sigma_min}, "
                               f"{self.sigma_max}, {self.rho}", fields=("sigma_min", "sigma_max", "rho"))
-        if self.precision is not None and self.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"{{precision}} {self.precision!r} is not one of fp32, bf16, fp16", fields=("precision",))
+        check_precision(self.precision)
         if self.S_max is not None and not (math.isfinite(self.S_max) and self.S_max >= self.S_min):
             raise ConfigError(f"{{S_max}} must be a finite number >= {{S_min}}, got {self.S_max}",
                               fields=("S_max", "S_min"))
@@ -273,7 +272,16 @@ class SamplingConfig(_Config):
 
 SAMPLING = SamplingConfig()
 
-STORAGE_DTYPES = ("float32", "float16", "bfloat16")   # how network files may store floating tensors
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+PRECISION_NAMES = ("fp32", "bf16", "fp16")  # --precision: activation dtypes (mpdiff.nn.precond.PRECISIONS)
+
+
+def check_precision(precision):
+    """None (the network's default) or one of PRECISION_NAMES; else a ConfigError naming {precision}."""
+    if precision is not None and precision not in PRECISION_NAMES:
+        raise ConfigError(f"{{precision}} {precision!r} is not one of {', '.join(PRECISION_NAMES)}",
+                          fields=("precision",))
+    return precision   # how network files may store floating tensors
 
 
 @dataclass(frozen=True)
@@ -329,8 +337,7 @@ def validate_run(network, training, cadence, run, resolution=None):
     elif resolution is not None and resolution % (1 << (levels - 1)) != 0:
         raise ConfigError(f"dataset resolution {resolution} cannot be halved {levels - 1} times "
                           f"(channel_mult has {levels} levels)")
-    if run.precision is not None and run.precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"{{precision}} {run.precision!r} is not one of fp32, bf16, fp16", fields=("precision",))
+    check_precision(run.precision)
     batch = training.batch
     if not batch > 0:
         raise ConfigError(f"{{batch}} must be positive, got {batch}", fields=("batch",))

@@ -10,16 +10,11 @@ import contextlib
 
 import torch
 
-from mpdiff.errors import ConfigError
+from mpdiff.config import check_precision
 from mpdiff.nn.precond import PRECISIONS
 
 PRECISION_CHOICES = tuple(PRECISIONS)
 
-
-def check_precision(precision, field="precision"):
-    if precision is not None and precision not in PRECISIONS:
-        raise ConfigError(f"{{{field}}} {precision!r} is not one of {', '.join(PRECISIONS)}", fields=(field,))
-    return precision
 
 
 def _preconditioners(net):
