@@ -9,6 +9,7 @@ tests/test_phema.py.
 
 import errno
 import glob
+import math
 import os
 import shutil
 
@@ -503,3 +504,86 @@ def test_nonfinite_weights_are_never_checkpointed(tmp_path):
         trainer.save_checkpoint()
     assert one_line(e) == "network weights became non-finite at 64 images; not overwriting the last good checkpoint"
     assert digests(tmp_path / "run" / "checkpoints") == before
+
+
+# ---- host synchronisation --------------------------------------------------------------------------
+
+def test_steps_read_nothing_back_and_the_tally_is_read_once_per_status_row(tmp_path, monkeypatch):
+    """Between two status rows no mpdiff code in a step reads a tensor's value on the host (item, tolist,
+    float, int, bool): the loss and the non-finite guard stay on the device until the row's one read.
+    Exempt are the host's own numbers: the data order (a permutation drawn on the host,
+    train/data_order.py) and the optimiser's step counters (torch keeps them on the host)."""
+    import sys
+
+    import mpdiff.train.step as step_module
+
+    in_step, reads, leaks = [False], [], []
+    real_call, real_read = step_module.TrainStep.__call__, step_module.DeviceTally.read
+
+    def call(self, state):
+        in_step[0] = True
+        try:
+            return real_call(self, state)
+        finally:
+            in_step[0] = False
+
+    def read(self):
+        reads.append(self.steps)
+        return real_read(self)
+
+    def watch(name):
+        real = getattr(torch.Tensor, name)
+
+        def watched(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if in_step[0] and "mpdiff" in caller and not caller.endswith("data_order.py"):
+                leaks.append(f"{name} in {caller}:{sys._getframe(1).f_lineno}")
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, watched)
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        watch(name)
+    monkeypatch.setattr(step_module.TrainStep, "__call__", call)
+    monkeypatch.setattr(step_module.DeviceTally, "read", read)
+    run_dir = tmp_path / "run"
+    train_tiny(run_dir, status_nimg=256, snapshot_nimg=256, checkpoint_nimg=512)  # 8 steps of 64 images
+    assert leaks == []
+    assert reads == [4, 4]  # one read at 256 images and one at 512, four steps each
+    rows = read_jsonl(run_dir / "stats.jsonl")
+    assert [r["nimg"] for r in rows] == [256, 512] and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_the_guard_trips_on_the_device_between_rows_and_names_the_exact_step(tmp_path, monkeypatch):
+    """Rows every 4 steps: the guard trips on step 6 (at 320 images, the second bad step in a row) and
+    the run stops at the next read, naming 320; nothing after 256 images is written."""
+    faulty_loss(monkeypatch, lambda call: call >= 5)
+    run_dir = tmp_path / "run"
+    with pytest.raises(NumericalError) as e:
+        train_tiny(run_dir, status_nimg=256, snapshot_nimg=256, checkpoint_nimg=256)
+    assert one_line(e) == (f"training produced non-finite losses or gradients for 2 consecutive steps (at 320 "
+                           f"images); stopped. Last good checkpoint: {ckpt(run_dir, 256)}")
+    assert os.listdir(run_dir / "checkpoints") == [os.path.basename(ckpt(run_dir, 256))]
+    assert [r["nimg"] for r in read_jsonl(run_dir / "stats.jsonl")] == [256]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_step_does_not_synchronise(tmp_path):
+    """torch's sync debug mode turns any device-to-host wait inside the steps into an error."""
+    import mpdiff.train.step as step_module
+
+    real_call = step_module.TrainStep.__call__
+
+    def call(self, state):
+        if self.tally is None:  # the first step sets up the tally
+            return real_call(self, state)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real_call(self, state)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    step_module.TrainStep.__call__ = call
+    try:
+        train_tiny(tmp_path / "run", device="cuda", status_nimg=256, snapshot_nimg=256, checkpoint_nimg=512)
+    finally:
+        step_module.TrainStep.__call__ = real_call

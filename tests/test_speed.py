@@ -151,3 +151,73 @@ def test_training_in_bf16_keeps_float32_weights_and_adam_state(tmp_path):
     assert moments and all(t.dtype == torch.float32 for t in moments)
     rows = (tmp_path / "run" / "stats.jsonl").read_text().splitlines()
     assert rows and "nan" not in rows[-1].lower()
+
+
+# ---- fusions: each equals the literal formula it replaces -----------------------------------------------
+
+def test_box_filter_resampling_equals_the_depthwise_convolution_it_replaces():
+    """The [1, 1] filter runs as 2x2 averaging and pixel repetition instead of a depthwise (transposed)
+    convolution: up-sampling is bit for bit the same, down-sampling sums the same four values in another
+    order (float32 rounding); so are their gradients."""
+    import torch.nn.functional as F
+
+    from mpdiff.nn.primitives import resample
+
+    def by_convolution(x, mode):
+        kernel = torch.full([x.shape[1], 1, 2, 2], 0.25)
+        if mode == "down":
+            return F.conv2d(x, kernel, groups=x.shape[1], stride=2)
+        return F.conv_transpose2d(x, kernel * 4, groups=x.shape[1], stride=2)
+
+    x = torch.randn(3, 5, 8, 6, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    for mode in ("down", "up"):
+        ours, literal = resample(x, mode), by_convolution(x, mode)
+        assert ours.shape == literal.shape
+        if mode == "up":
+            assert torch.equal(ours, literal)
+        torch.testing.assert_close(ours, literal, rtol=1e-6, atol=1e-7)
+        weights = torch.randn_like(ours)
+        (g_ours,), (g_literal,) = (torch.autograd.grad((y * weights).sum(), x) for y in (ours, literal))
+        torch.testing.assert_close(g_ours, g_literal, rtol=1e-6, atol=1e-6)
+    # another filter still takes the general path
+    assert resample(x, "down", filter=(1, 3, 3, 1)).shape == (3, 5, 4, 3)
+
+
+def test_activation_norms_equal_torch_vector_norm_and_stay_finite_at_zero():
+    from mpdiff.nn.primitives import norm_across
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(4, 6, 16, 3, 9, generator=gen).to(dtype)
+        for dim in (1, 2):
+            expected = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+            got = norm_across(x, dim)
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, expected, rtol=5e-7, atol=0)
+    x = torch.zeros(2, 8, 3, 3, requires_grad=True)
+    norm_across(x, 1).sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))  # as vector_norm's: 0, not NaN
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_folded_constants_compute_the_literal_block_formulas(train, monkeypatch):
+    """Config G's 1 / 0.596 of mp_silu and the factors of mp_sum, folded into the adjacent convolutions'
+    gains, give the same network function and gradients as the literal formulas, to float32 rounding."""
+    from mpdiff.nn.unet import Block
+
+    def run(fold):
+        monkeypatch.setattr(Block, "fold_constants", fold)
+        torch.manual_seed(0)  # the same weights for both
+        net = randomized_network(seed=3)
+        net.train(train)
+        x, sigma, labels = inputs()
+        with torch.set_grad_enabled(train):
+            out = net(x, sigma, labels)
+            grads = torch.autograd.grad(out.square().sum(), list(net.parameters()), allow_unused=True) if train else []
+        return out.detach(), [g for g in grads if g is not None]
+
+    (out_fold, grads_fold), (out_literal, grads_literal) = run(True), run(False)
+    torch.testing.assert_close(out_fold, out_literal, rtol=2e-6, atol=2e-6)
+    assert len(grads_fold) == len(grads_literal)
+    for a, b in zip(grads_fold, grads_literal):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())

@@ -20,6 +20,7 @@ class Distributed:
     world_size: int = 1
     local_rank: int = 0
     backend: str = ""
+    host_group: object = None  # NCCL runs: a gloo group for host tensors, which then never wait on the GPU
 
     @classmethod
     def single(cls):
@@ -44,7 +45,8 @@ class Distributed:
             torch.cuda.set_device(local)
         if not dist.is_initialized():
             dist.init_process_group(backend=backend)
-        return cls(rank=rank, world_size=world, local_rank=local, backend=backend)
+        host_group = dist.new_group(backend="gloo") if backend == "nccl" else None
+        return cls(rank=rank, world_size=world, local_rank=local, backend=backend, host_group=host_group)
 
     @property
     def active(self):
@@ -63,14 +65,14 @@ class Distributed:
             dist.barrier()
 
     def all_sum(self, tensor):
-        """Sum a tensor over the processes (in place; also returned). Gloo sums float64 exactly as given."""
+        """Sum a tensor over the processes (in place; also returned), where it lives: a host tensor over
+        gloo (in an NCCL run, its host group: no wait on the GPU), a CUDA tensor over NCCL. Gloo sums
+        float64 exactly as given."""
         if self.active:
             import torch.distributed as dist
 
-            on_device = tensor.cuda() if self.backend == "nccl" else tensor
-            dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
-            if on_device is not tensor:
-                tensor.copy_(on_device.cpu())
+            group = self.host_group if tensor.device.type == "cpu" else None
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
         return tensor
 
     def all_min(self, value):
@@ -80,9 +82,7 @@ class Distributed:
         import torch.distributed as dist
 
         t = torch.tensor([int(value)], dtype=torch.int64)
-        if self.backend == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.host_group)
         return int(t.item())
 
     def close(self):

@@ -17,7 +17,7 @@ from torch import nn
 from mpdiff.nn.ladder import CONFIG_G, LadderFlags, Layers, ladder_flags
 from mpdiff.nn.layers import PositionalEmbedding, dot_product_attention
 from mpdiff.nn.layout import STEM, BlockSpec, UNetLayout, unet_layout
-from mpdiff.nn.primitives import clip_activations, cosine_attention, normalize, resample
+from mpdiff.nn.primitives import SILU_RMS, clip_activations, cosine_attention, mp_sum_factors, normalize, resample
 from mpdiff.nn.skips import SkipGate, SkipScaling, check_skip_options, skip_coefficients
 
 
@@ -98,6 +98,16 @@ class Block(nn.Module):
         self.attn_qkv = layers.conv(width, 3 * width, kernel=(1, 1)) if self.num_heads else None
         self.attn_proj = layers.conv(width, width, kernel=(1, 1), last=True) if self.num_heads else None
 
+    # Config G computes mp_silu's 1 / 0.596 and mp_sum's two factors by folding them into the gain of
+    # an adjacent MPConv (scaling its normalised weight, which costs nothing at inference: the weight
+    # is cached), so SiLU and each join are one pass over the activations instead of two. Same function,
+    # float32 rounding apart; False computes every formula literally (tests/test_speed.py compares them).
+    fold_constants = True
+
+    @property
+    def folds(self) -> bool:
+        return self.fold_constants and self.flags.mp_fixed_function
+
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if self.flags.resample_on_main_path:
             x = resample(x, mode=self.resample_mode, filter=self.resample_filter)
@@ -105,10 +115,24 @@ class Block(nn.Module):
             x = self._encoder_entry(x)
         update = self._residual(x, emb)
         x = self._shortcut(x)
-        x = self.functions.sum(x, update, t=self.res_balance)
+        x = self._join(x, update, self.res_balance)
         if self.num_heads:
             x = self._attend(x)
         return clip_activations(x, self.clip_act)
+
+    def _join(self, x, update, t):
+        """The config's sum of the main path and a branch whose share is t; with folding, the branch's
+        last conv has already applied mp_sum's factor t / sqrt((1 - t)^2 + t^2) (Eq. 88)."""
+        if not self.folds:
+            return self.functions.sum(x, update, t=t)
+        return torch.add(update, x, alpha=mp_sum_factors(t)[0])
+
+    def _branch_end(self, conv, h, t, silu_before=False):
+        """conv(h), scaled for the join that follows it (see fold_constants); `silu_before`: h is SiLU's
+        output still to be divided by 0.596."""
+        if not self.folds:
+            return conv(h)
+        return conv(h, gain=mp_sum_factors(t)[1] / (SILU_RMS if silu_before else 1))
 
     def _encoder_entry(self, x):
         """F, G: match the width with the 1x1 conv if needed, then pixel norm (Eq. 30-31)."""
@@ -129,10 +153,11 @@ class Block(nn.Module):
 
     def _residual(self, x, emb):
         """The residual branch. Conditioning multiplies by 1 + scale (SPEC §2.13); A and B also shift."""
-        h = self.functions.silu(_normalized(self.norm0, x))
+        silu = F.silu if self.folds else self.functions.silu  # folding: 1 / 0.596 goes into the next conv
+        h = silu(_normalized(self.norm0, x))
         if not self.flags.resample_on_main_path:
             h = resample(h, mode=self.resample_mode, filter=self.resample_filter)
-        h = self.conv_res0(h)
+        h = self.conv_res0(h, gain=1 / SILU_RMS) if self.folds else self.conv_res0(h)
         cond = _apply(self.emb_linear, emb, self.emb_gain)  # [N, C] or [N, 2C]
         shift = None
         if self.flags.cond_shift:
@@ -141,10 +166,10 @@ class Block(nn.Module):
         h = _normalized(self.norm1, h) * scale[:, :, None, None].to(h.dtype)
         if shift is not None:
             h = h + shift[:, :, None, None].to(h.dtype)
-        h = self.functions.silu(h)
+        h = silu(h)
         if self.training and self.dropout:
             h = F.dropout(h, p=self.dropout)
-        return self.conv_res1(h)
+        return self._branch_end(self.conv_res1, h, self.res_balance, silu_before=True)
 
     def _attend(self, x):
         """Add self-attention over all pixels: cosine (SPEC §2.9), or in A and B dot-product attention
@@ -153,7 +178,7 @@ class Block(nn.Module):
             mixed = cosine_attention(self.attn_qkv(x), self.num_heads, impl=self.attn_impl)
         else:
             mixed = dot_product_attention(self.attn_qkv(_normalized(self.attn_norm, x)), self.num_heads)
-        return self.functions.sum(x, self.attn_proj(mixed), t=self.attn_balance)
+        return self._join(x, self._branch_end(self.attn_proj, mixed, self.attn_balance), self.attn_balance)
 
 
 class UNet(nn.Module):

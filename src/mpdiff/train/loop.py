@@ -91,6 +91,7 @@ class Trainer:
                                          resolved.cadence, resolved.run.seed, micro_batch=resolved.run.batch_gpu,
                                          device=self.device, encoder=self.encoder)
         self.last_good = None  # the newest checkpoint known to hold this run's state
+        self._settled = None  # (step, reading) of the newest read of the step tally
 
     @property
     def nimg(self):
@@ -108,17 +109,29 @@ class Trainer:
         return path
 
     def train_step(self):
+        """One step; returns its learning rate."""
         try:
             return self.step_fn(self.state)
-        except NumericalError as e:
-            raise NumericalError(f"{e}. Last good checkpoint: {self.last_good or 'none'}") from None
         except DatasetError as e:  # a bad file met mid-run: keep the state so far, then stop with its line
             saved = self.last_good is not None and parse_checkpoint_name(self.last_good) == self.state.nimg
             path = self.last_good if saved else self.save_checkpoint() if self.writer and self.state.nimg else None
             raise DatasetError(f"{e}; stopped at {self.state.nimg:,} images"
                                + (f", state saved in {path}" if path else "")) from None
 
+    def settle(self):
+        """Read the steps' device tally (counters, guard, interval means): at the status cadence and
+        before anything is written. A tripped non-finite guard stops the run here."""
+        if self._settled is not None and self._settled[0] == self.state.step:
+            return self._settled[1]  # nothing has run since the last read
+        try:
+            reading = self.step_fn.settle(self.state)
+            self._settled = (self.state.step, reading)
+            return reading
+        except NumericalError as e:
+            raise NumericalError(f"{e}. Last good checkpoint: {self.last_good or 'none'}") from None
+
     def save_checkpoint(self):
+        self.settle()  # never save a state that a tripped guard has disowned
         if not self.writer:
             return None
         self.last_good = checkpoint.save_checkpoint(self.layout, self.state, self.resolved.contract(),
@@ -126,6 +139,7 @@ class Trainer:
         return self.last_good
 
     def save_snapshots(self):
+        self.settle()
         if not self.writer:
             return
         dtype = self.run_options.snapshot_dtype
@@ -194,6 +208,7 @@ class Trainer:
         self.feed.start(StepPlan(self.step_fn.indices_at, self.state.nimg, stop_at, self.training.batch))
         interval = IntervalStats(self.state.nimg)
         warmup = []  # seconds of the first steps of this invocation, for the time estimate
+        cuda = self.device.type == "cuda"
         try:
             while self.state.nimg < stop_at:
                 started = time.time()
@@ -201,23 +216,27 @@ class Trainer:
                                                                           stop_at)
                 if watched:  # this step ends on a row with dynamics: copy the weights before Adam moves them
                     self.dynamics.watch(self.state.optimizer)
-                result = self.train_step()
-                self.state.counters["elapsed_sec"] += time.time() - started
+                lr = self.train_step()
                 if len(warmup) < WARMUP_STEPS + 1:
+                    if cuda:  # the estimate needs the steps' real time, not their launch time
+                        torch.cuda.synchronize(self.device)
                     warmup.append(time.time() - started)
                     if len(warmup) == WARMUP_STEPS + 1:
                         self._estimate(warmup[1:], stop_at)
-                interval.add(result.loss, result.grad_norm)
+                self.state.counters["elapsed_sec"] += time.time() - started
                 nimg = self.state.nimg
                 self.report.tick(nimg)
                 if nimg % cadence.status_nimg == 0 or nimg >= stop_at:
                     dynamics = self.dynamics.measure() if watched else None  # first: its cost counts in img/s
-                    row = interval.row(self.state, result.lr)
+                    reading = self.settle()  # the one read of the steps' numbers since the last row
+                    row = interval.row(self.state, lr, reading)
                     self.report.row(row if dynamics is None else {**row, "dynamics": dynamics})
+                    self.step_fn.tally.new_interval()
                     interval = IntervalStats(nimg)
                 if nimg % cadence.snapshot_nimg == 0 or nimg >= duration:
                     self.save_snapshots()
                 if cadence.sample_nimg and nimg % cadence.sample_nimg == 0 and nimg < duration and self.writer:
+                    self.settle()
                     self.sample_grid()
                 if nimg % cadence.checkpoint_nimg == 0 or nimg >= stop_at:
                     self.save_checkpoint()

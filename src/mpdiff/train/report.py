@@ -71,23 +71,17 @@ class RunReport:
 
 
 class IntervalStats:
-    """Loss and speed accumulated between two stats rows."""
+    """The time and images between two stats rows; the loss and gradient norms come from the step tally
+    (:class:`mpdiff.train.step.DeviceTally`), read when the row is written."""
 
     def __init__(self, nimg):
-        self.loss, self.steps, self.start, self.nimg = 0.0, 0, time.time(), nimg
-        self.grad_norm, self.grad_norm_max = 0.0, 0.0
+        self.start, self.nimg = time.time(), nimg
 
-    def add(self, loss, grad_norm=0.0):
-        self.loss += loss
-        self.grad_norm += grad_norm
-        self.grad_norm_max = max(self.grad_norm_max, grad_norm)
-        self.steps += 1
-
-    def row(self, state, lr):
+    def row(self, state, lr, reading):
         seconds = max(time.time() - self.start, 1e-9)
         row = {"nimg": state.nimg, "kimg": state.nimg / 1000, "step": state.step,
-               "loss": self.loss / max(self.steps, 1), "lr": lr,
-               "grad_norm": self.grad_norm / max(self.steps, 1), "grad_norm_max": self.grad_norm_max,
+               "loss": reading.loss, "lr": lr,
+               "grad_norm": reading.grad_norm, "grad_norm_max": reading.grad_norm_max,
                "img_per_sec": (state.nimg - self.nimg) / seconds,
                "cpu_mem_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
                "gpu_mem_gb": (torch.cuda.max_memory_allocated() / 2 ** 30) if torch.cuda.is_available() else 0.0,

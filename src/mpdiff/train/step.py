@@ -18,14 +18,16 @@ stored [mean, std] into the sample mean + std * eps that the network trains on; 
 global batch comes from its own generator seeded by (seed, 'latent', image count), like the noise,
 so a resumed run repeats it and every process takes its slice. Pixel data draws nothing there.
 
-Host synchronisation: the loss, the count of non-finite gradient entries and the gradient norm are
-accumulated on the device and read once per step, as one small tensor (the non-finite guard decides
-before Adam's step), not once per micro-batch or per parameter.
+Host synchronisation: nothing in a step reads a value back from the device. The loss, the counts of
+non-finite losses and gradient entries and the gradient norm go into a :class:`DeviceTally`, which
+also decides the non-finite guard on the device (SPEC §1.5: the image count at which the limit of
+consecutive bad steps was reached). The training loop reads the tally, one small tensor, at the
+status cadence and before anything is written (snapshots, grids, checkpoints); a tripped guard stops
+the run there, naming the exact image count, and nothing computed after that step is ever saved.
 """
 
 import contextlib
 import dataclasses
-import math
 
 import torch
 
@@ -34,14 +36,68 @@ from mpdiff.diffusion.loss import edm2_loss, sample_sigma
 from mpdiff.errors import DatasetError, NumericalError
 from mpdiff.train.data_order import batch_indices, derived_seed
 from mpdiff.train.optim import learning_rate, set_learning_rate
+from mpdiff.train.state import HEALTH_COUNTERS
 
 
 @dataclasses.dataclass
-class StepResult:
-    loss: float                 # mean per-image loss of the batch
-    lr: float                   # learning rate used for the step
-    bad_grad_values: int        # gradient entries that were NaN/Inf and were zeroed
-    grad_norm: float = 0.0      # L2 norm of the whole gradient of the mean loss (loss scaling undone)
+class TallyReading:
+    counters: dict              # the health counters (HEALTH_COUNTERS) up to the newest step
+    halted_at: int              # image count of the step on which the guard tripped; -1: it has not
+    steps: int                  # steps since the interval began
+    loss: float                 # mean over those steps of the batch's mean per-image loss
+    grad_norm: float            # mean L2 norm of the whole gradient of the mean loss (loss scaling undone)
+    grad_norm_max: float        # largest of those norms
+
+
+class DeviceTally:
+    """What the steps accumulate on the device between two reads by the host (one float64 vector).
+
+    Carried across reads (and, through the state's counters, across checkpoints): the health counters
+    of SPEC §1.5 and the image count at which the count of consecutive non-finite steps first reached
+    `limit` (-1 while it has not). Per interval (reset by :meth:`new_interval`): the sum of the steps'
+    mean losses, the sum and the maximum of their gradient norms. Float64 counts are exact to 2^53.
+    """
+
+    LOSS_STEPS, GRAD_STEPS, GRAD_VALUES, CONSECUTIVE, HALTED_AT, LOSS, NORM, NORM_MAX = range(8)
+
+    def __init__(self, counters, limit, device="cpu"):
+        self.limit = limit
+        health = [float(counters[k]) for k in HEALTH_COUNTERS]  # same order as the indices above
+        self.values = torch.tensor(health + [-1.0, 0.0, 0.0, 0.0], dtype=torch.float64, device=device)
+        self.steps = 0
+
+    def add(self, nimg, loss_sum, bad_values, squares, batch, loss_scaling):
+        """Fold in one step that started at image count `nimg`: `loss_sum` (the batch's summed loss),
+        `bad_values` (non-finite gradient entries) and `squares` (squared norm of the cleaned, scaled
+        gradient), all device scalars. Nothing is read back."""
+        v = self.values
+        loss_sum = loss_sum.to(v)
+        bad_values = bad_values.to(v)
+        loss_bad = ~torch.isfinite(loss_sum)
+        grad_bad = bad_values > 0
+        consecutive = torch.where(loss_bad | grad_bad, v[self.CONSECUTIVE] + 1, 0.0)
+        tripped = (v[self.HALTED_AT] < 0) & (consecutive >= self.limit)
+        halted_at = torch.where(tripped, float(nimg), v[self.HALTED_AT])
+        norm = squares.to(v).sqrt() / loss_scaling
+        self.values = torch.stack([v[self.LOSS_STEPS] + loss_bad, v[self.GRAD_STEPS] + grad_bad,
+                                   v[self.GRAD_VALUES] + bad_values, consecutive, halted_at,
+                                   v[self.LOSS] + loss_sum / batch, v[self.NORM] + norm,
+                                   torch.maximum(v[self.NORM_MAX], norm)])
+        self.steps += 1
+
+    def read(self):
+        """The tally as host numbers: the one device-to-host transfer."""
+        values = self.values.tolist()
+        counters = {k: int(values[i]) for i, k in enumerate(HEALTH_COUNTERS)}
+        steps = max(self.steps, 1)
+        return TallyReading(counters=counters, halted_at=int(values[self.HALTED_AT]), steps=self.steps,
+                            loss=values[self.LOSS] / steps, grad_norm=values[self.NORM] / steps,
+                            grad_norm_max=values[self.NORM_MAX])
+
+    def new_interval(self):
+        """Start the per-interval sums again (after a stats row)."""
+        self.values = torch.cat([self.values[:self.LOSS], self.values.new_zeros(3)])
+        self.steps = 0
 
 
 def gradient_norm(parameters):
@@ -99,6 +155,7 @@ class TrainStep:
         data_shape = tuple(images.shape[1:])
         self.shape = (self.encoder.channels(data_shape[0]), *data_shape[1:])  # what the network sees and makes
         self.model = None  # what runs forward and backward, when not the network (or its DDP wrapper): compiled
+        self.tally = None  # DeviceTally, started from the state's counters by the first step
 
     def local_part(self):
         """This process's slice of a step's global batch."""
@@ -176,7 +233,10 @@ class TrainStep:
         return total
 
     def __call__(self, state):
+        """Take one step; returns its learning rate. Its loss and health go into :attr:`tally`."""
         recipe, batch = self.training, self.training.batch
+        if self.tally is None:
+            self.tally = DeviceTally(state.counters, self.max_nonfinite_steps, self.device)
         indices, sigma, noise = self.draw(state.nimg)
         pixels = self.fetch(state.nimg, indices)
         state.optimizer.zero_grad(set_to_none=True)
@@ -184,27 +244,20 @@ class TrainStep:
         self.dist.all_sum(loss_sum)
         lr = learning_rate(state.nimg, batch, recipe.lr, recipe.decay, recipe.rampup_img)
         set_learning_rate(state.optimizer, lr)
-        bad, squares = clean_gradients(state.net.parameters())
-        total_loss, bad_grads, squares = torch.stack([loss_sum, bad.to(loss_sum), squares.to(loss_sum)]).tolist()
-        bad_grads = int(bad_grads)
-        self._check_health(state, math.isfinite(total_loss), bad_grads)
-        grad_norm = math.sqrt(squares) / recipe.loss_scaling
+        bad, squares = clean_gradients(state.net.parameters())  # non-finite entries zeroed (SPEC §1.5)
+        self.tally.add(state.nimg, loss_sum, bad, squares, batch, recipe.loss_scaling)
         state.optimizer.step()
         state.advance(batch)
-        return StepResult(loss=total_loss / batch, lr=lr, bad_grad_values=bad_grads, grad_norm=grad_norm)
-    def _check_health(self, state, loss_finite, bad_grads):
-        """Count non-finite steps (SPEC §1.5); stop after too many in a row, before Adam takes the step."""
-        counters = state.counters
-        if bad_grads:
-            counters["nonfinite_grad_steps"] += 1
-            counters["nonfinite_grad_values"] += bad_grads
-        if not loss_finite:
-            counters["nonfinite_loss_steps"] += 1
-        if not (bad_grads or not loss_finite):
-            counters["consecutive_nonfinite"] = 0
-            return
-        counters["consecutive_nonfinite"] += 1
-        if counters["consecutive_nonfinite"] >= self.max_nonfinite_steps:
-            raise NumericalError(f"training produced non-finite losses or gradients for "
-                                 f"{counters['consecutive_nonfinite']} consecutive steps (at {state.nimg} images); "
-                                 f"stopped")
+        return lr
+
+    def settle(self, state):
+        """Read the tally into the state's counters; raise NumericalError if the non-finite guard tripped
+        (the steps after it are discarded: nothing of them may be written). Returns the reading."""
+        reading = self.tally.read() if self.tally is not None else None
+        if reading is None:
+            return None
+        state.counters.update(reading.counters)
+        if reading.halted_at >= 0:
+            raise NumericalError(f"training produced non-finite losses or gradients for {self.max_nonfinite_steps} "
+                                 f"consecutive steps (at {reading.halted_at} images); stopped")
+        return reading

@@ -1,0 +1,132 @@
+"""Is bf16 as good as fp32? The sample-quality check of issue 18, on the default digits run.
+
+    python benchmarks/precision_quality.py [--out out/precision] [--runs fp32-s0,bf16-s0,...]
+                                           [--sample-sets 2] [--report benchmarks/results/precision]
+
+Trains the main job (`mpdiff train --preset digits`, 192 Ki images) with several training seeds, in
+fp32 and with `--precision bf16`, then samples each run 1,000 images per seed set (seeds 0-999,
+1000-1999, ...) with `mpdiff generate` in fp32 and in bf16, and scores them with `mpdiff eval`
+(classifier accuracy and Fréchet distance, docs/EVALUATION.md). The fp32 runs' values give the
+seed-to-seed spread, over training seeds and over sample seeds; a bf16 setting passes if its values
+fall within that spread.
+
+Everything resumes: runs resume from their checkpoints, and finished evaluations are kept in
+OUT/results.json. The report (a markdown table and a JSON) is rewritten after every evaluation.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+DEFAULT_RUNS = "fp32-s0,bf16-s0,fp32-s1,bf16-s1,fp32-s2"
+
+
+def mpdiff(*args):
+    proc = subprocess.run([sys.executable, "-m", "mpdiff", *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"mpdiff {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def train(out, name):
+    precision, seed = name.split("-s")
+    run_dir = os.path.join(out, "runs", name)
+    if not os.path.exists(os.path.join(run_dir, "samples", "grid-final.png")):
+        print(f"training {name} ...", flush=True)
+        mpdiff("train", "--preset", "digits", "--seed", seed, "--precision", precision, "--run-dir", run_dir,
+               "--no-progress")
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "stats.jsonl"))]
+    images = seconds = 0.0
+    for previous, row in zip([{"nimg": 0}] + rows, rows):  # each row's img/s covers the images since the last
+        images += row["nimg"] - previous["nimg"]
+        seconds += (row["nimg"] - previous["nimg"]) / row["img_per_sec"]
+    return run_dir, images / seconds
+
+
+def evaluate(out, results, name, run_dir, precision, first_seed):
+    key = f"{name} sampled {precision} seeds {first_seed}-{first_seed + 999}"
+    if key not in results:
+        folder = os.path.join(out, "samples", key.replace(" ", "_"))
+        start = time.perf_counter()
+        mpdiff("generate", run_dir, "--seeds", f"{first_seed}-{first_seed + 999}", "--out", folder,
+               "--precision", precision)
+        seconds = time.perf_counter() - start
+        result = json.loads(mpdiff("eval", folder, "--json"))
+        results[key] = dict(run=name, train_precision=name.split("-")[0], sample_precision=precision,
+                            seeds=f"{first_seed}-{first_seed + 999}", accuracy=result["accuracy"], fd=result["fd"],
+                            generate_seconds=seconds)
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        print(key, f"accuracy {result['accuracy']:.3f} fd {result['fd']:.2f}", flush=True)
+    return results[key]
+
+
+def report(results, speeds, path):
+    rows = sorted(results.values(), key=lambda r: (r["train_precision"], r["run"], r["sample_precision"], r["seeds"]))
+    reference = [r for r in rows if r["train_precision"] == "fp32" and r["sample_precision"] == "fp32"]
+    lines = ["| training | sampling | run (training seed) | sample seeds | accuracy | FD |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['train_precision']} | {r['sample_precision']} | {r['run']} | {r['seeds']} | "
+                     f"{100 * r['accuracy']:.1f}% | {r['fd']:.2f} |")
+    summary = {}
+    if reference:
+        acc = [r["accuracy"] for r in reference]
+        fd = [r["fd"] for r in reference]
+        summary["fp32 spread"] = dict(accuracy=[min(acc), max(acc)], fd=[min(fd), max(fd)], n=len(reference))
+        lines += ["", f"fp32 spread over {len(reference)} evaluations: accuracy {100 * min(acc):.1f}-"
+                  f"{100 * max(acc):.1f}%, FD {min(fd):.2f}-{max(fd):.2f}", "",
+                  "| setting | evaluations | accuracy (mean, range) | FD (mean, range) | within the fp32 spread |",
+                  "| --- | --- | --- | --- | --- |"]
+        for train_p in ("fp32", "bf16"):
+            for sample_p in ("fp32", "bf16"):
+                group = [r for r in rows if r["train_precision"] == train_p and r["sample_precision"] == sample_p]
+                if not group:
+                    continue
+                a = [r["accuracy"] for r in group]
+                f = [r["fd"] for r in group]
+                inside = all(min(acc) <= x <= max(acc) for x in a) and all(min(fd) <= x <= max(fd) for x in f)
+                label = f"train {train_p}, sample {sample_p}"
+                summary[label] = dict(accuracy=a, fd=f, within=inside)
+                lines.append(f"| {label} | {len(group)} | {100 * statistics.mean(a):.1f}% ({100 * min(a):.1f}-"
+                             f"{100 * max(a):.1f}) | {statistics.mean(f):.2f} ({min(f):.2f}-{max(f):.2f}) | "
+                             f"{'yes' if inside else 'no'} |")
+    if speeds:
+        lines += ["", "| run | training img/s (stats.jsonl) |", "| --- | --- |"]
+        lines += [f"| {name} | {speed:.0f} |" for name, speed in sorted(speeds.items())]
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "quality.md"), "w") as f:
+        f.write(f"Measured {time.strftime('%Y-%m-%d', time.gmtime())} with `python benchmarks/precision_quality.py`"
+                f" (1,000 samples per evaluation, 32 Heun steps).\n\n" + "\n".join(lines) + "\n")
+    with open(os.path.join(path, "quality.json"), "w") as f:
+        json.dump(dict(rows=rows, summary=summary, speeds=speeds), f, indent=1)
+    print("\n".join(lines), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.path.join(ROOT, "out", "precision"))
+    parser.add_argument("--runs", default=DEFAULT_RUNS)
+    parser.add_argument("--sample-sets", type=int, default=2, help="Seed sets of 1,000 per run and precision [2].")
+    parser.add_argument("--report", default=os.path.join(HERE, "results", "precision"))
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "results.json")
+    results = json.load(open(path)) if os.path.exists(path) else {}
+    speeds = {}
+    for name in args.runs.split(","):
+        run_dir, speeds[name] = train(args.out, name)
+        for precision in ("fp32", "bf16"):
+            for k in range(args.sample_sets):
+                evaluate(args.out, results, name, run_dir, precision, 1000 * k)
+        report(results, speeds, args.report)
+
+
+if __name__ == "__main__":
+    main()
