@@ -15,8 +15,8 @@ Measured, interleaved round by round so that both see the same machine load:
   eval mode, at the sampling batch (img/s);
 
 for NVIDIA's network in float32 and for ours in float32, bf16 and (with --compile) torch.compile,
-alone and with bf16. The table gives the median img/s of the rounds, the ratio to NVIDIA's, and the
-relative difference of D from NVIDIA's on a fixed batch (the quality check of the network function;
+alone and with bf16. The table gives the median img/s of the rounds, the median over rounds of each
+round's ratio to NVIDIA's (each round times every setting back to back), and the relative difference of D from NVIDIA's on a fixed batch (the quality check of the network function;
 sample quality is checked in docs/PERFORMANCE.md). Compile time is reported separately.
 
 Configurations (the issue's): `digits` 8x8x1, C0 32, mult 1-2-2, attention at 4, batch 256;
@@ -156,7 +156,8 @@ def main():
         runners[name] = (train_runner(net, model, tx, ts, tl), sample_runner(model, x, labels), net, fresh)
     times = {name: {"train": [], "sample": []} for name in settings}
     for r in range(args.rounds):
-        for name, (train, sample, net, fresh) in runners.items():
+        order = list(runners.items())
+        for name, (train, sample, net, fresh) in (order if r % 2 == 0 else order[::-1]):  # no setting always first
             train()  # warm-up of this round
             times[name]["train"].append(timed(train, args.train_steps))
             net.load_state_dict(fresh)  # every setting trains from the same weights
@@ -171,9 +172,13 @@ def main():
     for name, t in times.items():
         train_ips = spec["train_batch"] / statistics.median(t["train"])
         sample_ips = spec["sample_batch"] / statistics.median(t["sample"])
+        # The ratio of each round (both timed within seconds of each other), then the median over rounds:
+        # steadier than a ratio of medians when the machine's speed drifts between rounds.
+        train_ratios = [b / o for b, o in zip(base["train"], t["train"])]
+        sample_ratios = [b / o for b, o in zip(base["sample"], t["sample"])]
         rows.append(dict(setting=name, train_img_s=train_ips, sample_img_s=sample_ips,
-                         train_ratio=statistics.median(base["train"]) / statistics.median(t["train"]),
-                         sample_ratio=statistics.median(base["sample"]) / statistics.median(t["sample"]),
+                         train_ratio=statistics.median(train_ratios), sample_ratio=statistics.median(sample_ratios),
+                         train_ratios=train_ratios, sample_ratios=sample_ratios,
                          rel_diff_D=quality[name], compile_seconds=compile_seconds.get(name)))
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads"
     summary = dict(config=args.config, network=spec["net"], train_batch=spec["train_batch"],
@@ -183,7 +188,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{args.config}.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    lines = [f"{args.config}: {machine}, torch {torch.__version__}, {summary['date']} UTC, median of {args.rounds} rounds",
+    lines = [f"{args.config}: {machine}, torch {torch.__version__}, {summary['date']} UTC, median of {args.rounds} rounds (ratios: median of the per-round ratios)",
              "", "| setting | training img/s | ratio | sampling img/s | ratio | rel. diff. of D from NVIDIA | compile (s) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:

@@ -266,19 +266,29 @@ def folder_written_whole(dest, replace_existing=False):
         raise MpdiffError(f"{show_path(dest)}: cannot write here ({e.strerror or e})") from None
     try:
         yield partial
-        os.chmod(partial, 0o777 & ~_UMASK)  # mkdtemp made it private; give it a new folder's permissions
-        if replace_existing and os.path.isdir(dest) and os.listdir(dest):
-            exchange_entries(partial, dest)  # atomic: the old folder or the new one, never a mix
-            shutil.rmtree(partial)           # now holds the previous content
-        else:
-            os.rename(partial, dest)         # atomic; replaces nothing but an empty folder
-        _fsync_dir(parent)
+        put_folder_in_place(partial, dest, replace_existing)
     except OSError as e:
         shutil.rmtree(partial, ignore_errors=True)
         raise MpdiffError(f"{show_path(dest)}: cannot write here ({e.strerror or e})") from None
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+
+
+def put_folder_in_place(partial, dest, replace_existing=False):
+    """Make the finished folder `partial` (a sibling of `dest`) become `dest`, atomically and durably.
+
+    It gets a new folder's permissions (mkdtemp made it private). A non-empty `dest` is swapped with it
+    (Linux renameat2) when `replace_existing`, and the old content removed; otherwise a rename, which
+    replaces nothing but an empty folder. The parent directory is synced. Raises OSError.
+    """
+    os.chmod(partial, 0o777 & ~_UMASK)
+    if replace_existing and os.path.isdir(dest) and os.listdir(dest):
+        exchange_entries(partial, dest)  # atomic: the old folder or the new one, never a mix
+        shutil.rmtree(partial)           # now holds the previous content
+    else:
+        os.rename(partial, dest)         # atomic; replaces nothing but an empty folder
+    _fsync_dir(os.path.dirname(os.path.abspath(dest)))
 
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2

@@ -25,9 +25,9 @@ from mpdiff.errors import ConfigError, MpdiffError
 from mpdiff.storage.files import (
     can_exchange_entries,
     destination_stat,
-    exchange_entries,
     folder_written_whole,
     kind_of,
+    put_folder_in_place,
     show_path,
     write_destination,
     write_json,
@@ -185,12 +185,7 @@ class StreamingSampleFolder:
         write_dataset_json(self.partial, entries, num_classes=self.num_classes or None)
         tiles = self._grid_tiles(seeds, classes)
         os.remove(os.path.join(self.partial, MANIFEST))
-        os.chmod(self.partial, 0o777 & ~_UMASK)
-        if os.path.isdir(self.out_dir) and os.listdir(self.out_dir):
-            exchange_entries(self.partial, self.out_dir)  # atomic: the old folder or the new one
-            shutil.rmtree(self.partial)
-        else:
-            os.rename(self.partial, self.out_dir)  # replaces nothing but an empty folder
+        put_folder_in_place(self.partial, self.out_dir, replace_existing=True)  # a previous sample folder goes
         save_grid(self.grid_path, *tiles)
         return self.out_dir
 
