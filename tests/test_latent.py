@@ -344,6 +344,11 @@ def test_convert_encode_train_generate_end_to_end(vae_dir, latent_zip, tmp_path)
                      "--vae", vae_dir, "--no-progress")
     assert nvidia.exit_code == 0, nvidia.output
     assert np.array_equal(open_dataset(tmp_path / "nv", progress=False).read(3), ds.read(3))
+    # an EMA sweep of the run decodes its samples with the run's VAE: grids of 64x64 RGB pixels
+    swept = run_cli("ema-sweep", run, "--sigma-rel", "0.1", "--seeds", "0-1", "--steps", "2", "--no-progress")
+    assert swept.exit_code == 0, swept.output
+    with Image.open(run / "ema-sweep" / "grid-0.100.png") as grid:
+        assert grid.mode == "RGB" and min(grid.size) >= 64
 
 
 def test_metrics_of_a_latent_network_are_measured_on_decoded_pixels(vae_dir, latent_zip, tmp_path, monkeypatch):

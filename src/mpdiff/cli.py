@@ -633,8 +633,9 @@ def _at_nimg(text):
                    "evaluation; other data: grids only].")
 @click.option("--ref", "ref_path", default=None, help="Reference statistics for --metrics (mpdiff ref).")
 @click.option("--dinov2", default=None, help="DINOv2 ViT-L/14 weights for fd_dinov2 [$MPDIFF_DINOV2].")
+@click.option("--vae", default=None, metavar="DIR", help=_VAE_HELP)
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def ema_sweep(run_dir, sigma_rel, seeds, steps, at, out_dir, metric_names, ref_path, dinov2, progress):
+def ema_sweep(run_dir, sigma_rel, seeds, steps, at, out_dir, metric_names, ref_path, dinov2, vae, progress):
     """Reconstruct a range of EMA lengths, sample and evaluate each (one grid per length); table and plot."""
     from mpdiff.diffusion.generate import parse_seeds
     from mpdiff.metrics.compute import parse_metrics
@@ -644,7 +645,7 @@ def ema_sweep(run_dir, sigma_rel, seeds, steps, at, out_dir, metric_names, ref_p
     metrics = parse_metrics(metric_names) if metric_names else None
     with _writing(run_dir, "ema-sweep"):
         result = run_sweep(run_dir, targets, seed_list, num_steps=steps, at_nimg=_at_nimg(at), out_dir=out_dir,
-                           progress=progress, metrics=metrics, ref=ref_path, dinov2=dinov2)
+                           progress=progress, metrics=metrics, ref=ref_path, dinov2=dinov2, vae=vae)
     click.echo(result["table"])
     click.echo(f"plot: {result['plot']}" if result["plot"] else f"grids: {os.path.dirname(result['rows'][0]['grid'])}")
 

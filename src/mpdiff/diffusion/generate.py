@@ -27,6 +27,12 @@ def seed_generator(seed, device="cpu"):
     return torch.Generator(device=device).manual_seed(int(seed) % (1 << 32))
 
 
+def classes_per_seed(class_idx, count):
+    """`class_idx` as one entry per seed: a list or tuple as given, else that one value (a class, or None
+    for a random class per seed) repeated `count` times."""
+    return list(class_idx) if isinstance(class_idx, (list, tuple)) else [class_idx] * count
+
+
 def seed_inputs(seeds, shape, num_classes=0, class_idx=None, device="cpu"):
     """Initial unit noise and class labels per seed, each from that seed's own generator.
 
@@ -34,7 +40,7 @@ def seed_inputs(seeds, shape, num_classes=0, class_idx=None, device="cpu"):
     Returns (noise [N, *shape], labels one-hot [N, num_classes] or None, class ids list).
     An image therefore depends only on its seed and class, never on its batch.
     """
-    per_seed = list(class_idx) if isinstance(class_idx, (list, tuple)) else [class_idx] * len(seeds)
+    per_seed = classes_per_seed(class_idx, len(seeds))
     noise, classes = [], []
     for seed, fixed in zip(seeds, per_seed):
         gen = seed_generator(seed)
@@ -86,7 +92,7 @@ def generate_batches(net, seeds, class_idx=None, sampling=None, guide=None, guid
 def _batches(net, model, seeds, class_idx, sampling, guide, guidance, device, progress, callback):
     """generate_batches' loop: `net` describes the images, `model` (net, or net compiled) makes them."""
     seeds = [int(s) for s in seeds]
-    per_seed = list(class_idx) if isinstance(class_idx, (list, tuple)) else [class_idx] * len(seeds)
+    per_seed = classes_per_seed(class_idx, len(seeds))
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
     sigmas = edm_sigmas(sampling.num_steps, sampling.sigma_min, sampling.sigma_max, sampling.rho)
     denoise = guided(model, guide, guidance)
@@ -201,7 +207,7 @@ def generate_to_folder(net, seeds, out_dir, class_idx=None, grid_path=None, samp
     dist = dist or Distributed.single()
     sampling = sampling_config(sampling, **overrides)
     seeds = [int(s) for s in seeds]
-    per_seed = list(class_idx) if isinstance(class_idx, (list, tuple)) else [class_idx] * len(seeds)
+    per_seed = classes_per_seed(class_idx, len(seeds))
     settings = generation_settings(net, seeds, class_idx, sampling, guide, guidance)
     encoder = encoder or PixelEncoder()
     if encoder.name != PixelEncoder.name:  # pixel folders keep the settings they always had

@@ -3,7 +3,6 @@
 import os
 
 from mpdiff.config import SAMPLING
-from mpdiff.data.pixels import decode_images
 from mpdiff.diffusion.generate import generate
 from mpdiff.ema.reconstruct import reconstruct
 from mpdiff.errors import ConfigError
@@ -48,19 +47,24 @@ DIGITS_KEYS = ("accuracy", "fd", "fd_real_vs_real", "near_copies_fraction", "num
 
 
 def ema_sweep(run_dir, sigma_rels, seeds, num_steps=SAMPLING.num_steps, at_nimg=None, out_dir=None, progress=True,
-              metrics=None, ref=None, dinov2=None, device="cpu"):
+              metrics=None, ref=None, dinov2=None, device="cpu", vae=None):
     """Returns dict(rows, table, plot, json). Each row: sigma_rel, nimg, the grid of its samples and the
-    evaluation's numbers (none in the grids-only mode; see :func:`_evaluator`)."""
+    evaluation's numbers (none in the grids-only mode; see :func:`_evaluator`). A latent run's samples are
+    decoded with the VAE folder `vae` (default: the one its run recorded) before they are scored."""
+    from mpdiff.data.latents import network_encoder
+
     evaluate = _evaluator(run_dir, metrics, ref, dinov2, device)
     out_dir = out_dir or RunLayout(run_dir).ema_sweep_dir
     paths = reconstruct(run_dir, sigma_rels, at_nimg=at_nimg, out_dir=os.path.join(out_dir, "networks"),
                         progress=progress)
-    rows = []
+    rows, encoder = [], None
     for path in paths:  # reconstruct() sorts and de-duplicates targets: read each one's sigma_rel back
         net, meta = load_network(path)
+        if encoder is None:  # pixels, or latents decoded by the VAE (every target has the run's network)
+            encoder = network_encoder(net, run_dir, vae, device=device)
         sigma_rel = round(float(meta["sigma_rel"]), 6)
         images, classes = generate(net, seeds, num_steps=num_steps, progress=progress)
-        pixels = decode_images(images)
+        pixels = encoder.decode(images)
         grid = os.path.join(out_dir, f"grid-{sigma_rel:.3f}.png")
         save_grid(grid, pixels[:GRID_IMAGES].numpy())
         row = {"sigma_rel": sigma_rel, "nimg": meta["nimg"], "grid": grid}
