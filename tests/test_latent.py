@@ -410,3 +410,11 @@ def test_bad_vae_folders_and_options_are_one_line(vae_dir, tmp_path):
         assert result.exit_code == 1 and result.output.count("\n") == 1, (args, result.output)
         assert result.output.startswith("error: ") and expected in result.output, (expected, result.output)
     assert sorted(os.listdir(tmp_path)) == ["img", "lat.zip", "notvae", "small"]
+
+
+def test_reference_statistics_of_latents_are_refused_in_one_line(tmp_path):
+    write_zip(tmp_path / "lat.zip", latent_files(3))
+    result = run_cli("ref", tmp_path / "lat.zip", "--out", tmp_path / "ref.npz")
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert f"{tmp_path / 'lat.zip'}: holds latents of the Stable Diffusion VAE, not images" in result.output
+    assert not (tmp_path / "ref.npz").exists()

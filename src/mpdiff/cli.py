@@ -374,7 +374,14 @@ def ref(dataset, out_path, metric_names, dinov2, batch, device, progress):
     from tqdm import tqdm
 
     from mpdiff.data.datasets import open_dataset
-    from mpdiff.metrics.compute import accumulate, dataset_batches, make_detector, parse_metrics, save_reference
+    from mpdiff.metrics.compute import (
+        accumulate,
+        check_pixels,
+        dataset_batches,
+        make_detector,
+        parse_metrics,
+        save_reference,
+    )
     from mpdiff.storage.files import write_destination
 
     metrics = parse_metrics(metric_names)
@@ -382,7 +389,7 @@ def ref(dataset, out_path, metric_names, dinov2, batch, device, progress):
         raise ConfigError("--batch must be at least 1")
     check_device(device, field="device")
     write_destination(out_path)
-    ds = open_dataset(dataset, use_labels=False, progress=None if progress else False)
+    ds = check_pixels(open_dataset(dataset, use_labels=False, progress=None if progress else False))
     detectors = [make_detector(m, device=device, dinov2=dinov2) for m in metrics]
     with tqdm(total=len(ds), disable=not progress, desc="reference", unit="img") as bar:  # streamed: one batch in memory
         stats = accumulate(dataset_batches(ds, batch), detectors, progress=bar.update)
@@ -432,8 +439,9 @@ def metrics(images, net_source, ref_path, num, first_seed, metric_names, dinov2,
         device = dist.device(device)
         if images is not None:
             from mpdiff.data.datasets import open_dataset
+            from mpdiff.metrics.compute import check_pixels
 
-            ds = open_dataset(images, use_labels=False, progress=None if progress else False)
+            ds = check_pixels(open_dataset(images, use_labels=False, progress=None if progress else False))
             total, batches = len(ds), dataset_batches(ds, batch)  # streamed: one batch in memory
         else:
             net, guide_net, choice, lines = _networks(net_source, sigma_rel, guide, guidance, guide_sigma_rel,

@@ -96,12 +96,25 @@ def accumulate(batches, detectors, progress=None):
 
 # ------------------------------------------------------------------------------------ image sources
 
+def check_pixels(dataset):
+    """Refuse, in one line, a dataset of latents where Fréchet distances need pixels. Returns it."""
+    if getattr(dataset, "latent", False):
+        from mpdiff.errors import ConfigError
+        from mpdiff.storage.files import show_path
+
+        where = show_path(getattr(dataset, "path", None) or dataset.name)
+        raise ConfigError(f"{where}: holds latents of the Stable Diffusion VAE, not images; Fréchet distances are "
+                          f"measured on pixels: use the image dataset the latents were encoded from")
+    return dataset
+
+
 def dataset_batches(images, batch_size=64):
     """uint8 tensors [b, C, H, W] of a dataset or of an in-memory uint8 array or tensor [N, C, H, W].
 
     A dataset (anything with ``batches``, e.g. :func:`mpdiff.data.datasets.open_dataset`'s) is streamed:
     a folder or ZIP is read and decoded one batch at a time, so memory does not grow with its size."""
     if hasattr(images, "batches"):
+        check_pixels(images)
         for batch in images.batches(batch_size):
             yield torch.as_tensor(batch)
         return
