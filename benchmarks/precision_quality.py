@@ -82,10 +82,11 @@ def report(results, speeds, path):
         summary["fp32 spread"] = dict(accuracy=[min(acc), max(acc)], fd=[min(fd), max(fd)], n=len(reference))
         lines += ["", f"fp32 spread over {len(reference)} evaluations (training seeds x sample seeds): accuracy "
                   f"{100 * min(acc):.1f}-{100 * max(acc):.1f}%, FD {min(fd):.2f}-{max(fd):.2f}", "",
-                  "A setting's mean is within the spread when it lies in that range; 'every value' asks it of each "
-                  "evaluation.", "",
+                  "A setting's mean is within the spread when it lies in that range. The last column asks of each "
+                  "evaluation that it be no worse than the worst fp32 one (accuracy at least its lowest, FD at most "
+                  "its highest: a lower FD is better).", "",
                   "| setting | evaluations | accuracy: mean (range) | FD: mean (range) | mean within the fp32 spread "
-                  "| every value within |",
+                  "| every value no worse than fp32's worst |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for train_p in ("fp32", "bf16"):
             for sample_p in ("fp32", "bf16"):
@@ -95,9 +96,9 @@ def report(results, speeds, path):
                 a = [r["accuracy"] for r in group]
                 f = [r["fd"] for r in group]
                 mean_in = min(acc) <= statistics.mean(a) <= max(acc) and min(fd) <= statistics.mean(f) <= max(fd)
-                inside = all(min(acc) <= x <= max(acc) for x in a) and all(min(fd) <= x <= max(fd) for x in f)
+                inside = all(x >= min(acc) for x in a) and all(x <= max(fd) for x in f)
                 label = f"train {train_p}, sample {sample_p}"
-                summary[label] = dict(accuracy=a, fd=f, mean_within=mean_in, every_value_within=inside)
+                summary[label] = dict(accuracy=a, fd=f, mean_within=mean_in, every_value_no_worse=inside)
                 lines.append(f"| {label} | {len(group)} | {100 * statistics.mean(a):.1f}% ({100 * min(a):.1f}-"
                              f"{100 * max(a):.1f}) | {statistics.mean(f):.2f} ({min(f):.2f}-{max(f):.2f}) | "
                              f"{'yes' if mean_in else 'no'} | {'yes' if inside else 'no'} |")

@@ -133,6 +133,7 @@ def main():
             net = build_pair(args.edm2, spec["net"])[1]
             model = compiled(net)
             set_precision(net, precision)
+            initial = {k: v.clone() for k, v in net.state_dict().items()}
             start = time.perf_counter()
             net.eval()
             with torch.no_grad():
@@ -140,6 +141,7 @@ def main():
             tx, ts, tl = inputs(spec["net"], spec["train_batch"])
             train_runner(net, model, tx, ts, tl)()  # training graphs (forward and backward)
             compile_seconds[name] = round(time.perf_counter() - start, 1)
+            net.load_state_dict(initial)  # that warm-up took an Adam step: D is compared on the shared weights
             settings[name] = (net, model, precision)
 
     quality = {}
