@@ -221,3 +221,22 @@ def test_folded_constants_compute_the_literal_block_formulas(train, monkeypatch)
     assert len(grads_fold) == len(grads_literal)
     for a, b in zip(grads_fold, grads_literal):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+def test_literal_formulas_give_the_same_network_and_are_restored():
+    """literal_formulas() (used for flop counting) computes with the reference's ops; the network's
+    function is the same to float32 rounding, and the fast path returns after the block."""
+    from mpdiff.nn.primitives import computing_literally, literal_formulas
+
+    net = randomized_network(seed=5).eval()
+    x, sigma, labels = inputs()
+    with torch.no_grad():
+        fast = net(x, sigma, labels)
+        with literal_formulas():
+            assert computing_literally()
+            literal = net(x, sigma, labels)
+        assert not computing_literally()
+        again = net(x, sigma, labels)
+    assert not torch.equal(fast, literal)  # other ops, other rounding
+    torch.testing.assert_close(fast, literal, rtol=2e-6, atol=2e-6)
+    assert torch.equal(fast, again)

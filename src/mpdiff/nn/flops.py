@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mpdiff.config import NetworkConfig, Preset
 from mpdiff.nn.build import build_meta_network
+from mpdiff.nn.primitives import literal_formulas
 from mpdiff.presets import get_preset
 
 # Ops that move, view, copy or create data: no arithmetic.
@@ -169,7 +170,9 @@ def count_flops(net, batch=1, label=True):
     counter = FlopCounter()
     # Grad mode on: MPConv then recomputes its normalized weight on every call instead of
     # reusing its eval-mode cache, which is the per-call cost of a standalone evaluation.
-    with _eval_mode(net), torch.enable_grad(), counter:
+    # literal_formulas: count the reference's ops (vector norms, the resampling convolution, mp_silu's and
+    # mp_sum's constants where they stand), not the faster equivalents mpdiff runs.
+    with _eval_mode(net), torch.enable_grad(), literal_formulas(), counter:
         torch.func.functional_call(net, meta_state, (x, sigma, class_labels))
 
     by_op = {name: flops / batch for name, flops in sorted(counter.flops.items(), key=lambda kv: -kv[1])}

@@ -7,6 +7,7 @@ forced step (D). Equation numbers refer to Karras et al., "Analyzing and Improvi
 the Training Dynamics of Diffusion Models" (arXiv 2312.02696 v2).
 """
 
+import contextlib
 import math
 from typing import Optional, Sequence, Union
 
@@ -19,6 +20,29 @@ SILU_RMS = 0.596
 
 # Guards every division by a norm; added to the RMS, not to the L2 norm (SPEC §2.1).
 NORM_EPS = 1e-4
+
+
+_LITERAL = [False]  # set inside literal_formulas()
+
+
+@contextlib.contextmanager
+def literal_formulas():
+    """Inside the block, compute every formula as written, with the ops NVIDIA's network uses: torch's
+    vector norm for activation norms, the depthwise convolution for [1, 1] resampling, and config G's
+    constants applied where they stand rather than folded into conv gains. The function is the same
+    (to float32 rounding) either way. Flop counting uses it, so that counts stay those of the reference
+    tool and the paper; tests use it as the reference path."""
+    previous = _LITERAL[0]
+    _LITERAL[0] = True
+    try:
+        yield
+    finally:
+        _LITERAL[0] = previous
+
+
+def computing_literally() -> bool:
+    """Whether :func:`literal_formulas` is in force."""
+    return _LITERAL[0]
 
 
 def normalize(x: torch.Tensor, dim=None, eps: float = NORM_EPS) -> torch.Tensor:
@@ -46,6 +70,8 @@ def norm_across(x: torch.Tensor, dim) -> torch.Tensor:
     (under 4e-7 relative). Sums below 1e-30 are raised to it, so an all-zero slice gets the zero
     gradient vector_norm gives it rather than 0 * inf; the value, always added to eps, is unchanged.
     """
+    if _LITERAL[0]:
+        return torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
     squares = x.to(torch.float32).square()
     return squares.sum(dim=dim, keepdim=True).clamp_min(1e-30).sqrt()
 
@@ -106,7 +132,7 @@ def resample(x: torch.Tensor, mode: str = "keep", filter: Sequence[float] = (1, 
         return x
     if mode not in ("down", "up"):
         raise ValueError(f"unknown resample mode {mode!r}; expected 'keep', 'down' or 'up'")
-    if tuple(filter) == (1, 1):  # the box filter: 2x2 averaging and pixel repetition, without the convolution
+    if tuple(filter) == (1, 1) and not _LITERAL[0]:  # the box filter: 2x2 averaging and pixel repetition, without the convolution
         return F.avg_pool2d(x, 2) if mode == "down" else F.interpolate(x, scale_factor=2.0, mode="nearest")
     taps = torch.as_tensor(filter, dtype=torch.float32)
     if taps.ndim != 1 or taps.numel() % 2:

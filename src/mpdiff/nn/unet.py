@@ -17,7 +17,15 @@ from torch import nn
 from mpdiff.nn.ladder import CONFIG_G, LadderFlags, Layers, ladder_flags
 from mpdiff.nn.layers import PositionalEmbedding, dot_product_attention
 from mpdiff.nn.layout import STEM, BlockSpec, UNetLayout, unet_layout
-from mpdiff.nn.primitives import SILU_RMS, clip_activations, cosine_attention, mp_sum_factors, normalize, resample
+from mpdiff.nn.primitives import (
+    SILU_RMS,
+    clip_activations,
+    computing_literally,
+    cosine_attention,
+    mp_sum_factors,
+    normalize,
+    resample,
+)
 from mpdiff.nn.skips import SkipGate, SkipScaling, check_skip_options, skip_coefficients
 
 
@@ -101,12 +109,13 @@ class Block(nn.Module):
     # Config G computes mp_silu's 1 / 0.596 and mp_sum's two factors by folding them into the gain of
     # an adjacent MPConv (scaling its normalised weight, which costs nothing at inference: the weight
     # is cached), so SiLU and each join are one pass over the activations instead of two. Same function,
-    # float32 rounding apart; False computes every formula literally (tests/test_speed.py compares them).
+    # float32 rounding apart; False (or mpdiff.nn.primitives.literal_formulas()) computes every formula
+    # literally (tests/test_speed.py compares them).
     fold_constants = True
 
     @property
     def folds(self) -> bool:
-        return self.fold_constants and self.flags.mp_fixed_function
+        return self.fold_constants and self.flags.mp_fixed_function and not computing_literally()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if self.flags.resample_on_main_path:
