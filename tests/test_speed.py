@@ -2,6 +2,8 @@
 float32 islands the paper needs) and torch.compile (no graph breaks; the compiled graph computes the
 same function, forced weight normalisation included). Speed itself is measured in benchmarks/."""
 
+import contextlib
+
 import pytest
 import torch
 import torch._dynamo as dynamo
@@ -200,18 +202,17 @@ def test_activation_norms_equal_torch_vector_norm_and_stay_finite_at_zero():
 
 
 @pytest.mark.parametrize("train", [False, True])
-def test_folded_constants_compute_the_literal_block_formulas(train, monkeypatch):
+def test_folded_constants_compute_the_literal_block_formulas(train):
     """Config G's 1 / 0.596 of mp_silu and the factors of mp_sum, folded into the adjacent convolutions'
     gains, give the same network function and gradients as the literal formulas, to float32 rounding."""
-    from mpdiff.nn.unet import Block
+    from mpdiff.nn.primitives import literal_formulas
 
     def run(fold):
-        monkeypatch.setattr(Block, "fold_constants", fold)
         torch.manual_seed(0)  # the same weights for both
         net = randomized_network(seed=3)
         net.train(train)
         x, sigma, labels = inputs()
-        with torch.set_grad_enabled(train):
+        with torch.set_grad_enabled(train), contextlib.nullcontext() if fold else literal_formulas():
             out = net(x, sigma, labels)
             grads = torch.autograd.grad(out.square().sum(), list(net.parameters()), allow_unused=True) if train else []
         return out.detach(), [g for g in grads if g is not None]

@@ -272,7 +272,7 @@ class SamplingConfig(_Config):
 
 SAMPLING = SamplingConfig()
 
-STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")   # how network files may store floating tensors
 PRECISION_NAMES = ("fp32", "bf16", "fp16")  # --precision: activation dtypes (mpdiff.nn.precond.PRECISIONS)
 
 
@@ -281,7 +281,7 @@ def check_precision(precision):
     if precision is not None and precision not in PRECISION_NAMES:
         raise ConfigError(f"{{precision}} {precision!r} is not one of {', '.join(PRECISION_NAMES)}",
                           fields=("precision",))
-    return precision   # how network files may store floating tensors
+    return precision
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,6 @@ import contextlib
 import torch
 
 from mpdiff.config import check_precision
-from mpdiff.nn.precond import PRECISIONS
-
-PRECISION_CHOICES = tuple(PRECISIONS)
-
 
 
 def _preconditioners(net):

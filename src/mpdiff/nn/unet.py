@@ -106,16 +106,14 @@ class Block(nn.Module):
         self.attn_qkv = layers.conv(width, 3 * width, kernel=(1, 1)) if self.num_heads else None
         self.attn_proj = layers.conv(width, width, kernel=(1, 1), last=True) if self.num_heads else None
 
-    # Config G computes mp_silu's 1 / 0.596 and mp_sum's two factors by folding them into the gain of
-    # an adjacent MPConv (scaling its normalised weight, which costs nothing at inference: the weight
-    # is cached), so SiLU and each join are one pass over the activations instead of two. Same function,
-    # float32 rounding apart; False (or mpdiff.nn.primitives.literal_formulas()) computes every formula
-    # literally (tests/test_speed.py compares them).
-    fold_constants = True
-
     @property
     def folds(self) -> bool:
-        return self.fold_constants and self.flags.mp_fixed_function and not computing_literally()
+        """Config G computes mp_silu's 1 / 0.596 and mp_sum's two factors by folding them into the gain of
+        an adjacent MPConv (scaling its normalised weight, which costs nothing at inference: the weight
+        is cached), so SiLU and each join are one pass over the activations instead of two. Same function,
+        float32 rounding apart; inside mpdiff.nn.primitives.literal_formulas() every formula is computed
+        as written (tests/test_speed.py compares them)."""
+        return self.flags.mp_fixed_function and not computing_literally()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if self.flags.resample_on_main_path:
@@ -137,7 +135,7 @@ class Block(nn.Module):
         return torch.add(update, x, alpha=mp_sum_factors(t)[0])
 
     def _branch_end(self, conv, h, t, silu_before=False):
-        """conv(h), scaled for the join that follows it (see fold_constants); `silu_before`: h is SiLU's
+        """conv(h), scaled for the join that follows it (see folds); `silu_before`: h is SiLU's
         output still to be divided by 0.596."""
         if not self.folds:
             return conv(h)
