@@ -241,3 +241,95 @@ def test_literal_formulas_give_the_same_network_and_are_restored():
     assert not torch.equal(fast, literal)  # other ops, other rounding
     torch.testing.assert_close(fast, literal, rtol=2e-6, atol=2e-6)
     assert torch.equal(fast, again)
+
+
+# ---- channels-last activations and in-place steps without autograd ------------------------------------
+
+def _layout_probe(net):
+    """Hooks that record, for every Block, whether its input arrived channels-last."""
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(
+        args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()))
+        for m in net.modules() if type(m).__name__ == "Block"]
+    return seen, hooks
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_channels_last_activations_compute_the_same_network(train):
+    """On the CPU the U-Net keeps its activations channels-last (pixel by pixel): every block sees that
+    layout, and function and gradients equal the channel-by-channel layout's to float32 rounding; the
+    output is an ordinary contiguous tensor."""
+    def run(pixel_major):
+        torch.manual_seed(0)  # the same weights for both
+        net = randomized_network(seed=4)
+        net.unet.pixel_major = pixel_major
+        net.train(train)
+        seen, hooks = _layout_probe(net)
+        x, sigma, labels = inputs()
+        with torch.set_grad_enabled(train):
+            out = net(x, sigma, labels)
+            grads = torch.autograd.grad(out.square().sum(), list(net.parameters()), allow_unused=True) if train else []
+        for h in hooks:
+            h.remove()
+        return out.detach(), [g for g in grads if g is not None], seen
+
+    auto, nchw = run(None), run(False)
+    assert auto[2] and all(auto[2])  # None means channels-last on the CPU
+    assert not any(nchw[2])
+    assert auto[0].is_contiguous()
+    torch.testing.assert_close(auto[0], nchw[0], rtol=2e-6, atol=2e-6)
+    assert len(auto[1]) == len(nchw[1])
+    for a, b in zip(auto[1], nchw[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_on_channels_last_input_equals_the_channel_major_formula(dtype):
+    """cosine_attention reads channels-last q/k/v pixel by pixel (the 1 / sqrt(C_head) of the logits rides
+    on k's divisor); the result, returned channels-last, and its gradient equal the channel-major path's."""
+    from mpdiff.nn.primitives import cosine_attention
+
+    gen = torch.Generator().manual_seed(0)
+    qkv = (torch.randn(3, 3 * 48, 4, 6, generator=gen) * 2).to(dtype)
+    channel_major = cosine_attention(qkv, 3)
+    pixel_major = cosine_attention(qkv.contiguous(memory_format=torch.channels_last), 3)
+    assert pixel_major.is_contiguous(memory_format=torch.channels_last) and not pixel_major.is_contiguous()
+    tol = dict(rtol=2e-6, atol=2e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(pixel_major.float(), channel_major.float(), **tol)
+    leaf = qkv.float().requires_grad_()
+    weights = torch.randn(channel_major.shape, generator=gen)
+    (g_cm,), (g_pm,) = (torch.autograd.grad((cosine_attention(q, 3) * weights).sum(), leaf)
+                        for q in (leaf, leaf.contiguous(memory_format=torch.channels_last)))
+    torch.testing.assert_close(g_pm, g_cm, rtol=1e-5, atol=1e-6)
+
+
+def test_in_place_steps_without_autograd_change_neither_the_output_nor_any_input():
+    """With autograd off, blocks scale, activate and join in place, and mp_cat scales into its result. The
+    network's output equals its output with autograd on, bit for bit, and no block overwrites the tensor it
+    was given (the encoder's outputs wait as long skips)."""
+    from mpdiff.nn.primitives import mp_cat
+
+    torch.manual_seed(0)
+    net = randomized_network(seed=6).eval()
+    x, sigma, labels = inputs()
+    given = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: given.append((args[0], args[0].clone())))
+             for m in net.modules() if type(m).__name__ == "Block"]
+    with torch.no_grad():
+        fast = net(x, sigma, labels)
+    for h in hooks:
+        h.remove()
+    assert given and all(torch.equal(tensor, copy) for tensor, copy in given)
+    with torch.enable_grad():
+        tracked = net(x, sigma, labels).detach()
+    torch.testing.assert_close(fast, tracked, rtol=0, atol=0)
+
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(2, 6, 5, 5, generator=gen), torch.randn(2, 10, 5, 5, generator=gen)
+    with torch.enable_grad():
+        expected = mp_cat(a, b, t=0.3)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        with torch.no_grad():
+            got = mp_cat(a.contiguous(memory_format=layout), b.contiguous(memory_format=layout), t=0.3)
+        assert got.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -108,8 +108,14 @@ def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> to
     In the U-Net `a` is the decoder's main path and `b` the long skip.
     """
     scale_a, scale_b = mp_cat_weights(a.shape[dim], b.shape[dim], t)
-    parts = (scale_a * a, scale_b * b)
-    return torch.cat(parts, dim=dim)
+    if torch.is_grad_enabled() or _LITERAL[0] or a.dtype != b.dtype or dim != 1:
+        return torch.cat((scale_a * a, scale_b * b), dim=dim)
+    # Without autograd, each part is scaled straight into its slice of the result: one pass, not two.
+    joined = torch.empty([a.shape[0], a.shape[1] + b.shape[1], *a.shape[2:]], dtype=a.dtype, device=a.device,
+                         memory_format=_layout_of(a))
+    torch.mul(a, scale_a, out=joined[:, :a.shape[1]])
+    torch.mul(b, scale_b, out=joined[:, a.shape[1]:])
+    return joined
 
 
 def clip_activations(x: torch.Tensor, limit: Optional[float] = 256) -> torch.Tensor:
@@ -263,6 +269,8 @@ def cosine_attention(qkv: torch.Tensor, num_heads: int, impl: str = "matmul") ->
     """
     batch, fused, height, width = qkv.shape
     channels = fused // 3
+    if impl == "matmul" and not _LITERAL[0] and _pixel_major(qkv):
+        return _cosine_attention_pixel_major(qkv, num_heads)
     per_head = qkv.reshape(batch, num_heads, channels // num_heads, 3, height * width)
     query, key, value = normalize(per_head, dim=2).unbind(3)  # each [N, heads, C_head, HW]
     if impl == "sdpa":
@@ -273,3 +281,33 @@ def cosine_attention(qkv: torch.Tensor, num_heads: int, impl: str = "matmul") ->
         scores = query.transpose(2, 3) @ (key / math.sqrt(query.shape[2]))  # [N, heads, HW_q, HW_k]
         mixed = value @ scores.softmax(dim=3).transpose(2, 3)  # [N, heads, C_head, HW_q]
     return mixed.reshape(batch, channels, height, width)
+
+
+def _layout_of(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if _pixel_major(x) else torch.contiguous_format
+
+
+def _pixel_major(x: torch.Tensor) -> bool:
+    """Whether `x` [N, C, H, W] is stored channels-last (pixel by pixel) rather than channel by channel."""
+    return x.ndim == 4 and x.shape[2] * x.shape[3] > 1 and not x.is_contiguous() and \
+        x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _cosine_attention_pixel_major(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """:func:`cosine_attention` for channels-last input, returning channels-last output; the same
+    formula with fewer passes over memory. q, k and v are gathered once into the [head, pixel, channel]
+    order the matrix products read, their per-pixel norms then run over the innermost axis, and the
+    logits' 1 / sqrt(C_head) rides on k's divisor instead of costing a pass of its own."""
+    batch, fused, height, width = qkv.shape
+    channels, pixels = fused // 3, height * width
+    per_head = channels // num_heads
+    by_pixel = qkv.permute(0, 2, 3, 1).reshape(batch, pixels, num_heads, per_head, 3)  # a view
+    split = by_pixel.permute(4, 0, 2, 1, 3).contiguous()  # [q/k/v, N, heads, pixels, C_head]
+    rms_plus_eps = torch.add(NORM_EPS, norm_across(split, 4), alpha=1 / math.sqrt(per_head))
+    logit_scale = torch.tensor([1, math.sqrt(per_head), 1], dtype=torch.float32, device=qkv.device)
+    divisor = (rms_plus_eps * logit_scale.reshape(3, 1, 1, 1, 1)).to(split.dtype)
+    unit = split.div_(divisor) if not torch.is_grad_enabled() else split / divisor
+    query, key, value = unit.reshape(3, batch * num_heads, pixels, per_head).unbind(0)
+    weights = torch.bmm(query, key.transpose(1, 2)).softmax(dim=2)  # [N heads, pixels_q, pixels_k]
+    mixed = torch.bmm(weights, value).reshape(batch, num_heads, height, width, per_head)
+    return mixed.permute(0, 2, 3, 1, 4).reshape(batch, height, width, channels).permute(0, 3, 1, 2)

@@ -132,7 +132,7 @@ class Block(nn.Module):
         last conv has already applied mp_sum's factor t / sqrt((1 - t)^2 + t^2) (Eq. 88)."""
         if not self.folds:
             return self.functions.sum(x, update, t=t)
-        return torch.add(update, x, alpha=mp_sum_factors(t)[0])
+        return update.add_(x, alpha=mp_sum_factors(t)[0])  # update: a fresh conv output, not saved for backward
 
     def _branch_end(self, conv, h, t, silu_before=False):
         """conv(h), scaled for the join that follows it (see folds); `silu_before`: h is SiLU's
@@ -170,10 +170,12 @@ class Block(nn.Module):
         if self.flags.cond_shift:
             cond, shift = cond.chunk(2, dim=1)
         scale = cond + 1
-        h = _normalized(self.norm1, h) * scale[:, :, None, None].to(h.dtype)
+        h = _normalized(self.norm1, h)  # a fresh tensor, so without autograd it is scaled in place
+        scratch = not torch.is_grad_enabled()
+        h = h.mul_(scale[:, :, None, None].to(h.dtype)) if scratch else h * scale[:, :, None, None].to(h.dtype)
         if shift is not None:
             h = h + shift[:, :, None, None].to(h.dtype)
-        h = silu(h)
+        h = F.silu(h, inplace=True) if scratch and silu is F.silu else silu(h)
         if self.training and self.dropout:
             h = F.dropout(h, p=self.dropout)
         return self._branch_end(self.conv_res1, h, self.res_balance, silu_before=True)
@@ -256,6 +258,7 @@ class UNet(nn.Module):
         self.out_conv = layers.conv(self.layout.out_channels, img_channels, last=True)
         self.skip_scaling = self._skip_scaling(skip_scaling, kappa, kappa_rule)
         self._skip_index = {skip.target: skip.index for skip in self.skips}
+        self.pixel_major = None  # runtime choice of activation layout: see pixel_major_on
 
     def _skip_scaling(self, mode, kappa, rule):
         """The SkipScaling of this U-Net (created last: its gates draw no weights before the others)."""
@@ -301,6 +304,8 @@ class UNet(nn.Module):
         if self.flags.ones_channel:
             ones = x.new_ones([x.shape[0], 1, *x.shape[2:]])  # constant input channel (SPEC §2.15)
             x = torch.cat([x, ones], dim=1)
+        if self.pixel_major_on(x.device):
+            x = x.contiguous(memory_format=torch.channels_last)
 
         waiting = {}  # encoder outputs until their decoder block takes them
         for spec in self.layout.encoder:
@@ -314,7 +319,13 @@ class UNet(nn.Module):
         x = _normalized(self.out_norm, x)
         if self.flags.out_silu:
             x = self.functions.silu(x)
-        return _apply(self.out_conv, x, self.out_gain)
+        return _apply(self.out_conv, x, self.out_gain).contiguous()
+
+    def pixel_major_on(self, device) -> bool:
+        """Whether activations run channels-last (`pixel_major`; None: on the CPU only, see its docs)."""
+        if self.pixel_major is not None:
+            return self.pixel_major
+        return torch.device(device).type == "cpu"
 
 
 def _instantiate(spec: BlockSpec, emb_channels: int, flags: LadderFlags, block_options: dict) -> nn.Module:
