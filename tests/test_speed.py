@@ -57,6 +57,15 @@ def test_every_kind_of_block_traces_without_graph_breaks():
                 explained = dynamo.explain(module)(*args)
             assert explained.graph_break_count == 0, (name, mode, [str(r.reason) for r in explained.break_reasons])
             dynamo.reset()
+    # ... and the whole network is one graph, in training and in sampling (autograd off, where blocks
+    # work in place and the long skips are joined; once they wrote into slices, a break per join).
+    for mode in ("train", "eval"):
+        getattr(net, mode)()
+        with torch.set_grad_enabled(mode == "train"):
+            explained = dynamo.explain(net)(*inputs())
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), (
+            mode, [str(r.reason)[:200] for r in explained.break_reasons])
+        dynamo.reset()
 
 
 def test_compiled_network_computes_the_same_function_in_eval_and_training():

@@ -108,9 +108,10 @@ def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> to
     In the U-Net `a` is the decoder's main path and `b` the long skip.
     """
     scale_a, scale_b = mp_cat_weights(a.shape[dim], b.shape[dim], t)
-    if torch.is_grad_enabled() or _LITERAL[0] or a.dtype != b.dtype or dim != 1:
+    if torch.is_grad_enabled() or _LITERAL[0] or a.dtype != b.dtype or dim != 1 or torch.compiler.is_compiling():
         return torch.cat((scale_a * a, scale_b * b), dim=dim)
     # Without autograd, each part is scaled straight into its slice of the result: one pass, not two.
+    # (Not when compiling: writing into a slice is a graph break there, and the compiler fuses anyway.)
     joined = torch.empty([a.shape[0], a.shape[1] + b.shape[1], *a.shape[2:]], dtype=a.dtype, device=a.device,
                          memory_format=_layout_of(a))
     torch.mul(a, scale_a, out=joined[:, :a.shape[1]])
