@@ -26,11 +26,8 @@ import vs_edm2  # noqa: E402  (the configurations and the pair builder)
 
 
 def timed(fn, repeat=3):
-    fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - start) / repeat
+    fn()  # warm-up, then vs_edm2's timing
+    return vs_edm2.timed(fn, repeat)
 
 
 def evaluation(net, x, sigma, labels):

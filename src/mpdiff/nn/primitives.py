@@ -305,8 +305,8 @@ def _cosine_attention_pixel_major(qkv: torch.Tensor, num_heads: int) -> torch.Te
     by_pixel = qkv.permute(0, 2, 3, 1).reshape(batch, pixels, num_heads, per_head, 3)  # a view
     split = by_pixel.permute(4, 0, 2, 1, 3).contiguous()  # [q/k/v, N, heads, pixels, C_head]
     rms_plus_eps = torch.add(NORM_EPS, norm_across(split, 4), alpha=1 / math.sqrt(per_head))
-    logit_scale = torch.tensor([1, math.sqrt(per_head), 1], dtype=torch.float32, device=qkv.device)
-    divisor = (rms_plus_eps * logit_scale.reshape(3, 1, 1, 1, 1)).to(split.dtype)
+    rms_plus_eps[1].mul_(math.sqrt(per_head))  # k's divisor carries the logits' 1 / sqrt(C_head)
+    divisor = rms_plus_eps.to(split.dtype)
     unit = split.div_(divisor) if not torch.is_grad_enabled() else split / divisor
     query, key, value = unit.reshape(3, batch * num_heads, pixels, per_head).unbind(0)
     weights = torch.bmm(query, key.transpose(1, 2)).softmax(dim=2)  # [N heads, pixels_q, pixels_k]

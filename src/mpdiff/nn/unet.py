@@ -172,7 +172,8 @@ class Block(nn.Module):
         scale = cond + 1
         h = _normalized(self.norm1, h)  # a fresh tensor, so without autograd it is scaled in place
         scratch = not torch.is_grad_enabled()
-        h = h.mul_(scale[:, :, None, None].to(h.dtype)) if scratch else h * scale[:, :, None, None].to(h.dtype)
+        factor = scale[:, :, None, None].to(h.dtype)
+        h = h.mul_(factor) if scratch else h * factor
         if shift is not None:
             h = h + shift[:, :, None, None].to(h.dtype)
         h = F.silu(h, inplace=True) if scratch and silu is F.silu else silu(h)
@@ -258,7 +259,7 @@ class UNet(nn.Module):
         self.out_conv = layers.conv(self.layout.out_channels, img_channels, last=True)
         self.skip_scaling = self._skip_scaling(skip_scaling, kappa, kappa_rule)
         self._skip_index = {skip.target: skip.index for skip in self.skips}
-        self.pixel_major = None  # runtime choice of activation layout: see pixel_major_on
+        self.pixel_major = None  # run-time choice of activation layout, not saved: see pixel_major_on
 
     def _skip_scaling(self, mode, kappa, rule):
         """The SkipScaling of this U-Net (created last: its gates draw no weights before the others)."""
@@ -322,7 +323,9 @@ class UNet(nn.Module):
         return _apply(self.out_conv, x, self.out_gain).contiguous()
 
     def pixel_major_on(self, device) -> bool:
-        """Whether activations run channels-last (`pixel_major`; None: on the CPU only, see its docs)."""
+        """Whether activations run channels-last on `device`: `pixel_major` when set (True or False), else
+        on the CPU only, where it was measured faster in every setting (docs/PERFORMANCE.md); GPU layouts
+        are unmeasured. The function is the same either way, float rounding apart (docs/NUMERICS.md)."""
         if self.pixel_major is not None:
             return self.pixel_major
         return torch.device(device).type == "cpu"
