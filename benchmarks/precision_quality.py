@@ -1,11 +1,13 @@
 """Is bf16 as good as fp32? The sample-quality check of issue 18, on the default digits run.
 
     python benchmarks/precision_quality.py [--out out/precision] [--runs fp32-s0,bf16-s0,...]
-                                           [--sample-sets 2] [--report benchmarks/results/precision]
+                                           [--sampling fp32,bf16,bf16-compile] [--sample-sets 2]
+                                           [--report benchmarks/results/precision]
 
 Trains the main job (`mpdiff train --preset digits`, 192 Ki images) with several training seeds, in
 fp32 and with `--precision bf16`, then samples each run 1,000 images per seed set (seeds 0-999,
-1000-1999, ...) with `mpdiff generate` in fp32 and in bf16, and scores them with `mpdiff eval`
+1000-1999, ...) with `mpdiff generate` in fp32, in bf16 and in bf16 with `--compile` (the network compiled
+with its weights frozen in, as the fastest sampling setting runs), and scores them with `mpdiff eval`
 (classifier accuracy and Fréchet distance, docs/EVALUATION.md). The fp32 runs' values give the
 seed-to-seed spread, over training seeds and over sample seeds; a bf16 setting passes if its values
 fall within that spread.
@@ -49,16 +51,17 @@ def train(out, name):
     return run_dir, images / seconds
 
 
-def evaluate(out, results, name, run_dir, precision, first_seed):
-    key = f"{name} sampled {precision} seeds {first_seed}-{first_seed + 999}"
+def evaluate(out, results, name, run_dir, setting, first_seed):
+    key = f"{name} sampled {setting} seeds {first_seed}-{first_seed + 999}"
     if key not in results:
         folder = os.path.join(out, "samples", key.replace(" ", "_"))
+        precision, _, compile_ = setting.partition("-")
         start = time.perf_counter()
         mpdiff("generate", run_dir, "--seeds", f"{first_seed}-{first_seed + 999}", "--out", folder,
-               "--precision", precision)
+               "--precision", precision, *(["--compile"] if compile_ else []))
         seconds = time.perf_counter() - start
         result = json.loads(mpdiff("eval", folder, "--json"))
-        results[key] = dict(run=name, train_precision=name.split("-")[0], sample_precision=precision,
+        results[key] = dict(run=name, train_precision=name.split("-")[0], sample_precision=setting,
                             seeds=f"{first_seed}-{first_seed + 999}", accuracy=result["accuracy"], fd=result["fd"],
                             generate_seconds=seconds)
         with open(os.path.join(out, "results.json"), "w") as f:
@@ -88,8 +91,9 @@ def report(results, speeds, path):
                   "| setting | evaluations | accuracy: mean (range) | FD: mean (range) | mean within the fp32 spread "
                   "| every value no worse than fp32's worst |",
                   "| --- | --- | --- | --- | --- | --- |"]
+        sample_settings = sorted({r["sample_precision"] for r in rows}, key=lambda p: (p != "fp32", p))
         for train_p in ("fp32", "bf16"):
-            for sample_p in ("fp32", "bf16"):
+            for sample_p in sample_settings:
                 group = [r for r in rows if r["train_precision"] == train_p and r["sample_precision"] == sample_p]
                 if not group:
                     continue
@@ -102,17 +106,23 @@ def report(results, speeds, path):
                 lines.append(f"| {label} | {len(group)} | {100 * statistics.mean(a):.1f}% ({100 * min(a):.1f}-"
                              f"{100 * max(a):.1f}) | {statistics.mean(f):.2f} ({min(f):.2f}-{max(f):.2f}) | "
                              f"{'yes' if mean_in else 'no'} | {'yes' if inside else 'no'} |")
-        # Paired: the same network and the same seeds sampled in bf16 and in fp32.
-        pairs = [(r, next(q for q in rows if q["run"] == r["run"] and q["seeds"] == r["seeds"]
-                          and q["sample_precision"] == "fp32"))
-                 for r in rows if r["sample_precision"] == "bf16"]
-        if pairs:
-            da = [100 * (r["accuracy"] - q["accuracy"]) for r, q in pairs]
-            df = [r["fd"] - q["fd"] for r, q in pairs]
-            summary["bf16 sampling minus fp32 sampling, paired"] = dict(accuracy_points=da, fd=df)
-            lines += ["", f"Sampling in bf16 minus sampling in fp32, same network and seeds ({len(pairs)} pairs): "
-                      f"accuracy {statistics.mean(da):+.2f} points ({min(da):+.1f} to {max(da):+.1f}), FD "
-                      f"{statistics.mean(df):+.3f} ({min(df):+.2f} to {max(df):+.2f})"]
+        # Paired: the same network and the same seeds sampled in another setting and in fp32.
+        for sample_p in sample_settings[1:]:
+            pairs = [(r, q) for r in rows if r["sample_precision"] == sample_p
+                     for q in rows if q["run"] == r["run"] and q["seeds"] == r["seeds"] and q["sample_precision"] == "fp32"]
+            if pairs:
+                da = [100 * (r["accuracy"] - q["accuracy"]) for r, q in pairs]
+                df = [r["fd"] - q["fd"] for r, q in pairs]
+                summary[f"{sample_p} sampling minus fp32 sampling, paired"] = dict(accuracy_points=da, fd=df)
+                lines += ["", f"Sampling in {sample_p} minus sampling in fp32, same network and seeds ({len(pairs)} "
+                          f"pairs): accuracy {statistics.mean(da):+.2f} points ({min(da):+.1f} to {max(da):+.1f}), "
+                          f"FD {statistics.mean(df):+.3f} ({min(df):+.2f} to {max(df):+.2f})"]
+        timed = [r for r in rows if r.get("generate_seconds")]
+        if timed:
+            lines += ["", "| sampling | mpdiff generate, 1,000 images: mean seconds (compilation included) |",
+                      "| --- | --- |"]
+            lines += [f"| {p} | {statistics.mean(r['generate_seconds'] for r in timed if r['sample_precision'] == p):.1f} |"
+                      for p in sample_settings if any(r["sample_precision"] == p for r in timed)]
     if speeds:
         lines += ["", "| run | training img/s (stats.jsonl) |", "| --- | --- |"]
         lines += [f"| {name} | {speed:.0f} |" for name, speed in sorted(speeds.items())]
@@ -129,6 +139,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.path.join(ROOT, "out", "precision"))
     parser.add_argument("--runs", default=DEFAULT_RUNS)
+    parser.add_argument("--sampling", default="fp32,bf16,bf16-compile",
+                        help="Sampling settings: a precision, with -compile for --compile [fp32,bf16,bf16-compile].")
     parser.add_argument("--sample-sets", type=int, default=2, help="Seed sets of 1,000 per run and precision [2].")
     parser.add_argument("--report", default=os.path.join(HERE, "results", "precision"))
     args = parser.parse_args()
@@ -138,9 +150,9 @@ def main():
     speeds = {}
     for name in args.runs.split(","):
         run_dir, speeds[name] = train(args.out, name)
-        for precision in ("fp32", "bf16"):
+        for setting in args.sampling.split(","):
             for k in range(args.sample_sets):
-                evaluate(args.out, results, name, run_dir, precision, 1000 * k)
+                evaluate(args.out, results, name, run_dir, setting, 1000 * k)
         report(results, speeds, args.report)
 
 

@@ -3,6 +3,7 @@ float32 islands the paper needs) and torch.compile (no graph breaks; the compile
 same function, forced weight normalisation included). Speed itself is measured in benchmarks/."""
 
 import contextlib
+import shutil
 
 import pytest
 import torch
@@ -205,9 +206,10 @@ def test_activation_norms_equal_torch_vector_norm_and_stay_finite_at_zero():
             got = norm_across(x, dim)
             assert got.dtype == torch.float32
             torch.testing.assert_close(got, expected, rtol=5e-7, atol=0)
-    x = torch.zeros(2, 8, 3, 3, requires_grad=True)
-    norm_across(x, 1).sum().backward()
-    assert torch.equal(x.grad, torch.zeros_like(x))  # as vector_norm's: 0, not NaN
+    for layout in (torch.contiguous_format, torch.channels_last):  # the sum of squares; vector_norm itself
+        x = torch.zeros(2, 8, 3, 3).contiguous(memory_format=layout).requires_grad_()
+        norm_across(x, 1).sum().backward()
+        assert torch.equal(x.grad, torch.zeros_like(x))  # as vector_norm's: 0, not NaN
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -342,3 +344,34 @@ def test_in_place_steps_without_autograd_change_neither_the_output_nor_any_input
             got = mp_cat(a.contiguous(memory_format=layout), b.contiguous(memory_format=layout), t=0.3)
         assert got.is_contiguous(memory_format=layout)
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor's CPU kernels need a C++ compiler")
+def test_frozen_compiled_sampling_equals_eager_and_compiles_again_when_the_weights_change():
+    """Sampling's --compile folds the weights into the program (inductor freezing). It computes what the
+    eager network computes; it never answers with the weights it was compiled from once they have changed
+    in place (torch.compile's guards alone would let it: they check which tensors, not what they hold)."""
+    from mpdiff.nn.runtime import FrozenCompiled
+
+    net = randomized_network(seed=3).eval()
+    other = randomized_network(seed=4)
+    x, sigma, labels = inputs()
+    frozen = compiled(net, frozen=True)
+    assert isinstance(frozen, FrozenCompiled)
+    with torch.no_grad():
+        first = frozen(x, sigma, labels)
+        torch.testing.assert_close(first, net(x, sigma, labels), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(frozen(x, sigma * 1.5, labels), net(x, sigma * 1.5, labels), rtol=1e-4, atol=1e-5)
+        assert frozen.compiles == 1
+        net.load_state_dict(other.state_dict())  # in place: the same tensors, new values
+        second = frozen(x, sigma, labels)
+        assert frozen.compiles == 2
+        torch.testing.assert_close(second, net(x, sigma, labels), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(second, first, rtol=1e-2, atol=1e-3)
+        with precision_of("bf16", net):  # another precision is another program, on the same weights
+            low = frozen(x, sigma, labels)
+            assert frozen.compiles == 2
+            torch.testing.assert_close(low, net(x, sigma, labels), rtol=2e-2, atol=2e-2)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        frozen(x, sigma, labels)  # autograd on: freezing would not apply

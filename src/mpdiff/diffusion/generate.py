@@ -84,8 +84,8 @@ def generate_batches(net, seeds, class_idx=None, sampling=None, guide=None, guid
     if guide is not None:
         guide = guide.eval()
     with precision_of(sampling.precision, net, guide):
-        yield from _batches(net, compiled(net, sampling.compile), seeds, class_idx, sampling,
-                            compiled(guide, sampling.compile and guide is not None), guidance, device, progress,
+        yield from _batches(net, compiled(net, sampling.compile, frozen=True), seeds, class_idx, sampling,
+                            compiled(guide, sampling.compile, frozen=True), guidance, device, progress,
                             callback)
 
 

@@ -62,15 +62,16 @@ def normalize(x: torch.Tensor, dim=None, eps: float = NORM_EPS) -> torch.Tensor:
 
 
 def norm_across(x: torch.Tensor, dim) -> torch.Tensor:
-    """The float32 L2 norm of `x` over `dim` (kept), as the square root of a float32 sum of squares.
+    """The float32 L2 norm of `x` over the axis `dim` (kept), for activations.
 
-    For activations, whose norm runs across channels, i.e. across an axis that is not the innermost:
-    there torch.linalg.vector_norm is 5-25x slower than this sum (measured on a 2-core CPU, bf16 and
-    float32: docs/PERFORMANCE.md) while both accumulate in float32; they differ by float32 rounding
-    (under 4e-7 relative). Sums below 1e-30 are raised to it, so an all-zero slice gets the zero
+    Where that axis is the innermost in memory (channels on channels-last activations, the channels of a
+    head in attention), torch.linalg.vector_norm reads `x` once. Across any other axis it is 5-25x slower
+    than the square root of a float32 sum of squares (measured on a 2-core CPU, bf16 and float32:
+    docs/PERFORMANCE.md), which is used there. Both accumulate in float32 and differ by float32 rounding
+    (under 4e-7 relative). The sums are raised to at least 1e-30, so an all-zero slice gets the zero
     gradient vector_norm gives it rather than 0 * inf; the value, always added to eps, is unchanged.
     """
-    if _LITERAL[0]:
+    if _LITERAL[0] or x.stride(dim) == 1:
         return torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
     squares = x.to(torch.float32).square()
     return squares.sum(dim=dim, keepdim=True).clamp_min(1e-30).sqrt()
@@ -271,6 +272,8 @@ def cosine_attention(qkv: torch.Tensor, num_heads: int, impl: str = "matmul") ->
     batch, fused, height, width = qkv.shape
     channels = fused // 3
     if impl == "matmul" and not _LITERAL[0] and _pixel_major(qkv):
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():  # sampling: see the op's docstring
+            return torch.ops.mpdiff.cosine_attention_pixel_major(qkv, num_heads)
         return _cosine_attention_pixel_major(qkv, num_heads)
     per_head = qkv.reshape(batch, num_heads, channels // num_heads, 3, height * width)
     query, key, value = normalize(per_head, dim=2).unbind(3)  # each [N, heads, C_head, HW]
@@ -297,8 +300,9 @@ def _pixel_major(x: torch.Tensor) -> bool:
 def _cosine_attention_pixel_major(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """:func:`cosine_attention` for channels-last input, returning channels-last output; the same
     formula with fewer passes over memory. q, k and v are gathered once into the [head, pixel, channel]
-    order the matrix products read, their per-pixel norms then run over the innermost axis, and the
-    logits' 1 / sqrt(C_head) rides on k's divisor instead of costing a pass of its own."""
+    order the matrix products read, their norms then run over the innermost axis (one pass of torch's
+    vector norm; see norm_across), and the logits' 1 / sqrt(C_head) rides on k's divisor instead of
+    costing a pass of its own."""
     batch, fused, height, width = qkv.shape
     channels, pixels = fused // 3, height * width
     per_head = channels // num_heads
@@ -312,3 +316,18 @@ def _cosine_attention_pixel_major(qkv: torch.Tensor, num_heads: int) -> torch.Te
     weights = torch.bmm(query, key.transpose(1, 2)).softmax(dim=2)  # [N heads, pixels_q, pixels_k]
     mixed = torch.bmm(weights, value).reshape(batch, num_heads, height, width, per_head)
     return mixed.permute(0, 2, 3, 1, 4).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+
+
+@torch.library.custom_op("mpdiff::cosine_attention_pixel_major", mutates_args=())
+def _cosine_attention_pixel_major_op(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """:func:`_cosine_attention_pixel_major` as an operator that torch.compile calls rather than traces, for
+    gradient-free graphs (no backward is registered). Traced, the products and softmax became inductor's
+    CPU flash-attention kernel and the norms a generated reduction, slower than these eager kernels in a
+    bf16 sampling step on the 2-core CPU (docs/PERFORMANCE.md)."""
+    return _cosine_attention_pixel_major(qkv, num_heads)
+
+
+@_cosine_attention_pixel_major_op.register_fake
+def _(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    batch, fused, height, width = qkv.shape
+    return qkv.new_empty([batch, height, width, fused // 3]).permute(0, 3, 1, 2)  # channels-last, as returned
