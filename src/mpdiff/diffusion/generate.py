@@ -103,9 +103,14 @@ def _batches(net, model, seeds, class_idx, sampling, guide, guidance, device, pr
     try:
         for start in range(0, len(seeds), sampling.batch_size):
             batch = seeds[start:start + sampling.batch_size]
-            noise, labels, classes = seed_inputs(batch, shape, net.label_dim, per_seed[start:start + len(batch)],
-                                                 device)
-            gens = [seed_generator(s + CHURN_STREAM) for s in batch]
+            wanted = per_seed[start:start + len(batch)]
+            # A compiled network compiles again for each new batch shape (tens of seconds on a CPU). A short
+            # last batch is therefore filled up with copies of its last seed, whose images are dropped: an
+            # image depends only on its seed, so the others are those of an unfilled batch.
+            filler = sampling.batch_size - len(batch) if sampling.compile and start > 0 else 0
+            drawn = batch + batch[-1:] * filler
+            noise, labels, classes = seed_inputs(drawn, shape, net.label_dim, wanted + wanted[-1:] * filler, device)
+            gens = [seed_generator(s + CHURN_STREAM) for s in drawn]
 
             def noise_fn(full_shape, gens=gens):
                 return torch.stack([torch.randn(full_shape[1:], generator=g) for g in gens]).to(device)
@@ -119,7 +124,7 @@ def _batches(net, model, seeds, class_idx, sampling, guide, guidance, device, pr
             with torch.no_grad():
                 x = sampler(denoise, noise.to(torch.float64) * sigmas[0], sigmas, labels, noise_fn=noise_fn,
                             callback=on_step, **sampling.sampler_options())
-            yield Batch(batch, x.to(torch.float32).cpu(), classes)
+            yield Batch(batch, x[:len(batch)].to(torch.float32).cpu(), classes[:len(batch)])
     finally:
         if own_bar:
             bar.close()
