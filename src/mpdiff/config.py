@@ -240,8 +240,9 @@ class SamplingConfig(_Config):
     precision: Optional[str] = option(None, "Activation precision of the network: fp32, bf16 or fp16; None = the "
                                             "network's default (fp16 on CUDA when use_fp16, else fp32). Weights, "
                                             "embedding, norms and the sampler state stay float32.", flag="--precision")
-    compile: bool = option(False, "Run the network through torch.compile (compiles on first use of each batch "
-                                  "shape).", flag="--compile/--no-compile")
+    compile: bool = option(False, "Run the network through torch.compile with its weights frozen in (compiles "
+                                  "on first use, and again if the weights change; a short last batch is filled "
+                                  "up rather than compiled anew).", flag="--compile/--no-compile")
 
     def check(self):
         """Refuse values no sampler can use, naming the field."""
