@@ -54,7 +54,33 @@ def compiled(net, enabled=True, backend="inductor", frozen=False):
         return net
     if frozen:
         return FrozenCompiled(net, backend)
-    return torch.compile(net, backend=backend)
+    return CompiledTraining(net, backend)
+
+
+class CompiledTraining:
+    """`net` (a network, or its DistributedDataParallel wrapper) through torch.compile, for training steps
+    and any other call. In training mode the forced weight normalisation runs eagerly before each call,
+    on every forced layer at once, and the graph leaves it out (:func:`mpdiff.nn.primitives.forced_before_the_call`):
+    with the in-place write inside, inductor's training graphs computed wrong gradients. Each layer of
+    the U-Net runs once per forward, so re-projecting all of them first is what the eager forward does
+    layer by layer. Attributes not defined here are those of the compiled module."""
+
+    def __init__(self, net, backend="inductor"):
+        self.net = net
+        self.module = getattr(net, "module", net)  # under DDP, the network itself
+        self.program = torch.compile(net, backend=backend)
+
+    def __call__(self, *args, **kwargs):
+        from mpdiff.nn.primitives import force_weight_norms, forced_before_the_call
+
+        if not self.module.training:
+            return self.program(*args, **kwargs)
+        force_weight_norms(self.module)
+        with forced_before_the_call():
+            return self.program(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.program, name)
 
 
 def _run(net, *args, **kwargs):
