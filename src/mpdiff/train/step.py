@@ -214,7 +214,7 @@ class TrainStep:
         eps = self.encoding_noise(nimg)
         if eps is not None:
             eps = eps[part]
-        model = self.model or (self.ddp if self.ddp is not None else net)
+        model = self.model if self.model is not None else (self.ddp if self.ddp is not None else net)
         factor = scale / batch * self.dist.world_size  # DDP averages the processes' gradients: undo the 1/world
         total = torch.zeros([], dtype=torch.float64, device=self.device)
         starts = list(range(0, len(indices), self.micro_batch))
