@@ -346,51 +346,14 @@ def test_in_place_steps_without_autograd_change_neither_the_output_nor_any_input
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-def check_compiled_training_computes_the_eager_step(device):
-    """Two training steps of the same network, eager and through compiled(net) with inductor's generated
-    kernels: the forced weight normalisation writes the same weights, and the losses and gradients agree
-    to float32 rounding. With the in-place write inside the compiled graph they did not: inductor's
-    gradients were off by up to 3x (issue 18's closing note of 2026-12-02, evening)."""
-    from mpdiff.nn.runtime import CompiledTraining
-
-    eager, other = randomized_network(seed=6).to(device), randomized_network(seed=6).to(device)
-    other.load_state_dict(eager.state_dict())
-    fast = compiled(other)
-    assert isinstance(fast, CompiledTraining)
-    x, sigma, labels = (t.to(device) for t in inputs())
-    eager.train(), other.train()
-    for step in range(2):
-        losses = []
-        for model, net in ((eager, eager), (fast, other)):
-            net.zero_grad()
-            loss = edm2_loss(model, x / sigma.reshape(-1, 1, 1, 1) * 0.5, labels, sigma=sigma,
-                             noise=torch.ones_like(x)).sum()
-            loss.backward()
-            losses.append(loss.item())
-        assert losses[1] == pytest.approx(losses[0], rel=1e-5), step
-        for (name, a), b in zip(eager.named_parameters(), other.parameters()):
-            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=f"step {step}, {name}")  # re-projected alike
-            # Measured: 5e-6 against float64 at most, for eager and compiled alike.
-            assert (a.grad - b.grad).norm() <= 1e-4 * a.grad.norm() + 1e-6, (step, name)
-        with torch.no_grad():  # the same plain step for both (Adam's first steps would magnify rounding)
-            for a, b in zip(eager.parameters(), other.parameters()):
-                a.sub_(1e-4 * a.grad), b.sub_(1e-4 * a.grad)
-
-
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="inductor's CPU kernels need a C++ compiler")
-def test_compiled_training_with_generated_kernels_computes_the_eager_step():
-    check_compiled_training_computes_the_eager_step("cpu")
-
-
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="inductor's CPU kernels need a C++ compiler")
 def test_a_compiled_training_run_trains_the_network_the_eager_run_trains(tmp_path):
     """`train --compile` end to end: the training loop's steps through CompiledTraining. Eight Adam steps
-    from the same seed give the eager run's weights and Adam moments to float32 rounding (measured: 5e-5
-    and 2e-6 relative). Before the fix, the loop stopped at its first step (it took the truth value of
+    from the same seed give the eager run's weights and Adam moments to float32 rounding (measured: 5e-7
+    and 4e-6 relative). Before the fix, the loop stopped at its first step (it took the truth value of
     torch.compile's module, which raises), and with that mended the in-graph weight write gave moments
-    10% and weights 14% away from eager. Eight steps, because the zero-initialised gains leave most
+    9% and weights 14% away from eager. Eight steps, because the zero-initialised gains leave most
     gradients zero in the first; the moments carry the gradients' sizes, which Adam's first updates
     (lr * sign) do not."""
     from conftest import train_tiny
@@ -401,7 +364,8 @@ def test_a_compiled_training_run_trains_the_network_the_eager_run_trains(tmp_pat
     for compile_it in (False, True):
         torch.manual_seed(0)
         runs[compile_it] = train_tiny(tmp_path / f"run-{compile_it}", duration=512, compile=compile_it,
-                                      final_grid=False, dynamics=False, checkpoint_nimg=512)
+                                      final_grid=False, dynamics=False, checkpoint_nimg=512,
+                                      channel_mult=(1, 2), num_blocks=1)  # small: a shorter compile
     assert isinstance(runs[True].step_fn.model, CompiledTraining) and runs[True].state.nimg == 512
     fast_state, slow_state = (runs[k].state for k in (True, False))
     for (name, fast), slow in zip(fast_state.net.named_parameters(), slow_state.net.parameters()):
