@@ -201,12 +201,8 @@ def main():
     if baseline not in plans:
         raise SystemExit(f"--baseline {baseline}: not among the settings measured ({', '.join(plans)})")
 
-    theirs, _ = build_pair(args.edm2, spec["net"], device=device)
     x, sigma, labels = inputs(spec["net"], sample_batch, device=device)
     tx, ts, tl = inputs(spec["net"], train_batch, device=device)
-    theirs.eval()
-    with torch.no_grad():
-        reference = theirs(x, sigma, labels)  # NVIDIA's network in float32: what D is compared with
 
     # Each setting has its own network (the same weights): name -> (network, what trains it, network
     # sampled, what samples with it). Sampling compiles as mpdiff generate --compile does: for eval without
@@ -240,8 +236,11 @@ def main():
                 raise
             failures[name] = "out of memory while building or compiling"
             free_cached_memory(device)
-    if baseline not in settings:
-        raise SystemExit(f"the baseline {baseline} could not run: {failures.get(baseline)}")
+    for needed in dict.fromkeys((baseline, "nvidia fp32")):
+        if needed not in settings:
+            raise SystemExit(f"{needed} could not run: {failures.get(needed)}")
+    with torch.no_grad():  # NVIDIA's network in float32: what D is compared with
+        reference = settings["nvidia fp32"][0].eval()(x, sigma, labels)
 
     quality = {}
     for name, (_, _, net, model) in settings.items():
@@ -278,7 +277,9 @@ def main():
     if baseline in failures:
         raise SystemExit(f"the baseline {baseline} could not run: {failures[baseline]}")
 
-    model_flops = count_flops(build_pair(args.edm2, spec["net"])[1], batch=train_batch)["flops"]  # per image, forward
+    ours = next((net for name, (net, *_) in settings.items() if name.startswith("ours")), None)
+    ours = ours if ours is not None else build_pair(args.edm2, spec["net"])[1]
+    model_flops = count_flops(ours, batch=train_batch)["flops"]  # per image, forward (weights swapped for meta)
     peak = matmul_peak(device)
     rows = []
     base = times[baseline]

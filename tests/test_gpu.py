@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 from conftest import randomized_network, train_tiny
+from test_speed import inputs as cpu_inputs
 
 from mpdiff.diffusion.loss import edm2_loss
 from mpdiff.nn.primitives import cosine_attention
@@ -28,12 +29,8 @@ def _float32_is_float32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def inputs(n=4):
-    gen = torch.Generator().manual_seed(1)
-    sigma = torch.tensor([0.02, 0.5, 3.0, 40.0])[:n]
-    x = torch.randn(n, 3, 16, 16, generator=gen) * sigma.reshape(-1, 1, 1, 1)
-    labels = torch.eye(10)[torch.arange(n) % 10]
-    return x.to(DEVICE), sigma.to(DEVICE), labels.to(DEVICE)
+def inputs():
+    return tuple(t.to(DEVICE) for t in cpu_inputs())
 
 
 def relative(a, b):
@@ -77,21 +74,24 @@ def test_sdpa_attention_equals_the_explicit_formula():
     assert half.dtype == torch.bfloat16 and relative(half, reference) < 2e-2
 
 
-def check_compiled_training_computes_the_eager_step(device):
+@pytest.mark.skipif(not CAN_GENERATE_KERNELS, reason="inductor needs a C++ compiler on the CPU")
+def test_compiled_training_computes_the_eager_step():
     """Two training steps of the same network, eager and through compiled(net) with inductor's generated
     kernels: the forced weight normalisation writes the same weights, and the losses and gradients agree
     to float32 rounding. With the in-place write inside the compiled graph they did not: inductor's
-    gradients were off by up to 3x (issue 18's closing note of 2026-12-02, evening)."""
+    gradients were off by up to 3x (issue 18's closing note of 2026-12-02, evening). On the CPU
+    (MPDIFF_TEST_DEVICE=cpu) this is the test that caught it; it compiles for about 2 minutes with a cold
+    cache, so CI runs the training-loop test of tests/test_speed.py instead."""
     from mpdiff.nn.runtime import CompiledTraining
 
     # A small network (compile time grows with the graph: about 3 minutes for the usual test network on
     # the 2-core CI machine with a cold cache), with forced weights, attention and a skip.
     small = dict(seed=6, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,))
-    eager, other = randomized_network(**small).to(device), randomized_network(**small).to(device)
+    eager, other = randomized_network(**small).to(DEVICE), randomized_network(**small).to(DEVICE)
     other.load_state_dict(eager.state_dict())
     fast = compiled(other)
     assert isinstance(fast, CompiledTraining)
-    x, sigma, labels = (t.to(device) for t in inputs())
+    x, sigma, labels = inputs()
     eager.train(), other.train()
     for step in range(2):
         losses = []
@@ -109,13 +109,6 @@ def check_compiled_training_computes_the_eager_step(device):
         with torch.no_grad():  # the same plain step for both (Adam's first steps would magnify rounding)
             for a, b in zip(eager.parameters(), other.parameters()):
                 a.sub_(1e-4 * a.grad), b.sub_(1e-4 * a.grad)
-
-
-@pytest.mark.skipif(not CAN_GENERATE_KERNELS, reason="inductor needs a C++ compiler on the CPU")
-def test_compiled_training_computes_the_eager_step():
-    """On the CPU this is the test that caught the in-graph weight write (MPDIFF_TEST_DEVICE=cpu; about 2
-    minutes of compiling with a cold cache, so CI runs the training-loop test of tests/test_speed.py instead)."""
-    check_compiled_training_computes_the_eager_step(DEVICE)
 
 
 @pytest.mark.skipif(not CAN_GENERATE_KERNELS, reason="inductor needs a C++ compiler on the CPU")

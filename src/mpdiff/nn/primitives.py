@@ -44,7 +44,7 @@ def literal_formulas():
 @contextlib.contextmanager
 def forced_before_the_call():
     """Inside the block, a compiled training graph leaves out MPConv's forced weight normalisation: the
-    caller has already re-projected every forced weight, eagerly (:func:`force_weight_norms`). Inductor
+    caller has already re-projected every forced weight, eagerly (:func:`forced_layers`). Inductor
     computes wrong gradients for a training graph that writes a parameter in place (measured with torch
     2.13 on the CPU: gradients off by up to 3x on the first step and by a few percent after it, while the
     same graph without the write, or run by aot_eager, agrees with float64 to 1e-5); mpdiff.nn.runtime's
@@ -57,16 +57,10 @@ def forced_before_the_call():
         _FORCED_BEFORE_THE_CALL[0] = previous
 
 
-@torch.no_grad()
-def force_weight_norms(net: nn.Module) -> int:
-    """Re-project the stored weight of every forced-normalisation MPConv in `net` (training mode's step
-    (Eq. 66), done once for the whole network rather than in each layer's forward). Returns how many."""
-    count = 0
-    for module in net.modules():
-        if isinstance(module, MPConv) and module.forced:
-            module.force_weight_norm()
-            count += 1
-    return count
+def forced_layers(net: nn.Module) -> list:
+    """The MPConv layers of `net` with forced weight normalisation, whose stored weight training mode
+    re-projects (Eq. 66): what a caller of :func:`forced_before_the_call` re-projects itself."""
+    return [m for m in net.modules() if isinstance(m, MPConv) and m.forced]
 
 
 def computing_literally() -> bool:

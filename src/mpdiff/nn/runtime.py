@@ -66,16 +66,20 @@ class CompiledTraining:
     layer by layer. Attributes not defined here are those of the compiled module."""
 
     def __init__(self, net, backend="inductor"):
+        from mpdiff.nn.primitives import forced_layers
+
         self.net = net
         self.module = getattr(net, "module", net)  # under DDP, the network itself
         self.program = torch.compile(net, backend=backend)
+        self._forced = forced_layers(self.module)  # found once: a network's layers do not change
 
     def __call__(self, *args, **kwargs):
-        from mpdiff.nn.primitives import force_weight_norms, forced_before_the_call
+        from mpdiff.nn.primitives import forced_before_the_call
 
         if not self.module.training:
             return self.program(*args, **kwargs)
-        force_weight_norms(self.module)
+        for layer in self._forced:
+            layer.force_weight_norm()
         with forced_before_the_call():
             return self.program(*args, **kwargs)
 
