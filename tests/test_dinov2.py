@@ -1,8 +1,16 @@
 """The DINOv2 ViT-L/14 feature network of FD_DINOv2 and its detector (mpdiff.metrics.dinov2).
 
 No real weights are used: the full ViT-L/14 is only built on the meta device (keys, shapes, parameter
-count), and everything that runs uses a small random network of the same design.
+count), and everything that runs uses a small network of the same design. The functional check is
+tests/fixtures/dinov2_ref.safetensors (made by tests/fixtures/ref_dinov2.py): facebookresearch/dinov2's own
+ViT code, built with the released ViT-L/14's arguments at width 32, depth 2, 4 heads and a 3x3 position
+grid, with seeded random weights, its features of fixed inputs, and EDM2's FD_DINOv2 detector
+(calculate_metrics.py) run with that small network on fixed uint8 images.
 """
+
+import importlib.util
+import json
+import pathlib
 
 import pytest
 import torch
@@ -13,6 +21,48 @@ from mpdiff.metrics.dinov2 import (IMAGENET_MEAN, IMAGENET_STD, WEIGHTS_ENV, WEI
                                    DinoV2ViT, load_dinov2, vit_l14)
 
 SMALL = dict(width=64, depth=2, heads=2, patch=14, grid=16)
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+# The reference network's size in DinoV2ViT's terms (the generator's metadata says the same).
+REF_SIZE = dict(width=32, depth=2, heads=4, patch=14, grid=3)
+# Everything here is float32 of magnitude <= ~3, and mpdiff computes what the reference computes in the
+# same order (measured difference 0.0 on the machine that made the fixture). The tolerance only allows
+# for another CPU's float32 kernels (other SIMD widths and summation orders, ~1e-6); the smallest formula
+# changes measured against this fixture move the features by 1.5e-4 or more (GELU's tanh approximation
+# 3.3e-4, LayerNorm eps 1e-5 instead of 1e-6 1.0e-3, position resampling to a size instead of by the
+# scale factor 3.1e-3) and the preprocessed pixels by 0.04 or more.
+ATOL = 1e-5
+
+
+def _reference_fixture():
+    from safetensors import safe_open
+
+    with safe_open(str(FIXTURES / "dinov2_ref.safetensors"), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def _generator_module():
+    """tests/fixtures/ref_dinov2.py, for its image patterns (it imports no reference code at import time)."""
+    spec = importlib.util.spec_from_file_location("ref_dinov2", FIXTURES / "ref_dinov2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _reference_network(tmp_path):
+    """Our DinoV2ViT with the fixture's weights, read by load_dinov2 from a .pth file of the reference's
+    state_dict, as the released dinov2_vitl14_pretrain.pth is read."""
+    tensors, metadata = _reference_fixture()
+    assert json.loads(metadata["mpdiff_config"]) == REF_SIZE
+    state = {k[len("ref."):]: v for k, v in tensors.items() if k.startswith("ref.")}
+    torch.save(state, tmp_path / "small_pretrain.pth")
+    return load_dinov2(tmp_path / "small_pretrain.pth", build=lambda: DinoV2ViT(**REF_SIZE)), tensors
+
+
+def _assert_close(actual, expected, atol=ATOL):
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    difference = (actual - expected).abs().max().item()
+    assert difference <= atol, f"max |difference| {difference:.3g} > {atol:g}"
 
 
 def small_net():
@@ -154,3 +204,43 @@ def test_load_dinov2_reads_a_matching_checkpoint(tmp_path, monkeypatch, suffix):
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     assert torch.equal(DinoV2Detector(network=loaded).features(images), DinoV2Detector(network=net).features(images))
+
+
+@pytest.mark.parametrize("name", ["28x28", "28x42", "42x42", "56x42"])
+def test_features_equal_facebookresearch_dinov2s_vit_with_the_same_weights(tmp_path, name):
+    # 42x42 is the 3x3 grid the position table was stored for (no resampling); 28x28 and 28x42 resample it
+    # down (square and not), 56x42 up and not square, as FD_DINOv2 resamples the released 37x37 to 16x16.
+    net, ref = _reference_network(tmp_path)
+    x = ref[f"input.{name}"]
+    with torch.no_grad():
+        tokens = net.tokens(x)
+        features = net(x)
+    _assert_close(features, ref[f"feature.{name}"])  # the class token after the final LayerNorm
+    _assert_close(tokens[:, 1:], ref[f"tokens.{name}"])  # and the patch tokens, row-major
+    assert ref[f"feature.{name}"].abs().max() > 1  # a feature that is there, not a degenerate one
+
+
+@pytest.mark.parametrize("rows, cols", [(16, 16), (2, 3)])
+def test_position_embedding_resampling_equals_the_references(tmp_path, rows, cols):
+    # 16x16 is the grid of a 224x224 input (FD_DINOv2); the table is stored for 3x3.
+    net, ref = _reference_network(tmp_path)
+    with torch.no_grad():
+        _assert_close(net.position_embedding(rows, cols), ref[f"pos.{rows}x{cols}"], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["small", "large"])
+def test_detector_equals_edm2s_fd_dinov2_detector_with_the_same_network(tmp_path, name):
+    # EDM2's DINOv2Detector.__call__ (resize_mode 'torch') ran with the small reference network in place of
+    # the hub's ViT-L/14; "small" is upsampled to 224x224, "large" (300x260) downsampled, where the
+    # antialiasing filter matters. Its preprocessed input is compared on a grid of pixels and by its
+    # per-channel means, so a preprocessing error is seen apart from the network.
+    net, ref = _reference_network(tmp_path)
+    generator = _generator_module()
+    images = generator.pattern_images(*generator.IMAGES[name])
+    assert torch.equal(generator.image_checksum(images), ref[f"images_checksum.{name}"])  # the same images
+    det = DinoV2Detector(network=net)
+    x = det.preprocess(images)
+    assert x.shape == (len(images), 3, 224, 224)
+    _assert_close(x[:, :, 3::8, 5::8], ref[f"preprocessed.{name}"])
+    _assert_close(x.double().mean(dim=(2, 3)).float(), ref[f"preprocessed_mean.{name}"], atol=1e-6)
+    _assert_close(det.features(images), ref[f"edm2.{name}"])

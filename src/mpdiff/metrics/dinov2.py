@@ -140,9 +140,12 @@ class DinoV2ViT(nn.Module):
         self.blocks = nn.ModuleList(_Block(width, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
         # Weights are meant to be loaded; this only makes a random instance (for tests) non-degenerate.
-        with torch.no_grad():
-            for p in (self.cls_token, self.pos_embed, self.mask_token):
-                p.normal_(std=0.02)
+        # Not on the meta device (load_dinov2 builds there): it holds no values, and normal_ there goes
+        # through torch._refs, whose first use imports torch._dynamo (~4 s).
+        if self.pos_embed.device.type != "meta":
+            with torch.no_grad():
+                for p in (self.cls_token, self.pos_embed, self.mask_token):
+                    p.normal_(std=0.02)
 
     @property
     def label(self):
