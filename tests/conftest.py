@@ -7,6 +7,7 @@
   its first half (:func:`partial_run`) that the resume, damage and post-hoc EMA tests read or copy.
 """
 
+import contextlib
 import hashlib
 import io
 import os
@@ -14,6 +15,7 @@ import pathlib
 import pickle
 import shlex
 import shutil
+import signal
 import zipfile
 
 import numpy as np
@@ -234,9 +236,48 @@ def evil_pickle(marker, protocol=pickle.HIGHEST_PROTOCOL):
 
 # ---- the command line ---------------------------------------------------------------------------
 
+def _argv(arg):
+    """One command-line argument as sys.argv would hold it: a path as text, bytes (an undecodable name) as the
+    surrogate-escaped text Python gives a real process for them."""
+    if isinstance(arg, (bytes, os.PathLike)):
+        return os.fsdecode(arg)
+    return str(arg)
+
+
 def run_cli(*args, env=None):
-    """Run `mpdiff ARGS...` in this process (click's test runner); returns the click Result."""
+    """Run `mpdiff ARGS...` in this process (click's test runner); returns the click Result. Arguments may be
+    text, paths or bytes. Its stdout is strict UTF-8 and its stderr escapes what it cannot encode, as a real
+    process's under a UTF-8 locale."""
     from click.testing import CliRunner
 
     from mpdiff.cli import cli
-    return CliRunner().invoke(cli, [os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args], env=env)
+    return CliRunner().invoke(cli, [_argv(a) for a in args], env=env)
+
+
+class Stuck(BaseException):
+    """Raised by :func:`deadline`. Not an Exception, so that no `except Exception` in mpdiff or click turns it
+    into an error line or exit status: it always reaches the test and fails it."""
+
+
+@contextlib.contextmanager
+def deadline(seconds, what):
+    """Fail the test, instead of hanging the suite, when the block (a command run in this process that might
+    block on a FIFO or loop on a symlink) is still running after `seconds`.
+
+    SIGALRM interrupts a blocked system call such as open() of a FIFO, and Python then raises :class:`Stuck`
+    from it. A blocking call that retries after the signal (in C or Rust code) cannot be interrupted that way:
+    `faulthandler` then ends the whole test process with a traceback 30 seconds later. Main thread only."""
+    import faulthandler
+
+    def alarm(signum, frame):
+        raise Stuck(f"{what}: still running after {seconds} s (blocked, or looping)")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    faulthandler.dump_traceback_later(seconds + 30, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

