@@ -8,7 +8,8 @@ from conftest import tiny_config
 
 from mpdiff import build_network
 from mpdiff.diffusion.loss import edm2_loss, edm_weight
-from mpdiff.train.optim import learning_rate, make_optimizer, zero_nonfinite_grads
+from mpdiff.train.optim import learning_rate, make_optimizer
+from mpdiff.train.step import clean_gradients
 
 
 def test_edm2_loss_matches_formula_with_replayed_draws():
@@ -65,8 +66,12 @@ def test_optimizer_is_plain_adam_with_paper_betas():
     assert group["betas"] == (0.9, 0.99) and group["eps"] == 1e-8 and group["weight_decay"] == 0
 
 
-def test_zero_nonfinite_grads_counts_and_zeroes():
-    p = torch.nn.Parameter(torch.zeros(4))
-    p.grad = torch.tensor([1.0, float("nan"), float("inf"), -float("inf")])
-    assert zero_nonfinite_grads([p]) == 3
-    assert p.grad.tolist() == [1.0, 0.0, 0.0, 0.0]
+def test_clean_gradients_zeroes_nonfinite_entries_and_measures_the_cleaned_norm():
+    # SPEC §1.5: NaN/Inf gradient entries become 0; the squared L2 norm is of all gradients together
+    # (ScaleLong's gradient-stability measure, SPEC §10.4): 3^2 + 4^2 + 12^2 = 13^2.
+    a, b, c = (torch.nn.Parameter(torch.zeros(n)) for n in (4, 3, 1))
+    a.grad = torch.tensor([3.0, float("nan"), float("inf"), -float("inf")])
+    b.grad = torch.tensor([0.0, 4.0, 12.0])  # c has no gradient
+    bad, squares = clean_gradients([a, b, c])
+    assert int(bad) == 3 and float(squares) == 169.0
+    assert a.grad.tolist() == [3.0, 0.0, 0.0, 0.0] and c.grad is None

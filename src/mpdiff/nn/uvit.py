@@ -153,16 +153,9 @@ class UViT(nn.Module):
         """The long skips (:class:`~mpdiff.nn.layout.LongSkip`), outermost first (level 0: one resolution)."""
         return self._skips
 
-    def patchify(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, C, H, W] -> [N, patches, p * p * C] (row-major patches; pixels within a patch row-major,
-        channels last)."""
-        n, c, h, w = x.shape
-        p = self.patch_size
-        x = x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
-        return x.reshape(n, (h // p) * (w // p), p * p * c)
-
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`patchify`."""
+        """[N, patches, p * p * C] -> [N, C, H, W]: patches row-major, pixels within a patch row-major,
+        channels last (the layout of ScaleLong's unpatchify)."""
         n = x.shape[0]
         p, c = self.patch_size, self.img_channels
         side = self.img_resolution // p

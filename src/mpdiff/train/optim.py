@@ -34,13 +34,3 @@ def set_learning_rate(optimizer, value):
         group["lr"] = value
 
 
-def zero_nonfinite_grads(params):
-    """Replace NaN/Inf gradient entries by 0 (SPEC §1.5); returns how many entries were bad."""
-    bad = 0
-    for p in params:
-        if p.grad is not None:
-            finite = torch.isfinite(p.grad)
-            if not bool(finite.all()):
-                bad += int((~finite).sum())
-                torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
-    return bad

@@ -100,12 +100,6 @@ class DeviceTally:
         self.steps = 0
 
 
-def gradient_norm(parameters):
-    """L2 norm of all gradients together (ScaleLong's gradient-stability measure, SPEC §10.4)."""
-    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in parameters if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-
 def clean_gradients(parameters):
     """Zero NaN/Inf gradient entries in place (SPEC §1.5); returns device scalars (number of bad entries,
     squared L2 norm of the cleaned gradient), without reading them back."""
