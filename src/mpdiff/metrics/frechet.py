@@ -16,7 +16,7 @@ def feature_statistics(features):
     return mu, np.atleast_2d(sigma)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=None):
+def frechet_distance(mu1, sigma1, mu2, sigma2):
     """||mu1 - mu2||^2 + Tr(sigma1) + Tr(sigma2) - 2 Tr(sqrtm(sigma1 sigma2)), in float64 (SPEC §7.5).
 
     The trace of the matrix square root is computed as the sum of sqrt(eigenvalues) of the symmetric
@@ -25,7 +25,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=None):
     exact for rank-deficient covariances (fewer samples than feature dimensions) without any
     regularisation. Eigenvalues below the numerical rank threshold (dimension x float64 epsilon x the
     largest) are rounding noise of true zeros and are taken as zero: their square roots would otherwise
-    add up to a visible error. `eps` is accepted for compatibility and ignored.
+    add up to a visible error.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
