@@ -1,7 +1,8 @@
 """Optional cross-check against NVIDIA's own EDM2 code.
 
 NVIDIA's code is not part of mpdiff (its licence is non-commercial). Point MPDIFF_EDM2_REF at a
-checkout of github.com/NVlabs/edm2 to run these; they are skipped otherwise.
+checkout of github.com/NVlabs/edm2 to run these; without it tests/conftest.py does not collect this
+file. tests/test_ref_edm2.py checks the same on every run, against fixtures made by NVIDIA's code.
 """
 
 import os
