@@ -30,8 +30,16 @@ def test_data_mnist_opens_the_training_split_with_labels():
     assert open_dataset("mnist", use_labels=False).labels is None
 
 
-def test_the_mnist_preset_trains_on_mnist_without_data_flag(tmp_path):
+def test_the_mnist_preset_trains_on_mnist_without_data_flag(tmp_path, monkeypatch):
     from conftest import run_cli
+
+    import mpdiff.metrics.mnist as mnist
+
+    # The evaluation needs a classifier, not the full one (tests/test_mnist_eval.py trains and checks that):
+    # a two-epoch one, in a cache of this test's own.
+    monkeypatch.setenv("MPDIFF_CACHE", str(tmp_path / "cache"))
+    quick = mnist.train_mnist_classifier
+    monkeypatch.setattr(mnist, "train_mnist_classifier", lambda: quick(epochs=2))
 
     result = run_cli("train", "--preset", "mnist", "--duration", "64", "--batch", "64", "--run-dir", tmp_path / "run",
                      "--no-progress", "--no-final-grid", "--no-dynamics", "--no-tensorboard", "--checkpoint", "64",

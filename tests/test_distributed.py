@@ -1,7 +1,8 @@
 """Training across processes with torchrun (issue 16): the same run on 1 or 2 processes, resumed
 after a kill, resumed on another number of processes, and two "nodes" on localhost. CPU, gloo.
 
-Every launch is bounded in time. A launcher failure before training starts (the rendezvous: exit
+The one-process runs are in-process (the command through click's runner): the separate processes are
+torchrun's. Every launch is bounded in time. A launcher failure before training starts (the rendezvous: exit
 -6 / SIGABRT happens rarely with fixed ports) is retried once with a fresh port, and said so.
 """
 
@@ -13,8 +14,9 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
-from conftest import ckpt, tiny_run_flags
+from conftest import ckpt, run_cli, tiny_run_flags
 
 from mpdiff.storage.tensors import load_tensors
 
@@ -44,7 +46,18 @@ def launch(args, timeout=TIMEOUT):
 
 
 def single(run_dir, *extra):
-    return launch([sys.executable, "-m", "mpdiff", "train", *FLAGS, "--run-dir", str(run_dir), *extra])
+    """The run on one process: this one."""
+    result = run_cli("train", *FLAGS, "--run-dir", run_dir, *extra)
+    assert result.exit_code == 0, result.output[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The run on one process (micro-batches of 32), for both tests."""
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    single(run_dir)
+    return run_dir
 
 
 def two(run_dir, *extra):
@@ -71,14 +84,13 @@ def assert_close(a, b, rtol=1e-4, atol=2e-5):
         assert torch.allclose(a[k], b[k], rtol=rtol, atol=atol), (k, worst)
 
 
-def test_two_processes_train_like_one_and_resume_after_a_kill_on_two_or_one(tmp_path):
+def test_two_processes_train_like_one_and_resume_after_a_kill_on_two_or_one(tmp_path, one_process):
     # 1. The same run (4 steps of 64 images) on one process (micro-batches of 32) and on two (32 each,
     #    gradients summed by DDP): the same weights up to float32 rounding (measured: ~1e-7).
-    ok(single(tmp_path / "one"))
     ok(two(tmp_path / "two"))
-    one, reference = weights(tmp_path / "one", 256), weights(tmp_path / "two", 256)
+    one, reference = weights(one_process, 256), weights(tmp_path / "two", 256)
     assert_close(one, reference)
-    assert any(not torch.equal(one[k], weights(tmp_path / "one", 128)[k]) for k in one)  # it trained
+    assert any(not torch.equal(one[k], weights(one_process, 128)[k]) for k in one)  # it trained
     log = (tmp_path / "two" / "log.txt").read_text()  # only the first process writes
     assert log.count("new run in") == 1 and "training complete at 256 images" in log
 
@@ -108,12 +120,12 @@ def test_two_processes_train_like_one_and_resume_after_a_kill_on_two_or_one(tmp_
     assert all(torch.equal(final[k], reference[k]) for k in final)
 
     # 3. The two-process checkpoint at 128 images, finished on one process.
-    ok(single(moved))
+    single(moved)
     assert "resumed from" in (moved / "log.txt").read_text()
     assert_close(weights(moved, 256), reference)
 
 
-def test_two_nodes_on_localhost_train_like_one_process(tmp_path):
+def test_two_nodes_on_localhost_train_like_one_process(tmp_path, one_process):
     # Two torchrun launches, one process each, meeting at one rendezvous (what two machines do).
     run_dir = tmp_path / "nodes"
     for attempt in range(2):
@@ -136,5 +148,4 @@ def test_two_nodes_on_localhost_train_like_one_process(tmp_path):
             break
         print(f"two-node launch failed ({codes}); retrying once with a fresh rendezvous", file=sys.stderr)
     assert codes == [0, 0], errors
-    ok(single(tmp_path / "one"))
-    assert_close(weights(run_dir, 256), weights(tmp_path / "one", 256))
+    assert_close(weights(run_dir, 256), weights(one_process, 256))

@@ -358,14 +358,15 @@ def test_a_killed_generation_resumes_without_redoing_finished_seeds(partial_run,
         proc.wait()
     before = {n: os.stat(partial / n) for n in os.listdir(partial) if n.endswith(".png")}
     assert 8 <= len(before) < 60 and not (tmp_path / "killed").exists()
-    resumed = subprocess.run(args + ["--out", str(tmp_path / "killed")], capture_output=True, timeout=TIMEOUT)
-    assert resumed.returncode == 0, resumed.stderr.decode()
-    assert f"{len(before)} of 60 images of this process already written" in resumed.stderr.decode()
+    # The restart and the uninterrupted run need no process of their own: the same command, in this one.
+    resumed = run_cli(*args[3:], "--out", tmp_path / "killed")
+    assert resumed.exit_code == 0, resumed.output
+    assert f"{len(before)} of 60 images of this process already written" in resumed.stderr
     for name, st in before.items():
         now = os.stat(tmp_path / "killed" / name)
         assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), name  # not made again
-    whole = subprocess.run(args + ["--out", str(tmp_path / "whole")], capture_output=True, timeout=TIMEOUT)
-    assert whole.returncode == 0, whole.stderr.decode()
+    whole = run_cli(*args[3:], "--out", tmp_path / "whole")
+    assert whole.exit_code == 0, whole.output
     assert digests(tmp_path / "killed") == digests(tmp_path / "whole")
 
 
@@ -424,12 +425,12 @@ def test_feature_statistics_combine_across_processes_exactly():
 
 
 def test_two_process_generation_and_metrics_equal_one_process(partial_run, tmp_path):
+    # One process: this one (the command through click's runner); two: torchrun's.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["generate", str(partial_run), "--seeds", "0-10", "--batch", "3", "--steps", "2", "--no-progress",
               "--class", "4", "--churn", "5"]
-    one = subprocess.run([sys.executable, "-m", "mpdiff", *common, "--out", str(tmp_path / "one")],
-                         capture_output=True, timeout=TIMEOUT, env=env)
-    assert one.returncode == 0, one.stderr.decode()
+    one = run_cli(*common, "--out", tmp_path / "one")
+    assert one.exit_code == 0, one.output
     # "--" ends torchrun's own options: without it, Python's argparse takes "--num" for an abbreviation of
     # torchrun's "--numa-binding" (an error) although it follows the module name.
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -440,14 +441,13 @@ def test_two_process_generation_and_metrics_equal_one_process(partial_run, tmp_p
     assert open(str(tmp_path / "one") + "-grid.png", "rb").read() == open(str(tmp_path / "two") + "-grid.png", "rb").read()
 
     ref = tmp_path / "ref.npz"
-    made = subprocess.run([sys.executable, "-m", "mpdiff", "ref", "digits", "--out", str(ref), "--metrics", "fd_digits",
-                           "--no-progress"], capture_output=True, timeout=TIMEOUT, env=env)
-    assert made.returncode == 0, made.stderr.decode()
+    made = run_cli("ref", "digits", "--out", ref, "--metrics", "fd_digits", "--no-progress")
+    assert made.exit_code == 0, made.output
     metrics = ["metrics", "--net", str(partial_run), "--ref", str(ref), "--metrics", "fd_digits", "--num", "20",
                "--batch", "6", "--steps", "2", "--json", "--no-progress"]
-    single = subprocess.run([sys.executable, "-m", "mpdiff", *metrics], capture_output=True, timeout=TIMEOUT, env=env)
+    single = run_cli(*metrics)
     split = subprocess.run([*torchrun, "-m", "mpdiff", "--", *metrics], capture_output=True, timeout=TIMEOUT, env=env)
-    assert single.returncode == 0 and split.returncode == 0, (single.stderr.decode(), split.stderr.decode()[-3000:])
+    assert single.exit_code == 0 and split.returncode == 0, (single.output, split.stderr.decode()[-3000:])
     a, b = json.loads(single.stdout), json.loads(split.stdout)  # only process 0 prints
     assert a["num_images"] == b["num_images"] == 20
     assert b["fd_digits"] == pytest.approx(a["fd_digits"], rel=1e-9)
