@@ -18,11 +18,9 @@ from mpdiff.ema.profiles import (
     power_function_beta,
     power_function_inner_product,
     power_function_profile,
-    power_function_response,
     profile_reconstruction_error,
     reconstructed_profile,
     sigma_rel_to_gamma,
-    sigma_rel_to_halflife,
     solve_posthoc_coefficients,
 )
 from mpdiff.ema.reconstruct import _stream_pass, reconstruct, select_inputs
@@ -107,14 +105,6 @@ def test_inner_product_is_overflow_safe_and_scales_as_one_over_time():
     assert large * 1e12 == pytest.approx(small, rel=1e-10)
 
 
-def test_discrete_response_sums_to_one_and_ends_at_t():
-    response = power_function_response([50, 80], [[0.05], [0.2]], 100)
-    assert response.shape == (2, 2, 100)
-    assert np.allclose(response.sum(-1), 1)
-    assert np.all(response[..., 0, 51:] == 0) and np.all(response[..., 1, 81:] == 0)
-    assert np.argmax(response[0, 0]) == 50
-
-
 def _two_profile_inputs(num_times, t_end=1.0):
     times = np.arange(1, num_times + 1) * t_end / num_times
     return np.repeat(times, 2), np.tile([0.05, 0.10], num_times)
@@ -165,15 +155,6 @@ def test_halflife_conversion_approaches_the_small_halflife_formula():
     assert np.allclose(ratio, 1, rtol=1e-9)
     # Not the approximation once the mass on the initial weights matters.
     assert halflife_to_sigma_rel(0.5, 1.0) < 0.6 * 0.5 / math.log(2)
-
-
-def test_halflife_conversion_round_trips_on_the_short_branch():
-    halflife = np.array([1e-5, 1e-3, 0.05, 0.2, 0.5, 0.6])
-    sigma_rel = halflife_to_sigma_rel(halflife, 1.0)
-    assert np.allclose(sigma_rel_to_halflife(sigma_rel, 1.0), halflife, rtol=1e-8)
-    assert sigma_rel_to_halflife(0.1, 7e6) == pytest.approx(7e6 * sigma_rel_to_halflife(0.1, 1.0))
-    with pytest.raises(ConfigError):
-        sigma_rel_to_halflife(0.37, 1.0)  # wider than any traditional EMA gets
 
 
 @pytest.mark.parametrize("halflife_steps", [20, 300])

@@ -166,8 +166,6 @@ def test_power_function_ema_conversions_and_beta(phema):
     np.testing.assert_allclose(profiles.power_function_inner_product(ofs[:, None], std[:, None], ofs[None],
                                                                       std[None]),
                                _np(t, "correlation"), rtol=1e-12, atol=0)
-    response = profiles.power_function_response(_np(t, "resp_ofs"), _np(t, "resp_std"), 64)
-    np.testing.assert_allclose(response, _np(t, "response"), rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("layout", ["realistic", "long", "single", "uneven"])

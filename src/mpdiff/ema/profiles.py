@@ -88,17 +88,6 @@ def power_function_profile(tau, t, sigma_rel):
     return np.where(inside, (gamma + 1) * ratio ** gamma / t, 0.0)
 
 
-def power_function_response(t, sigma_rel, num_steps):
-    """Discrete response of profile(s) (t, sigma_rel) on the integer grid 0 .. num_steps - 1 (for plots).
-
-    Returns shape broadcast(t, sigma_rel).shape + (num_steps,); each row sums to 1 (SPEC §5.6).
-    """
-    t, sigma_rel = np.broadcast_arrays(np.asarray(t, dtype=np.float64), np.asarray(sigma_rel, dtype=np.float64))
-    tau = np.arange(num_steps, dtype=np.float64)
-    response = power_function_profile(tau, t[..., None], sigma_rel[..., None])
-    return response / np.sum(response, axis=-1, keepdims=True)
-
-
 def power_function_inner_product(t_a, sigma_rel_a, t_b, sigma_rel_b):
     """Closed-form <p_a, p_b> = integral of p_a(tau) p_b(tau) over tau for two power profiles (Eq. 151).
 
@@ -205,30 +194,3 @@ def halflife_to_sigma_rel(halflife, t):
     if np.any(~(halflife > 0)) or np.any(~(t > 0)):
         raise ConfigError("half-life and training time must be positive")
     return np.sqrt(_truncated_exponential_var(t * math.log(2) / halflife))
-
-
-def sigma_rel_to_halflife(sigma_rel, t):
-    """Half-life of the traditional EMA whose profile at time `t` has relative std `sigma_rel`.
-
-    Inverse of :func:`halflife_to_sigma_rel` on its short-half-life branch (halflife <= 0.615 t), the
-    only one where the average is mostly made of trained weights; sigma_rel must be below 0.3601, the
-    widest a traditional EMA gets.
-    """
-    from scipy.optimize import brentq
-
-    sigma_rel = np.asarray(sigma_rel, dtype=np.float64)
-    t = np.asarray(t, dtype=np.float64)
-    if np.any(~((sigma_rel > 0) & (sigma_rel < SIGMA_REL_TRADITIONAL_MAX))):
-        raise ConfigError(f"sigma_rel must be in (0, {SIGMA_REL_TRADITIONAL_MAX:.4f}) for a traditional EMA")
-    if np.any(~(t > 0)):
-        raise ConfigError("training time must be positive")
-
-    def solve_x(target_var):
-        x_hi = _X_PEAK
-        while _truncated_exponential_var(x_hi) > target_var:  # var ~ 1/x^2 on this branch
-            x_hi *= 2
-        return brentq(lambda x: _truncated_exponential_var(x) - target_var, _X_PEAK, x_hi, xtol=1e-300,
-                      rtol=4 * np.finfo(float).eps, maxiter=500)
-
-    x = np.vectorize(solve_x, otypes=[np.float64])(sigma_rel ** 2)
-    return t * math.log(2) / x
