@@ -30,6 +30,17 @@ torch.set_num_threads(1)
 # is not collected (rather than reported as skipped): tests/test_ref_edm2.py's fixtures cover the same ground.
 collect_ignore = [] if os.environ.get("MPDIFF_EDM2_REF") else ["test_reference_edm2.py"]
 
+# The files whose tests take longest (measured on the 2-core machine: 35-70 s each for the longest), run first.
+# Under xdist's work stealing the long tests then start at once and the short ones fill in around them,
+# instead of one long test running alone at the end while the other worker idles.
+_LONGEST_FIRST = ("test_kill.py", "test_speed.py", "test_mnist_eval.py", "test_distributed.py", "test_generation.py",
+                  "test_streamed_training.py", "test_training.py", "test_metrics.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+
 
 @pytest.fixture(autouse=True)
 def _seed():
