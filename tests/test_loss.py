@@ -75,3 +75,39 @@ def test_clean_gradients_zeroes_nonfinite_entries_and_measures_the_cleaned_norm(
     bad, squares = clean_gradients([a, b, c])
     assert int(bad) == 3 and float(squares) == 169.0
     assert a.grad.tolist() == [3.0, 0.0, 0.0, 0.0] and c.grad is None
+
+
+def test_a_training_step_through_ddp_uses_the_networks_sigma_data(tmp_path):
+    """The loss under DDP equals the loss of the network for any sigma_data: the step's objective owns
+    the constant (it was read through the wrapper, which hides it, and the default 0.5 won: with
+    sigma_data 1.0 the loss through the wrapper was 719.8 against 386.3)."""
+    import torch.distributed as dist
+    from conftest import randomized_network
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mpdiff.config import TrainingConfig
+    from mpdiff.diffusion.loss import EDM2Loss
+    from mpdiff.train.step import TrainStep
+
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.eye(10)[torch.tensor([1, 2, 3, 4])]
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        for sigma_data in (1.0, 2.0, 0.5):
+            net = randomized_network(seed=1, sigma_data=sigma_data).train()
+            step = TrainStep(images, labels, TrainingConfig(batch=4, duration=8), seed=5)
+            indices, sigma, noise = step.draw(0)
+            alone = step.accumulate_gradients(net, indices, sigma, noise, nimg=0)
+            step.ddp = DistributedDataParallel(net)
+            wrapped = step.accumulate_gradients(net, indices, sigma, noise, nimg=0)
+            assert float(wrapped) == pytest.approx(float(alone), rel=1e-6), sigma_data
+            net.eval()  # in training each call re-normalises the weights in place (forced WN)
+            y = torch.randn(2, 3, 16, 16)
+            direct = edm2_loss(net, y, labels[:2], sigma=torch.tensor([0.3, 3.0]), noise=torch.ones_like(y))
+            through = EDM2Loss(sigma_data=sigma_data)(step.ddp, y, labels[:2], sigma=torch.tensor([0.3, 3.0]),
+                                                       noise=torch.ones_like(y))
+            assert torch.equal(through, direct)
+            with pytest.raises(TypeError, match="needs the network itself, not a DistributedDataParallel"):
+                edm2_loss(step.ddp, y, labels[:2])
+    finally:
+        dist.destroy_process_group()

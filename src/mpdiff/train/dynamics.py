@@ -195,7 +195,7 @@ def probe_statistics(net, probe, micro_batch=None, sensitivity=True):
                 handle.remove()
             handles = []
             if sensitivity:
-                sigma_data = getattr(net, "sigma_data", 0.5)
+                sigma_data = net.sigma_data
                 for start in range(0, len(probe.noisy), step):
                     part = slice(start, start + step)
                     sigma = probe.sigma[part].reshape(-1, *[1] * (probe.noisy.ndim - 1))

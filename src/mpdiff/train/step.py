@@ -32,7 +32,7 @@ import dataclasses
 import torch
 
 from mpdiff.data.pixels import PixelEncoder
-from mpdiff.diffusion.loss import edm2_loss, sample_sigma
+from mpdiff.diffusion.loss import EDM2Loss, sample_sigma
 from mpdiff.errors import DatasetError, NumericalError
 from mpdiff.train.data_order import batch_indices, derived_seed
 from mpdiff.train.optim import learning_rate, set_learning_rate
@@ -209,6 +209,7 @@ class TrainStep:
         if eps is not None:
             eps = eps[part]
         model = self.model if self.model is not None else (self.ddp if self.ddp is not None else net)
+        objective = EDM2Loss(net.sigma_data, self.training.P_mean, self.training.P_std)  # not read through `model`
         factor = scale / batch * self.dist.world_size  # DDP averages the processes' gradients: undo the 1/world
         total = torch.zeros([], dtype=torch.float64, device=self.device)
         starts = list(range(0, len(indices), self.micro_batch))
@@ -219,7 +220,7 @@ class TrainStep:
             labels = None if self.labels is None else self.labels[idx].to(self.device)
             sync = self.ddp is None or k == len(starts) - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                loss = edm2_loss(model, images, labels, sigma=sigma[part].to(self.device),
+                loss = objective(model, images, labels, sigma=sigma[part].to(self.device),
                                  noise=noise[part].to(self.device))
                 loss_sum = loss.sum()
                 (loss_sum * factor).backward()
