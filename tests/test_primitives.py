@@ -129,23 +129,36 @@ def test_mpconv_gradient_is_orthogonal_to_weight_rows():
     assert cos.abs().max().item() < 1e-4
 
 
-def test_mpconv_gain_and_eval_cache_matches_uncached():
+def test_mpconv_follows_every_change_of_its_weights_and_caches_only_inside_frozen_weights():
+    from mpdiff.nn.runtime import frozen_weights
+
     layer = MPConv(16, 8, [3, 3])
     gain = torch.nn.Parameter(torch.tensor(0.7))
     x = torch.randn(2, 16, 6, 6)
     layer.eval()
     with torch.no_grad():
         first = layer(x, gain=gain)
-        again = layer(x, gain=gain)  # served from the cache
-    ref = torch.nn.functional.conv2d(x, layer.effective_weight(gain.detach()), padding=1)
-    assert torch.equal(first, again)
-    assert torch.allclose(first, ref, atol=1e-6)
-    # Changing the weight or gain in place invalidates the cache.
+    expected = torch.nn.functional.conv2d(x, layer.effective_weight(gain.detach()), padding=1)
+    assert torch.allclose(first, expected, atol=1e-6)
+    # Outside frozen_weights every call sees the weights as they are now, whichever way they were written:
+    # in place, through .data (which bumps no version counter: several EMA libraries write so), or loaded.
+    for write in (lambda w: w.mul_(-1), lambda w: w.data.mul_(-1), lambda w: w.data.copy_(-w.data)):
+        with torch.no_grad():
+            before = layer(x, gain=gain)
+            write(layer.weight)
+            assert torch.equal(layer(x, gain=gain), -before)
     with torch.no_grad():
-        layer.weight.mul_(-1)
-        gain.fill_(0.2)
-        changed = layer(x, gain=gain)
-    assert torch.allclose(changed, -0.2 / 0.7 * first, atol=1e-5)
+        gain.data.fill_(0.2)
+        assert torch.allclose(layer(x, gain=gain), 0.2 / 0.7 * first * (-1) ** 3, atol=1e-5)
+    # Inside, each (gain, dtype) is computed once and reused, bit-identical to the uncached call.
+    with torch.no_grad():
+        plain = layer(x, gain=gain)
+        with frozen_weights(layer):
+            assert torch.equal(layer(x, gain=gain), plain) and len(layer._fixed) == 1
+            assert torch.equal(layer(x, gain=gain), plain) and len(layer._fixed) == 1
+            layer(x)
+            assert len(layer._fixed) == 2
+        assert layer._fixed is None
     # Eval mode leaves the stored weight untouched (EMA weights are re-normalized on use).
     before = layer.weight.detach().clone()
     with torch.no_grad():

@@ -19,6 +19,7 @@ from mpdiff.data.datasets import one_hot
 from mpdiff.diffusion.guidance import guided
 from mpdiff.diffusion.samplers import SAMPLERS
 from mpdiff.diffusion.schedules import edm_sigmas
+from mpdiff.nn.runtime import frozen_weights
 
 CHURN_STREAM = 1 << 31  # the churn noise of seed s comes from the generator of seed s + 2^31
 
@@ -121,7 +122,7 @@ def _batches(net, model, seeds, class_idx, sampling, guide, guidance, device, pr
                 if callback is not None:
                     callback(step)
 
-            with torch.no_grad():
+            with torch.no_grad(), frozen_weights(net, guide):  # per batch: the caller may change them in between
                 x = sampler(denoise, noise.to(torch.float64) * sigmas[0], sigmas, labels, noise_fn=noise_fn,
                             callback=on_step, **sampling.sampler_options())
             yield Batch(batch, x[:len(batch)].to(torch.float32).cpu(), classes[:len(batch)])

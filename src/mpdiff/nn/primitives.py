@@ -232,8 +232,9 @@ class MPConv(nn.Module):
     lands at norm sqrt(fan_in) r / (r + 1e-4). An exact rescale would move the Adam trajectory by
     ~1e-4 relative (docs/NUMERICS.md), so the reference behaviour stays.
 
-    Eval mode never writes W (EMA weights are re-normalized on use). With autograd off, the
-    effective weight is cached until W, the gain, the device or the dtype changes.
+    Eval mode never writes W (EMA weights are re-normalized on use). Every call computes the effective
+    weight afresh, except inside :func:`mpdiff.nn.runtime.frozen_weights` (sampling), a scope in which
+    the weights do not change: there each (gain, dtype) is computed once.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int], forced: bool = True):
@@ -242,7 +243,7 @@ class MPConv(nn.Module):
         self.out_channels = out_channels
         self.forced = forced
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
-        self._frozen = None  # (cache key, effective weight) for gradient-free eval calls
+        self._fixed = None  # {(gain, dtype): effective weight} inside frozen_weights(), else None
 
     @property
     def fan_in(self) -> int:
@@ -259,22 +260,22 @@ class MPConv(nn.Module):
         """Project every row of the stored weight back to norm ~sqrt(fan_in), in place (Eq. 66)."""
         self.weight.copy_(normalize(self.weight.to(torch.float32)))
 
-    def _reusable_weight(self, gain, dtype):
-        """The effective weight, recomputed only when something it depends on has changed."""
-        gain_id = (gain.data_ptr(), gain._version) if torch.is_tensor(gain) else float(gain)
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.device, dtype, gain_id)
-        if self._frozen is None or self._frozen[0] != key:
-            self._frozen = (key, self.effective_weight(gain, dtype))
-        return self._frozen[1]
+    def _fixed_weight(self, gain, dtype):
+        """The effective weight inside frozen_weights(): computed once per gain (a float, or a learned
+        gain tensor, fixed too) and dtype, without autograd."""
+        key = (id(gain) if torch.is_tensor(gain) else float(gain), dtype)
+        if key not in self._fixed:
+            with torch.no_grad():
+                self._fixed[key] = self.effective_weight(gain, dtype)
+        return self._fixed[key]
 
     def forward(self, x: torch.Tensor, gain: Union[float, torch.Tensor] = 1) -> torch.Tensor:
         if self.training and self.forced and not (_FORCED_BEFORE_THE_CALL[0] and torch.compiler.is_compiling()):
             self.force_weight_norm()
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            self._frozen = None  # compiled: the normalisation is part of the graph (fused), not cached
-            w = self.effective_weight(gain, x.dtype)
+        if self._fixed is None or self.training or torch.compiler.is_compiling():
+            w = self.effective_weight(gain, x.dtype)  # compiled: the normalisation is part of the graph
         else:
-            w = self._reusable_weight(gain, x.dtype)
+            w = self._fixed_weight(gain, x.dtype)
         if w.ndim == 2:  # fully connected
             return x @ w.t()
         return F.conv2d(x, w, padding=w.shape[-1] // 2)  # "same" padding, stride 1

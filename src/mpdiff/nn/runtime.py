@@ -46,6 +46,26 @@ def precision_of(precision, *nets):
             m.precision = previous
 
 
+@contextlib.contextmanager
+def frozen_weights(*nets):
+    """Inside the block, every forced-WN layer of the modules `nets` computes its effective
+    weight normalize(W) * gain / sqrt(fan_in) once and reuses it: for sampling, where nothing changes
+    the weights (a write to a weight inside the block is not seen; outside it nothing is cached).
+    Outputs are bit-identical to the uncached calls. Eval mode and no autograd only."""
+    from mpdiff.nn.primitives import MPConv
+
+    modules = [net for net in nets if isinstance(net, torch.nn.Module)]  # a compiled program: not ours to cache
+    layers = [m for net in modules for m in net.modules() if isinstance(m, MPConv)]
+    saved = [m._fixed for m in layers]
+    try:
+        for m in layers:
+            m._fixed = {} if m._fixed is None else m._fixed  # nested: the outer block's weights stay
+        yield
+    finally:
+        for m, previous in zip(layers, saved):
+            m._fixed = previous
+
+
 def compiled(net, enabled=True, backend="inductor", frozen=False):
     """`net` compiled with torch.compile (or itself when not `enabled`). The first calls of each input
     shape compile (seconds to minutes); later ones run the generated kernels. `frozen`: for evaluation
