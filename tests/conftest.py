@@ -259,6 +259,19 @@ def _argv(arg):
     return str(arg)
 
 
+def patch_training_loss(monkeypatch, change):
+    """Make the training step's loss (and only it: not edm2_loss elsewhere) return change(loss, *args,
+    **kwargs), where loss(*args, **kwargs) computes the real one."""
+    import mpdiff.train.step as step
+    real = step.EDM2Loss
+
+    class Changed(real):
+        def __call__(self, *args, **kwargs):
+            return change(lambda *a, **k: real.__call__(self, *a, **k), *args, **kwargs)
+
+    monkeypatch.setattr(step, "EDM2Loss", Changed)
+
+
 def run_cli(*args, env=None):
     """Run `mpdiff ARGS...` in this process (click's test runner); returns the click Result. Arguments may be
     text, paths or bytes. Its stdout is strict UTF-8 and its stderr escapes what it cannot encode, as a real

@@ -25,6 +25,7 @@ from conftest import (
     ckpt,
     digests,
     evil_pickle,
+    patch_training_loss,
     pixels,
     png_bytes,
     run_cli,
@@ -34,7 +35,6 @@ from conftest import (
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import mpdiff.train.step
 from mpdiff.cli import parse_floats, parse_nimg, parse_range
 from mpdiff.config import CONFIG_CLASSES, flag_for
 from mpdiff.diffusion.generate import parse_seeds
@@ -345,8 +345,7 @@ def test_no_room_for_the_next_checkpoint(run_copy):
 
 
 def test_nonfinite_training_stops_with_one_line(run_copy, monkeypatch):
-    real = mpdiff.train.step.edm2_loss
-    monkeypatch.setattr(mpdiff.train.step, "edm2_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    patch_training_loss(monkeypatch, lambda real, *a, **k: real(*a, **k) * float("nan"))
     before = digests(os.path.join(run_copy, "checkpoints"))
     fails(["train", "--run-dir", run_copy, *RUN_ARGS],
           "training produced non-finite losses or gradients for 2 consecutive steps (at 320 images); stopped. "

@@ -32,6 +32,7 @@ import torch
 from conftest import (
     ckpt,
     deadline,
+    patch_training_loss,
     pixels,
     png_bytes,
     run_cli,
@@ -208,10 +209,9 @@ def test_second_training_in_a_busy_run_dir_is_refused_and_changes_nothing(partia
     succeeds("train", "--run-dir", "alone", *RUN_ARGS, "--slice", "128")     # the same resume, undisturbed
 
     args = ["train", "--run-dir", run_copy, *RUN_ARGS, "--slice", "128"]
-    real = mpdiff.train.step.edm2_loss
     during = {}
 
-    def second_training_during_the_first_step(*a, **k):
+    def second_training_during_the_first_step(real, *a, **k):
         if not during:
             during["lock"] = read(run_copy / ".mpdiff.lock")
             during["tree"] = tree(run_copy)
@@ -220,7 +220,7 @@ def test_second_training_in_a_busy_run_dir_is_refused_and_changes_nothing(partia
             during["lock after"] = read(run_copy / ".mpdiff.lock")
         return real(*a, **k)
 
-    monkeypatch.setattr(mpdiff.train.step, "edm2_loss", second_training_during_the_first_step)
+    patch_training_loss(monkeypatch, second_training_during_the_first_step)
     first = succeeds(*args)
     second = during["second"]
     assert second.exit_code == 1 and second.stdout == "", (second.output, repr(second.exception))
@@ -521,8 +521,7 @@ def test_nan_checkpoint_is_never_called_the_last_good_one(run_copy, monkeypatch)
     tensors, meta = load_tensors(ckpt(run_copy, 256))
     nan_meta = dict(meta, nimg=384, step=6, ema_nimg=384)
     save_tensors(ckpt(run_copy, 384), with_nan(tensors, first_float_tensor(tensors, "net.")), nan_meta)
-    real = mpdiff.train.step.edm2_loss
-    monkeypatch.setattr(mpdiff.train.step, "edm2_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    patch_training_loss(monkeypatch, lambda real, *a, **k: real(*a, **k) * float("nan"))
     line = refused("train", "--run-dir", run_copy, *RUN_ARGS, expect=["non-finite"])
     assert f"Last good checkpoint: {ckpt(run_copy, 256)}" in line and "384" not in line, line
 

@@ -15,7 +15,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import Payload, ckpt, digests, evil_pickle, snap, train_tiny
+from conftest import Payload, ckpt, digests, evil_pickle, patch_training_loss, snap, train_tiny
 
 import mpdiff.storage.files
 import mpdiff.train.step
@@ -445,17 +445,17 @@ class PoisonGrad(torch.autograd.Function):
 
 
 def faulty_loss(monkeypatch, bad_calls, how="nan loss"):
-    """Make edm2_loss misbehave on the given (1-based) calls; one call per step here (no accumulation)."""
-    real = mpdiff.train.step.edm2_loss
+    """Make the training step's loss misbehave on the given (1-based) calls; one call per step here (no
+    accumulation)."""
     calls = []
 
-    def loss(*args, **kwargs):
+    def loss(real, *args, **kwargs):
         calls.append(1)
         value = real(*args, **kwargs)
         if bad_calls(len(calls)):
             value = value * float("nan") if how == "nan loss" else PoisonGrad.apply(value)
         return value
-    monkeypatch.setattr(mpdiff.train.step, "edm2_loss", loss)
+    patch_training_loss(monkeypatch, loss)
     return calls
 
 
