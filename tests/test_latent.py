@@ -116,7 +116,9 @@ def test_a_training_step_draws_the_latent_eps_from_seed_and_image_count():
     _, _, noise = step.draw(4)
     assert noise.shape == (4, 4, 8, 8)  # the network's channels, not the data's
     eps = step.encoding_noise(4)
-    expected = torch.randn([4, 4, 8, 8], generator=torch.Generator().manual_seed(derived_seed(3, "latent", 4)))
+    # Image j of the step at 4 images draws from its own generator, seeded by (seed, 'latent', 4, j).
+    expected = torch.stack([torch.randn([4, 8, 8], generator=torch.Generator().manual_seed(
+        derived_seed(3, "latent", 4, j))) for j in range(4)])
     assert torch.equal(eps, expected) and torch.equal(step.encoding_noise(4), eps)
     assert not torch.equal(step.encoding_noise(8), eps)
     pixel_step = TrainStep(torch.zeros(6, 3, 8, 8, dtype=torch.uint8), None, training, seed=3)

@@ -111,3 +111,31 @@ def test_a_training_step_through_ddp_uses_the_networks_sigma_data(tmp_path):
                 edm2_loss(step.ddp, y, labels[:2])
     finally:
         dist.destroy_process_group()
+
+
+def test_each_process_draws_only_its_share_of_the_step_noise_and_every_image_the_same_values():
+    """A step's unit noise (and a latent step's eps) is drawn per image from (seed, stream, nimg, j): a
+    process of N draws batch/N images' worth, not the global batch's, and image j gets the same values
+    for any number of processes (so results are equal for any N, and a resume redraws them exactly)."""
+    from mpdiff.config import TrainingConfig
+    from mpdiff.distributed import Distributed
+    from mpdiff.train.data_order import derived_seed
+    from mpdiff.train.step import TrainStep
+
+    images = torch.zeros(10, 3, 8, 8, dtype=torch.uint8)
+    training = TrainingConfig(batch=8, duration=64)
+
+    def step(rank, world):
+        return TrainStep(images, None, training, seed=7, dist=Distributed(rank=rank, world_size=world))
+
+    indices, sigma, alone = step(0, 1).draw(16)
+    assert alone.shape == (8, 3, 8, 8)
+    for world in (2, 4):
+        shares = [step(rank, world).draw(16) for rank in range(world)]
+        assert all(s[2].shape == (8 // world, 3, 8, 8) for s in shares)       # only its share is drawn
+        assert torch.equal(torch.cat([s[2] for s in shares]), alone)            # the same values
+        assert all(torch.equal(s[0], indices) and torch.equal(s[1], sigma) for s in shares)
+    # Image 5 of the step at 16 images: its own generator, independent of the batch around it.
+    expected = torch.randn([3, 8, 8], generator=torch.Generator().manual_seed(derived_seed(7, "noise", 16, 5)))
+    assert torch.equal(alone[5], expected) and torch.equal(step(0, 1).draw(16)[2], alone)
+    assert not torch.equal(step(0, 1).draw(24)[2], alone)

@@ -160,26 +160,34 @@ class TrainStep:
         return torch.tensor(batch_indices(self.seed, len(self.images), nimg, self.training.batch))[self.local_part()]
 
     def draw(self, nimg):
-        """(dataset indices, sigma, unit noise) of the whole step that starts at image count `nimg`."""
+        """The step that starts at image count `nimg`: dataset indices and sigma of the whole batch (a few
+        numbers per image), and the unit noise of this process's share only (see :meth:`share_normal`)."""
         batch, recipe = self.training.batch, self.training
         step_seed = derived_seed(self.seed, "step", nimg)
         torch.manual_seed(step_seed)  # dropout and anything else drawing from the global generator
         generator = torch.Generator().manual_seed(step_seed)
         indices = torch.tensor(batch_indices(self.seed, len(self.images), nimg, batch))
         sigma = sample_sigma(batch, recipe.P_mean, recipe.P_std, generator=generator)
-        noise = torch.randn([batch, *self.shape], generator=generator)
-        return indices, sigma, noise
+        return indices, sigma, self.share_normal("noise", nimg)
+
+    def share_normal(self, stream, nimg):
+        """Unit normal tensors shaped like a network input, one per image of this process's share of the
+        step at `nimg`. Image j of the step draws from its own generator, seeded by (seed, stream, nimg, j):
+        a process draws only its share (not the global batch), and every image gets the same values for
+        any number of processes and after a resume."""
+        part = self.local_part()
+        return torch.stack([torch.randn(self.shape, generator=torch.Generator().manual_seed(
+            derived_seed(self.seed, stream, nimg, j))) for j in range(part.start, part.stop)])
 
     def encoding_noise(self, nimg):
-        """The unit noise eps of the encoder's sample mean + std * eps for the whole step that starts at
-        image count `nimg` (from a generator seeded by (seed, 'latent', nimg)), or None when the encoder
+        """The unit noise eps of the encoder's sample mean + std * eps for this process's share of the
+        step at image count `nimg` (stream 'latent' of :meth:`share_normal`), or None when the encoder
         draws nothing (pixels)."""
         if not self.encoder.stochastic:
             return None
         if nimg is None:
             raise ValueError("a latent step needs its image count: its sample noise is drawn from it")
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, "latent", nimg))
-        return torch.randn([self.training.batch, *self.shape], generator=generator)
+        return self.share_normal("latent", nimg)
 
     def fetch(self, nimg, indices):
         """This process's images of the step (uint8). A bad file stops every process: each learns of it
@@ -199,15 +207,14 @@ class TrainStep:
 
     def accumulate_gradients(self, net, indices, sigma, noise, nimg=None, pixels=None):
         """Backpropagate sum(loss) * loss_scaling / batch over this process's micro-batches (the global
-        batch's slice); returns this process's sum(loss) as a float64 device scalar."""
+        batch's slice; `indices` and `sigma` are the whole step's, `noise` this process's share, as
+        :meth:`draw` gives them); returns this process's sum(loss) as a float64 device scalar."""
         batch, scale = self.training.batch, self.training.loss_scaling
         if pixels is None:
             pixels = self.fetch(nimg, indices)
         part = self.local_part()
-        indices, sigma, noise = indices[part], sigma[part], noise[part]
+        indices, sigma = indices[part], sigma[part]
         eps = self.encoding_noise(nimg)
-        if eps is not None:
-            eps = eps[part]
         model = self.model if self.model is not None else (self.ddp if self.ddp is not None else net)
         objective = EDM2Loss(net.sigma_data, self.training.P_mean, self.training.P_std)  # not read through `model`
         factor = scale / batch * self.dist.world_size  # DDP averages the processes' gradients: undo the 1/world
