@@ -124,7 +124,7 @@ def test_classifier_is_trained_once_and_accurate_on_held_out(classifier_cache, d
     assert not net.training
     accuracy = classifier_accuracy(net, digits["test_images"], digits["test_labels"])
     assert accuracy >= 0.95
-    assert net.test_accuracy == pytest.approx(accuracy)
+    assert net.unseen_accuracy == pytest.approx(accuracy)
     features = net.features(torch.from_numpy(digits["test_images"][:5]))
     assert features.shape == (5, 64)
     assert net(torch.from_numpy(digits["test_images"][:5])).shape == (5, 10)
@@ -139,7 +139,7 @@ def test_classifier_cache_is_reused_without_retraining(classifier_cache, monkeyp
     again = load_digit_classifier()
     assert not again.trained_now
     assert os.stat(path).st_mtime_ns == mtime
-    assert again.test_accuracy == pytest.approx(net.test_accuracy)
+    assert again.unseen_accuracy == pytest.approx(net.unseen_accuracy)
     for key, value in net.state_dict().items():
         assert torch.equal(again.state_dict()[key], value)
 

@@ -59,7 +59,7 @@ def test_training_is_deterministic_and_leaves_global_state_alone():
 
 def test_quick_classifier_shapes_and_accuracy(quick_classifier, mnist):
     net = quick_classifier
-    assert not net.training and net.test_accuracy >= 0.93
+    assert not net.training and net.unseen_accuracy >= 0.93
     x = torch.from_numpy(mnist["test_images"][:5])
     assert net.features(x).shape == (5, 128) and net(x).shape == (5, 10)
     # uint8 and float in [-1, 1] are the same input
@@ -73,10 +73,10 @@ def test_full_classifier_is_accurate_cached_and_reused(tmp_path, monkeypatch, mn
     assert net.trained_now and net.cache_path == os.path.join(str(tmp_path), CLASSIFIER_FILE)
     _, predicted = mpdiff.metrics.mnist.classifier_outputs(net, mnist["train_images"])
     accuracy = float(np.mean(predicted == mnist["train_labels"]))
-    assert accuracy >= FULL_ACCURACY and net.test_accuracy == pytest.approx(accuracy)
+    assert accuracy >= FULL_ACCURACY and net.unseen_accuracy == pytest.approx(accuracy)
     monkeypatch.setattr(mpdiff.metrics.mnist, "train_mnist_classifier", lambda: pytest.fail("retrained despite a cache"))
     again = load_mnist_classifier()
-    assert not again.trained_now and again.test_accuracy == pytest.approx(accuracy)
+    assert not again.trained_now and again.unseen_accuracy == pytest.approx(accuracy)
     for key, value in net.state_dict().items():
         assert torch.equal(again.state_dict()[key], value)
 
@@ -123,7 +123,7 @@ def test_real_training_images_score_as_real_and_shuffled_labels_as_chance(quick_
     real = evaluate_mnist(images, labels, classifier=quick_classifier)
     assert real["num_samples"] == 1000 and real["fd_reference_count"] == 1000 and real["fd_held_out_count"] == 1000
     assert real["accuracy"] == pytest.approx(real["classifier_accuracy"], abs=0.02)
-    assert real["classifier_accuracy"] == pytest.approx(quick_classifier.test_accuracy)
+    assert real["classifier_accuracy"] == pytest.approx(quick_classifier.unseen_accuracy)
     # real images are as far from the held-out ones as other real images (within a few spreads)
     assert real["fd"] < real["fd_real_vs_real"] + 5 * real["fd_real_vs_real_std"] + 1e-9
     assert real["fd_train"] < real["fd"]  # they are part of the training split

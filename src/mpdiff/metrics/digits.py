@@ -59,7 +59,7 @@ class DigitClassifier(nn.Module):
         self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
         self.fc = nn.Linear(2 * width * 4 * 4, feature_dim)
         self.head = nn.Linear(feature_dim, num_classes)
-        self.test_accuracy = None   # Held-out accuracy recorded when it was trained.
+        self.unseen_accuracy = None   # Accuracy on images it never saw (the held-out split), recorded when trained.
         self.trained_now = False    # True if this call trained it, False if read from the cache.
         self.cache_path = None
 
@@ -117,7 +117,7 @@ def train_digit_classifier(seed=CLASSIFIER_SEED, epochs=_TRAIN_EPOCHS):
                 optimizer.step()
                 schedule.step()
     net.eval().requires_grad_(False)
-    net.test_accuracy = classifier_accuracy(net, digits["test_images"], digits["test_labels"])
+    net.unseen_accuracy = classifier_accuracy(net, digits["test_images"], digits["test_labels"])
     return net
 
 
@@ -156,11 +156,11 @@ def cached_classifier(path, build, train, fmt, version, what, accuracy_name, met
     start = time.perf_counter()
     net = train()
     seconds = time.perf_counter() - start
-    log.info("trained the %s classifier in %.1f s: %s %.2f%%", what, seconds, accuracy_name, 100 * net.test_accuracy)
+    log.info("trained the %s classifier in %.1f s: %s %.2f%%", what, seconds, accuracy_name, 100 * net.unseen_accuracy)
     net.trained_now = True
     net.cache_path = path
     try:
-        save_tensors(path, net.state_dict(), dict(format=fmt, version=version, accuracy=net.test_accuracy,
+        save_tensors(path, net.state_dict(), dict(format=fmt, version=version, accuracy=net.unseen_accuracy,
                                                   **metadata, train_seconds=round(seconds, 2)))
     except MpdiffError as e:
         log.warning("could not cache the %s classifier (it will be retrained next time): %s", what, e)
@@ -179,7 +179,7 @@ def _read_classifier(path, build, fmt, version, what):
     if not all(torch.isfinite(t).all() for t in tensors.values()):
         raise CheckpointError(f"{path}: weights contain non-finite values")
     net.eval().requires_grad_(False)
-    net.test_accuracy = float(meta.get("accuracy", float("nan")))
+    net.unseen_accuracy = float(meta.get("accuracy", float("nan")))
     return net
 
 

@@ -83,7 +83,8 @@ class MnistClassifier(nn.Module):
         self.fc = nn.Linear(4 * width * 4 * 4, feature_dim)
         self.head = nn.Linear(feature_dim, num_classes)
         self.dropout = dropout
-        self.test_accuracy = None   # Accuracy on the training split (unseen by it), recorded when trained.
+        self.unseen_accuracy = None   # Accuracy on images it never saw (the training split: it trains on the
+                                      # held-out split), recorded when trained.
         self.trained_now = False    # True if this call trained it, False if read from the cache.
         self.cache_path = None
 
@@ -122,7 +123,7 @@ def mnist_splits():
 
 def train_mnist_classifier(seed=CLASSIFIER_SEED, epochs=_TRAIN_EPOCHS):
     """Train an MnistClassifier on the held-out split only (CPU, one thread, deterministic); eval mode
-    on return, with `test_accuracy` measured on the 4,000 training-split images it never saw."""
+    on return, with `unseen_accuracy` measured on the 4,000 training-split images it never saw."""
     parts = mnist_splits()
     images = encode_images(torch.from_numpy(parts["test_images"]))
     labels = torch.from_numpy(parts["test_labels"])
@@ -143,7 +144,7 @@ def train_mnist_classifier(seed=CLASSIFIER_SEED, epochs=_TRAIN_EPOCHS):
                 schedule.step()
     net.eval().requires_grad_(False)
     _, predicted = classifier_outputs(net, parts["train_images"])
-    net.test_accuracy = float(np.mean(predicted == parts["train_labels"]))
+    net.unseen_accuracy = float(np.mean(predicted == parts["train_labels"]))
     return net
 
 
