@@ -61,8 +61,7 @@ MUTATIONS = [
              "c_noise = sigma.log().flatten() / 2", optional=NET),
     # ---- §1.2-1.3 loss and sigma sampling
     Mutation("loss-weight-square", "diffusion/loss.py", "/ (sigma * sigma_data) ** 2", "/ (sigma * sigma_data)"),
-    Mutation("loss-uncertainty-times-exp", "diffusion/loss.py", "(edm_weight(sigma, sigma_data) / logvar.exp())",
-             "(edm_weight(sigma, sigma_data) * logvar.exp())"),
+    Mutation("loss-uncertainty-times-exp", "diffusion/loss.py", "(weight / logvar.exp())", "(weight * logvar.exp())"),
     Mutation("loss-uncertainty-minus-u", "diffusion/loss.py", "(denoised - images) ** 2 + logvar",
              "(denoised - images) ** 2 - logvar"),
     Mutation("sigma-sampling-swapped", "diffusion/loss.py", "* P_std + P_mean).exp()", "* P_mean + P_std).exp()"),

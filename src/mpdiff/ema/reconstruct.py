@@ -335,8 +335,9 @@ def reconstruct(run_dir, sigma_rels, at_nimg=None, out_dir=None, batch_outputs=6
     """Post-hoc EMA: write network files for new profiles `sigma_rels` at time `at_nimg`; returns their paths.
 
     * Inputs are all snapshots with 0 < nimg <= at_nimg. `at_nimg` (images) defaults to the last snapshot
-      time; any integer time up to it is allowed, and then only the snapshots at or before it are used
-      (the profile ends at at_nimg, so later snapshots carry weights it must not see).
+      time and must be one of the snapshot times (:func:`select_inputs`: a profile ending between two
+      snapshots would need weights nobody saved); snapshots after it are not used (they carry weights the
+      profile must not see).
     * Targets are processed in passes of up to `batch_outputs`. A pass reads every input byte once, one
       tensor range from all inputs at a time, mixes all its targets with one float64 matmul per range and
       appends the results to the pass's output files, which are open for the whole pass. Memory is about
