@@ -32,10 +32,10 @@ from mpdiff.data.datasets import (
     CHUNK_FOLDERS_UNLABELLED,
     LABELS_FILE,
     MIN_RESOLUTION,
-    _is_latent_name,
-    _open_source,
     decode_image,
+    is_latent_name,
     labels_document,
+    open_source,
     probe_image,
     scan_source,
 )
@@ -95,10 +95,10 @@ def convert_dataset(src, dest, resolution=None, transform=None, *, progress=True
     src = os.fsdecode(os.fspath(src))
     dest = os.fsdecode(os.fspath(dest))
     _check_options(resolution, transform)
-    _check_destination(src, dest)  # before reading anything: a refused DEST costs nothing
-    with _open_source(src) as source:
+    check_destination(src, dest)  # before reading anything: a refused DEST costs nothing
+    with open_source(src) as source:
         scan = scan_source(source)
-        if _is_latent_name(scan.image_names[0]):
+        if is_latent_name(scan.image_names[0]):
             raise DatasetError(f"{source.shown}: holds latents (.npy files); convert takes images (mpdiff dataset "
                                f"encode makes latents from a converted image dataset)")
         shapes = _read_headers(source, scan.image_names, progress)
@@ -108,9 +108,9 @@ def convert_dataset(src, dest, resolution=None, transform=None, *, progress=True
         num_classes = scan.num_classes if scan.labels is not None else None
         files = _png_files(source, scan.image_names, resolution, transform, channels, progress)
         if dest.lower().endswith(".zip"):
-            _write_zip(dest, files, labels, num_classes)
+            write_zip(dest, files, labels, num_classes)
         else:
-            _write_folder(dest, files, labels, num_classes)
+            write_folder(dest, files, labels, num_classes)
     return Conversion(dest, len(shapes), resolution, channels, scan.num_classes if scan.labels is not None else 0,
                       scan.label_source)
 
@@ -177,7 +177,7 @@ def _check_options(resolution, transform):
         raise ConfigError(f"--transform must be one of {', '.join(TRANSFORMS)}, got {transform!r}")
 
 
-def _check_destination(src, dest, command="convert"):
+def check_destination(src, dest, command="convert"):
     """Refuse a DEST that exists and is not empty (or is not what its name says), or a folder DEST
     inside the source folder (its images would join the source's). `command` names the command in
     the messages (convert, encode)."""
@@ -284,7 +284,7 @@ def _png(image):
     return buffer.getvalue()
 
 
-def _write_zip(dest, files, labels, num_classes):
+def write_zip(dest, files, labels, num_classes):
     """A ZIP (stored entries: PNG is compressed already) written whole by atomic_write."""
     with atomic_write(dest) as out, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
         names = []
@@ -306,7 +306,7 @@ def _zip_entry(name):
     return info
 
 
-def _write_folder(dest, files, labels, num_classes):
+def write_folder(dest, files, labels, num_classes):
     """A folder written whole (:func:`~mpdiff.storage.files.folder_written_whole`)."""
     with folder_written_whole(dest) as partial:
         names = []

@@ -160,7 +160,7 @@ class StreamedImageDataset:
         self.ignored_files = tuple(ignored_files)
         self.progress = progress                # the default of load() (None: a bar above PROGRESS_MIN_IMAGES images)
         self._first_where = first_where or (self.image_name(0) if encoded else "")  # how messages name image 0
-        self.latent = bool(encoded) and _is_latent_name(self.image_name(0))  # .npy latents (a dataset never mixes)
+        self.latent = bool(encoded) and is_latent_name(self.image_name(0))  # .npy latents (a dataset never mixes)
         self._reset()
 
     def _reset(self):
@@ -243,7 +243,7 @@ class StreamedImageDataset:
         progress = self.progress if progress is None else progress
         names = [self.image_name(i) for i in range(len(self))]
         show = _show_bar(len(names), progress)
-        with _open_source(self.path) as source:
+        with open_source(self.path) as source:
             first_where, shape = _check_headers(source, names, show)  # nothing decoded or allocated yet
             _check_memory(source.shown, len(names), shape)
             images = _decode_all(source, names, first_where, shape, show)
@@ -255,7 +255,7 @@ class StreamedImageDataset:
         shape than the first image, transparent, too large, ...), in the order of the images.
         progress: a tqdm bar (True/False; None: above PROGRESS_MIN_IMAGES images)."""
         problems = []
-        with _open_source(self.path) as source, \
+        with open_source(self.path) as source, \
                 _bar(len(self), progress, f"Checking {source.shown}") as bar:
             for i in range(len(self)):
                 try:
@@ -282,7 +282,7 @@ class StreamedImageDataset:
         if source is None:
             with self._lock:
                 if self._source is None:
-                    self._source = _open_source(self.path).__enter__()
+                    self._source = open_source(self.path).__enter__()
                 source = self._source
         return source
 
@@ -371,7 +371,7 @@ def open_dataset(spec, use_labels=True, *, progress=None):
         ds = BUILTIN_DATASETS[spec]("train")
         return ds if use_labels else ImageDataset(ds.images, name=ds.name)
     path = os.fsdecode(os.fspath(spec))  # bytes paths too; undecodable bytes become surrogate escapes
-    with _open_source(path) as source:
+    with open_source(path) as source:
         found = scan_source(source, use_labels)  # labels first: a bad dataset.json fails before any image is read
         first = found.image_names[0]
         first_where = source.where(first)
@@ -411,7 +411,7 @@ class SourceScan(NamedTuple):
 
 
 def scan_source(source, use_labels=True):
-    """List the images of an open source (:func:`_open_source`) and read their labels, as described
+    """List the images of an open source (:func:`open_source`) and read their labels, as described
     in :func:`open_dataset`; nothing is decoded. Raises DatasetError when there is no image or the
     labels are unusable."""
     files = source.list_files()
@@ -421,7 +421,7 @@ def scan_source(source, use_labels=True):
         raise DatasetError(f"{source.shown}: no images found (searched recursively for "
                            f"{', '.join(IMAGE_EXTENSIONS + LATENT_EXTENSIONS)} files; other files ignored: "
                            f"{len(ignored)})")
-    latent = [_is_latent_name(name) for name in image_names]
+    latent = [is_latent_name(name) for name in image_names]
     if any(latent) and not all(latent):
         npy, image = image_names[latent.index(True)], image_names[latent.index(False)]
         raise DatasetError(f"{source.where(npy)} is a latent (.npy) but {source.where(image)} is an image; a "
@@ -822,7 +822,7 @@ def _refuse_transparent(transparent, where, detail, maybe=False):
 
 def probe_file(stream, where, name):
     """(channels, height, width) from the header of an image or, for a name ending in .npy, a latent."""
-    return probe_latent(stream, where) if _is_latent_name(name) else probe_image(stream, where)
+    return probe_latent(stream, where) if is_latent_name(name) else probe_image(stream, where)
 
 
 def probe_latent(stream, where):
@@ -958,7 +958,7 @@ def _decode_checked(source, name, first_where, shape):
         data = source.read(name)
     except KeyError:  # a ZIP opened again (another process) that no longer holds it
         raise DatasetError(f"{where}: not in the archive any more (it changed after the dataset was opened)") from None
-    array = decode_latent(data, where) if _is_latent_name(name) else decode_image(data, where)
+    array = decode_latent(data, where) if is_latent_name(name) else decode_image(data, where)
     if array.shape != shape:  # another size or channel count, or the file changed since its header was read
         _raise_shape_mismatch(array.shape, where, first_where, shape, source.path)
     return array
@@ -1022,13 +1022,13 @@ def _is_image_name(name):
     return _is_visible(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _is_latent_name(name):
+def is_latent_name(name):
     return _is_visible(name) and os.path.splitext(name)[1].lower() in LATENT_EXTENSIONS
 
 
 def _is_data_name(name):
     """An image or a latent file: what a dataset is made of."""
-    return _is_image_name(name) or _is_latent_name(name)
+    return _is_image_name(name) or is_latent_name(name)
 
 
 def _dataset_name(path):
@@ -1036,7 +1036,7 @@ def _dataset_name(path):
     return show_path(base[:-4] if base.lower().endswith(".zip") else base)  # printable: it goes into logs
 
 
-def _open_source(path):
+def open_source(path):
     if os.path.isdir(path):
         return _FolderSource(path)
     if not os.path.exists(path):

@@ -338,7 +338,7 @@ def encode_dataset(src, dest, vae, batch_size=ENCODE_BATCH, device="cpu", progre
     """
     from tqdm import tqdm
 
-    from mpdiff.data.convert import _check_destination, _write_folder, _write_zip
+    from mpdiff.data.convert import check_destination, write_folder, write_zip
     from mpdiff.data.datasets import MIN_RESOLUTION, open_dataset
 
     src, dest = os.fsdecode(os.fspath(src)), os.fsdecode(os.fspath(dest))
@@ -346,7 +346,7 @@ def encode_dataset(src, dest, vae, batch_size=ENCODE_BATCH, device="cpu", progre
         raise ConfigError(f"--batch must be a positive whole number, got {batch_size!r}")
     import_diffusers("mpdiff dataset encode")  # before any work: a missing package costs nothing
     check_vae_dir(vae)
-    _check_destination(src, dest, command="encode")
+    check_destination(src, dest, command="encode")
     ds = open_dataset(src, use_labels=True, progress=False)
     if getattr(ds, "latent", False):
         raise DatasetError(f"{show_path(src)}: holds latents (.npy files) already; encode takes images")
@@ -371,8 +371,8 @@ def encode_dataset(src, dest, vae, batch_size=ENCODE_BATCH, device="cpu", progre
                 bar.update(len(images))
 
     if dest.lower().endswith(".zip"):
-        _write_zip(dest, files(), labels, num_classes)
+        write_zip(dest, files(), labels, num_classes)
     else:
-        _write_folder(dest, files(), labels, num_classes)
+        write_folder(dest, files(), labels, num_classes)
     return Encoding(dest, len(ds), side, side // DOWNSAMPLING, ds.num_classes if ds.labels is not None else 0)
 

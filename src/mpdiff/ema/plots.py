@@ -9,7 +9,7 @@ from mpdiff.ema.profiles import (
     reconstructed_profile,
     solve_posthoc_coefficients,
 )
-from mpdiff.ema.reconstruct import _target_sigma_rels, select_inputs
+from mpdiff.ema.reconstruct import select_inputs, target_sigma_rels
 from mpdiff.ema.snapshots import list_snapshots
 from mpdiff.storage.files import atomic_write
 from mpdiff.storage.layout import RunLayout, run_dir_of
@@ -26,7 +26,7 @@ def plot_ema_profile(run_dir, sigma_rel, at_nimg=None, out_path=None, num_points
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    [sigma_rel] = _target_sigma_rels(sigma_rel)
+    [sigma_rel] = target_sigma_rels(sigma_rel)
     records = list_snapshots(run_dir)
     at_nimg, inputs = select_inputs(records, at_nimg)
     in_t = np.array([r.nimg for r in inputs], dtype=np.float64)

@@ -39,7 +39,7 @@ RECONSTRUCTION_KIND = "phema-reconstruction"
 # Post-hoc reconstruction.
 
 
-def _target_sigma_rels(sigma_rels):
+def target_sigma_rels(sigma_rels):
     values = [sigma_rels] if np.isscalar(sigma_rels) else list(sigma_rels)
     if not values:
         raise ConfigError("no target sigma_rel given")
@@ -80,7 +80,7 @@ def poorly_reconstructed(run_dir, sigma_rels, at_nimg=None):
     at_nimg, inputs = select_inputs(list_snapshots(run_dir), at_nimg)
     in_t, in_sigma = [r.nimg for r in inputs], [r.sigma_rel for r in inputs]
     out = []
-    for sigma_rel in _target_sigma_rels(sigma_rels):
+    for sigma_rel in target_sigma_rels(sigma_rels):
         _, rel_l2 = profile_reconstruction_error(in_t, in_sigma, at_nimg, sigma_rel)
         if not rel_l2 <= PROFILE_ERROR_WARNING:
             out.append((sigma_rel, rel_l2))
@@ -348,7 +348,7 @@ def reconstruct(run_dir, sigma_rels, at_nimg=None, out_dir=None, batch_outputs=6
     * Outputs ``phema-{nimg:012d}-{sigma_rel:.3f}.safetensors`` go to `out_dir` (default RUN_DIR/phema)
       as network files with kind "phema-reconstruction", the coefficients and the input names.
     """
-    targets = _target_sigma_rels(sigma_rels)
+    targets = target_sigma_rels(sigma_rels)
     if dtype not in STORAGE_DTYPES:
         raise ConfigError(f"output dtype {dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
     if int(batch_outputs) < 1:

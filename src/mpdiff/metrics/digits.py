@@ -76,7 +76,7 @@ class DigitClassifier(nn.Module):
 
 
 @contextlib.contextmanager
-def _deterministic_cpu(seed):
+def deterministic_cpu(seed):
     """Seed torch, force deterministic kernels and one thread; restore all of it afterwards."""
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     with torch.random.fork_rng(devices=[]), torch_threads(1):
@@ -100,7 +100,7 @@ def train_digit_classifier(seed=CLASSIFIER_SEED, epochs=_TRAIN_EPOCHS):
     images = encode_images(torch.from_numpy(digits["train_images"]))
     labels = torch.from_numpy(digits["train_labels"])
     steps_per_epoch = -(-len(images) // _TRAIN_BATCH)
-    with _deterministic_cpu(seed):
+    with deterministic_cpu(seed):
         net = DigitClassifier()
         generator = torch.Generator().manual_seed(seed)
         optimizer = torch.optim.Adam(net.parameters(), lr=_TRAIN_PEAK_LR)
@@ -238,7 +238,7 @@ def evaluate_digits(images, labels=None, classifier=None, seed=0):
     from mpdiff.data.digits import load_builtin_digits
 
     images = _check_digit_images(images)
-    labels = _check_digit_labels(labels, len(images))
+    labels = check_digit_labels(labels, len(images))
     classifier = classifier if classifier is not None else load_digit_classifier()
     digits = load_builtin_digits()
     train, held_out = digits["train_images"], digits["test_images"]
@@ -308,7 +308,7 @@ def _check_digit_images(images):
     return images
 
 
-def _check_digit_labels(labels, count):
+def check_digit_labels(labels, count):
     if labels is None:
         return None
     labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)

@@ -30,10 +30,10 @@ from mpdiff.data.pixels import encode_images
 from mpdiff.errors import MpdiffError
 from mpdiff.metrics.detectors import Detector
 from mpdiff.metrics.digits import (
-    _check_digit_labels,
-    _deterministic_cpu,
     cached_classifier,
+    check_digit_labels,
     default_cache_dir,
+    deterministic_cpu,
 )
 from mpdiff.metrics.frechet import feature_statistics, frechet_distance
 from mpdiff.threads import torch_threads
@@ -128,7 +128,7 @@ def train_mnist_classifier(seed=CLASSIFIER_SEED, epochs=_TRAIN_EPOCHS):
     images = encode_images(torch.from_numpy(parts["test_images"]))
     labels = torch.from_numpy(parts["test_labels"])
     steps_per_epoch = -(-len(images) // _TRAIN_BATCH)
-    with _deterministic_cpu(seed):
+    with deterministic_cpu(seed):
         net = MnistClassifier()
         generator = torch.Generator().manual_seed(seed)
         optimizer = torch.optim.Adam(net.parameters(), lr=_TRAIN_PEAK_LR)
@@ -231,7 +231,7 @@ def evaluate_mnist(images, labels=None, classifier=None, seed=0):
     `fd` with `fd_real_vs_real`, not with zero.
     """
     images = _check_mnist_images(images)
-    labels = _check_digit_labels(labels, len(images))
+    labels = check_digit_labels(labels, len(images))
     classifier = classifier if classifier is not None else load_mnist_classifier()
     parts = mnist_splits()
 

@@ -158,8 +158,8 @@ def _default_file_mode():
     return 0o666 & ~_current_umask()
 
 
-_UMASK = _current_umask()  # read once
-_FILE_MODE = 0o666 & ~_UMASK
+UMASK = _current_umask()  # read once
+_FILE_MODE = 0o666 & ~UMASK
 
 
 def _why(e):
@@ -282,7 +282,7 @@ def put_folder_in_place(partial, dest, replace_existing=False):
     (Linux renameat2) when `replace_existing`, and the old content removed; otherwise a rename, which
     replaces nothing but an empty folder. The parent directory is synced. Raises OSError.
     """
-    os.chmod(partial, 0o777 & ~_UMASK)
+    os.chmod(partial, 0o777 & ~UMASK)
     if replace_existing and os.path.isdir(dest) and os.listdir(dest):
         exchange_entries(partial, dest)  # atomic: the old folder or the new one, never a mix
         shutil.rmtree(partial)           # now holds the previous content

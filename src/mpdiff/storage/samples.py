@@ -23,6 +23,7 @@ import numpy as np
 from mpdiff.data.datasets import write_dataset_json
 from mpdiff.errors import ConfigError, MpdiffError
 from mpdiff.storage.files import (
+    UMASK,
     can_exchange_entries,
     destination_stat,
     folder_written_whole,
@@ -32,7 +33,6 @@ from mpdiff.storage.files import (
     write_destination,
     write_json,
 )
-from mpdiff.storage.files import _UMASK
 from mpdiff.storage.images import class_grid, save_grid, save_png
 
 _SAMPLE_NAME = re.compile(r"\d{6,}\.png|dataset\.json")
@@ -139,7 +139,7 @@ class StreamingSampleFolder:
                     shutil.rmtree(entry.path, ignore_errors=True)
             staging = tempfile.mkdtemp(prefix=os.path.basename(self.partial) + ".", dir=parent)
             write_json(os.path.join(staging, MANIFEST), self.manifest)
-            os.chmod(staging, 0o777 & ~_UMASK)
+            os.chmod(staging, 0o777 & ~UMASK)
             os.rename(staging, self.partial)  # never visible without its manifest
         elif not os.path.isdir(self.partial) or os.path.islink(self.partial):
             raise MpdiffError(f"{show_path(self.partial)}: in the way of generation (not a folder); remove it")

@@ -28,12 +28,12 @@ from mpdiff.train.feed import StepPlan, images_of, make_feed
 from mpdiff.train.precision import apply_precision_policy
 from mpdiff.train.report import IntervalStats, RunReport
 from mpdiff.train.run import (
-    _with_micro,
     check_existing_run,
     encoder_of,
     resolve_run,
     settle_micro_batch,
     summary_lines,
+    with_micro,
     write_run_config,
 )
 from mpdiff.train.state import TrainState
@@ -296,7 +296,7 @@ def train(preset="digits", run=None, network=None, training=None, cadence=None):
             resolved, micro_note = settle_micro_batch(resolved)
             if dist.active:  # every process takes the smallest micro-batch any of them chose
                 micro = dist.all_min(resolved.run.batch_gpu or resolved.training.batch)
-                resolved = _with_micro(resolved, micro)
+                resolved = with_micro(resolved, micro)
             check_existing_run(resolved)
             trainer = Trainer(resolved, dataset, micro_note, dist=dist)  # options refused here write nothing
             if dist.rank == 0:

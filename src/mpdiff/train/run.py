@@ -179,7 +179,7 @@ def settle_micro_batch(resolved):
         section = existing.get("run") if isinstance(existing, dict) else None
         chosen = section.get("batch_gpu") if isinstance(section, dict) else None
         if isinstance(chosen, int) and not isinstance(chosen, bool) and chosen > 0 and batch % chosen == 0:
-            return _with_micro(resolved, chosen), f"micro-batch {chosen} (chosen when this run started)"
+            return with_micro(resolved, chosen), f"micro-batch {chosen} (chosen when this run started)"
         return resolved, f"micro-batch {batch} (the whole batch)"
     if not str(run.device).startswith("cpu"):
         return resolved, f"micro-batch {batch} (the whole batch on {run.device}; --batch-gpu to limit memory)"
@@ -191,10 +191,10 @@ def settle_micro_batch(resolved):
            else f"the largest divisor of {batch} within the {budget / 2**30:.3g} GiB budget")
     note = (f"micro-batch {micro}: {per_image / 2**20:.3g} MiB of activations per image (measured), "
             f"about {estimate / 2**20:,.0f} MiB per micro-batch; {why}; --batch-gpu to choose")
-    return _with_micro(resolved, micro), note
+    return with_micro(resolved, micro), note
 
 
-def _with_micro(resolved, micro):
+def with_micro(resolved, micro):
     return dataclasses.replace(resolved, run=resolved.run.replace(batch_gpu=micro))
 
 

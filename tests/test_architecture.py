@@ -1,0 +1,23 @@
+"""How the package is put together (docs/ARCHITECTURE.md): checked on the source, not on behaviour."""
+
+import ast
+import pathlib
+
+SRC = pathlib.Path(__file__).resolve().parent.parent / "src" / "mpdiff"
+
+
+def _imports_from_mpdiff(path):
+    """(line, module, name) of every `from mpdiff... import name` in a file, function-local ones included."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "mpdiff":
+            for alias in node.names:
+                yield node.lineno, node.module, alias.name
+
+
+def test_no_module_imports_a_private_name_of_another():
+    # A name with a leading underscore is its module's own business; what another module needs is public.
+    crossings = [f"{path.relative_to(SRC.parent)}:{line}: {name} from {module}"
+                 for path in sorted(SRC.rglob("*.py")) for line, module, name in _imports_from_mpdiff(path)
+                 if name.startswith("_")]
+    assert crossings == []
+    assert sum(1 for _ in SRC.rglob("*.py")) > 50  # the walk saw the package
