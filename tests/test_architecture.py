@@ -21,3 +21,18 @@ def test_no_module_imports_a_private_name_of_another():
                  if name.startswith("_")]
     assert crossings == []
     assert sum(1 for _ in SRC.rglob("*.py")) > 50  # the walk saw the package
+
+
+def test_the_configuration_imports_nothing_above_it():
+    # config is the bottom layer (docs/ARCHITECTURE.md): it owns the choice lists and value checks that
+    # the layers above import, so it needs none of them (it imported diffusion, nn and ema before).
+    imported = {module for _, module, _ in _imports_from_mpdiff(SRC / "config.py")}
+    assert imported <= {"mpdiff.errors"}, sorted(imported)
+
+
+def test_the_choice_lists_of_the_configuration_are_the_implemented_ones():
+    from mpdiff.config import LADDER_CONFIGS, SAMPLER_NAMES
+    from mpdiff.diffusion.samplers import SAMPLERS
+    from mpdiff.nn.ladder import LADDER
+
+    assert tuple(SAMPLERS) == SAMPLER_NAMES and tuple(LADDER) == LADDER_CONFIGS

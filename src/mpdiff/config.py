@@ -19,6 +19,8 @@ import typing
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import numpy as np
+
 from mpdiff.errors import ConfigError
 
 KIB = 2 ** 10  # images; "Ki" in the paper and CLI
@@ -246,10 +248,9 @@ class SamplingConfig(_Config):
 
     def check(self):
         """Refuse values no sampler can use, naming the field."""
-        from mpdiff.diffusion.samplers import SAMPLERS
-
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"{{sampler}} {self.sampler!r} is not one of {', '.join(SAMPLERS)}", fields=("sampler",))
+        if self.sampler not in SAMPLER_NAMES:
+            raise ConfigError(f"{{sampler}} {self.sampler!r} is not one of {', '.join(SAMPLER_NAMES)}",
+                              fields=("sampler",))
         if self.num_steps < 1 or self.batch_size < 1:
             raise ConfigError("{num_steps} and {batch_size} must be at least 1", fields=("num_steps", "batch_size"))
         finite = {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "rho": self.rho,
@@ -375,14 +376,52 @@ def validate_run(network, training, cadence, run, resolution=None):
     if network.model_channels < 1:
         raise ConfigError(f"{{model_channels}} must be positive, got {network.model_channels}",
                           fields=("model_channels",))
-    from mpdiff.nn.ladder import ladder_flags
-    ladder_flags(network.config)  # ConfigError naming {config} unless it is one of A-G
+    if network.config not in LADDER_CONFIGS:
+        raise ConfigError(f"{{config}} {str(network.config)[:20]!r} is not an ablation-ladder config; expected one of "
+                          f"{', '.join(LADDER_CONFIGS)} (SPEC §4)", fields=("config",))
     if training.ema_halflife_img is not None and not training.ema_halflife_img > 0:
         raise ConfigError(f"{{ema_halflife_img}} must be a positive number of images, got "
                           f"{training.ema_halflife_img}", fields=("ema_halflife_img",))
     check_device(run.device, field="device")
-    from mpdiff.ema.profiles import check_named_sigma_rels
     check_named_sigma_rels(training.ema_sigma_rels, field="ema_sigma_rels")
+
+
+# ---- choices and value checks that the configuration owns (the modules that use them import them) ----
+
+SAMPLER_NAMES = ("euler", "heun")             # mpdiff.diffusion.samplers.SAMPLERS, in this order
+LADDER_CONFIGS = ("A", "B", "C", "D", "E", "F", "G")  # the ablation ladder (SPEC §4; mpdiff.nn.ladder)
+SIGMA_REL_NAMED_MIN = 0.001  # the smallest EMA length that file names (3 decimals) tell apart from 0
+SIGMA_REL_MAX = 12 ** -0.5  # gamma -> 0 (uniform profile); the open upper end of the valid range (Eq. 123)
+
+
+def check_sigma_rels(sigma_rel, field=None):
+    """`sigma_rel` as a float64 array after checking every value lies in (0, SIGMA_REL_MAX).
+
+    `field` names the config field the values came from, for the error message."""
+    sigma_rel = np.asarray(sigma_rel, dtype=np.float64)
+    bad = ~((sigma_rel > 0) & (sigma_rel < SIGMA_REL_MAX))
+    if np.any(bad):
+        value = sigma_rel[bad].flat[0]
+        where = "{%s}: " % field if field else ""
+        raise ConfigError(f"{where}sigma_rel {value:g} is outside the valid range (0, {SIGMA_REL_MAX:.4f}) "
+                          f"of the power-function EMA", fields=(field,) if field else ())
+    return sigma_rel
+
+
+def check_named_sigma_rels(values, field=None):
+    """Like :func:`check_sigma_rels`, for EMA lengths that name files: at least 0.001, distinct in 3 decimals."""
+    values = check_sigma_rels(values, field)
+    where, fields = ("{%s}: " % field, (field,)) if field else ("", ())
+    small = values[values < SIGMA_REL_NAMED_MIN]
+    if small.size:
+        raise ConfigError(f"{where}sigma_rel {small.flat[0]:g} is below {SIGMA_REL_NAMED_MIN}, the smallest EMA "
+                          f"length that file names (3 decimals) can carry", fields=fields)
+    names = sorted(f"{v:.3f}" for v in values.flat)
+    for a, b in zip(names, names[1:]):
+        if a == b:  # two profiles would write the same file names
+            raise ConfigError(f"{where}two EMA lengths round to {a}; file names keep 3 decimals, so they must "
+                              f"differ in them", fields=fields)
+    return values
 
 
 def check_device(name, field=None):

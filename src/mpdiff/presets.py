@@ -4,7 +4,7 @@ Names follow NVIDIA's release (`edm2-img512-s`, ...). The command line, `mpdiff 
 and the docs all read :data:`PRESETS`; the dataclasses they are made of live in :mod:`mpdiff.config`.
 """
 
-from mpdiff.config import KIB, MIB, Cadence, NetworkConfig, Preset, TrainingConfig
+from mpdiff.config import KIB, LADDER_CONFIGS, MIB, Cadence, NetworkConfig, Preset, TrainingConfig
 from mpdiff.errors import ConfigError
 
 # The paper's runs: a stats row every 128 Ki images, EMA snapshots every 8 Mi (4096 steps at batch
@@ -166,7 +166,6 @@ DEFAULT_PRESET = DIGITS.name
 
 # ---- the ablation ladder (SPEC §4.2): each config's recipe, relative to a preset made for config G
 
-LADDER_CONFIGS = ("A", "B", "C", "D", "E", "F", "G")
 # alpha_ref of A-C over that of D-G in the paper (1e-4 and 2e-4 against 1e-2): before weight
 # normalisation (D) the weights are ~sqrt(fan_in) smaller, so the same relative step needs a smaller
 # learning rate. Applied as a ratio, so the ladder keeps the preset's own alpha_ref for D-G.

@@ -9,43 +9,11 @@ import math
 
 import numpy as np
 
+from mpdiff.config import check_sigma_rels
 from mpdiff.errors import ConfigError
-
-SIGMA_REL_NAMED_MIN = 0.001  # the smallest EMA length that file names (3 decimals) tell apart from 0
-SIGMA_REL_MAX = 12 ** -0.5  # gamma -> 0 (uniform profile); the open upper end of the valid range (Eq. 123)
 
 # ------------------------------------------------------------------------------------------------
 # Profile math (pure, float64).
-
-
-def check_sigma_rels(sigma_rel, field=None):
-    """`sigma_rel` as a float64 array after checking every value lies in (0, SIGMA_REL_MAX).
-
-    `field` names the config field the values came from, for the error message."""
-    sigma_rel = np.asarray(sigma_rel, dtype=np.float64)
-    bad = ~((sigma_rel > 0) & (sigma_rel < SIGMA_REL_MAX))
-    if np.any(bad):
-        value = sigma_rel[bad].flat[0]
-        where = "{%s}: " % field if field else ""
-        raise ConfigError(f"{where}sigma_rel {value:g} is outside the valid range (0, {SIGMA_REL_MAX:.4f}) "
-                          f"of the power-function EMA", fields=(field,) if field else ())
-    return sigma_rel
-
-
-def check_named_sigma_rels(values, field=None):
-    """Like :func:`check_sigma_rels`, for EMA lengths that name files: at least 0.001, distinct in 3 decimals."""
-    values = check_sigma_rels(values, field)
-    where, fields = ("{%s}: " % field, (field,)) if field else ("", ())
-    small = values[values < SIGMA_REL_NAMED_MIN]
-    if small.size:
-        raise ConfigError(f"{where}sigma_rel {small.flat[0]:g} is below {SIGMA_REL_NAMED_MIN}, the smallest EMA "
-                          f"length that file names (3 decimals) can carry", fields=fields)
-    names = sorted(f"{v:.3f}" for v in values.flat)
-    for a, b in zip(names, names[1:]):
-        if a == b:  # two profiles would write the same file names
-            raise ConfigError(f"{where}two EMA lengths round to {a}; file names keep 3 decimals, so they must "
-                              f"differ in them", fields=fields)
-    return values
 
 
 def sigma_rel_to_gamma(sigma_rel):

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mpdiff.config import STORAGE_DTYPES
-from mpdiff.ema.profiles import check_named_sigma_rels, profile_reconstruction_error, solve_posthoc_coefficients
+from mpdiff.config import STORAGE_DTYPES, check_named_sigma_rels
+from mpdiff.ema.profiles import profile_reconstruction_error, solve_posthoc_coefficients
 from mpdiff.ema.snapshots import list_snapshots
 from mpdiff.errors import CheckpointError, ConfigError, first_line
 from mpdiff.storage.files import atomic_write

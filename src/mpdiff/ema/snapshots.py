@@ -10,7 +10,7 @@ import os
 from typing import Optional
 
 from mpdiff.config import NetworkConfig
-from mpdiff.ema.profiles import SIGMA_REL_MAX, check_sigma_rels
+from mpdiff.config import SIGMA_REL_MAX, check_sigma_rels
 from mpdiff.errors import CheckpointError, NumericalError, first_line
 from mpdiff.storage.layout import parse_snapshot_name, snapshot_dir_of, snapshot_name
 from mpdiff.storage.network_files import NETWORK_FORMAT, save_network
