@@ -47,3 +47,18 @@ def first_line(error, limit=200):
     """The first line of an exception's message (or its type name), cut to `limit` characters."""
     lines = str(error).strip().splitlines()
     return lines[0][:limit] if lines else type(error).__name__
+
+
+def printable(text):
+    """`text` with undecodable bytes (surrogate escapes), lone surrogates and control characters escaped."""
+    if text.isprintable():
+        return text
+    out = []
+    for c in text:
+        if "\udc80" <= c <= "\udcff":          # a byte os.fsdecode could not decode
+            out.append(f"\\x{ord(c) - 0xdc00:02x}")
+        elif c.isprintable() and not "\ud800" <= c <= "\udfff":
+            out.append(c)
+        else:
+            out.append(repr(c)[1:-1])
+    return "".join(out)

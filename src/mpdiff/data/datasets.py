@@ -36,8 +36,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from mpdiff.budgets import memory_limit
 from mpdiff.errors import DatasetError, first_line
-from mpdiff.storage.files import memory_limit, open_regular, show_path
+from mpdiff.storage.files import open_regular, show_path
 
 LABELS_FILE = "dataset.json"           # EDM2 label file, at the dataset root only
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")  # matched case-insensitively

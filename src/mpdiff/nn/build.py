@@ -2,6 +2,7 @@
 
 import torch
 
+from mpdiff.budgets import memory_limit
 from mpdiff.config import NetworkConfig
 from mpdiff.errors import CheckpointError
 from mpdiff.nn.precond import Precond
@@ -52,8 +53,6 @@ MAX_NETWORK_BYTES_ENV = "MPDIFF_MAX_NETWORK_BYTES"
 def check_network_memory(expected, context):
     """Refuse, before anything is allocated, a network (a meta-device state_dict) larger than the memory
     budget: a small file can describe a huge network (e.g. expanded, stride-0 tensors in a .pt)."""
-    from mpdiff.storage.files import memory_limit
-
     need = sum(t.numel() * 4 for t in expected.values())  # float32 weights
     limit, origin = memory_limit(MAX_NETWORK_BYTES_ENV, error=CheckpointError)
     if limit is not None and need > limit:

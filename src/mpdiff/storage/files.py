@@ -25,61 +25,17 @@ import shutil
 import stat
 import tempfile
 
-from mpdiff.errors import MpdiffError, first_line
+from mpdiff.errors import MpdiffError, first_line, printable
 
 JSON_MAX_BYTES = 64 * 2 ** 20           # config.json, stats.jsonl and friends: far above any real one
 _KINDS = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
-def physical_memory():
-    """Bytes of physical memory, or None when the system cannot tell."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
-    return total if total > 0 else None
-
-
-def memory_limit(env_var, error=MpdiffError):
-    """(bytes or None, where it comes from): $env_var when set, else half of physical memory.
-
-    The budget for one thing built from a file (a dataset's pixels, a network's weights): checked
-    from headers and shapes before anything is allocated."""
-    text = os.environ.get(env_var)
-    if text is not None and text.strip():
-        try:
-            limit = int(text.strip().replace("_", ""))
-        except ValueError:
-            limit = -1
-        if limit < 0:
-            raise error(f"{env_var}: expected a whole number of bytes, got '{printable(text[:40])}'")
-        return limit, f"set by {env_var}"
-    physical = physical_memory()
-    if physical is None:
-        return None, "unknown"
-    return physical // 2, f"half of this machine's {physical / 2 ** 30:.1f} GiB of memory; set {env_var} to change it"
-
-
 def show_path(path):
     """A path as it may appear in a one-line message: undecodable bytes and control characters escaped."""
     text = os.fsdecode(path) if isinstance(path, bytes) else os.fspath(path)
     return printable(text)
-
-
-def printable(text):
-    """`text` with undecodable bytes (surrogate escapes), lone surrogates and control characters escaped."""
-    if text.isprintable():
-        return text
-    out = []
-    for c in text:
-        if "\udc80" <= c <= "\udcff":          # a byte os.fsdecode could not decode
-            out.append(f"\\x{ord(c) - 0xdc00:02x}")
-        elif c.isprintable() and not "\ud800" <= c <= "\udfff":
-            out.append(c)
-        else:
-            out.append(repr(c)[1:-1])
-    return "".join(out)
 
 
 def kind_of(mode):

@@ -134,7 +134,7 @@ def activation_bytes_per_image(network):
 
 def micro_batch_budget():
     """Working-memory bytes the default CPU micro-batch aims for: 2 GiB, or 1/8 of the RAM if less."""
-    from mpdiff.storage.files import physical_memory
+    from mpdiff.budgets import physical_memory
 
     ram = physical_memory()
     return MICRO_BATCH_BUDGET if ram is None else min(MICRO_BATCH_BUDGET, ram // MICRO_BATCH_RAM_SHARE)
