@@ -55,3 +55,14 @@ def test_the_choice_lists_of_the_configuration_are_the_implemented_ones():
     from mpdiff.nn.ladder import LADDER
 
     assert tuple(SAMPLERS) == SAMPLER_NAMES and tuple(LADDER) == LADDER_CONFIGS
+
+
+def test_storage_imports_nothing_of_the_layers_that_use_it():
+    # storage reads and writes files for data, nn, train and the rest (it loads a network file, so it
+    # builds networks: nn is below it); it never imports data, diffusion, ema, metrics, train or the
+    # command line. Before, storage.samples wrote dataset.json through data.datasets (a circle:
+    # data imports storage).
+    allowed = {"storage", "nn", "config", "presets", "errors", "budgets"}
+    upward = [f"{path.relative_to(SRC.parent)}:{line}: {module}" for path in sorted((SRC / "storage").rglob("*.py"))
+              for line, module, _ in _imports_from_mpdiff(path) if _package_of(module) not in allowed]
+    assert upward == []

@@ -16,10 +16,10 @@ from mpdiff.data.datasets import (
     decode_image,
     load_dataset,
     open_dataset,
-    write_dataset_json,
 )
 from mpdiff.data.digits import load_builtin_digits
 from mpdiff.errors import DatasetError
+from mpdiff.storage.dataset_json import write_dataset_json
 
 # ---- helpers ---------------------------------------------------------------------------------
 

@@ -20,9 +20,9 @@ from mpdiff.data.datasets import (
     decode_image,
     load_dataset,
     open_dataset,
-    write_dataset_json,
 )
 from mpdiff.errors import DatasetError
+from mpdiff.storage.dataset_json import write_dataset_json
 
 # Deterministic (derandomize) and small: the file runs in a few seconds. No deadline: a slow
 # example is not a failure; a hang would show as the test never finishing.

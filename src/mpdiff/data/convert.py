@@ -30,16 +30,15 @@ import numpy as np
 
 from mpdiff.data.datasets import (
     CHUNK_FOLDERS_UNLABELLED,
-    LABELS_FILE,
     MIN_RESOLUTION,
     decode_image,
     is_latent_name,
-    labels_document,
     open_source,
     probe_image,
     scan_source,
 )
 from mpdiff.errors import ConfigError, DatasetError
+from mpdiff.storage.dataset_json import LABELS_FILE, labels_document
 from mpdiff.storage.files import (
     atomic_write,
     destination_stat,

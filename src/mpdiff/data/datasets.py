@@ -38,9 +38,9 @@ import torch
 
 from mpdiff.budgets import memory_limit
 from mpdiff.errors import DatasetError, first_line
+from mpdiff.storage.dataset_json import LABELS_FILE
 from mpdiff.storage.files import open_regular, show_path
 
-LABELS_FILE = "dataset.json"           # EDM2 label file, at the dataset root only
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")  # matched case-insensitively
 LATENT_EXTENSIONS = (".npy",)          # latents: float32 [LATENT_DATA_CHANNELS, R, R] per file (SPEC §7.1)
 LATENT_DATA_CHANNELS = 8               # the VAE encoder's 4 means, then its 4 standard deviations
@@ -484,45 +484,6 @@ def _count(number, noun):
 def one_hot(class_ids, num_classes):
     """Float32 one-hot rows [N, num_classes] for integer class ids (a tensor or a list)."""
     return torch.nn.functional.one_hot(torch.as_tensor(class_ids), num_classes).to(torch.float32)
-
-
-def write_dataset_json(directory, entries, num_classes=None):
-    """Write EDM2-style `dataset.json` into `directory` (atomically); return its path.
-
-    entries: (relative posix path, class int or None) per image. All None -> `"labels": null`;
-    mixing None and classes is a caller error. `num_classes` is written when labels exist.
-    """
-    from mpdiff.storage.files import write_json
-
-    out = os.path.join(os.fspath(directory), LABELS_FILE)
-    write_json(out, labels_document(entries, num_classes))
-    return out
-
-
-def labels_document(entries, num_classes=None):
-    """The EDM2 `dataset.json` document (a dict) for `entries`, as :func:`write_dataset_json` writes it."""
-    entries = [(path, cls) for path, cls in entries]
-    seen = set()
-    for path, cls in entries:
-        if not isinstance(path, str) or not path or "\\" in path or path.startswith("/"):
-            raise ValueError(f"dataset entry path must be a relative posix path, got {path!r}")
-        if path in seen:
-            raise ValueError(f"dataset entry {path!r} appears twice")
-        seen.add(path)
-        if cls is not None and (isinstance(cls, bool) or not isinstance(cls, (int, np.integer)) or cls < 0):
-            raise ValueError(f"class of {path!r} must be a non-negative int or None, got {cls!r}")
-    classes = [cls for _, cls in entries]
-    if all(cls is None for cls in classes):
-        doc = {"labels": None}
-    elif any(cls is None for cls in classes):
-        raise ValueError("either every entry has a class or none has")
-    else:
-        doc = {"labels": [[path, int(cls)] for path, cls in entries]}
-        if num_classes is not None:
-            if int(num_classes) <= max(classes):
-                raise ValueError(f"num_classes={num_classes} but the largest class is {max(classes)}")
-            doc["num_classes"] = int(num_classes)
-    return doc
 
 
 # ---- labels ----------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ import tempfile
 
 import numpy as np
 
-from mpdiff.data.datasets import write_dataset_json
 from mpdiff.errors import ConfigError, MpdiffError
+from mpdiff.storage.dataset_json import write_dataset_json
 from mpdiff.storage.files import (
     UMASK,
     can_exchange_entries,
