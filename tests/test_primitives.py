@@ -159,6 +159,10 @@ def test_mpconv_follows_every_change_of_its_weights_and_caches_only_inside_froze
             layer(x)
             assert len(layer._fixed) == 2
         assert layer._fixed is None
+    # With autograd on, even inside the scope, the weight keeps its gradient path (nothing cached is used).
+    with frozen_weights(layer):
+        layer(x, gain=gain).sum().backward()
+    assert layer.weight.grad is not None and gain.grad is not None
     # Eval mode leaves the stored weight untouched (EMA weights are re-normalized on use).
     before = layer.weight.detach().clone()
     with torch.no_grad():

@@ -272,8 +272,10 @@ class MPConv(nn.Module):
     def forward(self, x: torch.Tensor, gain: Union[float, torch.Tensor] = 1) -> torch.Tensor:
         if self.training and self.forced and not (_FORCED_BEFORE_THE_CALL[0] and torch.compiler.is_compiling()):
             self.force_weight_norm()
-        if self._fixed is None or self.training or torch.compiler.is_compiling():
-            w = self.effective_weight(gain, x.dtype)  # compiled: the normalisation is part of the graph
+        if self._fixed is None or self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            # Uncached: outside frozen_weights; with autograd (a cached weight carries no gradient path);
+            # compiled (the normalisation is part of the graph).
+            w = self.effective_weight(gain, x.dtype)
         else:
             w = self._fixed_weight(gain, x.dtype)
         if w.ndim == 2:  # fully connected

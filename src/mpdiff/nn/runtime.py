@@ -49,7 +49,8 @@ def precision_of(precision, *nets):
 @contextlib.contextmanager
 def frozen_weights(*nets):
     """Inside the block, every forced-WN layer of the modules `nets` computes its effective
-    weight normalize(W) * gain / sqrt(fan_in) once and reuses it: for sampling, where nothing changes
+    weight normalize(W) * gain / sqrt(fan_in) once and reuses it (calls with autograd on are not served from
+    it): for sampling, where nothing changes
     the weights (a write to a weight inside the block is not seen; outside it nothing is cached).
     Outputs are bit-identical to the uncached calls. Eval mode and no autograd only."""
     from mpdiff.nn.primitives import MPConv
