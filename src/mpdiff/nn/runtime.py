@@ -48,11 +48,11 @@ def precision_of(precision, *nets):
 
 @contextlib.contextmanager
 def frozen_weights(*nets):
-    """Inside the block, every forced-WN layer of the modules `nets` computes its effective
-    weight normalize(W) * gain / sqrt(fan_in) once and reuses it (calls with autograd on are not served from
-    it): for sampling, where nothing changes
-    the weights (a write to a weight inside the block is not seen; outside it nothing is cached).
-    Outputs are bit-identical to the uncached calls. Eval mode and no autograd only."""
+    """Inside the block, every forced-WN layer of the modules `nets` computes its effective weight
+    normalize(W) * gain / sqrt(fan_in) once and reuses it, for sampling, where nothing changes the
+    weights (a write to a weight inside the block is not seen; outside it nothing is cached). Calls in
+    training mode or with autograd on are never served from it. Outputs are bit-identical to the
+    uncached calls."""
     from mpdiff.nn.primitives import MPConv
 
     modules = [net for net in nets if isinstance(net, torch.nn.Module)]  # a compiled program: not ours to cache
