@@ -12,7 +12,8 @@ from conftest import pixels, png_bytes, run_cli, write_files
 
 from mpdiff.data import convert as convert_module
 from mpdiff.data.convert import convert_dataset, entry_name, transform_image
-from mpdiff.data.datasets import CHUNK_FOLDERS_UNLABELLED, load_dataset, open_dataset
+from mpdiff.data.datasets import load_dataset, open_dataset
+from mpdiff.data.labels import CHUNK_FOLDERS_UNLABELLED
 from mpdiff.errors import ConfigError, DatasetError
 
 
@@ -404,7 +405,7 @@ def test_an_imagenet_style_tree_converts_streamed_with_adm_crop(tmp_path, monkey
 
 def load_dataset_images(root, names):
     """Each file decoded as the dataset reader decodes it (any size)."""
-    from mpdiff.data.datasets import decode_image
+    from mpdiff.data.image_files import decode_image
     return [decode_image((root / name).read_bytes(), name) for name in names]
 
 

@@ -10,14 +10,9 @@ import pytest
 from conftest import pixels, png_bytes, write_files, write_zip
 from PIL import Image, ImageFile
 
-from mpdiff.data.datasets import (
-    MAX_IMAGE_PIXELS,
-    ImageDataset,
-    decode_image,
-    load_dataset,
-    open_dataset,
-)
+from mpdiff.data.datasets import ImageDataset, load_dataset, open_dataset
 from mpdiff.data.digits import load_builtin_digits
+from mpdiff.data.image_files import MAX_IMAGE_PIXELS, decode_image
 from mpdiff.errors import DatasetError
 from mpdiff.storage.dataset_json import write_dataset_json
 
@@ -277,7 +272,7 @@ def test_other_formats_are_not_decoded_even_with_image_extension(tmp_path):
 
 
 def test_mode_rules_for_wide_and_float_images():
-    from mpdiff.data.datasets import _to_array
+    from mpdiff.data.image_files import _to_array
 
     wide = Image.fromarray(np.array([[0, 65535], [257, 300]], dtype=np.int32), "I")  # 16-bit PNG in old Pillow
     assert _to_array(wide, "i.png")[0].tolist() == [[0, 255], [1, 1]]

@@ -26,13 +26,10 @@ import pytest
 from conftest import deadline, pixels, png_bytes, run_cli, write_files, write_zip
 from PIL import Image
 
-from mpdiff.data import datasets
-from mpdiff.data.datasets import (
-    decode_image,
-    load_dataset,
-    max_dataset_bytes,
-    open_dataset,
-)
+from mpdiff.data import reading, sources
+from mpdiff.data.datasets import load_dataset, open_dataset
+from mpdiff.data.image_files import decode_image
+from mpdiff.data.reading import max_dataset_bytes
 from mpdiff.errors import DatasetError
 
 RUN_ARGS = ["--duration", "256", "--batch", "256", "--channels", "8", "--no-progress"]
@@ -229,7 +226,7 @@ def bomb_png(side=8192):
 def refuse_decoding(monkeypatch):
     def decode(*args):
         raise AssertionError("an image was decoded")
-    monkeypatch.setattr(datasets, "decode_image", decode)
+    monkeypatch.setattr(reading, "decode_image", decode)
 
 
 def test_memory_is_estimated_from_headers_before_anything_is_decoded(tmp_path, monkeypatch):
@@ -293,12 +290,12 @@ def test_zip_entry_sizes_are_checked_from_the_directory_before_reading(tmp_path,
     real_open = zipfile.ZipFile.open
     monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, info, *a, **k: opened.append(info) or real_open(self, info, *a, **k))
     assert open_error(path) == (f"{path}/huge.png: file is 4,000,000,000 bytes, above the limit of "
-                                f"{datasets.MAX_FILE_BYTES:,} bytes")
+                                f"{sources.MAX_FILE_BYTES:,} bytes")
     assert "huge.png" not in [getattr(info, "filename", info) for info in opened]
 
 
 def test_file_sizes_are_checked_before_reading(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "MAX_FILE_BYTES", 4096)  # instead of writing 512 MiB
+    monkeypatch.setattr(sources, "MAX_FILE_BYTES", 4096)  # instead of writing 512 MiB
     files = {**good_images(2), "big.png": png_bytes(pixels(5, 64))}
     assert len(files["big.png"]) > 4096
     for container in ["dir", "zip"]:
@@ -325,7 +322,7 @@ def test_huge_sparse_dataset_json_is_refused_without_reading(tmp_path, monkeypat
     write_files(tmp_path, good_images(3))
     with open(tmp_path / "dataset.json", "wb") as f:
         f.truncate(400_000_000)  # 400 MB, sparse: costs nothing to make
-    monkeypatch.setattr(datasets, "parse_labels_json", lambda *a: pytest.fail("dataset.json was parsed"))
+    monkeypatch.setattr(reading, "parse_labels_json", lambda *a: pytest.fail("dataset.json was parsed"))
     assert open_error(tmp_path) == (f"{tmp_path}/dataset.json: file is 400,000,000 bytes, above the limit of "
                                     f"1,051,648 bytes for the dataset.json of a dataset of 3 images "
                                     f"(1 MiB + 1 KiB per image)")

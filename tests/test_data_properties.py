@@ -15,12 +15,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mpdiff.data.datasets import (
-    check_dataset,
-    decode_image,
-    load_dataset,
-    open_dataset,
-)
+from mpdiff.data.datasets import check_dataset, load_dataset, open_dataset
+from mpdiff.data.image_files import decode_image
 from mpdiff.errors import DatasetError
 from mpdiff.storage.dataset_json import write_dataset_json
 

@@ -19,7 +19,7 @@ import torch
 from conftest import pixels, png_bytes, run_cli, write_files, write_zip
 from PIL import Image
 
-from mpdiff.data import datasets
+from mpdiff.data import reading, sources
 from mpdiff.data.datasets import (
     ImageDataset,
     StreamedImageDataset,
@@ -27,6 +27,8 @@ from mpdiff.data.datasets import (
     load_dataset,
     open_dataset,
 )
+from mpdiff.data.labels import CHUNK_FOLDERS_UNLABELLED
+from mpdiff.data.shapes import convert_hint
 from mpdiff.errors import DatasetError
 
 
@@ -51,7 +53,7 @@ def labelled_files(count=7, size=8, channels=3):
 def counting(monkeypatch):
     """Count decode_image and probe_image calls, and record which files the sources open."""
     calls = {"decode": 0, "probe": 0, "opened": []}
-    real_decode, real_probe = datasets.decode_image, datasets.probe_image
+    real_decode, real_probe = reading.decode_image, reading.probe_image
 
     def decode(*args):
         calls["decode"] += 1
@@ -61,9 +63,9 @@ def counting(monkeypatch):
         calls["probe"] += 1
         return real_probe(*args)
 
-    monkeypatch.setattr(datasets, "decode_image", decode)
-    monkeypatch.setattr(datasets, "probe_image", probe)
-    for cls in (datasets._FolderSource, datasets._ZipSource):
+    monkeypatch.setattr(reading, "decode_image", decode)
+    monkeypatch.setattr(reading, "probe_image", probe)
+    for cls in (sources._FolderSource, sources._ZipSource):
         real_open = cls.open
         monkeypatch.setattr(cls, "open", lambda self, name, *a, _open=real_open, **k:
                             calls["opened"].append(name) or _open(self, name, *a, **k))
@@ -112,7 +114,7 @@ def test_a_file_of_another_shape_fails_when_read_with_the_old_message(tmp_path, 
     assert ds.read(0).shape == (3, 8, 8)
     assert one_line(lambda: ds.read(1)) == one_line(lambda: load_dataset(path)) == (
         f"{where(path, 'b.png')}: image is 16x16 pixels but {where(path, 'a.png')} is 8x8; all images must have the "
-        f"same size{datasets.convert_hint(os.fspath(path), [(3, 8, 8), (3, 16, 16)])}")
+        f"same size{convert_hint(os.fspath(path), [(3, 8, 8), (3, 16, 16)])}")
     assert one_line(lambda: ds.read(2)).startswith(f"{where(path, 'c.png')}: image is grayscale (1 channel) but "
                                                    f"{where(path, 'a.png')} is RGB (3 channels); all images must have")
 
@@ -281,7 +283,7 @@ def test_opening_a_zip_of_20000_images_allocates_no_pixel_array(tmp_path, monkey
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert len(ds) == count and ds.shape == (3, 64, 64) and ds.label_source == datasets.CHUNK_FOLDERS_UNLABELLED
+    assert len(ds) == count and ds.shape == (3, 64, 64) and ds.label_source == CHUNK_FOLDERS_UNLABELLED
     assert calls["decode"] == 0 and calls["probe"] == 1
     assert peak < bound, f"opening allocated {peak:,} bytes at its peak"
     np.testing.assert_array_equal(ds.read(count - 1)[:, 0, 0], [10, 200, 30])

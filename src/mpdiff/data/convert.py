@@ -28,15 +28,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mpdiff.data.datasets import (
-    CHUNK_FOLDERS_UNLABELLED,
-    MIN_RESOLUTION,
-    decode_image,
-    is_latent_name,
-    open_source,
-    probe_image,
-    scan_source,
-)
+from mpdiff.data.image_files import decode_image, probe_image
+from mpdiff.data.labels import CHUNK_FOLDERS_UNLABELLED
+from mpdiff.data.reading import scan_source
+from mpdiff.data.shapes import MIN_RESOLUTION
+from mpdiff.data.sources import is_latent_name, open_source
 from mpdiff.errors import ConfigError, DatasetError
 from mpdiff.storage.dataset_json import LABELS_FILE, labels_document
 from mpdiff.storage.files import (

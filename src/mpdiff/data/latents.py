@@ -339,7 +339,8 @@ def encode_dataset(src, dest, vae, batch_size=ENCODE_BATCH, device="cpu", progre
     from tqdm import tqdm
 
     from mpdiff.data.convert import check_destination, write_folder, write_zip
-    from mpdiff.data.datasets import MIN_RESOLUTION, open_dataset
+    from mpdiff.data.datasets import open_dataset
+    from mpdiff.data.shapes import MIN_RESOLUTION
 
     src, dest = os.fsdecode(os.fspath(src)), os.fsdecode(os.fspath(dest))
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

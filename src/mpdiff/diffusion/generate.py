@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mpdiff.config import SAMPLING
-from mpdiff.data.datasets import one_hot
+from mpdiff.data.labels import one_hot
 from mpdiff.diffusion.guidance import guided
 from mpdiff.diffusion.samplers import SAMPLERS
 from mpdiff.diffusion.schedules import edm_sigmas

@@ -1,5 +1,5 @@
 """EDM2's `dataset.json` as mpdiff writes it (sample folders, converted and encoded datasets).
-Reading it, with every check on what a user's file may hold, is mpdiff.data.datasets' job."""
+Reading it, with every check on what a user's file may hold, is mpdiff.data.labels' job."""
 
 import os
 

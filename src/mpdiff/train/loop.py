@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from mpdiff.data.datasets import one_hot
+from mpdiff.data.labels import one_hot
 from mpdiff.diffusion.generate import generate
 from mpdiff.ema.snapshots import save_ema_snapshots
 from mpdiff.distributed import Distributed

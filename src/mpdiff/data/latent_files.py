@@ -1,0 +1,99 @@
+"""Latent files (SPEC §7.1, §7.3): NumPy ``.npy`` files of float32 [8, R, R], read without trusting them.
+
+:func:`probe_latent` reads the shape from the header alone; :func:`decode_latent` reads the whole file,
+refusing pickled objects (never unpickled), another dtype or shape, damaged or trailing bytes,
+non-finite values and negative standard deviations. Every problem is one
+:class:`~mpdiff.errors.DatasetError` line naming the file.
+"""
+
+import contextlib
+
+import numpy as np
+
+from mpdiff.data.shapes import LATENT_DATA_CHANNELS, MIN_RESOLUTION
+from mpdiff.errors import DatasetError, first_line
+
+
+def probe_latent(stream, where):
+    """(8, R, R) of a latent .npy file from its header alone; DatasetError (one line naming the file) when
+    the header is damaged or does not describe a float32 [8, R, R] array (see :func:`decode_latent`)."""
+    with _latent_errors(where):
+        shape, dtype = _npy_header(stream)
+    _check_latent_header(shape, dtype, where)
+    return tuple(int(n) for n in shape)
+
+
+_NPY_HEADER_BYTES = 10000  # NumPy's own default limit on an .npy header
+
+
+def _npy_header(stream):
+    """(shape, dtype) from an .npy header (format versions 1.0 and 2.0, which NumPy writes for arrays
+    such as ours; 3.0 only adds UTF-8 field names, which a float32 array has none of)."""
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(stream, max_header_size=_NPY_HEADER_BYTES)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(stream, max_header_size=_NPY_HEADER_BYTES)
+    else:
+        raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported (1.0 or 2.0)")
+    return shape, dtype
+
+
+def decode_latent(data, where):
+    """One latent .npy file's bytes -> float32 [8, R, R] (native byte order), refusing anything doubtful:
+    not NumPy's .npy format, a damaged or truncated file, trailing bytes, pickled objects (never
+    unpickled: allow_pickle=False), another dtype than float32, another shape than [8, R, R] with R a
+    power of two >= MIN_RESOLUTION, non-finite values, or a negative standard deviation."""
+    import io
+
+    if len(data) == 0:
+        raise DatasetError(f"{where}: cannot read latent (empty file)")
+    stream = io.BytesIO(data)
+    with _latent_errors(where):
+        shape, dtype = _npy_header(stream)
+    _check_latent_header(shape, dtype, where)  # before reading any data: no object array is ever built
+    stream.seek(0)
+    with _latent_errors(where):
+        array = np.lib.format.read_array(stream, allow_pickle=False, max_header_size=_NPY_HEADER_BYTES)
+    if stream.tell() != len(data):
+        raise DatasetError(f"{where}: cannot read latent ({len(data) - stream.tell():,} bytes after the array; "
+                           f"the file is damaged)")
+    array = np.ascontiguousarray(array, dtype=np.float32)  # native byte order
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:
+        raise DatasetError(f"{where}: latent has {bad:,} non-finite values (NaN or infinity) of {array.size:,}")
+    half = LATENT_DATA_CHANNELS // 2
+    negative = int(np.count_nonzero(array[half:] < 0))
+    if negative:
+        raise DatasetError(f"{where}: latent has {negative:,} negative standard deviations (channels "
+                           f"{half}-{LATENT_DATA_CHANNELS - 1} hold the VAE's standard deviations)")
+    return array
+
+
+def _check_latent_header(shape, dtype, where):
+    if dtype.hasobject:
+        raise DatasetError(f"{where}: latent holds Python objects (a pickled array); refused, expected float32 "
+                           f"[{LATENT_DATA_CHANNELS}, R, R]")
+    if dtype.kind != "f" or dtype.itemsize != 4 or dtype.fields is not None or dtype.subdtype is not None:
+        raise DatasetError(f"{where}: latent is {dtype.str.lstrip('<>|=')} ({dtype.name}), expected float32 "
+                           f"[{LATENT_DATA_CHANNELS}, R, R] (the VAE's 4 means and 4 standard deviations)")
+    if len(shape) != 3 or shape[0] != LATENT_DATA_CHANNELS:
+        raise DatasetError(f"{where}: latent has shape {list(shape)}, expected [{LATENT_DATA_CHANNELS}, R, R] "
+                           f"(the VAE's 4 means and 4 standard deviations)")
+    _, height, width = shape
+    if height != width or width < MIN_RESOLUTION or width & (width - 1):
+        raise DatasetError(f"{where}: latent has shape {list(shape)}; its two sides must be equal, a power of two "
+                           f"of at least {MIN_RESOLUTION}")
+
+
+@contextlib.contextmanager
+def _latent_errors(where):
+    """Any exception of NumPy's .npy reader as one DatasetError line naming the file."""
+    try:
+        yield
+    except DatasetError:
+        raise
+    except MemoryError:
+        raise DatasetError(f"{where}: cannot read latent (out of memory while reading it)") from None
+    except Exception as e:  # ValueError (not .npy, bad header, pickled data, truncated), EOFError, OSError, ...
+        raise DatasetError(f"{where}: cannot read latent, not a valid .npy file ({first_line(e)})") from None
