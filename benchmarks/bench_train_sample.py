@@ -15,6 +15,7 @@ import time
 import torch
 
 from mpdiff import build_network, get_preset
+from mpdiff.nn.fast import accelerate
 from mpdiff.diffusion.generate import generate
 from mpdiff.diffusion.loss import edm2_loss
 from mpdiff.ema.trackers import PowerFunctionEMA
@@ -27,7 +28,7 @@ def sync(device):
 
 
 def bench_training(preset, device, steps, warmup=3):
-    net = build_network(preset.network, device=device).train()
+    net = accelerate(build_network(preset.network, device=device)).train()
     opt = make_optimizer(net.parameters())
     ema = PowerFunctionEMA(net)
     tc, cfg = preset.training, preset.network

@@ -4,7 +4,7 @@
                                 [--threads 2] [--out benchmarks/results/layout]
 
 Builds NVIDIA's network and two copies of ours with the same weights (benchmarks/vs_edm2.py's
-configurations): one with `UNet.pixel_major = False` (channel by channel, the layout on GPUs) and one
+configurations): one with `FastUNet.pixel_major = False` (channel by channel, the layout on GPUs) and one
 with `True` (channels-last, the default on the CPU). For fp32 and bf16, and for one evaluation
 (autograd off) and one training step (forward, backward, Adam), it times the three back to back in
 each round and reports the median over rounds of each round's ratio to NVIDIA's fp32 network, and

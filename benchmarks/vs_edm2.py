@@ -64,6 +64,7 @@ def build_pair(edm2, config, seed=0, device="cpu", nvidia_fp16=False):
     from training.networks_edm2 import Precond as NvidiaPrecond
 
     from mpdiff.nn.compat import load_edm2
+    from mpdiff.nn.fast import accelerate
 
     torch.manual_seed(seed)
     theirs = NvidiaPrecond(**config, use_fp16=nvidia_fp16)
@@ -71,7 +72,7 @@ def build_pair(edm2, config, seed=0, device="cpu", nvidia_fp16=False):
         for p in theirs.parameters():
             if p.ndim == 0:
                 p.copy_(torch.rand([]) * 0.3 + 0.2)
-    ours = load_edm2(theirs.state_dict())
+    ours = accelerate(load_edm2(theirs.state_dict()))  # the fast twin, as training and sampling run it
     return theirs.to(device), ours.to(device)
 
 

@@ -29,6 +29,7 @@ from mpdiff.ema.profiles import (
 from mpdiff.ema.trackers import PowerFunctionEMA, TraditionalEMA
 from mpdiff.metrics.frechet import feature_statistics, frechet_distance
 from mpdiff.nn.precond import Preconditioner, edm_coefficients
+from mpdiff.nn.fast import accelerate, fast_cosine_attention
 from mpdiff.nn.primitives import (
     FourierFeatures,
     MPConv,
@@ -302,13 +303,14 @@ def _attention_by_hand(qkv, heads):
     return out.reshape(n, c, h, w)
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["literal", "fast"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_cosine_attention_equals_the_formula_by_hand(layout):
+def test_cosine_attention_equals_the_formula_by_hand(layout, fast):
     generator = torch.Generator().manual_seed(3)
     qkv = torch.randn(2, 3 * 8, 2, 3, generator=generator) * 4  # 2 heads of 4 channels, 6 pixels
     if layout == "channels_last":
         qkv = qkv.contiguous(memory_format=torch.channels_last)
-    out = cosine_attention(qkv, num_heads=2)
+    out = (fast_cosine_attention if fast else cosine_attention)(qkv, num_heads=2)
     assert close(out, _attention_by_hand(qkv, 2), rel=1e-5, abs=1e-6)
 
 
@@ -683,15 +685,16 @@ def _digits_denoiser_by_hand(net, x, sigma, labels):
     return c_skip * x.double() + c_out * raw
 
 
-@pytest.mark.parametrize("pixel_major", [True, False])
+@pytest.mark.parametrize("pixel_major", [None, True, False], ids=["literal", "fast-channels-last", "fast"])
 def test_config_g_denoiser_equals_the_spec_by_hand(pixel_major):
-    net = _digits_net()
+    net = _digits_net() if pixel_major is None else accelerate(_digits_net())
     with torch.no_grad():  # distinct gains: a swapped gain would show
         net.unet.out_gain.fill_(0.7)
         for i, block in enumerate([*net.unet.enc.values(), *net.unet.dec.values()]):
             if getattr(block, "emb_gain", None) is not None:
                 block.emb_gain.fill_(0.2 + 0.05 * i)
-    net.unet.pixel_major = pixel_major
+    if pixel_major is not None:
+        net.unet.pixel_major = pixel_major
     x, sigma, labels = _digits_inputs()
     x = x * 1.5
     with torch.no_grad():

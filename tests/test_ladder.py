@@ -178,6 +178,28 @@ def test_a_is_adm_with_zero_initialised_final_layers_and_the_plain_edm_loss():
         assert torch.equal(edm2_loss(net, y, labels, sigma=sigma, noise=noise), edm_weight(s) * (D - y) ** 2)
 
 
+def test_config_a_is_one_network_whichever_way_it_is_asked_for():
+    """NetworkConfig(config='A') (G's field defaults, clip_act 256) and ladder_preset's A (clip_act None)
+    build the same network: the +-256 clamp is config G's (SPEC §4.9), so no A-F block clamps. Before,
+    the first clamped at 256 and the second did not: two networks named config A."""
+    from mpdiff.presets import ladder_preset
+
+    direct = tiny_config(config="A")
+    laddered = ladder_preset(dataclasses.replace(PRESETS["digits"], network=tiny_config()), "A").network
+    assert direct.clip_act == 256 and laddered.clip_act is None
+    nets = []
+    for config in (direct, laddered.replace(dropout=direct.dropout, attn_resolutions=direct.attn_resolutions)):
+        torch.manual_seed(0)
+        nets.append(build_network(config).eval())
+    assert all(b.clip_act is None for net in nets for b in net.unet.dec.values() if hasattr(b, "clip_act"))
+    x = torch.randn(2, direct.img_channels, direct.img_resolution, direct.img_resolution) * 1e4
+    sigma, labels = torch.full([2], 80.0), torch.eye(direct.label_dim)[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(nets[0](x, sigma, labels), nets[1](x, sigma, labels), rtol=0, atol=0)
+    g = build_network(tiny_config())
+    assert all(b.clip_act == 256 for b in g.unet.dec.values())
+
+
 def test_b_adds_only_the_uncertainty_head():
     nets = {}
     for config in "AB":

@@ -130,9 +130,11 @@ def test_mpconv_gradient_is_orthogonal_to_weight_rows():
 
 
 def test_mpconv_follows_every_change_of_its_weights_and_caches_only_inside_frozen_weights():
-    from mpdiff.nn.runtime import frozen_weights
+    from mpdiff.nn.fast import FastMPConv, accelerate, frozen_weights
 
-    layer = MPConv(16, 8, [3, 3])
+    assert not hasattr(MPConv(4, 4, [1, 1]), "fixed")  # the literal layer has no cache at all
+    layer = accelerate(MPConv(16, 8, [3, 3]))
+    assert type(layer) is FastMPConv
     gain = torch.nn.Parameter(torch.tensor(0.7))
     x = torch.randn(2, 16, 6, 6)
     layer.eval()
@@ -154,11 +156,11 @@ def test_mpconv_follows_every_change_of_its_weights_and_caches_only_inside_froze
     with torch.no_grad():
         plain = layer(x, gain=gain)
         with frozen_weights(layer):
-            assert torch.equal(layer(x, gain=gain), plain) and len(layer._fixed) == 1
-            assert torch.equal(layer(x, gain=gain), plain) and len(layer._fixed) == 1
+            assert torch.equal(layer(x, gain=gain), plain) and len(layer.fixed) == 1
+            assert torch.equal(layer(x, gain=gain), plain) and len(layer.fixed) == 1
             layer(x)
-            assert len(layer._fixed) == 2
-        assert layer._fixed is None
+            assert len(layer.fixed) == 2
+        assert layer.fixed is None
     # With autograd on, even inside the scope, the weight keeps its gradient path (nothing cached is used).
     with frozen_weights(layer):
         layer(x, gain=gain).sum().backward()

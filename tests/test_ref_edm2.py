@@ -22,7 +22,6 @@ Tolerances, with the differences measured when the fixtures were made (torch 2.1
   float32, NVIDIA in float64: relative 1e-7 (measured 3.2e-9).
 """
 
-import contextlib
 import json
 import pathlib
 
@@ -38,7 +37,7 @@ from mpdiff.diffusion.samplers import sample_heun
 from mpdiff.diffusion.schedules import edm_sigmas
 from mpdiff.ema import profiles
 from mpdiff.nn.compat import load_edm2
-from mpdiff.nn.primitives import literal_formulas
+from mpdiff.nn.fast import accelerate
 from mpdiff.train.optim import learning_rate, make_optimizer, set_learning_rate
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -93,15 +92,14 @@ def _check_outputs(net, t, which):
 @pytest.mark.parametrize("which", ["init", "trained"])
 def test_network_D_and_logvar_at_every_sigma(precond, which, literal):
     """NVIDIA's initial weights, and its weights after the four training steps, loaded by our converter:
-    D and u(sigma) at sigma 0.002 .. 80. `literal`: mpdiff's reference path (literal_formulas: the
-    per-head attention, the resampling convolution, config G's constants unfolded) instead of the fast one."""
+    D and u(sigma) at sigma 0.002 .. 80. `literal`: the network as built (the per-head attention, the
+    resampling convolution, config G's constants where they stand); else its fast twin (mpdiff.nn.fast)."""
     t, meta = precond
     gains = [v.item() for k, v in t.items() if k.startswith(which + ".") and v.ndim == 0]
     assert len(gains) == 11 and min(gains) >= 0.2  # nonzero gains: every branch contributes
     assert t["sigma"].min().item() == pytest.approx(0.002) and t["sigma"].max().item() == 80
     net = _network(t, which + ".", json.loads(meta["config"]))
-    with literal_formulas() if literal else contextlib.nullcontext():
-        _check_outputs(net, t, which)
+    _check_outputs(net if literal else accelerate(net), t, which)
 
 
 def test_replayed_adam_steps_give_nvidia_weights_and_outputs(precond):

@@ -2,7 +2,6 @@
 float32 islands the paper needs) and torch.compile (no graph breaks; the compiled graph computes the
 same function, forced weight normalisation included). Speed itself is measured in benchmarks/."""
 
-import contextlib
 import shutil
 
 import pytest
@@ -13,7 +12,10 @@ from conftest import randomized_network
 from mpdiff.diffusion.generate import generate, generate_to_folder
 from mpdiff.diffusion.loss import edm2_loss
 from mpdiff.errors import ConfigError
+from mpdiff.nn.fast import accelerate, fast_cosine_attention, fast_mp_cat, fast_resample, is_fast, literal, norm_across
+from mpdiff.nn.primitives import cosine_attention, mp_cat, resample
 from mpdiff.nn.runtime import compiled, precision_of, set_precision
+from mpdiff.nn.unet import Block
 
 
 # Networks smaller than tiny_config's for the compiler tests (compile time grows with the graph). SMALL
@@ -33,7 +35,7 @@ def inputs(n=4, label_dim=10):
 
 def block_inputs(net):
     """{block name: (module, its positional inputs)} from one training-mode forward."""
-    blocks = {n: m for n, m in net.named_modules() if type(m).__name__ == "Block"}
+    blocks = {n: m for n, m in net.named_modules() if isinstance(m, Block)}
     seen = {}
 
     def record(module, args, name):
@@ -51,7 +53,7 @@ def test_every_kind_of_block_traces_without_graph_breaks():
     # One of each kind: encoder, downsampling, attention, decoder with skip, upsampling; in training
     # (forced weight normalisation writes the weight in place) and in eval (the weight cache is not
     # consulted under compilation).
-    net = randomized_network(label_dim=10, **SMALL)
+    net = accelerate(randomized_network(label_dim=10, **SMALL))  # what training and sampling compile
     found = block_inputs(net)
     kinds = {}
     for name, (module, args) in found.items():
@@ -80,7 +82,8 @@ def test_every_kind_of_block_traces_without_graph_breaks():
 def test_compiled_network_computes_the_same_function_in_eval_and_training():
     # aot_eager runs the captured forward and backward graphs without generating kernels: any difference
     # would be a tracing error (a missed in-place weight update, a stale cache), not rounding.
-    eager, other = randomized_network(label_dim=10, **SMALL), randomized_network(label_dim=10, **SMALL)
+    # Both fast twins (compiled() compiles the fast twin): what is compared is tracing, not the rewrites.
+    eager, other = accelerate(randomized_network(label_dim=10, **SMALL)), randomized_network(label_dim=10, **SMALL)
     other.load_state_dict(eager.state_dict())
     fast = compiled(other, backend="aot_eager")
     x, sigma, labels = inputs()
@@ -105,7 +108,7 @@ def test_precision_default_is_float32_on_cpu_and_bf16_keeps_the_float32_islands(
     with torch.no_grad():
         reference = net(x, sigma, labels)
         seen = {}
-        blocks = [m for m in net.modules() if type(m).__name__ == "Block"]
+        blocks = [m for m in net.modules() if isinstance(m, Block)]
 
         def record(module, args):  # a pre-hook that returns something would replace the inputs
             seen.setdefault("block", (args[0].dtype, args[1].dtype))
@@ -181,8 +184,6 @@ def test_box_filter_resampling_equals_the_depthwise_convolution_it_replaces():
     order (float32 rounding); so are their gradients."""
     import torch.nn.functional as F
 
-    from mpdiff.nn.primitives import resample
-
     def by_convolution(x, mode):
         kernel = torch.full([x.shape[1], 1, 2, 2], 0.25)
         if mode == "down":
@@ -191,7 +192,8 @@ def test_box_filter_resampling_equals_the_depthwise_convolution_it_replaces():
 
     x = torch.randn(3, 5, 8, 6, generator=torch.Generator().manual_seed(0), requires_grad=True)
     for mode in ("down", "up"):
-        ours, literal = resample(x, mode), by_convolution(x, mode)
+        ours, literal = fast_resample(x, mode), by_convolution(x, mode)
+        assert torch.equal(resample(x, mode), literal)  # the literal network's resampling is the convolution
         assert ours.shape == literal.shape
         if mode == "up":
             assert torch.equal(ours, literal)
@@ -200,12 +202,11 @@ def test_box_filter_resampling_equals_the_depthwise_convolution_it_replaces():
         (g_ours,), (g_literal,) = (torch.autograd.grad((y * weights).sum(), x) for y in (ours, literal))
         torch.testing.assert_close(g_ours, g_literal, rtol=1e-6, atol=1e-6)
     # another filter still takes the general path
+    assert torch.equal(fast_resample(x, "down", filter=(1, 3, 3, 1)), resample(x, "down", filter=(1, 3, 3, 1)))
     assert resample(x, "down", filter=(1, 3, 3, 1)).shape == (3, 5, 4, 3)
 
 
 def test_activation_norms_equal_torch_vector_norm_and_stay_finite_at_zero():
-    from mpdiff.nn.primitives import norm_across
-
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(4, 6, 16, 3, 9, generator=gen).to(dtype)
@@ -221,45 +222,33 @@ def test_activation_norms_equal_torch_vector_norm_and_stay_finite_at_zero():
 
 
 @pytest.mark.parametrize("train", [False, True])
-def test_folded_constants_compute_the_literal_block_formulas(train):
-    """Config G's 1 / 0.596 of mp_silu and the factors of mp_sum, folded into the adjacent convolutions'
-    gains, give the same network function and gradients as the literal formulas, to float32 rounding."""
-    from mpdiff.nn.primitives import literal_formulas
-
-    def run(fold):
+def test_the_fast_twin_computes_the_literal_network_and_its_gradients(train):
+    """accelerate(): config G's 1 / 0.596 of mp_silu and the factors of mp_sum folded into the adjacent
+    convolutions' gains, channels-last activations, pooled resampling, pixel-major attention and, without
+    autograd, in-place steps. Same network function and gradients as the literal network, to float32
+    rounding; the same parameters and state-dict keys; literal() turns it back."""
+    def run(fast):
         torch.manual_seed(0)  # the same weights for both
         net = randomized_network(seed=3)
+        if fast:
+            accelerate(net)
+        assert is_fast(net) == fast
         net.train(train)
         x, sigma, labels = inputs()
-        with torch.set_grad_enabled(train), contextlib.nullcontext() if fold else literal_formulas():
+        with torch.set_grad_enabled(train):
             out = net(x, sigma, labels)
             grads = torch.autograd.grad(out.square().sum(), list(net.parameters()), allow_unused=True) if train else []
-        return out.detach(), [g for g in grads if g is not None]
+        return net, out.detach(), [g for g in grads if g is not None]
 
-    (out_fold, grads_fold), (out_literal, grads_literal) = run(True), run(False)
-    torch.testing.assert_close(out_fold, out_literal, rtol=2e-6, atol=2e-6)
-    assert len(grads_fold) == len(grads_literal)
-    for a, b in zip(grads_fold, grads_literal):
+    (fast_net, out_fast, grads_fast), (literal_net, out_literal, grads_literal) = run(True), run(False)
+    assert not torch.equal(out_fast, out_literal)  # other ops, other rounding
+    torch.testing.assert_close(out_fast, out_literal, rtol=2e-6, atol=2e-6)
+    assert len(grads_fast) == len(grads_literal)
+    for a, b in zip(grads_fast, grads_literal):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
-
-
-def test_literal_formulas_give_the_same_network_and_are_restored():
-    """literal_formulas() (used for flop counting) computes with the reference's ops; the network's
-    function is the same to float32 rounding, and the fast path returns after the block."""
-    from mpdiff.nn.primitives import computing_literally, literal_formulas
-
-    net = randomized_network(seed=5).eval()
-    x, sigma, labels = inputs()
-    with torch.no_grad():
-        fast = net(x, sigma, labels)
-        with literal_formulas():
-            assert computing_literally()
-            literal = net(x, sigma, labels)
-        assert not computing_literally()
-        again = net(x, sigma, labels)
-    assert not torch.equal(fast, literal)  # other ops, other rounding
-    torch.testing.assert_close(fast, literal, rtol=2e-6, atol=2e-6)
-    assert torch.equal(fast, again)
+    assert list(fast_net.state_dict()) == list(literal_net.state_dict())
+    assert [type(m) for m in literal(fast_net).modules()] == [type(m) for m in literal_net.modules()]
+    assert all(type(m).__module__ != "mpdiff.nn.fast" for m in fast_net.modules())
 
 
 # ---- channels-last activations and in-place steps without autograd ------------------------------------
@@ -269,7 +258,7 @@ def _layout_probe(net):
     seen = []
     hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(
         args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()))
-        for m in net.modules() if type(m).__name__ == "Block"]
+        for m in net.modules() if isinstance(m, Block)]
     return seen, hooks
 
 
@@ -280,7 +269,7 @@ def test_channels_last_activations_compute_the_same_network(train):
     output is an ordinary contiguous tensor."""
     def run(pixel_major):
         torch.manual_seed(0)  # the same weights for both
-        net = randomized_network(seed=4)
+        net = accelerate(randomized_network(seed=4))
         net.unet.pixel_major = pixel_major
         net.train(train)
         seen, hooks = _layout_probe(net)
@@ -306,19 +295,19 @@ def test_channels_last_activations_compute_the_same_network(train):
 def test_attention_on_channels_last_input_equals_the_channel_major_formula(dtype):
     """cosine_attention reads channels-last q/k/v pixel by pixel (the 1 / sqrt(C_head) of the logits rides
     on k's divisor); the result, returned channels-last, and its gradient equal the channel-major path's."""
-    from mpdiff.nn.primitives import cosine_attention
-
     gen = torch.Generator().manual_seed(0)
     qkv = (torch.randn(3, 3 * 48, 4, 6, generator=gen) * 2).to(dtype)
     channel_major = cosine_attention(qkv, 3)
-    pixel_major = cosine_attention(qkv.contiguous(memory_format=torch.channels_last), 3)
+    torch.testing.assert_close(fast_cosine_attention(qkv, 3).float(), channel_major.float(),
+                               **(dict(rtol=2e-6, atol=2e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)))
+    pixel_major = fast_cosine_attention(qkv.contiguous(memory_format=torch.channels_last), 3)
     assert pixel_major.is_contiguous(memory_format=torch.channels_last) and not pixel_major.is_contiguous()
     tol = dict(rtol=2e-6, atol=2e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(pixel_major.float(), channel_major.float(), **tol)
     leaf = qkv.float().requires_grad_()
     weights = torch.randn(channel_major.shape, generator=gen)
-    (g_cm,), (g_pm,) = (torch.autograd.grad((cosine_attention(q, 3) * weights).sum(), leaf)
-                        for q in (leaf, leaf.contiguous(memory_format=torch.channels_last)))
+    (g_cm,), (g_pm,) = (torch.autograd.grad((f(q, 3) * weights).sum(), leaf) for f, q in (
+        (cosine_attention, leaf), (fast_cosine_attention, leaf.contiguous(memory_format=torch.channels_last))))
     torch.testing.assert_close(g_pm, g_cm, rtol=1e-5, atol=1e-6)
 
 
@@ -326,14 +315,12 @@ def test_in_place_steps_without_autograd_change_neither_the_output_nor_any_input
     """With autograd off, blocks scale, activate and join in place, and mp_cat scales into its result. The
     network's output equals its output with autograd on, bit for bit, and no block overwrites the tensor it
     was given (the encoder's outputs wait as long skips)."""
-    from mpdiff.nn.primitives import mp_cat
-
     torch.manual_seed(0)
-    net = randomized_network(seed=6).eval()
+    net = accelerate(randomized_network(seed=6)).eval()
     x, sigma, labels = inputs()
     given = []
     hooks = [m.register_forward_pre_hook(lambda mod, args: given.append((args[0], args[0].clone())))
-             for m in net.modules() if type(m).__name__ == "Block"]
+             for m in net.modules() if isinstance(m, Block)]
     with torch.no_grad():
         fast = net(x, sigma, labels)
     for h in hooks:
@@ -349,7 +336,7 @@ def test_in_place_steps_without_autograd_change_neither_the_output_nor_any_input
         expected = mp_cat(a, b, t=0.3)
     for layout in (torch.contiguous_format, torch.channels_last):
         with torch.no_grad():
-            got = mp_cat(a.contiguous(memory_format=layout), b.contiguous(memory_format=layout), t=0.3)
+            got = fast_mp_cat(a.contiguous(memory_format=layout), b.contiguous(memory_format=layout), t=0.3)
         assert got.is_contiguous(memory_format=layout)
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 

@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mpdiff.config import NetworkConfig, Preset
 from mpdiff.nn.build import build_meta_network
-from mpdiff.nn.primitives import literal_formulas
+from mpdiff.nn.fast import accelerate, is_fast, literal
 from mpdiff.presets import get_preset
 
 # Ops that move, view, copy or create data: no arithmetic.
@@ -170,10 +170,15 @@ def count_flops(net, batch=1, label=True):
     counter = FlopCounter()
     # Grad mode on: MPConv then recomputes its normalized weight on every call instead of
     # reusing its eval-mode cache, which is the per-call cost of a standalone evaluation.
-    # literal_formulas: count the reference's ops (vector norms, the resampling convolution, mp_silu's and
-    # mp_sum's constants where they stand), not the faster equivalents mpdiff runs.
-    with _eval_mode(net), torch.enable_grad(), literal_formulas(), counter:
-        torch.func.functional_call(net, meta_state, (x, sigma, class_labels))
+    # The literal network: count the reference's ops (vector norms, the resampling convolution, mp_silu's
+    # and mp_sum's constants where they stand), not the fast twin's (mpdiff.nn.fast).
+    fast = is_fast(net)
+    try:
+        with _eval_mode(literal(net)), torch.enable_grad(), counter:
+            torch.func.functional_call(net, meta_state, (x, sigma, class_labels))
+    finally:
+        if fast:
+            accelerate(net)
 
     by_op = {name: flops / batch for name, flops in sorted(counter.flops.items(), key=lambda kv: -kv[1])}
     return {

@@ -57,6 +57,13 @@ class LadderFlags:
     loss_uncertainty: bool       # log-variance head u(sigma) of the loss (SPEC §1.2; B on)
 
     @property
+    def clamps_activations(self) -> bool:
+        """Whether blocks end with the +-clip_act clamp: G only, where SPEC §4.9 lists it among G's deltas
+        (whether NVIDIA's A-F clamped is open, SPEC §13 item 7). So NetworkConfig(config='A') and
+        ladder_preset's A are one network, and `clip_act` is G's limit."""
+        return self.mp_fixed_function
+
+    @property
     def class_vectors(self) -> bool:
         """A and B look up one N(0, 1) vector per class with the raw one-hot label (SPEC §4.3); from C
         on, the class embedding is a layer initialised like the others, fed one-hot * sqrt(label_dim)

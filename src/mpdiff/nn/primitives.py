@@ -7,7 +7,6 @@ forced step (D). Equation numbers refer to Karras et al., "Analyzing and Improvi
 the Training Dynamics of Diffusion Models" (arXiv 2312.02696 v2).
 """
 
-import contextlib
 import math
 from typing import Optional, Sequence, Union
 
@@ -22,52 +21,6 @@ SILU_RMS = 0.596
 NORM_EPS = 1e-4
 
 
-_LITERAL = [False]  # set inside literal_formulas()
-_FORCED_BEFORE_THE_CALL = [False]  # set inside forced_before_the_call()
-
-
-@contextlib.contextmanager
-def literal_formulas():
-    """Inside the block, compute every formula as written, with the ops NVIDIA's network uses: torch's
-    vector norm for activation norms, the depthwise convolution for [1, 1] resampling, and config G's
-    constants applied where they stand rather than folded into conv gains. The function is the same
-    (to float32 rounding) either way. Flop counting uses it, so that counts stay those of the reference
-    tool and the paper; tests use it as the reference path."""
-    previous = _LITERAL[0]
-    _LITERAL[0] = True
-    try:
-        yield
-    finally:
-        _LITERAL[0] = previous
-
-
-@contextlib.contextmanager
-def forced_before_the_call():
-    """Inside the block, a compiled training graph leaves out MPConv's forced weight normalisation: the
-    caller has already re-projected every forced weight, eagerly (:func:`forced_layers`). Inductor
-    computes wrong gradients for a training graph that writes a parameter in place (measured with torch
-    2.13 on the CPU: gradients off by up to 3x on the first step and by a few percent after it, while the
-    same graph without the write, or run by aot_eager, agrees with float64 to 1e-5); mpdiff.nn.runtime's
-    compiled training uses this. Eager calls and eval mode are unaffected."""
-    previous = _FORCED_BEFORE_THE_CALL[0]
-    _FORCED_BEFORE_THE_CALL[0] = True
-    try:
-        yield
-    finally:
-        _FORCED_BEFORE_THE_CALL[0] = previous
-
-
-def forced_layers(net: nn.Module) -> list:
-    """The MPConv layers of `net` with forced weight normalisation, whose stored weight training mode
-    re-projects (Eq. 66): what a caller of :func:`forced_before_the_call` re-projects itself."""
-    return [m for m in net.modules() if isinstance(m, MPConv) and m.forced]
-
-
-def computing_literally() -> bool:
-    """Whether :func:`literal_formulas` is in force."""
-    return _LITERAL[0]
-
-
 def normalize(x: torch.Tensor, dim=None, eps: float = NORM_EPS) -> torch.Tensor:
     """Rescale each slice of `x` to unit RMS: x / (eps + ||x|| / sqrt(K)) (Eq. 47, as in code).
 
@@ -75,29 +28,11 @@ def normalize(x: torch.Tensor, dim=None, eps: float = NORM_EPS) -> torch.Tensor:
     but the first, i.e. one slice per weight row or per sample; `dim=1` is the pixel norm (Eq. 30).
     The norm is accumulated in float32 whatever the input dtype.
     """
-    if dim is None:  # weight rows: the reduced axes are the innermost, where torch's norm is fast
-        length = torch.linalg.vector_norm(x, dim=list(range(1, x.ndim)), keepdim=True, dtype=torch.float32)
-    else:
-        length = norm_across(x, dim)
+    dims = list(range(1, x.ndim)) if dim is None else dim
+    length = torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=torch.float32)
     inv_sqrt_k = math.sqrt(length.numel() / x.numel())  # one norm per slice of K elements
     rms_plus_eps = torch.add(eps, length, alpha=inv_sqrt_k)
     return x / rms_plus_eps.to(x.dtype)
-
-
-def norm_across(x: torch.Tensor, dim) -> torch.Tensor:
-    """The float32 L2 norm of `x` over the axis `dim` (kept), for activations.
-
-    Where that axis is the innermost in memory (channels on channels-last activations, the channels of a
-    head in attention), torch.linalg.vector_norm reads `x` once. Across any other axis it is 5-25x slower
-    than the square root of a float32 sum of squares (measured on a 2-core CPU, bf16 and float32:
-    docs/PERFORMANCE.md), which is used there. Both accumulate in float32 and differ by float32 rounding
-    (under 4e-7 relative). The sums are raised to at least 1e-30, so an all-zero slice gets the zero
-    gradient vector_norm gives it rather than 0 * inf; the value, always added to eps, is unchanged.
-    """
-    if _LITERAL[0] or x.stride(dim) == 1:
-        return torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
-    squares = x.to(torch.float32).square()
-    return squares.sum(dim=dim, keepdim=True).clamp_min(1e-30).sqrt()
 
 
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
@@ -114,12 +49,6 @@ def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     return blend / math.sqrt((1 - t) ** 2 + t ** 2)
 
 
-def mp_sum_factors(t: float = 0.5):
-    """The factors (of a, of b) that :func:`mp_sum` applies: ((1 - t), t) / sqrt((1 - t)^2 + t^2)."""
-    length = math.sqrt((1 - t) ** 2 + t ** 2)
-    return (1 - t) / length, t / length
-
-
 def mp_cat_weights(num_a: int, num_b: int, t: float = 0.5):
     """The two factors :func:`mp_cat` applies to inputs of `num_a` and `num_b` channels (Eq. 103)."""
     overall = math.sqrt((num_a + num_b) / ((1 - t) ** 2 + t ** 2))
@@ -132,39 +61,25 @@ def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> to
     In the U-Net `a` is the decoder's main path and `b` the long skip.
     """
     scale_a, scale_b = mp_cat_weights(a.shape[dim], b.shape[dim], t)
-    if torch.is_grad_enabled() or _LITERAL[0] or a.dtype != b.dtype or dim != 1 or torch.compiler.is_compiling():
-        return torch.cat((scale_a * a, scale_b * b), dim=dim)
-    # Without autograd, each part is scaled straight into its slice of the result: one pass, not two.
-    # (Not when compiling: writing into a slice is a graph break there, and the compiler fuses anyway.)
-    joined = torch.empty([a.shape[0], a.shape[1] + b.shape[1], *a.shape[2:]], dtype=a.dtype, device=a.device,
-                         memory_format=_layout_of(a))
-    torch.mul(a, scale_a, out=joined[:, :a.shape[1]])
-    torch.mul(b, scale_b, out=joined[:, a.shape[1]:])
-    return joined
+    return torch.cat((scale_a * a, scale_b * b), dim=dim)
 
 
 def clip_activations(x: torch.Tensor, limit: Optional[float] = 256) -> torch.Tensor:
-    """Clamp `x` in place to [-limit, limit] (an FP16 overflow guard); `limit=None` is a no-op."""
-    if limit is not None:
-        x.clamp_(-limit, limit)
-    return x
+    """Clamp `x` to [-limit, limit] (an FP16 overflow guard); `limit=None` returns `x` itself."""
+    return x if limit is None else x.clamp(-limit, limit)
 
 
 def resample(x: torch.Tensor, mode: str = "keep", filter: Sequence[float] = (1, 1)) -> torch.Tensor:
     """Depthwise 2x resampling with a separable FIR filter (SPEC §2.7).
 
     'down' convolves with stride 2 and 'up' transposes that (taps x4 so a constant stays constant);
-    'keep' returns `x` itself. The default [1, 1] taps make these exactly 2x2 average pooling and
-    nearest-neighbour up-sampling, and that is how they run: torch's depthwise (transposed) convolution
-    took 6-18 ms where these take under 1 ms (docs/PERFORMANCE.md). Up-sampling is bit-identical to
-    the convolution; down-sampling sums the same four values in another order (float32 rounding).
+    'keep' returns `x` itself. With the default [1, 1] taps these are 2x2 average pooling and
+    nearest-neighbour up-sampling (the fast network computes them so: :mod:`mpdiff.nn.fast`).
     """
     if mode == "keep":
         return x
     if mode not in ("down", "up"):
         raise ValueError(f"unknown resample mode {mode!r}; expected 'keep', 'down' or 'up'")
-    if tuple(filter) == (1, 1) and not _LITERAL[0]:  # the box filter: 2x2 averaging and pixel repetition, without the convolution
-        return F.avg_pool2d(x, 2) if mode == "down" else F.interpolate(x, scale_factor=2.0, mode="nearest")
     taps = torch.as_tensor(filter, dtype=torch.float32)
     if taps.ndim != 1 or taps.numel() % 2:
         raise ValueError("resample filter must be 1-D with an even number of taps")
@@ -233,8 +148,7 @@ class MPConv(nn.Module):
     ~1e-4 relative (docs/NUMERICS.md), so the reference behaviour stays.
 
     Eval mode never writes W (EMA weights are re-normalized on use). Every call computes the effective
-    weight afresh, except inside :func:`mpdiff.nn.runtime.frozen_weights` (sampling), a scope in which
-    the weights do not change: there each (gain, dtype) is computed once.
+    weight afresh; the fast network's layers reuse it while sampling (:mod:`mpdiff.nn.fast`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int], forced: bool = True):
@@ -243,7 +157,6 @@ class MPConv(nn.Module):
         self.out_channels = out_channels
         self.forced = forced
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
-        self._fixed = None  # {(gain, dtype): effective weight} inside frozen_weights(), else None
 
     @property
     def fan_in(self) -> int:
@@ -260,27 +173,17 @@ class MPConv(nn.Module):
         """Project every row of the stored weight back to norm ~sqrt(fan_in), in place (Eq. 66)."""
         self.weight.copy_(normalize(self.weight.to(torch.float32)))
 
-    def _fixed_weight(self, gain, dtype):
-        """The effective weight inside frozen_weights(): computed once per gain (a float, or a learned
-        gain tensor, fixed too) and dtype, without autograd."""
-        key = (id(gain) if torch.is_tensor(gain) else float(gain), dtype)
-        if key not in self._fixed:
-            with torch.no_grad():
-                self._fixed[key] = self.effective_weight(gain, dtype)
-        return self._fixed[key]
-
     def forward(self, x: torch.Tensor, gain: Union[float, torch.Tensor] = 1) -> torch.Tensor:
-        if self.training and self.forced and not (_FORCED_BEFORE_THE_CALL[0] and torch.compiler.is_compiling()):
+        if self.training and self.forced:
             self.force_weight_norm()
-        if self._fixed is None or self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            # Uncached: outside frozen_weights; with autograd (a cached weight carries no gradient path);
-            # compiled (the normalisation is part of the graph).
-            w = self.effective_weight(gain, x.dtype)
-        else:
-            w = self._fixed_weight(gain, x.dtype)
+        return self.apply_weight(x, self.effective_weight(gain, x.dtype))
+
+    @staticmethod
+    def apply_weight(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x times the effective weight `w`: a matrix product, or a stride-1 convolution with "same" padding."""
         if w.ndim == 2:  # fully connected
             return x @ w.t()
-        return F.conv2d(x, w, padding=w.shape[-1] // 2)  # "same" padding, stride 1
+        return F.conv2d(x, w, padding=w.shape[-1] // 2)
 
     def extra_repr(self) -> str:
         forced = "" if self.forced else ", forced=False"
@@ -297,10 +200,6 @@ def cosine_attention(qkv: torch.Tensor, num_heads: int, impl: str = "matmul") ->
     """
     batch, fused, height, width = qkv.shape
     channels = fused // 3
-    if impl == "matmul" and not _LITERAL[0] and _pixel_major(qkv):
-        if torch.compiler.is_compiling() and not torch.is_grad_enabled():  # sampling: see the op's docstring
-            return torch.ops.mpdiff.cosine_attention_pixel_major(qkv, num_heads)
-        return _cosine_attention_pixel_major(qkv, num_heads)
     per_head = qkv.reshape(batch, num_heads, channels // num_heads, 3, height * width)
     query, key, value = normalize(per_head, dim=2).unbind(3)  # each [N, heads, C_head, HW]
     if impl == "sdpa":
@@ -311,49 +210,3 @@ def cosine_attention(qkv: torch.Tensor, num_heads: int, impl: str = "matmul") ->
         scores = query.transpose(2, 3) @ (key / math.sqrt(query.shape[2]))  # [N, heads, HW_q, HW_k]
         mixed = value @ scores.softmax(dim=3).transpose(2, 3)  # [N, heads, C_head, HW_q]
     return mixed.reshape(batch, channels, height, width)
-
-
-def _layout_of(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if _pixel_major(x) else torch.contiguous_format
-
-
-def _pixel_major(x: torch.Tensor) -> bool:
-    """Whether `x` [N, C, H, W] is stored channels-last (pixel by pixel) rather than channel by channel."""
-    return x.ndim == 4 and x.shape[2] * x.shape[3] > 1 and not x.is_contiguous() and \
-        x.is_contiguous(memory_format=torch.channels_last)
-
-
-def _cosine_attention_pixel_major(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """:func:`cosine_attention` for channels-last input, returning channels-last output; the same
-    formula with fewer passes over memory. q, k and v are gathered once into the [head, pixel, channel]
-    order the matrix products read, their norms then run over the innermost axis (one pass of torch's
-    vector norm; see norm_across), and the logits' 1 / sqrt(C_head) rides on k's divisor instead of
-    costing a pass of its own."""
-    batch, fused, height, width = qkv.shape
-    channels, pixels = fused // 3, height * width
-    per_head = channels // num_heads
-    by_pixel = qkv.permute(0, 2, 3, 1).reshape(batch, pixels, num_heads, per_head, 3)  # a view
-    split = by_pixel.permute(4, 0, 2, 1, 3).contiguous()  # [q/k/v, N, heads, pixels, C_head]
-    rms_plus_eps = torch.add(NORM_EPS, norm_across(split, 4), alpha=1 / math.sqrt(per_head))
-    rms_plus_eps[1].mul_(math.sqrt(per_head))  # k's divisor carries the logits' 1 / sqrt(C_head)
-    divisor = rms_plus_eps.to(split.dtype)
-    unit = split.div_(divisor) if not torch.is_grad_enabled() else split / divisor
-    query, key, value = unit.reshape(3, batch * num_heads, pixels, per_head).unbind(0)
-    weights = torch.bmm(query, key.transpose(1, 2)).softmax(dim=2)  # [N heads, pixels_q, pixels_k]
-    mixed = torch.bmm(weights, value).reshape(batch, num_heads, height, width, per_head)
-    return mixed.permute(0, 2, 3, 1, 4).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
-
-
-@torch.library.custom_op("mpdiff::cosine_attention_pixel_major", mutates_args=())
-def _cosine_attention_pixel_major_op(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """:func:`_cosine_attention_pixel_major` as an operator that torch.compile calls rather than traces, for
-    gradient-free graphs (no backward is registered). Traced, the products and softmax became inductor's
-    CPU flash-attention kernel and the norms a generated reduction, slower than these eager kernels in a
-    bf16 sampling step on the 2-core CPU (docs/PERFORMANCE.md)."""
-    return _cosine_attention_pixel_major(qkv, num_heads)
-
-
-@_cosine_attention_pixel_major_op.register_fake
-def _(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    batch, fused, height, width = qkv.shape
-    return qkv.new_empty([batch, height, width, fused // 3]).permute(0, 3, 1, 2)  # channels-last, as returned

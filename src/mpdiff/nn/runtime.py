@@ -13,11 +13,11 @@ import types
 import torch
 
 from mpdiff.config import check_precision
+from mpdiff.nn.fast import FastMPConv, accelerate
+from mpdiff.nn.precond import Preconditioner
 
 
 def _preconditioners(net):
-    from mpdiff.nn.precond import Preconditioner
-
     return [m for m in net.modules() if isinstance(m, Preconditioner)] if net is not None else []
 
 
@@ -46,29 +46,9 @@ def precision_of(precision, *nets):
             m.precision = previous
 
 
-@contextlib.contextmanager
-def frozen_weights(*nets):
-    """Inside the block, every forced-WN layer of the modules `nets` computes its effective weight
-    normalize(W) * gain / sqrt(fan_in) once and reuses it, for sampling, where nothing changes the
-    weights (a write to a weight inside the block is not seen; outside it nothing is cached). Calls in
-    training mode or with autograd on are never served from it. Outputs are bit-identical to the
-    uncached calls."""
-    from mpdiff.nn.primitives import MPConv
-
-    modules = [net for net in nets if isinstance(net, torch.nn.Module)]  # a compiled program: not ours to cache
-    layers = [m for net in modules for m in net.modules() if isinstance(m, MPConv)]
-    saved = [m._fixed for m in layers]
-    try:
-        for m in layers:
-            m._fixed = {} if m._fixed is None else m._fixed  # nested: the outer block's weights stay
-        yield
-    finally:
-        for m, previous in zip(layers, saved):
-            m._fixed = previous
-
-
 def compiled(net, enabled=True, backend="inductor", frozen=False):
-    """`net` compiled with torch.compile (or itself when not `enabled`). The first calls of each input
+    """`net`'s fast twin (:func:`mpdiff.nn.fast.accelerate`, in place) compiled with torch.compile (or
+    `net` itself when not `enabled`). The first calls of each input
     shape compile (seconds to minutes); later ones run the generated kernels. `frozen`: for evaluation
     without autograd only (sampling), with the weights compiled in as constants (:class:`FrozenCompiled`)."""
     if not enabled or net is None:
@@ -81,28 +61,24 @@ def compiled(net, enabled=True, backend="inductor", frozen=False):
 class CompiledTraining:
     """`net` (a network, or its DistributedDataParallel wrapper) through torch.compile, for training steps
     and any other call. In training mode the forced weight normalisation runs eagerly before each call,
-    on every forced layer at once, and the graph leaves it out (:func:`mpdiff.nn.primitives.forced_before_the_call`):
+    on every forced layer at once, and the graph leaves it out (:class:`mpdiff.nn.fast.FastMPConv`):
     with the in-place write inside, inductor's training graphs computed wrong gradients. Each layer of
     the U-Net runs once per forward, so re-projecting all of them first is what the eager forward does
     layer by layer. Attributes not defined here are those of the compiled module."""
 
     def __init__(self, net, backend="inductor"):
-        from mpdiff.nn.primitives import forced_layers
-
         self.net = net
-        self.module = getattr(net, "module", net)  # under DDP, the network itself
+        self.module = accelerate(getattr(net, "module", net))  # under DDP, the network itself
         self.program = torch.compile(net, backend=backend)
-        self._forced = forced_layers(self.module)  # found once: a network's layers do not change
+        self.forced = [m for m in self.module.modules() if isinstance(m, FastMPConv) and m.forced]
+        for layer in self.forced:
+            layer.projected_by_caller = True  # inside the compiled graph only (FastMPConv)
 
     def __call__(self, *args, **kwargs):
-        from mpdiff.nn.primitives import forced_before_the_call
-
-        if not self.module.training:
-            return self.program(*args, **kwargs)
-        for layer in self._forced:
-            layer.force_weight_norm()
-        with forced_before_the_call():
-            return self.program(*args, **kwargs)
+        if self.module.training:
+            for layer in self.forced:
+                layer.force_weight_norm()
+        return self.program(*args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.program, name)
@@ -129,7 +105,7 @@ class FrozenCompiled:
     """
 
     def __init__(self, net, backend="inductor"):
-        self.net = net
+        self.net = accelerate(net)
         self.backend = backend
         self.compiles = 0  # programs built so far (one per weight change)
         self._stamp = None

@@ -17,15 +17,7 @@ from torch import nn
 from mpdiff.nn.ladder import CONFIG_G, LadderFlags, Layers, ladder_flags
 from mpdiff.nn.layers import PositionalEmbedding, dot_product_attention
 from mpdiff.nn.layout import STEM, BlockSpec, UNetLayout, unet_layout
-from mpdiff.nn.primitives import (
-    SILU_RMS,
-    clip_activations,
-    computing_literally,
-    cosine_attention,
-    mp_sum_factors,
-    normalize,
-    resample,
-)
+from mpdiff.nn.primitives import clip_activations, cosine_attention, normalize, resample
 from mpdiff.nn.skips import SkipGate, SkipScaling, check_skip_options, skip_coefficients
 
 
@@ -57,8 +49,8 @@ class Block(nn.Module):
         dropout: dropout probability in the residual branch, training mode only (SPEC §2.14).
         res_balance: mp_sum share t of the residual branch (Eq. 88; G only).
         attn_balance: mp_sum share t of the attention branch (G only).
-        clip_act: clamp outputs to +-clip_act (FP16 guard); None disables. Applied in every config:
-            whether A-F clamped is open (SPEC §13 item 7), so the field decides.
+        clip_act: clamp outputs to +-clip_act (FP16 guard); None disables. Config G only
+            (:attr:`~mpdiff.nn.ladder.LadderFlags.clamps_activations`): A-F have no clamp.
         attn_impl: 'matmul' (explicit formula) or 'sdpa' (torch's fused kernel) for cosine attention.
         flags: the ablation config (:data:`mpdiff.nn.ladder.LADDER`); G by default.
     """
@@ -79,7 +71,7 @@ class Block(nn.Module):
         self.dropout = dropout
         self.res_balance = res_balance
         self.attn_balance = attn_balance
-        self.clip_act = clip_act
+        self.clip_act = clip_act if flags.clamps_activations else None
         self.attn_impl = attn_impl
         self.flags = flags
         layers = Layers(flags)
@@ -106,40 +98,16 @@ class Block(nn.Module):
         self.attn_qkv = layers.conv(width, 3 * width, kernel=(1, 1)) if self.num_heads else None
         self.attn_proj = layers.conv(width, width, kernel=(1, 1), last=True) if self.num_heads else None
 
-    @property
-    def folds(self) -> bool:
-        """Config G computes mp_silu's 1 / 0.596 and mp_sum's two factors by folding them into the gain of
-        an adjacent MPConv (scaling its normalised weight, which costs nothing at inference: the weight
-        is cached), so SiLU and each join are one pass over the activations instead of two. Same function,
-        float32 rounding apart; inside mpdiff.nn.primitives.literal_formulas() every formula is computed
-        as written (tests/test_speed.py compares them)."""
-        return self.flags.mp_fixed_function and not computing_literally()
-
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if self.flags.resample_on_main_path:
             x = resample(x, mode=self.resample_mode, filter=self.resample_filter)
         if self.flavor == "enc":
             x = self._encoder_entry(x)
         update = self._residual(x, emb)
-        x = self._shortcut(x)
-        x = self._join(x, update, self.res_balance)
+        x = self.functions.sum(self._shortcut(x), update, t=self.res_balance)
         if self.num_heads:
-            x = self._attend(x)
+            x = self.functions.sum(x, self._attention(x), t=self.attn_balance)
         return clip_activations(x, self.clip_act)
-
-    def _join(self, x, update, t):
-        """The config's sum of the main path and a branch whose share is t; with folding, the branch's
-        last conv has already applied mp_sum's factor t / sqrt((1 - t)^2 + t^2) (Eq. 88)."""
-        if not self.folds:
-            return self.functions.sum(x, update, t=t)
-        return update.add_(x, alpha=mp_sum_factors(t)[0])  # update: a fresh conv output, not saved for backward
-
-    def _branch_end(self, conv, h, t, silu_before=False):
-        """conv(h), scaled for the join that follows it (see folds); `silu_before`: h is SiLU's
-        output still to be divided by 0.596."""
-        if not self.folds:
-            return conv(h)
-        return conv(h, gain=mp_sum_factors(t)[1] / (SILU_RMS if silu_before else 1))
 
     def _encoder_entry(self, x):
         """F, G: match the width with the 1x1 conv if needed, then pixel norm (Eq. 30-31)."""
@@ -160,35 +128,27 @@ class Block(nn.Module):
 
     def _residual(self, x, emb):
         """The residual branch. Conditioning multiplies by 1 + scale (SPEC §2.13); A and B also shift."""
-        silu = F.silu if self.folds else self.functions.silu  # folding: 1 / 0.596 goes into the next conv
-        h = silu(_normalized(self.norm0, x))
+        h = self.functions.silu(apply_norm(self.norm0, x))
         if not self.flags.resample_on_main_path:
             h = resample(h, mode=self.resample_mode, filter=self.resample_filter)
-        h = self.conv_res0(h, gain=1 / SILU_RMS) if self.folds else self.conv_res0(h)
-        cond = _apply(self.emb_linear, emb, self.emb_gain)  # [N, C] or [N, 2C]
-        shift = None
+        h = apply_norm(self.norm1, self.conv_res0(h))
+        cond = apply_layer(self.emb_linear, emb, self.emb_gain)  # [N, C] or [N, 2C]
         if self.flags.cond_shift:
-            cond, shift = cond.chunk(2, dim=1)
-        scale = cond + 1
-        h = _normalized(self.norm1, h)  # a fresh tensor, so without autograd it is scaled in place
-        scratch = not torch.is_grad_enabled()
-        factor = scale[:, :, None, None].to(h.dtype)
-        h = h.mul_(factor) if scratch else h * factor
-        if shift is not None:
-            h = h + shift[:, :, None, None].to(h.dtype)
-        h = F.silu(h, inplace=True) if scratch and silu is F.silu else silu(h)
+            scale, shift = cond.chunk(2, dim=1)
+            h = h * (scale + 1)[:, :, None, None].to(h.dtype) + shift[:, :, None, None].to(h.dtype)
+        else:
+            h = h * (cond + 1)[:, :, None, None].to(h.dtype)
+        h = self.functions.silu(h)
         if self.training and self.dropout:
             h = F.dropout(h, p=self.dropout)
-        return self._branch_end(self.conv_res1, h, self.res_balance, silu_before=True)
+        return self.conv_res1(h)
 
-    def _attend(self, x):
-        """Add self-attention over all pixels: cosine (SPEC §2.9), or in A and B dot-product attention
+    def _attention(self, x):
+        """Self-attention over all pixels: cosine (SPEC §2.9), or in A and B dot-product attention
         after a group norm (SPEC §4.3)."""
         if self.flags.attention == "cosine":
-            mixed = cosine_attention(self.attn_qkv(x), self.num_heads, impl=self.attn_impl)
-        else:
-            mixed = dot_product_attention(self.attn_qkv(_normalized(self.attn_norm, x)), self.num_heads)
-        return self._join(x, self._branch_end(self.attn_proj, mixed, self.attn_balance), self.attn_balance)
+            return self.attn_proj(cosine_attention(self.attn_qkv(x), self.num_heads, impl=self.attn_impl))
+        return self.attn_proj(dot_product_attention(self.attn_qkv(apply_norm(self.attn_norm, x)), self.num_heads))
 
 
 class UNet(nn.Module):
@@ -259,7 +219,6 @@ class UNet(nn.Module):
         self.out_conv = layers.conv(self.layout.out_channels, img_channels, last=True)
         self.skip_scaling = self._skip_scaling(skip_scaling, kappa, kappa_rule)
         self._skip_index = {skip.target: skip.index for skip in self.skips}
-        self.pixel_major = None  # run-time choice of activation layout, not saved: see pixel_major_on
 
     def _skip_scaling(self, mode, kappa, rule):
         """The SkipScaling of this U-Net (created last: its gates draw no weights before the others)."""
@@ -294,6 +253,12 @@ class UNet(nn.Module):
             emb = self.functions.sum(emb, self.emb_label(class_labels), t=self.label_balance)
         return self.functions.silu(emb)
 
+    def network_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the first convolution reads: `x`, and in configs C-G a constant channel of ones (SPEC §2.15)."""
+        if not self.flags.ones_channel:
+            return x
+        return torch.cat([x, x.new_ones([x.shape[0], 1, *x.shape[2:]])], dim=1)
+
     def join_skip(self, x: torch.Tensor, skip: torch.Tensor, index: int) -> torch.Tensor:
         """Scale long skip `index` (SPEC §9) and concatenate it to the decoder's main path (Eq. 103 in G)."""
         skip = self.skip_scaling(skip, index)
@@ -302,12 +267,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
                 class_labels: Optional[torch.Tensor]) -> torch.Tensor:
         emb = self.embed(noise_labels, class_labels)
-        if self.flags.ones_channel:
-            ones = x.new_ones([x.shape[0], 1, *x.shape[2:]])  # constant input channel (SPEC §2.15)
-            x = torch.cat([x, ones], dim=1)
-        if self.pixel_major_on(x.device):
-            x = x.contiguous(memory_format=torch.channels_last)
-
+        x = self.network_input(x)
         waiting = {}  # encoder outputs until their decoder block takes them
         for spec in self.layout.encoder:
             module = self.enc[spec.name]
@@ -317,18 +277,10 @@ class UNet(nn.Module):
             if spec.skip_from is not None:
                 x = self.join_skip(x, waiting.pop(spec.skip_from), self._skip_index[spec.name])
             x = self.dec[spec.name](x, emb)
-        x = _normalized(self.out_norm, x)
+        x = apply_norm(self.out_norm, x)
         if self.flags.out_silu:
             x = self.functions.silu(x)
-        return _apply(self.out_conv, x, self.out_gain).contiguous()
-
-    def pixel_major_on(self, device) -> bool:
-        """Whether activations run channels-last on `device`: `pixel_major` when set (True or False), else
-        on the CPU only, where it was measured faster in every setting (docs/PERFORMANCE.md); GPU layouts
-        are unmeasured. The function is the same either way, float rounding apart (docs/NUMERICS.md)."""
-        if self.pixel_major is not None:
-            return self.pixel_major
-        return torch.device(device).type == "cpu"
+        return apply_layer(self.out_conv, x, self.out_gain).contiguous()
 
 
 def _instantiate(spec: BlockSpec, emb_channels: int, flags: LadderFlags, block_options: dict) -> nn.Module:
@@ -339,11 +291,11 @@ def _instantiate(spec: BlockSpec, emb_channels: int, flags: LadderFlags, block_o
                  resample_mode=spec.resample, attention=spec.attention, flags=flags, **block_options)
 
 
-def _normalized(norm: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
+def apply_norm(norm: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """norm(x), or x itself in configs without that normalisation."""
     return x if norm is None else norm(x)
 
 
-def _apply(layer: nn.Module, x: torch.Tensor, gain: Optional[torch.Tensor]) -> torch.Tensor:
+def apply_layer(layer: nn.Module, x: torch.Tensor, gain: Optional[torch.Tensor]) -> torch.Tensor:
     """layer(x), with its learned gain where the config has one (Eq. 104; G only)."""
     return layer(x) if gain is None else layer(x, gain=gain)

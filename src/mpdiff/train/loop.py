@@ -18,6 +18,7 @@ from mpdiff.ema.snapshots import save_ema_snapshots
 from mpdiff.distributed import Distributed
 from mpdiff.errors import DatasetError, NumericalError
 from mpdiff.nn.build import build_network
+from mpdiff.nn.fast import accelerate
 from mpdiff.storage.images import class_grid, save_grid
 from mpdiff.storage.layout import RunLayout, parse_checkpoint_name
 from mpdiff.storage.lock import run_directory_lock
@@ -61,6 +62,7 @@ class Trainer:
         apply_precision_policy(self.device)
         self.dataset = dataset
         self.state = TrainState(resolved.network, resolved.training, resolved.run.seed, device=self.device)
+        accelerate(self.state.net)  # the fast twin, in place: the same function, same weights (mpdiff.nn.fast)
         labels = None
         if resolved.network.label_dim:
             labels = one_hot(torch.from_numpy(dataset.labels), resolved.network.label_dim)

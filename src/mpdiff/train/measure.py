@@ -28,11 +28,12 @@ def _resident_bytes():
 def _run(kind, network, batch, steps, threads, result):
     from mpdiff.diffusion.loss import edm2_loss
     from mpdiff.nn.build import build_network
+    from mpdiff.nn.fast import accelerate
     from mpdiff.train.optim import make_optimizer, set_learning_rate
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    net = build_network(network)
+    net = accelerate(build_network(network))  # what training and sampling run (mpdiff.nn.fast)
     shape = [batch, network.img_channels, network.img_resolution, network.img_resolution]
     labels = None
     if network.label_dim:
@@ -108,9 +109,10 @@ def activation_bytes_per_image(network):
     """
     from mpdiff.diffusion.loss import edm2_loss
     from mpdiff.nn.build import build_network
+    from mpdiff.nn.fast import accelerate
 
     generator = torch.Generator().manual_seed(0)
-    net = build_network(network).train()
+    net = accelerate(build_network(network)).train()  # what training runs (mpdiff.nn.fast)
 
     def saved(n):
         storages = {}
