@@ -50,11 +50,68 @@ def test_the_network_imports_only_the_bottom_layer_and_itself():
 
 
 def test_the_choice_lists_of_the_configuration_are_the_implemented_ones():
-    from mpdiff.config import LADDER_CONFIGS, SAMPLER_NAMES
+    import inspect
+
+    import pytest
+    import torch
+
+    from mpdiff.config import (
+        ATTN_IMPLS,
+        KAPPA_RULES,
+        LADDER_CONFIGS,
+        PRECISION_NAMES,
+        SAMPLER_NAMES,
+        SKIP_MODES,
+        network_evaluations,
+    )
     from mpdiff.diffusion.samplers import SAMPLERS
+    from mpdiff.errors import ConfigError
     from mpdiff.nn.ladder import LADDER
+    from mpdiff.nn.precond import PRECISIONS
+    from mpdiff.nn.primitives import cosine_attention
+    from mpdiff.nn.skips import check_skip_options
 
     assert tuple(SAMPLERS) == SAMPLER_NAMES and tuple(LADDER) == LADDER_CONFIGS
+    assert tuple(PRECISIONS) == PRECISION_NAMES
+    for mode in SKIP_MODES:  # every mode and rule is accepted where it applies; others are refused
+        for rule in KAPPA_RULES:
+            check_skip_options(mode, 0.5, rule, num_skips=4, mp_concat=True, backbone="U-Net")
+    for mode, rule in (("other", KAPPA_RULES[0]), (SKIP_MODES[0], "other")):
+        with pytest.raises(ConfigError):
+            check_skip_options(mode, 0.5, rule, num_skips=4, mp_concat=True, backbone="U-Net")
+    # The attention kernels: cosine_attention's default and the names it tells apart (`impl == "..."`),
+    # which compute the same attention.
+    source = (SRC / "nn" / "primitives.py").read_text(encoding="utf-8")
+    function = next(node for node in ast.walk(ast.parse(source))
+                    if isinstance(node, ast.FunctionDef) and node.name == "cosine_attention")
+    compared = {node.comparators[0].value for node in ast.walk(function) if isinstance(node, ast.Compare)
+                and isinstance(node.left, ast.Name) and node.left.id == "impl"
+                and isinstance(node.comparators[0], ast.Constant)}
+    default = inspect.signature(cosine_attention).parameters["impl"].default
+    assert compared | {default} == set(ATTN_IMPLS) and default == ATTN_IMPLS[0]
+    qkv = torch.randn(2, 3 * 8, 3, 3, generator=torch.Generator().manual_seed(0))
+    mixed = [cosine_attention(qkv, 2, impl=impl) for impl in ATTN_IMPLS]
+    assert all(torch.allclose(m, mixed[0], atol=1e-5) for m in mixed)
+    # The evaluations a sampler makes are the ones the configuration counts.
+    for name, sampler in SAMPLERS.items():
+        for steps in (1, 2, 5):
+            calls = []
+            denoise = lambda x, sigma, labels: calls.append(1) or x * 0  # noqa: E731
+            sampler(denoise, torch.ones(1, 1), torch.linspace(2, 0, steps + 1))
+            assert len(calls) == network_evaluations(name, steps), (name, steps)
+
+
+def test_the_command_line_takes_its_choices_from_the_configuration():
+    # cli and cli_options list no choices of their own (click.Choice of a literal) and know the samplers
+    # only by the configuration's names.
+    for name in ("cli.py", "cli_options.py", "cli_dataset.py"):
+        tree = ast.parse((SRC / name).read_text(encoding="utf-8"))
+        literal = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call)
+                   and getattr(node.func, "attr", None) == "Choice"
+                   and any(isinstance(part, ast.Constant) for arg in node.args for part in ast.walk(arg))]
+        assert literal == [], (name, literal)
+        imported = {module for _, module, _ in _imports_from_mpdiff(SRC / name)}
+        assert "mpdiff.diffusion.samplers" not in imported, name
 
 
 def test_storage_imports_nothing_of_the_layers_that_use_it():

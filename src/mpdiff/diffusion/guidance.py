@@ -10,6 +10,7 @@
 w = 1 is the unguided model (the guide is not evaluated). A guided evaluation counts as one NFE.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -138,3 +139,13 @@ def resolve_guidance(preset=None, guidance=None, sigma_rel=None, guide_sigma_rel
     sigma_rel = sigma_rel if sigma_rel is not None else (p.net.sigma_rel if p else None)
     guide_sigma_rel = guide_sigma_rel if guide_sigma_rel is not None else (p.guide.sigma_rel if p else sigma_rel)
     return GuidanceChoice(float(guidance), sigma_rel, guide_sigma_rel, p)
+
+
+def check_guidance(choice, has_guide):
+    """Refuse a resolved guidance that cannot be sampled: a strength that is not a finite number, or
+    one other than 1 without a guide network."""
+    if not math.isfinite(choice.guidance):
+        raise ConfigError(f"{{guidance}} must be a finite number, got {choice.guidance}", fields=("guidance",))
+    if choice.guidance != 1 and not has_guide:
+        raise ConfigError(f"{{guidance}} {choice.guidance:g} needs a {{guide}} network", fields=("guidance", "guide"))
+    return choice

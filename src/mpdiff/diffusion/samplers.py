@@ -13,6 +13,8 @@ from typing import NamedTuple, Optional
 import torch
 from tqdm.auto import tqdm
 
+from mpdiff.config import network_evaluations
+
 
 class Step(NamedTuple):
     """What a per-step callback receives after step `index` (0-based) went from `sigma` to `sigma_next`."""
@@ -36,10 +38,7 @@ def sample_heun(denoise, x, sigmas, labels=None, **options):
 
 SAMPLERS = {"euler": sample_euler, "heun": sample_heun}
 
-
-def nfe(sampler, num_steps):
-    """Denoiser evaluations of one sample (a guided denoiser counts once, as in the paper)."""
-    return num_steps if sampler == "euler" else 2 * num_steps - 1
+nfe = network_evaluations  # denoiser evaluations of one sample (a guided denoiser counts once, as in the paper)
 
 
 def _integrate(denoise, x, sigmas, labels, second_order, S_churn=0.0, S_min=0.0, S_max=None, S_noise=1.0,

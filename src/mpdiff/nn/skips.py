@@ -30,10 +30,9 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from mpdiff.config import KAPPA_RULES, SKIP_MODES as MODES  # the choices, owned by the configuration
 from mpdiff.errors import ConfigError
 
-MODES = ("none", "cs", "cs-mp", "ls", "ls-nonshared")
-KAPPA_RULES = ("skip", "level", "all")
 GATE_REDUCTION = 16  # the bottleneck ratio r of ScaleLong's calibration module
 
 
