@@ -495,7 +495,7 @@ def test_transient_faults_are_counted_and_training_continues(tmp_path, monkeypat
 def test_nonfinite_weights_are_never_checkpointed(tmp_path):
     from mpdiff.train.loop import Trainer
     trainer = train_tiny(tmp_path / "run", slice_nimg=64)  # a first checkpoint at 64 images
-    trainer = Trainer(trainer.resolved, trainer.dataset)
+    trainer = Trainer(trainer.plan)
     trainer.resume()
     with torch.no_grad():
         next(trainer.state.net.parameters()).view(-1)[0] = float("inf")

@@ -249,13 +249,13 @@ def test_training_sets_the_cuda_precision_policy():
         current_precision_flags,
         restore_precision_flags,
     )
-    from mpdiff.train.run import resolve_run
+    from mpdiff.train.run import RunPlan, resolve_run
 
     saved = current_precision_flags()
     try:
         restore_precision_flags({key: not value for key, value in CUDA_PRECISION_POLICY.items()})
         resolved, dataset = resolve_run("digits", RunOptions(run_dir="r"), network=dict(model_channels=8))
-        Trainer(resolved, dataset)
+        Trainer(RunPlan.single(resolved, dataset))
         assert current_precision_flags() == CUDA_PRECISION_POLICY
         assert CUDA_PRECISION_POLICY["matmul.allow_tf32"] is False and CUDA_PRECISION_POLICY["cudnn.allow_tf32"] is False
     finally:

@@ -341,6 +341,9 @@ def validate_run(network, training, cadence, run, resolution=None):
         raise ConfigError(f"dataset resolution {resolution} cannot be halved {levels - 1} times "
                           f"(channel_mult has {levels} levels)")
     check_precision(run.precision)
+    if network.attn_impl not in ATTN_IMPLS:
+        raise ConfigError(f"{{attn_impl}} {str(network.attn_impl)[:20]!r} is not one of {', '.join(ATTN_IMPLS)}",
+                          fields=("attn_impl",))
     batch = training.batch
     if not batch > 0:
         raise ConfigError(f"{{batch}} must be positive, got {batch}", fields=("batch",))

@@ -40,8 +40,10 @@ class Preconditioner(nn.Module):
     """EDM preconditioning and uncertainty head around a backbone F (SPEC §1.1-1.2).
 
     Args:
-        backbone: module called as backbone(x, noise_labels, class_labels) -> F_x; stored as
-            ``unet`` (that name is part of the file format).
+        backbone: module called as backbone(x, noise_labels, class_labels) -> F_x, the U-Net or the
+            UViT: ``self.backbone``. Its module name is ``unet`` whatever it is, because that name is the
+            key prefix of every weight in NVIDIA's files and ours (``unet.enc.64x64_conv.weight``);
+            renaming the module would rename every key of every network, checkpoint and EMA state.
         img_resolution, img_channels: the data's shape.
         label_dim: number of classes; 0 = unconditional (labels are then ignored).
         use_fp16: run the backbone in float16 on CUDA (the preconditioning stays float32).
@@ -75,6 +77,7 @@ class Preconditioner(nn.Module):
 
     @property
     def backbone(self) -> nn.Module:
+        """The raw network F (U-Net or UViT), registered under the file-format name ``unet``."""
         return self.unet
 
     def _labels(self, class_labels, device):
@@ -117,7 +120,7 @@ class Preconditioner(nn.Module):
         compute_dtype = self.compute_dtype(x.device, force_fp32)
 
         c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
-        raw = self.unet((c_in * x).to(compute_dtype), c_noise, labels)
+        raw = self.backbone((c_in * x).to(compute_dtype), c_noise, labels)
         denoised = c_skip * x + c_out * raw.to(torch.float32)
         if not return_logvar:
             return denoised

@@ -198,6 +198,8 @@ def cosine_attention(qkv: torch.Tensor, num_heads: int, impl: str = "matmul") ->
     and cannot grow with the weights. `impl='sdpa'` computes the same formula with torch's fused
     scaled_dot_product_attention instead of two explicit matrix products.
     """
+    if impl not in ("matmul", "sdpa"):
+        raise ValueError(f"unknown attention kernel {impl!r}; expected 'matmul' or 'sdpa'")
     batch, fused, height, width = qkv.shape
     channels = fused // 3
     per_head = qkv.reshape(batch, num_heads, channels // num_heads, 3, height * width)

@@ -82,8 +82,8 @@ def _floats(tensors):
 
 def block_modules(net):
     """{'enc.<name>' | 'dec.<name>': module} of the U-Net's encoder and decoder blocks, in forward order.
-    `net` is a preconditioned network (its backbone is ``net.unet``) or the backbone itself."""
-    backbone = getattr(net, "unet", net)
+    `net` is a preconditioned network (its backbone is ``net.backbone``) or the backbone itself."""
+    backbone = getattr(net, "backbone", net)
     return {f"{side}.{name}": module for side in SIDES for name, module in getattr(backbone, side).items()}
 
 
@@ -149,13 +149,13 @@ def probe_statistics(net, probe, micro_batch=None, sensitivity=True):
 
     One pass over the probe batch with forward hooks on the blocks and on the backbone's
     ``skip_scaling`` (backbones without long skips give empty skip dicts), then, with `sensitivity`
-    and a preconditioned `net` (one with a backbone ``net.unet``), the backbone evaluated at c_in x and
+    and a preconditioned `net` (one with a ``net.backbone``), the backbone evaluated at c_in x and
     at c_in x + delta. Same guarantees as :func:`activation_rms`.
     """
     from mpdiff.nn.precond import edm_coefficients
 
     blocks = block_modules(net)
-    backbone = getattr(net, "unet", net)
+    backbone = getattr(net, "backbone", net)
     sensitivity = sensitivity and backbone is not net
     scaling = getattr(backbone, "skip_scaling", None)
     device = probe.noisy.device
@@ -306,6 +306,6 @@ def run_dynamics(state, images, labels, training, cadence, seed, micro_batch=Non
     one-hot or None) and the training's noise distribution, its cadence within the row budget."""
     probe = make_probe(images, labels, training.P_mean, training.P_std, seed, device=device, encoder=encoder)
     layers, blocks = layer_weights(state.net), block_modules(state.net)
-    skips = len(getattr(getattr(state.net, "unet", state.net), "skips", ()))
+    skips = len(getattr(getattr(state.net, "backbone", state.net), "skips", ()))
     every = dynamics_every(cadence.status_nimg, training.duration, estimated_row_bytes(blocks, layers, skips))
     return TrainingDynamics(state.net, probe, every, micro_batch=micro_batch)

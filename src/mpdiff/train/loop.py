@@ -6,7 +6,6 @@ The pieces it drives live next to it: :mod:`~mpdiff.train.state` (what is traine
 :mod:`~mpdiff.train.report` (messages and stats) and :mod:`~mpdiff.train.run` (configuration).
 """
 
-import contextlib
 import os
 import time
 
@@ -15,28 +14,18 @@ import torch
 from mpdiff.data.labels import one_hot
 from mpdiff.diffusion.generate import generate
 from mpdiff.ema.snapshots import save_ema_snapshots
-from mpdiff.distributed import Distributed
 from mpdiff.errors import DatasetError, NumericalError
 from mpdiff.nn.build import build_network
 from mpdiff.nn.fast import accelerate
 from mpdiff.storage.images import class_grid, save_grid
 from mpdiff.storage.layout import RunLayout, parse_checkpoint_name
-from mpdiff.storage.lock import run_directory_lock
 from mpdiff.storage.network_files import save_network
 from mpdiff.train import checkpoint
 from mpdiff.train.dynamics import run_dynamics
 from mpdiff.train.feed import StepPlan, images_of, make_feed
 from mpdiff.train.precision import apply_precision_policy
 from mpdiff.train.report import IntervalStats, RunReport
-from mpdiff.train.run import (
-    check_existing_run,
-    encoder_of,
-    resolve_run,
-    settle_micro_batch,
-    summary_lines,
-    with_micro,
-    write_run_config,
-)
+from mpdiff.train.run import RunPlan, planned_run
 from mpdiff.train.state import TrainState
 from mpdiff.train.step import TrainStep
 
@@ -47,20 +36,22 @@ WARMUP_STEPS = 3                # steps measured (after the first) for the time 
 
 
 class Trainer:
-    """One invocation of a run: builds the state from the resolved config, resumes, trains, writes outputs."""
+    """One invocation of a run: builds the state from its :class:`~mpdiff.train.run.RunPlan`, resumes,
+    trains, writes outputs."""
 
-    def __init__(self, resolved, dataset, micro_note=None, dist=None):
+    def __init__(self, plan: RunPlan):
+        resolved = plan.config
+        self.plan = plan
         self.resolved = resolved
-        self.micro_note = micro_note
         self.run_options = resolved.run
         self.cadence = resolved.cadence
         self.training = resolved.training
         self.layout = RunLayout(resolved.run.run_dir)
-        self.dist = dist or Distributed.single()
+        self.dist = plan.dist
         self.writer = self.dist.rank == 0  # only the first process writes (stats, snapshots, checkpoints, grids)
-        self.device = torch.device(self.dist.device(resolved.run.device))
+        self.device = plan.device
         apply_precision_policy(self.device)
-        self.dataset = dataset
+        self.dataset = dataset = plan.dataset
         self.state = TrainState(resolved.network, resolved.training, resolved.run.seed, device=self.device)
         accelerate(self.state.net)  # the fast twin, in place: the same function, same weights (mpdiff.nn.fast)
         labels = None
@@ -77,7 +68,7 @@ class Trainer:
         set_precision(self.state.net, resolved.run.precision)
         images = images_of(dataset)
         self.feed = make_feed(dataset, workers=resolved.run.data_workers)
-        self.encoder = encoder_of(resolved, self.device)  # pixels, or latents (SPEC §7.1): by the data's channels
+        self.encoder = plan.encoder  # pixels, or latents (SPEC §7.1): by the data's channels
         self.grid_note = None  # said once when grids cannot be drawn (latents without --vae)
         self.step_fn = TrainStep(images, labels, resolved.training, resolved.run.seed,
                                  micro_batch=resolved.run.batch_gpu,
@@ -195,7 +186,7 @@ class Trainer:
             params = sum(p.numel() for p in self.state.net.parameters())
             self.say(f"new run in {self.layout.run_dir}: {params:,} parameters, "
                      f"dataset {self.dataset.name} ({len(self.dataset)} images)")
-        for line in summary_lines(self.resolved, self.dataset, self.micro_note):
+        for line in self.plan.summary:
             self.say(line)
         ignored = self.dataset.ignored_files
         if ignored:  # never a silent skip
@@ -290,20 +281,8 @@ def train(preset="digits", run=None, network=None, training=None, cadence=None):
 
     Under torchrun (WORLD_SIZE > 1) every process runs this; they form one run (:mod:`mpdiff.distributed`):
     the first process holds the run directory's lock and writes, the others only train."""
-    resolved, dataset = resolve_run(preset, run, network, training, cadence)
-    dist = Distributed.from_env(resolved.run.device)
-    try:
-        lock = run_directory_lock(resolved.run.run_dir, "train") if dist.rank == 0 else contextlib.nullcontext()
-        with lock:
-            resolved, micro_note = settle_micro_batch(resolved)
-            if dist.active:  # every process takes the smallest micro-batch any of them chose
-                micro = dist.all_min(resolved.run.batch_gpu or resolved.training.batch)
-                resolved = with_micro(resolved, micro)
-            check_existing_run(resolved)
-            trainer = Trainer(resolved, dataset, micro_note, dist=dist)  # options refused here write nothing
-            if dist.rank == 0:
-                write_run_config(resolved)
-            trainer.run()
-    finally:
-        dist.close()
+    with planned_run(preset, run, network, training, cadence) as plan:
+        trainer = Trainer(plan)  # options refused here write nothing
+        plan.write_config()
+        trainer.run()
     return trainer

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from mpdiff.config import SAMPLING
+from mpdiff.config import SAMPLING, network_evaluations
 
 _KIB = 1024
 
@@ -57,7 +57,7 @@ def _run(kind, network, batch, steps, threads, result):
         def work():
             with torch.no_grad():
                 net(images, sigma, labels)
-        evaluations = 2 * SAMPLING.num_steps - 1  # one image of the default Heun sampler
+        evaluations = network_evaluations(SAMPLING.sampler, SAMPLING.num_steps)  # one image, default sampler
     work()  # warm-up: first-call costs are not the steady state
     start = time.perf_counter()
     for _ in range(steps):

@@ -1,8 +1,17 @@
 """Setting up a run: a preset plus overrides, resolved against the dataset, checked, and compared
-with what the run directory already holds (the resume contract)."""
+with what the run directory already holds (the resume contract).
 
+:func:`planned_run` does all of it once and gives the loop one object, a :class:`RunPlan`: the
+complete configuration (micro-batch settled), the dataset, the encoder, the processes and the device,
+and the summary the run prints. Nothing in it is resolved again later.
+"""
+
+import contextlib
 import dataclasses
 import os
+from typing import Optional, Tuple
+
+import torch
 
 from mpdiff.config import (
     Cadence,
@@ -13,10 +22,12 @@ from mpdiff.config import (
 )
 from mpdiff.data.datasets import open_dataset
 from mpdiff.data.pixels import PixelEncoder
+from mpdiff.distributed import Distributed
 from mpdiff.errors import ConfigError
 from mpdiff.presets import DEFAULT_PRESET, get_preset, ladder_preset
 from mpdiff.storage.files import printable, read_json, write_json
 from mpdiff.storage.layout import RunLayout
+from mpdiff.storage.lock import run_directory_lock
 
 # Cadence fields that may change between the invocations of one run (they change no result).
 RUNTIME_CADENCE_FIELDS = ("status_nimg", "sample_nimg")
@@ -42,6 +53,54 @@ class ResolvedRun:
 
     def contract(self):
         return contract_of(self.to_dict())
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """One invocation of a run, resolved once (:func:`planned_run`); what :class:`~mpdiff.train.loop.Trainer`
+    consumes."""
+    config: ResolvedRun          # complete: the micro-batch is settled
+    dataset: object              # the opened dataset (streamed or in memory)
+    encoder: object              # between data and network: PixelEncoder, or LatentEncoder on `device`
+    dist: Distributed            # this process's place in the run (one process: rank 0 of 1)
+    device: torch.device
+    summary: Tuple[str, ...]     # what the run understood, printed at its start
+
+    @classmethod
+    def single(cls, resolved, dataset, micro_note: Optional[str] = None):
+        """The plan of one process (no torchrun) from an already resolved run; no lock, no contract check."""
+        dist = Distributed.single()
+        device = torch.device(dist.device(resolved.run.device))
+        return cls(resolved, dataset, encoder_of(resolved, device), dist, device,
+                   tuple(summary_lines(resolved, dataset, micro_note)))
+
+    def write_config(self):
+        """config.json: written by the first process once the run's objects are built."""
+        if self.dist.rank == 0:
+            write_run_config(self.config)
+
+
+@contextlib.contextmanager
+def planned_run(preset=DEFAULT_PRESET, run=None, network=None, training=None, cadence=None):
+    """Resolve a run once, into the :class:`RunPlan` the block trains with.
+
+    In order: the preset with its overrides against the dataset (:func:`resolve_run`); the processes of a
+    torchrun launch; the run directory's lock (first process, held until the block ends); the micro-batch
+    (:func:`settle_micro_batch`, then the smallest that any process chose); the resume contract
+    (:func:`check_existing_run`); the encoder and the summary. Nothing is written here."""
+    resolved, dataset = resolve_run(preset, run, network, training, cadence)
+    dist = Distributed.from_env(resolved.run.device)
+    try:
+        with run_directory_lock(resolved.run.run_dir, "train") if dist.rank == 0 else contextlib.nullcontext():
+            resolved, micro_note = settle_micro_batch(resolved)
+            if dist.active:  # every process takes the smallest micro-batch any of them chose
+                resolved = with_micro(resolved, dist.all_min(resolved.run.batch_gpu or resolved.training.batch))
+            check_existing_run(resolved)
+            device = torch.device(dist.device(resolved.run.device))
+            yield RunPlan(resolved, dataset, encoder_of(resolved, device), dist, device,
+                          tuple(summary_lines(resolved, dataset, micro_note)))
+    finally:
+        dist.close()
 
 
 def contract_of(config):
@@ -213,7 +272,7 @@ def skip_scaling_summary(net, built=None):
     `built`: the network of config `net` if the caller has it (on any device), else one is built on meta."""
     from mpdiff.nn.build import build_meta_network
 
-    scaling = (built if built is not None else build_meta_network(net)).unet.skip_scaling
+    scaling = (built if built is not None else build_meta_network(net)).backbone.skip_scaling
     if net.skip_scaling in ("cs", "cs-mp"):
         how = "x kappa_i on the skip" if net.skip_scaling == "cs" else "as MP-concatenation balance"
         return (f"{net.skip_scaling}: kappa {net.kappa:g}, rule {net.kappa_rule}, kappa_i (outermost first) "
