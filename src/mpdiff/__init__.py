@@ -14,10 +14,11 @@ from mpdiff.errors import MpdiffError
 from mpdiff.nn.build import build_network
 from mpdiff.nn.compat import load_edm2
 from mpdiff.presets import PRESETS, get_preset
+from mpdiff.storage.edm2_pickle import read_edm2_pickle
 from mpdiff.storage.network_files import load_network, save_network
 
 __all__ = [
     "NetworkConfig", "Preset", "TrainingConfig", "PRESETS", "get_preset",
-    "build_network", "load_edm2", "load_network", "save_network",
+    "build_network", "load_edm2", "load_network", "read_edm2_pickle", "save_network",
     "edm2_loss", "generate", "PowerFunctionEMA", "TraditionalEMA", "MpdiffError",
 ]

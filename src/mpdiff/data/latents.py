@@ -264,12 +264,13 @@ def recorded_encoder(source):
     return (encoder if isinstance(encoder, dict) else None), (vae if isinstance(vae, str) else None)
 
 
-def network_encoder(net, source=None, vae=None, device="cpu"):
+def network_encoder(net, source=None, vae=None, device="cpu", recorded=None):
     """The encoder that turns what network `net` makes into uint8 images, for `mpdiff generate` and
     `mpdiff metrics --net`: pixels for a 1- or 3-channel network; for a 4-channel (latent) network a
     :class:`LatentEncoder` with the constants its run recorded (else SPEC §7.1's) and the VAE folder
-    `vae` (else the one its run recorded). The VAE folder and diffusers are checked here; the VAE itself
-    is loaded when the first batch is decoded."""
+    `vae` (else the one its run recorded). `recorded`, an encoder description that came with the network
+    file (a release pickle's, a converted file's), takes the place of the run's. The VAE folder and
+    diffusers are checked here; the VAE itself is loaded when the first batch is decoded."""
     channels = net.img_channels
     shown = show_path(os.fspath(source)) if source is not None else "the network"
     if channels in (1, 3):
@@ -279,7 +280,8 @@ def network_encoder(net, source=None, vae=None, device="cpu"):
     if channels != LATENT_CHANNELS:
         raise ConfigError(f"{shown} makes {channels}-channel data: neither images (1 or 3 channels) nor latents "
                           f"({LATENT_CHANNELS} channels)")
-    recorded, recorded_vae = recorded_encoder(source)
+    run_recorded, recorded_vae = recorded_encoder(source)
+    recorded = recorded if isinstance(recorded, dict) else run_recorded
     vae_dir = vae if vae is not None else recorded_vae
     if vae_dir is None:
         raise ConfigError(f"{shown} makes {LATENT_CHANNELS}-channel latents of the Stable Diffusion VAE; to decode "
@@ -371,9 +373,10 @@ def encode_dataset(src, dest, vae, batch_size=ENCODE_BATCH, device="cpu", progre
                     index += 1
                 bar.update(len(images))
 
+    names = ds.class_names if ds.labels is not None else None  # kept, as convert keeps them
     if dest.lower().endswith(".zip"):
-        write_zip(dest, files(), labels, num_classes)
+        write_zip(dest, files(), labels, num_classes, class_names=names)
     else:
-        write_folder(dest, files(), labels, num_classes)
+        write_folder(dest, files(), labels, num_classes, class_names=names)
     return Encoding(dest, len(ds), side, side // DOWNSAMPLING, ds.num_classes if ds.labels is not None else 0)
 
