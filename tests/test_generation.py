@@ -191,7 +191,8 @@ def test_check_guide_tells_cfg_from_autoguidance_and_refuses_misfits():
 
 
 def test_guidance_presets_are_the_released_ones():
-    assert len(GUIDANCE_PRESETS) == 20
+    # EDM2's 20 released configurations, and the guidance-interval paper's 4 (tests/test_solvers.py).
+    assert len(GUIDANCE_PRESETS) == 24 and sum(p.interval is not None for p in GUIDANCE_PRESETS.values()) == 4
     for p in GUIDANCE_PRESETS.values():  # every network a preset names is one of our size presets
         assert p.net.preset in PRESETS and p.guide.preset in PRESETS
         assert p.kind in ("cfg", "autoguidance") and p.metric in ("fid", "fd_dinov2")

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from mpdiff.config import SAMPLING
 from mpdiff.data.labels import one_hot
-from mpdiff.diffusion.guidance import guided
+from mpdiff.diffusion.guidance import Counted, guided
 from mpdiff.diffusion.samplers import SAMPLERS
 from mpdiff.diffusion.schedules import edm_sigmas
 from mpdiff.nn.fast import accelerate, frozen_weights
@@ -60,6 +60,7 @@ class Batch(NamedTuple):
     seeds: List[int]
     images: torch.Tensor          # float32 [B, C, H, W] in the network's data space, on the CPU
     classes: List[Optional[int]]
+    evaluations: Optional[dict] = None  # per image, counted: {"nfe": denoiser evaluations, "guide_nfe": of the guide}
 
 
 def sampling_config(sampling=None, **overrides):
@@ -96,7 +97,8 @@ def _batches(net, model, seeds, class_idx, sampling, guide, guidance, device, pr
     per_seed = classes_per_seed(class_idx, len(seeds))
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
     sigmas = edm_sigmas(sampling.num_steps, sampling.sigma_min, sampling.sigma_max, sampling.rho)
-    denoise = guided(model, guide, guidance)
+    counted_net, counted_guide = Counted(model), None if guide is None else Counted(guide)
+    denoise = guided(counted_net, counted_guide, guidance, sampling.guidance_interval)
     sampler = SAMPLERS[sampling.sampler]
     own_bar = progress is True
     bar = tqdm(total=len(seeds), desc="generating", unit="img", dynamic_ncols=True,
@@ -122,10 +124,14 @@ def _batches(net, model, seeds, class_idx, sampling, guide, guidance, device, pr
                 if callback is not None:
                     callback(step)
 
+            for counter in (counted_net, counted_guide):  # the evaluations of this batch
+                if counter is not None:
+                    counter.calls = 0
             with torch.no_grad(), frozen_weights(net, guide):  # per batch: the caller may change them in between
                 x = sampler(denoise, noise.to(torch.float64) * sigmas[0], sigmas, labels, noise_fn=noise_fn,
                             callback=on_step, **sampling.sampler_options())
-            yield Batch(batch, x[:len(batch)].to(torch.float32).cpu(), classes[:len(batch)])
+            evaluations = {"nfe": counted_net.calls, "guide_nfe": counted_guide.calls if counted_guide else 0}
+            yield Batch(batch, x[:len(batch)].to(torch.float32).cpu(), classes[:len(batch)], evaluations)
     finally:
         if own_bar:
             bar.close()
@@ -184,6 +190,8 @@ def generation_settings(net, seeds, class_idx, sampling, guide=None, guidance=1.
     sampling = sampling.to_dict()
     sampling.pop("batch_size")
     use_guide = guide is not None and guidance != 1
+    if sampling["guidance_interval"] is None or not use_guide:  # no interval: the settings they always had
+        sampling.pop("guidance_interval")
     return {"network": network_fingerprint(net), "seeds": seeds_fingerprint(seeds),
             "class": list(class_idx) if isinstance(class_idx, (list, tuple)) else class_idx,
             "sampling": sampling, "guidance": float(guidance) if use_guide else 1.0,
@@ -238,6 +246,8 @@ def generate_to_folder(net, seeds, out_dir, class_idx=None, grid_path=None, samp
         for indices in todo:  # whole batches as one process would make them: the same images, bit for bit
             for batch in generate_batches(net, [seeds[i] for i in indices], [per_seed[i] for i in indices],
                                           sampling, guide, guidance, device, progress=bar):
+                if dist.rank == 0:
+                    folder.record_nfe(batch.evaluations)  # before its images: a folder with images has it
                 for seed, image, cls in zip(batch.seeds, encoder.decode(batch.images).numpy(), batch.classes):
                     if not folder.has(seed):  # a batch cut short by a kill: only its missing images
                         folder.write(seed, image, cls)
@@ -248,8 +258,18 @@ def generate_to_folder(net, seeds, out_dir, class_idx=None, grid_path=None, samp
         shape = (net.img_channels, net.img_resolution, net.img_resolution)
         classes = _classes_of(seeds, shape, net.label_dim, per_seed)
         folder.finish(seeds, classes)
+        if log is not None and folder.nfe is not None:
+            log(describe_evaluations(folder.nfe))
     dist.barrier()
     return folder.out_dir
+
+
+def describe_evaluations(evaluations):
+    """'NFE per image: 25 (the guide evaluated in 7 of them: 32 network evaluations)', as counted."""
+    guide = evaluations.get("guide_nfe", 0)
+    extra = f" (the guide evaluated in {guide} of them: {evaluations['nfe'] + guide} network evaluations)" if guide \
+        else ""
+    return f"NFE per image: {evaluations['nfe']}{extra}"
 
 
 def process_batches(items, batch_size, dist):

@@ -8,21 +8,72 @@
   network with the same conditioning, at an EMA length of its own.
 
 w = 1 is the unguided model (the guide is not evaluated). A guided evaluation counts as one NFE.
+
+The guidance interval (Kynkäänniemi et al. 2024, arXiv 2404.07724) guides only the sampler steps that
+start from a noise level sigma_i with lo < sigma_i <= hi; the other steps evaluate the main network
+alone. The paper gives intervals for EDM2-S and EDM2-XXL with CFG (the ``-guid-interval-`` presets).
 """
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
+
+import torch
 
 from mpdiff.errors import ConfigError
 
 
-def guided(net, guide=None, guidance=1.0):
+def guided(net, guide=None, guidance=1.0, interval=None):
     """The denoiser D = w D_net + (1 - w) D_guide (computed as lerp(D_guide, D_net, w)). With no guide
-    or w = 1, the network itself (the guide is never evaluated)."""
+    or w = 1, the network itself (the guide is never evaluated). With an `interval` (lo, hi), a
+    :class:`GuidedDenoiser` that guides only at lo < sigma <= hi."""
     if guide is None or guidance == 1:
         return lambda x, sigma, labels: net(x, sigma, labels)
-    return lambda x, sigma, labels: guide(x, sigma, labels).lerp(net(x, sigma, labels), guidance)
+    if interval is None:
+        return lambda x, sigma, labels: guide(x, sigma, labels).lerp(net(x, sigma, labels), guidance)
+    return GuidedDenoiser(net, guide, guidance, interval)
+
+
+class GuidedDenoiser:
+    """w D_net + (1 - w) D_guide for noise levels lo < sigma <= hi, D_net alone elsewhere (the guide is
+    not evaluated there). Samplers ask :meth:`for_step` with the level a step starts from, so that all
+    evaluations of a step (Heun's correction too) are guided or none, as the paper does; called directly,
+    each row is guided by its own sigma."""
+
+    def __init__(self, net, guide, guidance, interval):
+        self.net, self.guide, self.guidance = net, guide, guidance
+        self.lo, self.hi = (float(v) for v in interval)
+
+    def inside(self, sigma):
+        return self.lo < float(sigma) <= self.hi
+
+    def for_step(self, sigma):
+        """The denoiser of a step starting at level `sigma`: guided inside the interval, the network outside."""
+        if self.inside(sigma):
+            return lambda x, s, labels: self.guide(x, s, labels).lerp(self.net(x, s, labels), self.guidance)
+        return lambda x, s, labels: self.net(x, s, labels)
+
+    def __call__(self, x, sigma, labels):
+        flat = sigma.reshape(-1)
+        inside = (flat > self.lo) & (flat <= self.hi)
+        if not bool(inside.any()):
+            return self.net(x, sigma, labels)
+        mixed = self.guide(x, sigma, labels).lerp(self.net(x, sigma, labels), self.guidance)
+        if bool(inside.all()):
+            return mixed
+        return torch.where(inside.reshape(-1, *[1] * (x.ndim - 1)), mixed, self.net(x, sigma, labels))
+
+
+class Counted:
+    """A network (or any denoiser) that counts its calls: a sampler's evaluations per image, counted
+    rather than computed (each call evaluates every image of the batch once)."""
+
+    def __init__(self, net):
+        self.net, self.calls = net, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.net(*args, **kwargs)
 
 
 def check_guide(net, guide, kind=None):
@@ -55,6 +106,12 @@ class GuidedNet:
     kimg: int
     sigma_rel: float
 
+    @property
+    def release_file(self):
+        """The name of NVIDIA's released pickle of this network, e.g. edm2-img512-xs-uncond-2147483-0.045.pkl
+        (size, '-uncond' for the unconditional ones, kimg in 7 digits, EMA length in 3 decimals)."""
+        return f"{self.preset}{'' if self.conditional else '-uncond'}-{self.kimg:07d}-{self.sigma_rel:.3f}.pkl"
+
 
 @dataclass(frozen=True)
 class GuidancePreset:
@@ -65,18 +122,21 @@ class GuidancePreset:
     guidance: float
     metric: str          # what the EMA lengths and w were chosen for: 'fid' or 'fd_dinov2'
     result: float        # the published value of that metric (ImageNet, 50,000 samples)
+    interval: Optional[Tuple[float, float]] = None  # guidance at lo < sigma <= hi only (None: every step)
 
     def describe(self):
         def one(n):
             return (f"{n.preset}{'' if n.conditional else ' uncond'} at {n.kimg:,} kimg, EMA {n.sigma_rel:.3f}")
-        return (f"{self.name}: {self.kind}, w {self.guidance:g}; network {one(self.net)}; guide {one(self.guide)}; "
-                f"published {self.metric} {self.result:g}")
+        where = "" if self.interval is None else f" for sigma in ({self.interval[0]:g}, {self.interval[1]:g}]"
+        return (f"{self.name}: {self.kind}, w {self.guidance:g}{where}; network {one(self.net)}; guide "
+                f"{one(self.guide)}; published {self.metric} {self.result:g}")
 
 
-def _cfg(name, size, kimg, sigma_rel, guidance, metric, result):
+def _cfg(name, size, kimg, sigma_rel, guidance, metric, result, interval=None):
     img = name.split("-")[1]  # img512 / img64
     return GuidancePreset(name, "cfg", GuidedNet(f"edm2-{img}-{size}", True, kimg, sigma_rel),
-                          GuidedNet(f"edm2-{img}-xs", False, 2147483, sigma_rel), guidance, metric, result)
+                          GuidedNet(f"edm2-{img}-xs", False, 2147483, sigma_rel), guidance, metric, result,
+                          interval)
 
 
 def _autog(name, size, cond, kimg, sigma_rel, guide_size, guide_kimg, guide_sigma_rel, guidance, metric, result):
@@ -110,7 +170,30 @@ GUIDANCE_PRESETS = {p.name: p for p in [
            90.39),
     _autog("edm2-img64-s-autog-fid", "s", True, 1073741, 0.045, "xs", 134217, 0.110, 1.70, "fid", 1.01),
     _autog("edm2-img64-s-autog-dino", "s", True, 1073741, 0.105, "xs", 134217, 0.175, 2.20, "fd_dinov2", 31.85),
+    # The guidance interval (Kynkäänniemi et al. 2024, Table 1): the released S and XXL networks and their
+    # XS guides as above ("as-is"; the paper changes w and the interval only, so the EMA lengths are those
+    # of the CFG presets: our reading), sampled with EDM2's 32 Heun steps. The paper sets lo and hi to
+    # levels sigma_j, sigma_i of that schedule and prints them to 2 decimals: S-FID (0.28, 2.90] is
+    # (sigma_22, sigma_15] = (0.28304, 2.90153], XXL-FID (0.19, 1.61] is (sigma_23, sigma_17] = (0.18860,
+    # 1.60857], DINOv2 (0.60, 5.00] is (sigma_20, sigma_13] = (0.59770, 4.99911]. As printed, S-FID's ends
+    # both lie below their levels and would move its interval by one step; stored here to 4 digits,
+    # rounded up, they select the paper's steps: 15-21 (S-FID), 17-22 (XXL-FID: the paper's "6 of the
+    # 32 steps"), 13-19 (DINOv2). At other step counts they are noise levels like any others.
+    _cfg("edm2-img512-s-guid-interval-fid", "s", 2147483, 0.025, 2.10, "fid", 1.68, (0.2831, 2.902)),
+    _cfg("edm2-img512-s-guid-interval-dino", "s", 2147483, 0.085, 3.20, "fd_dinov2", 46.25, (0.5978, 5.000)),
+    _cfg("edm2-img512-xxl-guid-interval-fid", "xxl", 939524, 0.015, 2.00, "fid", 1.40, (0.1887, 1.609)),
+    _cfg("edm2-img512-xxl-guid-interval-dino", "xxl", 939524, 0.015, 2.90, "fd_dinov2", 29.16, (0.5978, 5.000)),
 ]}
+
+
+def with_preset_interval(sampling, choice):
+    """`sampling` (a SamplingConfig) with the guidance interval of `choice`'s preset when it has one, the
+    sampling gives none and the generation is guided."""
+    preset = choice.preset
+    if sampling.guidance_interval is None and preset is not None and preset.interval is not None \
+            and choice.guidance != 1:
+        return sampling.replace(guidance_interval=preset.interval)
+    return sampling
 
 
 def get_guidance_preset(name) -> GuidancePreset:

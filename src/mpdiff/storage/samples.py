@@ -40,6 +40,7 @@ _IMAGE_NAME = re.compile(r"\d{6,}\.png")
 _SUBDIR_NAME = re.compile(r"\d{6,}")
 GENERATING = ".generating"            # .NAME.generating: a folder being generated
 MANIFEST = ".generation.json"         # in it: the settings its images were made with
+NFE_KEY = "evaluations"               # and, in the manifest, the network evaluations per image counted
 
 
 def sample_file(seed, subdirs=False):
@@ -113,8 +114,10 @@ class StreamingSampleFolder:
     ``open()`` creates ``.NAME.generating`` next to NAME with the settings in its manifest, or reopens
     one left by a killed generation if its settings are the same (and refuses it otherwise, naming the
     settings that differ: its images would not belong with the new ones). ``write()`` stores one image
-    atomically; ``finish()`` checks that every seed is there, writes dataset.json and the grid, and
-    puts the folder in NAME's place (atomically replacing a previous sample folder).
+    atomically; ``record_nfe()`` adds the network evaluations per image, as counted, to the manifest
+    (once; a resumed generation reads them back); ``finish()`` checks that every seed is there, writes
+    dataset.json (with the settings and the NFE under "generation") and the grid, and puts the folder in
+    NAME's place (atomically replacing a previous sample folder).
     """
 
     def __init__(self, out_dir, settings, grid_path=None, subdirs=False, num_classes=0):
@@ -124,6 +127,7 @@ class StreamingSampleFolder:
         self.manifest = {"format": 1, "subdirs": bool(subdirs), "settings": settings}
         self.subdirs, self.num_classes = bool(subdirs), num_classes
         self.done = set()
+        self.nfe = None  # {"nfe": ..., "guide_nfe": ...} per image, once a batch has been counted
 
     def open(self, create=True):
         """Create or reopen the folder being generated; with create=False (processes other than the
@@ -145,6 +149,8 @@ class StreamingSampleFolder:
             raise MpdiffError(f"{show_path(self.partial)}: in the way of generation (not a folder); remove it")
         else:
             found = _read_manifest(manifest_path)
+            if isinstance(found, dict) and isinstance(found.get(NFE_KEY), dict):
+                self.nfe = found.pop(NFE_KEY)  # counted by an earlier run: not a setting
             if found != self.manifest:
                 differ = _differences(found, self.manifest) if isinstance(found, dict) else ["its manifest is unreadable"]
                 raise ConfigError(f"{{out}}: {show_path(self.partial)} holds an unfinished generation with other "
@@ -166,6 +172,13 @@ class StreamingSampleFolder:
     def has(self, seed):
         return seed in self.done
 
+    def record_nfe(self, evaluations):
+        """Keep the evaluations per image of a batch (a dict such as {"nfe": 25, "guide_nfe": 7}) in the
+        manifest, the first time: every batch of a generation makes the same number."""
+        if self.nfe is None:
+            self.nfe = dict(evaluations)
+            write_json(os.path.join(self.partial, MANIFEST), {**self.manifest, NFE_KEY: self.nfe})
+
     def write(self, seed, image_uint8, cls=None):
         path = os.path.join(self.partial, sample_file(seed, self.subdirs))
         if self.subdirs:
@@ -182,7 +195,8 @@ class StreamingSampleFolder:
                               f"(first: seed {missing[0]}); run the same command again to make them")
         entries = [(sample_file(s, self.subdirs), c) for s, c in zip(seeds, classes)]
         _remove_strays(self.partial, {e[0] for e in entries})
-        write_dataset_json(self.partial, entries, num_classes=self.num_classes or None)
+        write_dataset_json(self.partial, entries, num_classes=self.num_classes or None,
+                           generation={"settings": self.manifest["settings"], **(self.nfe or {})})
         tiles = self._grid_tiles(seeds, classes)
         os.remove(os.path.join(self.partial, MANIFEST))
         put_folder_in_place(self.partial, self.out_dir, replace_existing=True)  # a previous sample folder goes
