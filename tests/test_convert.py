@@ -129,7 +129,7 @@ def test_class_folders_of_mixed_sizes_and_modes_become_a_labelled_folder(tmp_pat
         "notes.txt": "not an image",
     })
     result = convert_dataset(tmp_path / "src", tmp_path / "out", 16, "center-crop", progress=False)
-    assert result.summary() == f"wrote 4 images (16x16, 3 channels, 2 classes from top-level folders) to {tmp_path}/out"
+    assert result.summary() == f"wrote 4 images (16x16, 3 channels, 2 classes from top-level folders: cat, dog) to {tmp_path}/out"
     assert sorted(os.listdir(tmp_path / "out")) == ["00000", "dataset.json"]
     ds = load_dataset(tmp_path / "out", progress=False)
     assert ds.images.shape == (4, 3, 16, 16) and ds.labels.tolist() == [0, 0, 1, 1]
@@ -262,7 +262,7 @@ def test_the_command_line_converts_and_reports_errors_in_one_line(tmp_path, cli_
     result = run_cli("dataset", "convert", tmp_path / "src", tmp_path / "out.zip", "--resolution", "16",
                      "--transform", "center-crop-dhariwal", "--no-progress")
     assert result.exit_code == 0, result.output
-    assert result.output == f"wrote 2 images (16x16, 3 channels, 2 classes from top-level folders) to {tmp_path}/out.zip\n"
+    assert result.output == f"wrote 2 images (16x16, 3 channels, 2 classes from top-level folders: a, b) to {tmp_path}/out.zip\n"
     refused = run_cli("dataset", "convert", tmp_path / "src", tmp_path / "out.zip", "--no-progress")
     assert refused.exit_code == 1 and refused.output.startswith("error: ") and refused.output.count("\n") == 1
     bad = run_cli("dataset", "convert", tmp_path / "src", tmp_path / "x", "--transform", "stretch")
@@ -392,7 +392,8 @@ def test_an_imagenet_style_tree_converts_streamed_with_adm_crop(tmp_path, monkey
     monkeypatch.setattr(convert_module, "_png", png)
     result = convert_dataset(tmp_path / "train", tmp_path / "out.zip", 16, "center-crop-dhariwal", progress=False)
     assert encoded == [1, 2, 3, 4, 5]  # streamed: each image written right after it was decoded
-    assert result.summary() == f"wrote 5 images (16x16, 3 channels, 3 classes from top-level folders) to {tmp_path}/out.zip"
+    assert result.summary() == (f"wrote 5 images (16x16, 3 channels, 3 classes from top-level folders: n01440764, "
+                                f"n01443537, n01484850) to {tmp_path}/out.zip")
     out = load_dataset(tmp_path / "out.zip", progress=False)
     assert out.labels.tolist() == [0, 0, 1, 1, 2]
     source = load_dataset_images(tmp_path / "train", sorted(files))

@@ -322,7 +322,7 @@ def test_huge_sparse_dataset_json_is_refused_without_reading(tmp_path, monkeypat
     write_files(tmp_path, good_images(3))
     with open(tmp_path / "dataset.json", "wb") as f:
         f.truncate(400_000_000)  # 400 MB, sparse: costs nothing to make
-    monkeypatch.setattr(reading, "parse_labels_json", lambda *a: pytest.fail("dataset.json was parsed"))
+    monkeypatch.setattr(reading, "parse_labels_document", lambda *a: pytest.fail("dataset.json was parsed"))
     assert open_error(tmp_path) == (f"{tmp_path}/dataset.json: file is 400,000,000 bytes, above the limit of "
                                     f"1,051,648 bytes for the dataset.json of a dataset of 3 images "
                                     f"(1 MiB + 1 KiB per image)")

@@ -252,7 +252,8 @@ def test_the_check_command_refuses_what_the_index_refuses(tmp_path):
     files = {**labelled_files(2), "dataset.json": '{"labels": [["a/img0.png", 1]]}'}
     path = make(tmp_path, "dir", files)
     result = run_cli("dataset", "check", path, "--no-progress")
-    assert result.exit_code == 1 and result.stdout == ""
+    assert result.exit_code == 1  # the summary line still comes (issue 33), then the error
+    assert result.stdout == f"{path}: 2 images, not checked one by one: the dataset as a whole is refused (below)\n"
     assert result.stderr == f"error: {path}/dataset.json: image 'b/img1.png' has no label (1 of 2 images have none)\n"
     result = run_cli("dataset", "check", path, "--no-labels", "--no-progress")  # labels not read
     assert result.exit_code == 0 and result.stdout == f"{path}: 2 images, 0 bad\n"

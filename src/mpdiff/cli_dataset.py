@@ -82,12 +82,20 @@ def check(ctx, path, labels, progress):
     this finds them all first. Prints one line per bad file (damaged, another size or channel count than
     the first image, transparent, too large, ...), then 'PATH: N images, K bad'. Exit status 1 when any
     file is bad; a problem of the whole dataset (dataset.json, no images, an unusable first image) is an
-    error as in training.
+    error as in training, after the summary 'PATH: N images, not checked one by one'.
     """
-    from mpdiff.data.datasets import open_dataset
+    from mpdiff.data.datasets import count_images, open_dataset
+    from mpdiff.errors import DatasetError
     from mpdiff.storage.files import printable
 
-    ds = open_dataset(path, use_labels=labels, progress=progress)
+    try:
+        ds = open_dataset(path, use_labels=labels, progress=progress)
+    except DatasetError:  # the dataset as a whole: still the summary line, then the error (and its advice)
+        found = count_images(path)
+        if found is not None:
+            click.echo(printable(f"{path}: {found:,} image{'' if found == 1 else 's'}, not checked one by one: the "
+                                 f"dataset as a whole is refused (below)"))
+        raise
     problems = ds.check(progress)
     for line in problems:
         click.echo(printable(line))

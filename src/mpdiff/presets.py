@@ -92,7 +92,7 @@ DIGITS = Preset(
 # starts after 1,000 steps instead of 35,000-70,000 (the runs are a few thousand steps long).
 CPU32 = Preset(
     name="cpu32",
-    description="Config-G U-Net for small 32x32 datasets on a CPU (gray or RGB; ~15 min on 1 core)",
+    description="Config-G U-Net for small 32x32 datasets on a CPU (gray or RGB; ~19 min on 1 core)",
     network=NetworkConfig(img_resolution=32, img_channels=1, label_dim=0, model_channels=16,
                           channel_mult=(1, 2, 2, 2), num_blocks=2, attn_resolutions=(8,),
                           logvar_channels=128, use_fp16=False, kappa=UNET_KAPPA["small"]),
@@ -181,9 +181,9 @@ def ladder_preset(preset, config):
     +-256 clamp belongs to G, SPEC §4.9) for A-F, and for A attention also at
     the next finer level (ImageNet-512: 32, 16, 8). Recipe: alpha_ref scaled by LADDER_LR_RATIO for
     A-C; a constant learning rate for A-D (inverse-square-root decay arrives with E); Adam beta2 0.999,
-    P_mean/P_std -1.2/1.2 and a traditional EMA (half-life 2.3% of the training) for A; loss scaling
-    100 for A-C. The batch is the preset's for every config (the paper doubles it for A), so that all
-    rungs train on the same images in the same number of steps. Options given on the command line are
+    P_mean/P_std -1.2/1.2 and a traditional EMA (half-life 2.3% of the training, :func:`ladder_derived`)
+    for A; loss scaling 100 for A-C. The batch is the preset's for every config (the paper doubles it for A),
+    so that all rungs train on the same images in the same number of steps. Options given on the command line are
     applied after these.
     """
     if config not in LADDER_CONFIGS:
@@ -203,9 +203,24 @@ def ladder_preset(preset, config):
     if config in ("A", "B", "C", "D"):
         changes.update(decay=None)
     if config == "A":
-        changes.update(betas=(0.9, 0.999), P_mean=-1.2, P_std=1.2,
-                       ema_halflife_img=max(1, round(training.duration * LADDER_HALFLIFE_SHARE)))
-    return _renamed(preset, network, training.replace(**changes), config)
+        changes.update(betas=(0.9, 0.999), P_mean=-1.2, P_std=1.2)
+    return _renamed(preset, network, ladder_derived(config, training.replace(**changes)), config)
+
+
+def ladder_derived(config, training, given=()):
+    """`training` with the values config `config` derives from the recipe computed from `training` itself:
+    A's traditional-EMA half-life, 2.3% of `training.duration`. A run calls this again once the command
+    line's options are in (:func:`mpdiff.train.run.resolve_run`), so that the share is of the run's own
+    length, not the preset's; fields in `given` (set explicitly) are left alone."""
+    changes = {}
+    if config == "A" and "ema_halflife_img" not in given:
+        changes["ema_halflife_img"] = max(1, round(training.duration * LADDER_HALFLIFE_SHARE))
+    return training.replace(**changes) if changes else training
+
+
+# The recipe fields ladder_derived computes, per config (a run that is extended keeps the values it
+# started with: its resume contract holds them).
+LADDER_DERIVED = {"A": ("ema_halflife_img",)}
 
 
 def _renamed(preset, network, training, config):

@@ -14,6 +14,8 @@ Choices:
 * Channels: 1 when every image is grayscale, else 3 (grayscale images are repeated into RGB).
 * Every header is read before anything is written, so a size that a transform cannot take (an image
   larger than the canvas of `pad`), a missing resolution or transform fails before any output exists.
+* Class names: the folder names (class-per-folder), or the source dataset.json's "class_names", are
+  kept under that extra key of DEST's dataset.json (EDM2 reads "labels" only).
 * Output: PNG files (compressed; a ZIP stores them as they are). A folder is written into a hidden
   sibling ``.NAME.partial-XXXXXXXX`` and renamed to NAME when complete; a ZIP is written with
   :func:`~mpdiff.storage.files.atomic_write`. An interrupted conversion leaves no DEST. A DEST that
@@ -29,9 +31,9 @@ from typing import NamedTuple
 import numpy as np
 
 from mpdiff.data.image_files import decode_image, probe_image
-from mpdiff.data.labels import CHUNK_FOLDERS_UNLABELLED
+from mpdiff.data.labels import CHUNK_FOLDERS_UNLABELLED, shown_class_names
 from mpdiff.data.reading import scan_source
-from mpdiff.data.shapes import MIN_RESOLUTION
+from mpdiff.data.shapes import MIN_RESOLUTION, suggested_conversion
 from mpdiff.data.sources import is_latent_name, open_source
 from mpdiff.errors import ConfigError, DatasetError
 from mpdiff.storage.dataset_json import LABELS_FILE, labels_document
@@ -56,12 +58,15 @@ class Conversion(NamedTuple):
     channels: int
     num_classes: int
     label_source: str   # as ImageDataset.label_source: "dataset.json", "directories", "none", ...
+    class_names: tuple = None  # the classes' names, kept in DEST's dataset.json ("class_names"), or None
 
     def summary(self):
         """One line: wrote N images (RxR, C channels, K classes from <labels source>) to DEST."""
         if self.num_classes:
             origin = "top-level folders" if self.label_source == "directories" else self.label_source
             labels = f"{self.num_classes} {'class' if self.num_classes == 1 else 'classes'} from {origin}"
+            if self.class_names:
+                labels += f": {shown_class_names(self.class_names)}"
         elif self.label_source == CHUNK_FOLDERS_UNLABELLED:
             labels = "unlabelled: EDM2 chunk folders 00000/... are not classes"
         else:
@@ -101,13 +106,14 @@ def convert_dataset(src, dest, resolution=None, transform=None, *, progress=True
         channels = 3 if any(shape[0] == 3 for shape in shapes) else 1
         labels = [None] * len(shapes) if scan.labels is None else [int(c) for c in scan.labels]
         num_classes = scan.num_classes if scan.labels is not None else None
+        names = scan.class_names if scan.labels is not None else None
         files = _png_files(source, scan.image_names, resolution, transform, channels, progress)
         if dest.lower().endswith(".zip"):
-            write_zip(dest, files, labels, num_classes)
+            write_zip(dest, files, labels, num_classes, class_names=names)
         else:
-            write_folder(dest, files, labels, num_classes)
+            write_folder(dest, files, labels, num_classes, class_names=names)
     return Conversion(dest, len(shapes), resolution, channels, scan.num_classes if scan.labels is not None else 0,
-                      scan.label_source)
+                      scan.label_source, names)
 
 
 def transform_image(image, transform, resolution):
@@ -222,11 +228,12 @@ def _plan(source, names, shapes, resolution, transform):
             other = next(i for i, shape in enumerate(shapes) if shape[1:] != first)
             raise ConfigError(f"{source.shown}: images have {len(sizes)} different sizes (e.g. {_wxh(first)} and "
                               f"{_wxh(shapes[other][1:])} at {source.where(names[other])}); choose --resolution R "
-                              f"(a power of two >= {MIN_RESOLUTION}) and --transform {choices}")
+                              f"(a power of two >= {MIN_RESOLUTION}) and --transform {choices}{_suggested(shapes)}")
         height, width = sizes.pop()
         if height != width or not _is_resolution(width):
             raise ConfigError(f"{source.shown}: images are {_wxh((height, width))} pixels, not square with a "
-                              f"power-of-two side >= {MIN_RESOLUTION}; choose --resolution R and --transform {choices}")
+                              f"power-of-two side >= {MIN_RESOLUTION}; choose --resolution R and --transform {choices}"
+                              f"{_suggested(shapes)}")
         return width
     if transform is None:
         other = next((i for i, shape in enumerate(shapes) if shape[1:] != (resolution, resolution)), None)
@@ -240,6 +247,13 @@ def _plan(source, names, shapes, resolution, transform):
                                f"than {resolution}x{resolution}; --transform pad only adds borders (choose a larger "
                                f"--resolution, or --transform resize, center-crop or center-crop-dhariwal)")
     return resolution
+
+
+def _suggested(shapes):
+    """' (these images: --resolution R --transform T)', as :func:`~mpdiff.data.shapes.suggested_conversion`
+    would convert them."""
+    _, options = suggested_conversion(shapes)
+    return f" (for these images:{options})" if options else ""
 
 
 def _wxh(size):
@@ -279,19 +293,20 @@ def _png(image):
     return buffer.getvalue()
 
 
-def write_zip(dest, files, labels, num_classes):
+def write_zip(dest, files, labels, num_classes, class_names=None):
     """A ZIP (stored entries: PNG is compressed already) written whole by atomic_write."""
     with atomic_write(dest) as out, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
         names = []
         for name, data in files:
             archive.writestr(_zip_entry(name), data)
             names.append(name)
-        archive.writestr(_zip_entry(LABELS_FILE), _labels_json(names, labels, num_classes))
+        archive.writestr(_zip_entry(LABELS_FILE), _labels_json(names, labels, num_classes, class_names))
 
 
-def _labels_json(names, labels, num_classes):
-    """dataset.json as EDM2 writes it: one line, {"labels": [["00000/img00000000.png", 6], ...]}."""
-    return (json.dumps(labels_document(zip(names, labels), num_classes)) + "\n").encode("utf-8")
+def _labels_json(names, labels, num_classes, class_names=None):
+    """dataset.json as EDM2 writes it: one line, {"labels": [["00000/img00000000.png", 6], ...]} (then
+    "num_classes" and mpdiff's "class_names", which EDM2 does not read)."""
+    return (json.dumps(labels_document(zip(names, labels), num_classes, class_names)) + "\n").encode("utf-8")
 
 
 def _zip_entry(name):
@@ -301,7 +316,7 @@ def _zip_entry(name):
     return info
 
 
-def write_folder(dest, files, labels, num_classes):
+def write_folder(dest, files, labels, num_classes, class_names=None):
     """A folder written whole (:func:`~mpdiff.storage.files.folder_written_whole`)."""
     with folder_written_whole(dest) as partial:
         names = []
@@ -310,4 +325,4 @@ def write_folder(dest, files, labels, num_classes):
             os.makedirs(os.path.join(partial, folder), exist_ok=True)
             write_bytes(os.path.join(partial, *entry.split("/")), data)
             names.append(entry)
-        write_bytes(os.path.join(partial, LABELS_FILE), _labels_json(names, labels, num_classes))
+        write_bytes(os.path.join(partial, LABELS_FILE), _labels_json(names, labels, num_classes, class_names))

@@ -57,7 +57,8 @@ class ImageDataset:
                  label_source=None,     # where labels came from: "dataset.json", "directories", "built-in", "none",
                                         # or CHUNK_FOLDERS_UNLABELLED ("none (EDM2 chunk folders ...)")
                  ignored_files=(),      # relative paths of files that were skipped (links to folders end in "/"), for the log
-                 path=None):            # the folder or ZIP it was read from (None: built in or given)
+                 path=None,             # the folder or ZIP it was read from (None: built in or given)
+                 class_names=None):     # the classes' names (folder names, dataset.json's "class_names"), or None
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError("images must be a uint8 array [N, C, H, W]")
@@ -72,6 +73,7 @@ class ImageDataset:
         self.label_source = label_source or ("none" if self.labels is None else "given")
         self.ignored_files = tuple(ignored_files)
         self.path = path
+        self.class_names = None if class_names is None else tuple(class_names)
 
     def __len__(self):
         return len(self.images)
@@ -132,7 +134,7 @@ class StreamedImageDataset:
     in_memory = False
 
     def __init__(self, path, image_names, shape, labels=None, num_classes=0, name="dataset",
-                 label_source="none", ignored_files=(), first_where=None, progress=None):
+                 label_source="none", ignored_files=(), first_where=None, progress=None, class_names=None):
         self.path = path                        # the folder or ZIP, as given (str; undecodable bytes as surrogates)
         encoded = [name.encode("utf-8", "surrogatepass") for name in image_names]
         self._names = b"".join(encoded)
@@ -145,6 +147,7 @@ class StreamedImageDataset:
         self.num_classes = num_classes
         self.name = name
         self.label_source = label_source
+        self.class_names = None if class_names is None else tuple(class_names)
         self.ignored_files = tuple(ignored_files)
         self.progress = progress                # the default of load() (None: a bar above PROGRESS_MIN_IMAGES images)
         self._first_where = first_where or (self.image_name(0) if encoded else "")  # how messages name image 0
@@ -237,7 +240,7 @@ class StreamedImageDataset:
             check_memory(source.shown, len(names), shape)
             images = decode_all(source, names, first_where, shape, show)
         return ImageDataset(images, self.labels, self.num_classes, name=self.name, label_source=self.label_source,
-                            ignored_files=self.ignored_files, path=self.path)
+                            ignored_files=self.ignored_files, path=self.path, class_names=self.class_names)
 
     def check(self, progress=None):
         """Read and decode every image, as ``read`` does; return one line per bad file (damaged, of another
@@ -337,11 +340,12 @@ def open_dataset(spec, use_labels=True, *, progress=None):
     `{"labels": [["00000/img00000000.png", 6], ...]}` or `{"labels": null}`, with an optional
     `"num_classes": int` (for subsets that lack the highest classes; otherwise num_classes =
     max class + 1). Every image needs exactly one entry with an integer class >= 0, and every
-    entry must name an image of the dataset; other top-level fields are ignored, and no object
-    may name a key twice. dataset.json may have at most 1 MiB + 1 KiB per image (and
+    entry must name an image of the dataset; an optional `"class_names"` (mpdiff's: one distinct
+    name per class, as `mpdiff dataset convert` keeps the folder names) gives `ds.class_names`; other
+    top-level fields are ignored, and no object may name a key twice. dataset.json may have at most 1 MiB + 1 KiB per image (and
     MAX_FILE_BYTES). Without dataset.json at the root (one in a subfolder is an error: its labels
     would be lost), if every image lies inside a top-level folder and there are at least two of
-    them, the sorted folder names are the classes (as EDM2's dataset tool does); otherwise the
+    them, the sorted folder names are the classes (as EDM2's dataset tool does; `ds.class_names`); otherwise the
     dataset is unlabelled. Folders that are all named by five digits are EDM2's chunks of 1000
     images (00000/img00000000.png), not classes: such a dataset is unlabelled (`ds.label_source`
     says so; numbered class folders need a dataset.json). use_labels=False ignores dataset.json
@@ -364,7 +368,8 @@ def open_dataset(spec, use_labels=True, *, progress=None):
         check_first_shape(shape, first_where, source.path)
     return StreamedImageDataset(path, found.image_names, shape, found.labels, found.num_classes,
                                 name=dataset_name(path), label_source=found.label_source,
-                                ignored_files=found.ignored, first_where=first_where, progress=progress)
+                                ignored_files=found.ignored, first_where=first_where, progress=progress,
+                                class_names=found.class_names)
 
 
 def builtin_dataset(name, split="train"):
@@ -382,6 +387,19 @@ def load_dataset(spec, use_labels=True, *, progress=None):
     datasets small enough to hold in memory (evaluation folders, MNIST-sized sets). progress: tqdm bars
     (None = above PROGRESS_MIN_IMAGES images; True/False)."""
     return open_dataset(spec, use_labels, progress=progress).load()
+
+
+def count_images(spec):
+    """How many image (or latent) files the folder or ZIP `spec` holds, labels and shapes unread; None when
+    it cannot be listed or holds none (for `mpdiff dataset check`'s summary when the dataset as a whole is
+    refused)."""
+    if isinstance(spec, str) and spec in BUILTIN_DATASETS:
+        return len(builtin_dataset(spec, "train"))
+    try:
+        with open_source(os.fsdecode(os.fspath(spec))) as source:
+            return len(scan_source(source, use_labels=False).image_names)
+    except DatasetError:
+        return None
 
 
 def check_dataset(spec, use_labels=True, progress=None):

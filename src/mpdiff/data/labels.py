@@ -1,7 +1,7 @@
 """Class labels of a dataset (SPEC §7.4): EDM2's ``dataset.json``, or the names of top-level folders.
 
 :func:`parse_labels_json` checks a ``dataset.json`` against the dataset's images, refusing every
-doubtful entry; :func:`labels_from_directories` gives classes by folder (not for EDM2's numbered
+doubtful entry (:func:`parse_labels_document` also reads mpdiff's extra "class_names"); :func:`labels_from_directories` gives classes by folder (not for EDM2's numbered
 chunk folders, :func:`in_chunk_folders`); :func:`one_hot` turns class ids into the network's labels.
 (Writing dataset.json is :mod:`mpdiff.storage.dataset_json`'s job.)
 """
@@ -37,6 +37,14 @@ def parse_labels_json(data, where, image_names):
 
     `where` names the file in messages. Raises DatasetError with one line for every defect.
     """
+    labels, num_classes, _ = parse_labels_document(data, where, image_names)
+    return labels, num_classes
+
+
+def parse_labels_document(data, where, image_names):
+    """(labels or None, num_classes, class names or None) of dataset.json bytes, as :func:`parse_labels_json`
+    checks them. The class names are mpdiff's extra key "class_names" (EDM2 reads "labels" only): a list
+    of num_classes distinct strings, e.g. the folder names a converted dataset was labelled by."""
     try:
         doc = json.loads(data, object_pairs_hook=_unique_keys)
     except _DuplicateKey as e:
@@ -56,7 +64,7 @@ def parse_labels_json(data, where, image_names):
                            f'got {_describe(declared)}')
     entries = doc["labels"]
     if entries is None:
-        return None, 0
+        return None, 0, None
     if not isinstance(entries, list):
         raise DatasetError(f'{where}: "labels" must be a list of [path, class] pairs or null, got {_describe(entries)}')
 
@@ -88,7 +96,40 @@ def parse_labels_json(data, where, image_names):
         raise DatasetError(f"{where}: image '{show_name(image_names[unlabelled[0]])}' has no label "
                            f"({len(unlabelled)} of {len(image_names)} images have none)")
     num_classes = declared if declared is not None else int(labels.max()) + 1
-    return labels, num_classes
+    return labels, num_classes, _class_names(doc.get("class_names"), num_classes, where)
+
+
+MAX_CLASS_NAME = 200                   # characters of one class name in dataset.json
+
+
+def _class_names(names, num_classes, where):
+    """dataset.json's "class_names" checked: None, or a tuple of num_classes distinct non-empty strings."""
+    if names is None:
+        return None
+    if not isinstance(names, list) or len(names) != num_classes:
+        raise DatasetError(f'{where}: "class_names" must be a list of {num_classes} names (one per class), got '
+                           f'{_describe(names)}')
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name or len(name) > MAX_CLASS_NAME:
+            raise DatasetError(f'{where}: class_names[{i}] must be a name of 1 to {MAX_CLASS_NAME} characters, got '
+                               f'{_describe(name)}')
+    if len(set(names)) != len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise DatasetError(f"{where}: class name '{show_name(twice, 40)}' appears twice in \"class_names\"")
+    return tuple(names)
+
+
+def class_names_of_directories(image_names):
+    """The sorted top-level folder names that :func:`labels_from_directories` made classes of, in class order."""
+    return tuple(sorted({name.split("/", 1)[0] for name in image_names}))
+
+
+def shown_class_names(names, limit=10):
+    """'cat, dog, horse' (the first `limit`, then '... (N in all)') for messages; '' without names."""
+    if not names:
+        return ""
+    shown = ", ".join(show_name(name, 40) for name in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 class _DuplicateKey(Exception):

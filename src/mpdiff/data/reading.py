@@ -14,10 +14,11 @@ from mpdiff.budgets import memory_limit
 from mpdiff.data.image_files import decode_image, probe_image
 from mpdiff.data.labels import (
     CHUNK_FOLDERS_UNLABELLED,
+    class_names_of_directories,
     in_chunk_folders,
     labels_file_limit,
     labels_from_directories,
-    parse_labels_json,
+    parse_labels_document,
 )
 from mpdiff.data.latent_files import decode_latent, probe_latent
 from mpdiff.data.shapes import check_first_shape, raise_shape_mismatch
@@ -35,6 +36,7 @@ class SourceScan(NamedTuple):
     labels: object        # int64 [N], or None
     num_classes: int
     label_source: str     # "dataset.json", "directories", "none" or CHUNK_FOLDERS_UNLABELLED
+    class_names: object = None  # tuple of num_classes names (the folders, or dataset.json's "class_names"), or None
 
 
 def scan_source(source, use_labels=True):
@@ -53,13 +55,13 @@ def scan_source(source, use_labels=True):
         npy, image = image_names[latent.index(True)], image_names[latent.index(False)]
         raise DatasetError(f"{source.where(npy)} is a latent (.npy) but {source.where(image)} is an image; a "
                            f"dataset holds images or latents, not both")
-    labels, num_classes, label_source = None, 0, "none"
+    labels, num_classes, label_source, class_names = None, 0, "none", None
     if use_labels and LABELS_FILE in files:
         where = source.where(LABELS_FILE)
         limit = labels_file_limit(len(image_names))
         data = source.read(LABELS_FILE, limit, f" for the {LABELS_FILE} of a dataset of {_count(len(image_names), 'image')} "
                                               f"(1 MiB + 1 KiB per image)")
-        labels, num_classes = parse_labels_json(data, where, image_names)
+        labels, num_classes, class_names = parse_labels_document(data, where, image_names)
         label_source = LABELS_FILE if labels is not None else "none"
     elif use_labels:
         nested = sorted(name for name in files if name.endswith("/" + LABELS_FILE) and is_visible(name))
@@ -68,10 +70,10 @@ def scan_source(source, use_labels=True):
                                f"not in a subfolder (or pass use_labels=False)")
         labels, num_classes = labels_from_directories(image_names, source.shown)
         if labels is not None:
-            label_source = "directories"
+            label_source, class_names = "directories", class_names_of_directories(image_names)
         elif in_chunk_folders(image_names):
             label_source = CHUNK_FOLDERS_UNLABELLED
-    return SourceScan(image_names, ignored, labels, num_classes, label_source)
+    return SourceScan(image_names, ignored, labels, num_classes, label_source, class_names)
 
 
 def probe_file(stream, where, name):

@@ -40,21 +40,35 @@ def raise_shape_mismatch(shape, where, first_where, first_shape, path):
                        f"all images must have the same channel count{convert_hint(path, [first_shape, shape])}")
 
 
+def suggested_conversion(shapes):
+    """(resolution, ' --resolution R --transform T' or '') that suit images of `shapes` ((C, H, W) each).
+
+    Grayscale images a little below a power of two (MNIST's 28x28) are padded to it: a thin black border
+    around dark-background digits. Otherwise the short side goes to the nearest power of two below it
+    (48x48 photos: 32, where padding to 64 would add black borders and cost 4x the training), or just
+    above it when that is at most a quarter larger (60x60: 64): resized when all images are one square
+    size, else centre-cropped. Sizes that are fine already (only the channels differ): no options."""
+    sides = [side for _, height, width in shapes for side in (height, width)]
+    sizes = {shape[1:] for shape in shapes}
+    if len(sizes) == 1 and sides[0] == sides[1] and sides[0] >= MIN_RESOLUTION \
+            and not sides[0] & (sides[0] - 1):
+        return sides[0], ""
+    big, small = max(sides), min(sides)
+    above = 1 << (big - 1).bit_length()
+    if all(channels == 1 for channels, _, _ in shapes) and (above - big) * 4 <= big:
+        resolution, transform = max(MIN_RESOLUTION, above), "pad"
+    else:
+        below, above = 1 << (small.bit_length() - 1), 1 << (small - 1).bit_length()
+        resolution = max(MIN_RESOLUTION, above if (above - small) * 4 <= small else below)
+        transform = "resize" if len(sizes) == 1 and sides[0] == sides[1] else "center-crop"
+    return resolution, f" --resolution {resolution} --transform {transform}"
+
+
 def convert_hint(path, shapes):
     """'; convert it with: mpdiff dataset convert SRC DEST ...' for the dataset at `path`, whose images
-    include those of `shapes` ((C, H, W) each): a resolution and transform that suit them (small images
-    such as MNIST's 28x28 are padded to the next power of two, larger ones centre-cropped to the
-    largest power of two that fits), and DEST named after SRC."""
-    sides = [side for _, height, width in shapes for side in (height, width)]
-    if len({shape[1:] for shape in shapes}) == 1 and sides[0] == sides[1] and sides[0] >= MIN_RESOLUTION \
-            and not sides[0] & (sides[0] - 1):  # the sizes are fine (mixed channels): no resizing
-        resolution, options = sides[0], ""
-    elif max(sides) <= 64:
-        resolution = max(MIN_RESOLUTION, 1 << (max(sides) - 1).bit_length())
-        options = f" --resolution {resolution} --transform pad"
-    else:
-        resolution = max(MIN_RESOLUTION, 1 << (min(sides).bit_length() - 1))
-        options = f" --resolution {resolution} --transform center-crop"
+    include those of `shapes` ((C, H, W) each): the options of :func:`suggested_conversion`, and DEST
+    named after SRC."""
+    resolution, options = suggested_conversion(shapes)
     source = os.path.normpath(path)
     stem, ext = (source[:-4], source[-4:]) if source.lower().endswith(".zip") else (source, "")
     dest = f"{stem}-{resolution}{ext}"

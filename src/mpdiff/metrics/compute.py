@@ -123,13 +123,15 @@ def dataset_batches(images, batch_size=64):
 
 
 def network_batches(net, num=None, batch_size=None, first_seed=0, num_steps=None, device="cpu", seeds=None,
-                    sampling=None, guide=None, guidance=1.0, encoder=None):
+                    sampling=None, guide=None, guidance=1.0, encoder=None, evaluations=None):
     """Generated images as uint8, one batch at a time: seeds first_seed .. first_seed + num - 1 (or the
     list `seeds`), random classes per seed as `mpdiff generate` draws them, the sampler of `sampling`
     (num_steps and batch_size, when given, replace its own; without `sampling`, batches of 64) and
     optional guidance. Nothing but the current batch is kept.
     `encoder` decodes each batch (default pixels; a latent network's LatentEncoder runs the VAE decoder,
-    so that the metrics see pixels)."""
+    so that the metrics see pixels).
+    `evaluations`: a dict that receives the network evaluations per image, as counted
+    ({"nfe": ..., "guide_nfe": ...}; :class:`mpdiff.diffusion.generate.Batch`)."""
     from mpdiff.data.pixels import PixelEncoder
     from mpdiff.diffusion.generate import generate_batches, sampling_config
 
@@ -139,14 +141,17 @@ def network_batches(net, num=None, batch_size=None, first_seed=0, num_steps=None
     overrides = {**({"batch_size": batch_size} if batch_size else {}), **({"num_steps": num_steps} if num_steps else {})}
     sampling = sampling_config(sampling, **overrides)
     for batch in generate_batches(net, seeds, sampling=sampling, guide=guide, guidance=guidance, device=device):
+        if evaluations is not None:
+            evaluations.update(batch.evaluations)
         yield (encoder or PixelEncoder()).decode(batch.images)
 
 
 # ------------------------------------------------------------------------------------ reference files
 
-def save_reference(path, stats, source=""):
-    """Write {metric: FeatureStats} as a reference .npz (atomically)."""
-    arrays = {"source": np.array(str(source))}
+def save_reference(path, stats, source="", keep=None):
+    """Write {metric: FeatureStats} as a reference .npz (atomically). `keep`: arrays of an existing file
+    (:func:`reference_arrays`) written beside them, for `mpdiff ref --add`."""
+    arrays = {**(keep or {}), "source": np.array(str(source))}
     for metric, s in stats.items():
         mu, sigma = s.mean_cov()
         arrays.update({f"{metric}_mu": mu, f"{metric}_sigma": sigma, f"{metric}_count": np.array(s.count)})
@@ -156,14 +161,79 @@ def save_reference(path, stats, source=""):
     return path
 
 
-def load_reference(path):
-    """{metric: (mu, sigma)} of a reference .npz (ours, or EDM's FID file with 'mu' and 'sigma')."""
+def reference_arrays(path):
+    """Every array of a reference .npz, by name, as stored (no check of what they hold)."""
     data = read_bytes(path, REFERENCE_MAX_BYTES, what="reference statistics")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+            return {k: npz[k] for k in npz.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise MpdiffError(f"{show_path(path)}: not a readable .npz of reference statistics ({e})") from None
+
+
+def reference_source(path):
+    """The dataset a reference .npz was computed from, as `mpdiff ref` recorded it ('mnist', a path), or None."""
+    try:
+        source = reference_arrays(path).get("source")
+    except MpdiffError:
+        return None
+    return str(source) if source is not None and source.ndim == 0 and str(source) else None
+
+
+def reference_counts(arrays):
+    """{metric: image count} of the metrics a reference's arrays hold (EDM's FID file: count unknown, None)."""
+    counts = {m: int(arrays[f"{m}_count"]) if f"{m}_count" in arrays else None
+              for m in METRICS if f"{m}_mu" in arrays}
+    if "mu" in arrays:
+        counts.setdefault("fid", None)
+    return counts
+
+
+def missing_metrics_message(path, missing, reference, source=None):
+    """The refusal of a reference file `path` ({metric: ...} `reference`) that lacks `missing`, with the
+    command that adds them and keeps the others (`source`: the dataset, when the file does not record it)."""
+    source = reference_source(path) or source or "DATASET"
+    return (f"{show_path(path)}: the reference statistics have no {', '.join(missing)} (they hold "
+            f"{', '.join(reference)}); add them, keeping the others, with: mpdiff ref {source} --out "
+            f"{show_path(path)} --metrics {','.join(missing)} --add")
+
+
+def check_reference_has(path, reference, metrics, source=None):
+    """Refuse a reference (`reference` read from `path`) that lacks some of `metrics`, naming the command that
+    adds them (:func:`missing_metrics_message`)."""
+    missing = [m for m in metrics if m not in reference]
+    if missing:
+        raise ConfigError(missing_metrics_message(path, missing, reference, source))
+
+
+def kept_for_adding(path, source, count, metrics):
+    """(arrays, kept metric names) of an existing reference file that `mpdiff ref --add` keeps beside the
+    statistics of `metrics` it computes anew from `source` (`count` images): every other metric. Refused
+    when those were computed from another number of images, or from another built-in set. ({}, ()) when
+    `path` does not exist."""
+    if not os.path.lexists(path):
+        return {}, ()
+    arrays = reference_arrays(path)
+    recorded = reference_source(path)
+    builtin = ("digits", "mnist")
+    if recorded is not None and recorded != str(source) and (recorded in builtin or str(source) in builtin):
+        raise ConfigError(f"{show_path(path)} holds statistics of {recorded}, not {source}; --add adds statistics "
+                          f"of the same images (or write a new --out)")
+    kept = {m: c for m, c in reference_counts(arrays).items() if m not in metrics}
+    wrong = {m: c for m, c in kept.items() if c is not None and c != count}
+    if wrong:
+        metric, theirs = next(iter(wrong.items()))
+        raise ConfigError(f"{show_path(path)}: its {metric} statistics are of {theirs:,} images, {source} has "
+                          f"{count:,}; --add adds statistics of the same images (or write a new --out)")
+    dropped = {f"{m}_{part}" for m in metrics for part in ("mu", "sigma", "count")} | {"source"}
+    if "fid" in metrics:
+        dropped |= {"mu", "sigma"}  # EDM's FID file's names
+    return {k: v for k, v in arrays.items() if k not in dropped}, tuple(kept)
+
+
+def load_reference(path):
+    """{metric: (mu, sigma)} of a reference .npz (ours, or EDM's FID file with 'mu' and 'sigma')."""
+    arrays = reference_arrays(path)
     found = {}
     if "mu" in arrays and "sigma" in arrays:
         found["fid"] = (arrays["mu"], arrays["sigma"])

@@ -336,7 +336,9 @@ def load_image_folder_for_eval(path):
 
     ds = open_dataset(os.fspath(path))
     if ds.channels != 1 or ds.resolution != 8:
-        raise DatasetError(f"{path}: the digits evaluation needs 8x8 grayscale images, got "
-                           f"{ds.resolution}x{ds.resolution} with {ds.channels} channel{'s' if ds.channels != 1 else ''}")
+        raise DatasetError(f"{path}: mpdiff eval scores the built-in sets only (8x8 grayscale digits, 32x32 "
+                           f"grayscale MNIST), got {ds.resolution}x{ds.resolution} with {ds.channels} "
+                           f"channel{'s' if ds.channels != 1 else ''}; for other images use mpdiff metrics --images "
+                           f"{path} --ref REF.npz (FID, with reference statistics from mpdiff ref: docs/EVALUATION.md)")
     ds = ds.load()
     return ds.images, ds.labels

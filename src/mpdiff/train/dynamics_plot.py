@@ -82,22 +82,30 @@ def block_colors(blocks):
     return colors
 
 
-def plot_dynamics(run_dir, out_dir=None):
+def plot_dynamics(run_dir, out_dir=None, say=None):
     """Draw activations, weights and updates of a run over training into `out_dir` (default
-    RUN_DIR/plots); returns the paths of the PNG files written."""
+    RUN_DIR/plots); returns the paths of the PNG files written. `say(message)` hears of each figure
+    left out for want of data. Fewer than two rows with dynamics: MpdiffError (no curve to draw)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = dynamics_rows(run_dir)
+    if len(rows) < 2:
+        raise MpdiffError(f"{show_path(RunLayout(run_dir).stats)}: only one stats row (at {rows[0][0]:,} images) "
+                          f"holds training dynamics, and a curve needs two or more; wait for the run's next row, "
+                          f"or train with a shorter --status (its start-of-run summary warns of this)")
+    say = say or (lambda message: None)
+    marker = "o" if len(rows) <= 12 else None  # a few rows: show where the measurements are
     out_dir = os.fspath(out_dir) if out_dir is not None else RunLayout(run_dir).plots_dir
     nimg = np.array([n for n, _ in rows], dtype=np.float64)
     scale, unit = (1e6, "Mimg") if nimg.max() >= 1e7 else (1e3, "kimg")
     paths = []
     for quantity, name, title, ylabel in FIGURES:
         blocks, series = block_series(rows, quantity)
-        if not blocks:
-            continue  # e.g. no update yet; the other figures still tell something
+        if not blocks:  # e.g. no update yet; the other figures still tell something
+            say(f"{name} not drawn: no stats row holds {quantity!r} values")
+            continue
         path = os.path.join(out_dir, name)
         write_destination(path)  # refused destinations (a directory, a FIFO) before any drawing
         colors = block_colors(blocks)
@@ -105,7 +113,8 @@ def plot_dynamics(run_dir, out_dir=None):
         shown = (lambda v: np.where(v > 0, v, math.nan)) if log else (lambda v: v)  # log: zero updates left out
         figure, axes = plt.subplots(figsize=(9, 5), dpi=120)
         for block in blocks:
-            axes.plot(nimg / scale, shown(series[block]), color=colors[block], linewidth=1, label=block)
+            axes.plot(nimg / scale, shown(series[block]), color=colors[block], linewidth=1, label=block,
+                      marker=marker, markersize=3)
         if quantity == "update":  # with forced weight normalisation the relative update follows the rate
             lr = np.array([d["lr"] if _number(d.get("lr")) else math.nan for _, d in rows])
             axes.plot(nimg / scale, shown(lr), color="black", linestyle="--", linewidth=1, label="learning rate")

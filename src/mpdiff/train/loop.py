@@ -8,6 +8,7 @@ The pieces it drives live next to it: :mod:`~mpdiff.train.state` (what is traine
 
 import os
 import time
+import warnings
 
 import torch
 
@@ -18,8 +19,9 @@ from mpdiff.errors import DatasetError, NumericalError
 from mpdiff.nn.build import build_network
 from mpdiff.nn.fast import accelerate
 from mpdiff.storage.images import class_grid, save_grid
-from mpdiff.storage.layout import RunLayout, parse_checkpoint_name
+from mpdiff.storage.layout import RunLayout, parse_checkpoint_name, parse_snapshot_name
 from mpdiff.storage.network_files import save_network
+from mpdiff.threads import threads_note
 from mpdiff.train import checkpoint
 from mpdiff.train.dynamics import run_dynamics
 from mpdiff.train.feed import StepPlan, images_of, make_feed
@@ -33,6 +35,9 @@ GRID_CLASSES = 10               # class-conditional grids show up to this many c
 GRID_PER_CLASS = 10             # ... with up to this many samples each, in one sampler batch
 GRID_UNCONDITIONAL = 64         # (either way at most one training batch of images)
 WARMUP_STEPS = 3                # steps measured (after the first) for the time estimate
+SLOW_FACTOR = 3                 # a stats interval this many times slower than the estimate's speed is warned of
+# torch's warnings that every process of a torchrun launch would print alike: only the first one does.
+TORCH_WARNINGS_ONCE = ("Grad strides do not match bucket view strides", "`broadcast_buffers` is deprecated")
 
 
 class Trainer:
@@ -61,6 +66,10 @@ class Trainer:
         if self.dist.active:
             from torch.nn.parallel import DistributedDataParallel
 
+            if not self.writer:  # torch's warnings once, from the first process (as every message of the run)
+                for message in TORCH_WARNINGS_ONCE:
+                    warnings.filterwarnings("ignore", message=message)
+
             ddp = DistributedDataParallel(self.state.net, device_ids=[self.device.index] if self.device.type == "cuda"
                                           else None, broadcast_buffers=False)
         from mpdiff.nn.runtime import compiled, set_precision
@@ -84,6 +93,7 @@ class Trainer:
                                          resolved.cadence, resolved.run.seed, micro_batch=resolved.run.batch_gpu,
                                          device=self.device, encoder=self.encoder)
         self.last_good = None  # the newest checkpoint known to hold this run's state
+        self.expected_ips, self.slow_warned = None, False  # the speed measured at the start; said once when far below
         self._settled = None  # (step, reading) of the newest read of the step tally
 
     @property
@@ -100,6 +110,12 @@ class Trainer:
         if path is not None:
             self.say(f"resumed from {path} at {self.state.nimg} images")
         return path
+
+    def earlier_snapshots(self):
+        """[nimg] of the EMA snapshot files already in the run directory (one per file)."""
+        if not self.writer or not os.path.isdir(self.layout.snapshot_dir):
+            return []
+        return [parsed.nimg for parsed in map(parse_snapshot_name, os.listdir(self.layout.snapshot_dir)) if parsed]
 
     def train_step(self):
         """One step; returns its learning rate."""
@@ -175,6 +191,25 @@ class Trainer:
             per_step = sorted(seconds)[len(seconds) // 2]
             self.say(f"estimate  {_duration(per_step * steps_left)} for the remaining {steps_left:,} steps "
                      f"({per_step:.3g} s per step, measured; snapshots, checkpoints and grids come on top)")
+        self.expected_ips = self.training.batch / max(sorted(seconds)[len(seconds) // 2], 1e-9)
+
+    def status(self, row, stop_at, first):
+        """The stats row just written, as one line for the terminal and log.txt (with or without a progress
+        bar): images, loss, speed and the time left at that speed; and, once, a warning when the speed has
+        fallen far below the one measured at the start (other processes on the cores, usually)."""
+        ips = row["img_per_sec"]
+        left = (stop_at - row["nimg"]) / ips if ips > 0 else float("inf")
+        self.say(f"status    {row['nimg']:,} of {self.training.duration:,} images, loss {row['loss']:.4g}, "
+                 f"{ips:,.3g} img/s" + (f", about {_duration(left)} left" if row["nimg"] < stop_at and left < 1e8
+                                        else ""))
+        expected = self.expected_ips
+        if not first and expected and ips < expected / SLOW_FACTOR and not self.slow_warned:
+            self.slow_warned = True
+            why = (f"other processes are probably using the CPU cores ({threads_note()}; mpdiff train --threads N "
+                   f"chooses)" if getattr(self, "device", None) is None or self.device.type == "cpu"
+                   else f"other work is probably using {self.device}")
+            self.say(f"warning   training now runs at {ips:,.3g} img/s, {expected / ips:.0f}x slower than the "
+                     f"{expected:,.3g} img/s measured at its start: {why}")
 
     def run(self):
         cadence, duration = self.cadence, self.training.duration
@@ -186,6 +221,12 @@ class Trainer:
             params = sum(p.numel() for p in self.state.net.parameters())
             self.say(f"new run in {self.layout.run_dir}: {params:,} parameters, "
                      f"dataset {self.dataset.name} ({len(self.dataset)} images)")
+            earlier = self.earlier_snapshots()
+            if earlier:  # an attempt killed before its first checkpoint: nothing to resume, but files to overwrite
+                self.say(f"note      no checkpoint to resume from, so this run starts at 0 images; the "
+                         f"{len(earlier)} EMA snapshot file(s) of an earlier attempt in {self.layout.snapshot_dir} "
+                         f"(up to {max(earlier):,} images), its stats rows and grids will be overwritten as the run "
+                         f"passes their image counts (move them away now to keep them)")
         for line in self.plan.summary:
             self.say(line)
         ignored = self.dataset.ignored_files
@@ -201,6 +242,7 @@ class Trainer:
         self.feed.start(StepPlan(self.step_fn.indices_at, self.state.nimg, stop_at, self.training.batch))
         interval = IntervalStats(self.state.nimg)
         warmup = []  # seconds of the first steps of this invocation, for the time estimate
+        rows = 0  # written by this invocation
         cuda = self.device.type == "cuda"
         try:
             while self.state.nimg < stop_at:
@@ -224,6 +266,8 @@ class Trainer:
                     reading = self.settle()  # the one read of the steps' numbers since the last row
                     row = interval.row(self.state, lr, reading)
                     self.report.row(row if dynamics is None else {**row, "dynamics": dynamics})
+                    self.status(row, stop_at, first=rows == 0)
+                    rows += 1
                     self.step_fn.tally.new_interval()
                     interval = IntervalStats(nimg)
                 if nimg % cadence.snapshot_nimg == 0 or nimg >= duration:
