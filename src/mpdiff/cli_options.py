@@ -166,6 +166,10 @@ def sampling_options(func):
         default = getattr(SAMPLING, field.name)
         func = click.option(field.metadata["flag"], field.name, default=None, type=_click_type(field),
                             help=f"{field.metadata['help']} [{default}]")(func)
+        if field.name == "num_steps":  # the budget as network evaluations, beside the steps
+            func = click.option("--nfe", "nfe", type=int, default=None,
+                                help="NFE budget per image: the most --steps of the sampler within it (heun: "
+                                     "(NFE + 1) / 2 steps, the others NFE steps) [--steps].")(func)
     return func
 
 
@@ -181,18 +185,27 @@ def guidance_options(func):
         click.option("--guidance-preset", default=None,
                      help="A released guided configuration (`mpdiff info --guidance` lists them): sets w and both "
                           "EMA lengths unless given."),
+        click.option("--net-dir", "net_dir", default=None, metavar="DIR",
+                     help="A folder of NVIDIA's released .pkl files: the --guidance-preset's network and guide are "
+                          "taken from it by their release names (instead of a network and --guide)."),
     ]):
         func = option(func)
     return func
 
 
 def sampling_from(values, batch_size=None):
-    """The SamplingConfig of a command's sampler options (None = the default), checked."""
-    changes = {f.name: values[f.name] for f in dataclasses.fields(SamplingConfig)
+    """The SamplingConfig of a command's sampler options (None = the default), checked; `--nfe N` sets
+    the steps from an NFE budget."""
+    changes = {f.name: _parsed(f, values[f.name]) for f in dataclasses.fields(SamplingConfig)
                if f.name in values and values[f.name] is not None}
     if batch_size is not None:
         changes["batch_size"] = batch_size
-    return SAMPLING.replace(**changes).check()
+    sampling = SAMPLING.replace(**changes)
+    if values.get("nfe") is not None:
+        if "num_steps" in changes:
+            raise ConfigError("give one of --steps and --nfe (which sets the steps)")
+        sampling = sampling.with_nfe(values["nfe"])
+    return sampling.check()
 
 
 VAE_HELP = ("Latent networks (4 channels, e.g. an edm2-img512 run or NVIDIA's released img512 networks): a local "
@@ -201,3 +214,21 @@ VAE_HELP = ("Latent networks (4 channels, e.g. an edm2-img512 run or NVIDIA's re
 
 METRICS_HELP = ("Comma-separated: fid (Inception-v3), fd_dinov2 (DINOv2 ViT-L/14), fd_digits (8x8 digits only), "
                 "fd_mnist (32x32 MNIST only).")
+
+
+def threads_option(func):
+    """--threads N on the heavy commands (train, generate, metrics, ema-sweep, ref); the default is chosen for
+    the machine's free CPUs (mpdiff.threads.choose_threads)."""
+    return click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="CPU threads for torch [OMP_NUM_THREADS if set, else the CPUs this process may use "
+                             "less the load of other processes].")(func)
+
+
+def apply_threads(threads):
+    """Torch's CPU threads for a heavy command (--threads, else OMP_NUM_THREADS, else the free CPUs), said on
+    stderr when the load of other processes left some CPUs unused."""
+    from mpdiff.threads import choose_threads
+
+    choice = choose_threads(threads)
+    if choice.limited:
+        click.echo(f"threads   {choice.note()}", err=True)

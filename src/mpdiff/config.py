@@ -142,6 +142,62 @@ class NetworkConfig(_Config):
                                      "kappa^(resolution level), 'all' kappa.", flag="--kappa-rule")
 
 
+    def check(self):
+        """Refuse a value no network can be built from, whether it came from a flag or a file (a network
+        file's metadata, a run's config.json), with one line naming the field. Returns self."""
+        def whole(name, low):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+                wanted = "positive" if low == 1 else f"an integer of at least {low}"
+                raise ConfigError(f"{{{name}}} must be {wanted}, got {str(value)[:20]}", fields=(name,))
+
+        def real(name, low, high, low_open=False, none=False):
+            value = getattr(self, name)
+            if none and value is None:
+                return
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                  and (low < value if low_open else low <= value) and value <= high)
+            if not ok:
+                wanted = ("finite" if low == -math.inf else "positive and finite" if high == math.inf
+                          else f"in {'(' if low_open else '['}{low:g}, {high:g}]")
+                raise ConfigError(f"{{{name}}} must be {wanted}, got {str(value)[:20]}", fields=(name,))
+
+        for name, low in (("img_resolution", 1), ("img_channels", 1), ("label_dim", 0), ("model_channels", 1),
+                          ("num_blocks", 1), ("channels_per_head", 1), ("logvar_channels", 1), ("patch_size", 1),
+                          ("depth", 0)):
+            whole(name, low)
+        for name in ("channel_mult_noise", "channel_mult_emb"):
+            if getattr(self, name) is not None:
+                whole(name, 1)
+        for name in ("channel_mult", "attn_resolutions", "resample_filter"):
+            values = getattr(self, name)
+            if not (isinstance(values, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                              and v >= 1 for v in values)
+                    and (values or name == "attn_resolutions")):
+                raise ConfigError(f"{{{name}}} must be a list of positive integers, got {str(values)[:40]}",
+                                  fields=(name,))
+        for name in ("label_balance", "concat_balance", "res_balance", "attn_balance"):
+            real(name, 0, 1)
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            raise ConfigError(f"{{dropout}} must be in [0, 1), got {str(self.dropout)[:20]}", fields=("dropout",))
+        real("sigma_data", 0, 1e4, low_open=True)  # a data standard deviation; 1e30 would give black images
+        real("clip_act", 0, math.inf, low_open=True, none=True)
+        real("mlp_ratio", 0, math.inf, low_open=True)
+        real("kappa", -math.inf, math.inf)  # finite always (NaN would never equal itself on resume); (0, 1] where used
+        levels = len(self.channel_mult)
+        if self.backbone == "unet" and self.img_resolution % (1 << (levels - 1)):
+            raise ConfigError(f"{{img_resolution}} {self.img_resolution} cannot be halved {levels - 1} times "
+                              f"({{channel_mult}} has {levels} levels)", fields=("img_resolution", "channel_mult"))
+        if self.config not in LADDER_CONFIGS:
+            raise ConfigError(f"{{config}} {str(self.config)[:20]!r} is not an ablation-ladder config; expected one "
+                              f"of {', '.join(LADDER_CONFIGS)} (SPEC §4)", fields=("config",))
+        for name, choices in (("attn_impl", ATTN_IMPLS), ("skip_scaling", SKIP_MODES),
+                              ("kappa_rule", KAPPA_RULES), ("backbone", ("unet", "uvit"))):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{{{name}}} {str(getattr(self, name))[:20]!r} is not one of {', '.join(choices)}",
+                                  fields=(name,))
+        return self
+
 @dataclass(frozen=True)
 class TrainingConfig(_Config):
     """The optimisation recipe (SPEC §1.2-1.4). Durations are in images."""
@@ -226,26 +282,33 @@ class RunOptions(_Config):
 
 @dataclass(frozen=True)
 class SamplingConfig(_Config):
-    """The sampler and its noise-level schedule (SPEC §6.1-6.3): EDM's deterministic Heun sampler by
-    default; Euler, and EDM's stochastic churn for either."""
+    """The sampler and its noise-level schedule (SPEC §6.1-6.3): EDM's Heun sampler by default; Euler, EDM's
+    churn for either, multistep solvers (docs/SAMPLING.md); and the guidance interval."""
     KIND = "sampling"
-    sampler: str = option("heun", "ODE solver: 'heun' (2nd order, NFE = 2 x steps - 1) or 'euler' (1st order, "
-                                  "NFE = steps).", flag="--sampler")
-    num_steps: int = option(32, "Sampler steps.", flag="--steps")
+    sampler: str = option("heun", "Solver: 'heun' (2nd order, NFE = 2 x steps - 1), 'euler' (1st order), 'dpmpp-2m', "
+                                  "'dpmpp-3m' (DPM-Solver++, 2nd and 3rd order), 'dpmpp-2m-sde' (stochastic) or "
+                                  "'unipc' (UniPC-bh2, 3rd order); NFE = steps for all but heun.", flag="--sampler")
+    num_steps: int = option(32, "Sampler steps (--nfe sets them from an NFE budget instead).", flag="--steps")
     sigma_min: float = option(0.002, "Lowest noise level.", flag="--sigma-min")
     sigma_max: float = option(80.0, "Highest noise level.", flag="--sigma-max")
     rho: float = option(7.0, "Schedule exponent.", flag="--rho")
     S_churn: float = option(0.0, "Stochastic churn (EDM's S_churn); 0 = the deterministic sampler.", flag="--churn")
     S_min: float = option(0.0, "Churn only at noise levels >= this.", flag="--churn-min")
     S_max: Optional[float] = option(None, "Churn only at noise levels <= this; None = no limit.", flag="--churn-max")
-    S_noise: float = option(1.0, "Standard deviation factor of the churn noise.", flag="--churn-noise")
+    S_noise: float = option(1.0, "Standard deviation factor of the churn noise (and dpmpp-2m-sde's).",
+                            flag="--churn-noise")
     batch_size: int = option(256, "Images per sampler batch.", flag="--batch")
     precision: Optional[str] = option(None, "Activation precision of the network: fp32, bf16 or fp16; None = the "
                                             "network's default (fp16 on CUDA when use_fp16, else fp32). Weights, "
-                                            "embedding, norms and the sampler state stay float32.", flag="--precision")
+                                            "embedding and norms stay float32, the sampler state float64.",
+                                      flag="--precision")
     compile: bool = option(False, "Run the network through torch.compile with its weights frozen in (compiles "
                                   "on first use, and again if the weights change; a short last batch is filled "
                                   "up rather than compiled anew).", flag="--compile/--no-compile")
+    guidance_interval: Optional[Tuple[float, float]] = option(
+        None, "Guidance only in the steps that start from a noise level sigma with LO < sigma <= HI "
+              "(Kynkaenniemi et al. 2024), as LO,HI; elsewhere the guide is not evaluated. None = every step "
+              "[or the guidance preset's].", flag="--guidance-interval", parse="floats")
 
     def check(self):
         """Refuse values no sampler can use, naming the field."""
@@ -266,7 +329,22 @@ class SamplingConfig(_Config):
         if self.S_max is not None and not (math.isfinite(self.S_max) and self.S_max >= self.S_min):
             raise ConfigError(f"{{S_max}} must be a finite number >= {{S_min}}, got {self.S_max}",
                               fields=("S_max", "S_min"))
+        if self.S_churn > 0 and self.sampler not in CHURN_SAMPLERS:
+            raise ConfigError(f"{{S_churn}} is EDM's stochastic sampler, for {' and '.join(CHURN_SAMPLERS)}; "
+                              f"{self.sampler} takes none (dpmpp-2m-sde is the stochastic multistep solver)",
+                              fields=("S_churn", "sampler"))
+        lo, hi = self.guidance_interval or (0, 1)
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
+            raise ConfigError(f"{{guidance_interval}} must be noise levels LO,HI with 0 <= LO < HI, got {lo},{hi}",
+                              fields=("guidance_interval",))
         return self
+
+    def with_nfe(self, nfe):
+        """This config with the most steps whose NFE per image is at most `nfe` (Heun: (nfe + 1) // 2)."""
+        if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+            raise ConfigError(f"{{nfe}} (network evaluations per image) must be a whole number >= 1, got {nfe!r}",
+                              fields=("nfe",))
+        return self.replace(num_steps=(nfe + 1) // 2 if self.sampler == "heun" else nfe)
 
     def sampler_options(self):
         """The keyword arguments of :data:`mpdiff.diffusion.samplers.SAMPLERS` functions."""
@@ -326,73 +404,10 @@ def flag_for(name):
     return flag.split("/")[0] if flag else name
 
 
-def is_positive_finite(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
-
-def validate_run(network, training, cadence, run, resolution=None):
-    """Check one run's configuration; raises ConfigError naming the offending field as {field}."""
-    levels = len(network.channel_mult)
-    if network.backbone == "uvit":
-        if resolution is not None and (network.patch_size < 1 or resolution % network.patch_size):
-            raise ConfigError(f"{{patch_size}} {network.patch_size} does not divide the dataset resolution {resolution}",
-                              fields=("patch_size",))
-    elif resolution is not None and resolution % (1 << (levels - 1)) != 0:
-        raise ConfigError(f"dataset resolution {resolution} cannot be halved {levels - 1} times "
-                          f"(channel_mult has {levels} levels)")
-    check_precision(run.precision)
-    if network.attn_impl not in ATTN_IMPLS:
-        raise ConfigError(f"{{attn_impl}} {str(network.attn_impl)[:20]!r} is not one of {', '.join(ATTN_IMPLS)}",
-                          fields=("attn_impl",))
-    batch = training.batch
-    if not batch > 0:
-        raise ConfigError(f"{{batch}} must be positive, got {batch}", fields=("batch",))
-    batch_gpu = batch if run.batch_gpu is None else run.batch_gpu
-    if batch_gpu <= 0 or batch % batch_gpu != 0:
-        raise ConfigError(f"{{batch_gpu}} {batch_gpu} must divide {{batch}} {batch}", fields=("batch_gpu", "batch"))
-    if training.duration <= 0 or training.duration % batch != 0:
-        raise ConfigError(f"{{duration}} {training.duration} images must be a positive multiple of {{batch}} {batch}",
-                          fields=("duration", "batch"))
-    for name in ("status_nimg", "snapshot_nimg", "checkpoint_nimg", "sample_nimg"):
-        _check_cadence(name, getattr(cadence, name), batch)
-    _check_cadence("slice_nimg", run.slice_nimg, batch)
-    if run.max_nonfinite_steps < 1:
-        raise ConfigError("{max_nonfinite_steps} must be at least 1", fields=("max_nonfinite_steps",))
-    if run.keep_checkpoints < 1:
-        raise ConfigError("{keep_checkpoints} must be at least 1", fields=("keep_checkpoints",))
-    if run.snapshot_dtype not in STORAGE_DTYPES:
-        raise ConfigError(f"{{snapshot_dtype}} {run.snapshot_dtype!r} is not one of {', '.join(STORAGE_DTYPES)}",
-                          fields=("snapshot_dtype",))
-    if not is_positive_finite(training.lr):
-        raise ConfigError(f"{{lr}} must be positive and finite, got {training.lr}", fields=("lr",))
-    if training.decay is not None and not is_positive_finite(training.decay):
-        raise ConfigError(f"{{decay}} must be positive (0 on the command line: constant learning rate), "
-                          f"got {training.decay}", fields=("decay",))
-    if training.rampup_img < 0:
-        raise ConfigError(f"{{rampup_img}} must be at least 0 images, got {training.rampup_img}",
-                          fields=("rampup_img",))
-    if not (isinstance(training.P_mean, (int, float)) and math.isfinite(training.P_mean)):
-        raise ConfigError(f"{{P_mean}} must be finite, got {training.P_mean}", fields=("P_mean",))
-    if not is_positive_finite(training.P_std):
-        raise ConfigError(f"{{P_std}} must be positive and finite, got {training.P_std}", fields=("P_std",))
-    if not 0 <= network.dropout < 1:
-        raise ConfigError(f"{{dropout}} must be in [0, 1), got {network.dropout}", fields=("dropout",))
-    if network.model_channels < 1:
-        raise ConfigError(f"{{model_channels}} must be positive, got {network.model_channels}",
-                          fields=("model_channels",))
-    if network.config not in LADDER_CONFIGS:
-        raise ConfigError(f"{{config}} {str(network.config)[:20]!r} is not an ablation-ladder config; expected one of "
-                          f"{', '.join(LADDER_CONFIGS)} (SPEC §4)", fields=("config",))
-    if training.ema_halflife_img is not None and not training.ema_halflife_img > 0:
-        raise ConfigError(f"{{ema_halflife_img}} must be a positive number of images, got "
-                          f"{training.ema_halflife_img}", fields=("ema_halflife_img",))
-    check_device(run.device, field="device")
-    check_named_sigma_rels(training.ema_sigma_rels, field="ema_sigma_rels")
-
-
 # ---- choices and value checks that the configuration owns (the modules that use them import them) ----
 
-SAMPLER_NAMES = ("euler", "heun")             # mpdiff.diffusion.samplers.SAMPLERS, in this order
+SAMPLER_NAMES = ("euler", "heun", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "unipc")  # diffusion.samplers.SAMPLERS
+CHURN_SAMPLERS = ("euler", "heun")            # the samplers that take EDM's churn (S_churn > 0)
 LADDER_CONFIGS = ("A", "B", "C", "D", "E", "F", "G")  # the ablation ladder (SPEC §4; mpdiff.nn.ladder)
 SKIP_MODES = ("none", "cs", "cs-mp", "ls", "ls-nonshared")  # long-skip scaling (ScaleLong, SPEC §9; mpdiff.nn.skips)
 KAPPA_RULES = ("skip", "level", "all")        # kappa_i of the i-th skip (mpdiff.nn.skips.skip_coefficients)
@@ -402,9 +417,9 @@ SIGMA_REL_MAX = 12 ** -0.5  # gamma -> 0 (uniform profile); the open upper end o
 
 
 def network_evaluations(sampler, num_steps):
-    """Denoiser evaluations of one sample by `sampler` in `num_steps` steps: Euler one per step, Heun
-    2 x steps - 1 (no correction on the last step, to sigma = 0). A guided evaluation counts once."""
-    return num_steps if sampler == "euler" else 2 * num_steps - 1
+    """Denoiser evaluations of one sample by `sampler` in `num_steps` steps: Heun 2 x steps - 1 (no correction
+    on the last step, to sigma = 0), the others one per step. A guided evaluation counts once."""
+    return 2 * num_steps - 1 if sampler == "heun" else num_steps
 
 
 def check_sigma_rels(sigma_rel, field=None):
@@ -458,9 +473,3 @@ def check_device(name, field=None):
     elif device.type != "cpu":
         raise ConfigError(f"{where}{name!r} is not supported (use cpu, cuda or mps)", fields=fields)
     return device
-
-
-def _check_cadence(name, value, batch):
-    if value is not None and (value <= 0 or value % batch != 0):
-        raise ConfigError(f"{{{name}}} {value} images must be a positive multiple of {{batch}} {batch}",
-                          fields=(name, "batch"))

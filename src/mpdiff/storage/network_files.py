@@ -11,7 +11,8 @@ import os
 import torch
 
 from mpdiff.config import STORAGE_DTYPES, NetworkConfig
-from mpdiff.errors import CheckpointError, first_line
+from mpdiff.errors import CheckpointError, ConfigError, first_line
+from mpdiff.storage.edm2_pickle import is_release_pickle, read_edm2_pickle
 from mpdiff.storage.tensors import load_tensors, read_metadata, save_tensors
 
 NETWORK_FORMAT = "mpdiff-network/1"
@@ -46,14 +47,24 @@ def load_network(path, device="cpu", eval_mode=True):
     """Build the network described in a network file and load its weights (float32).
 
     Returns (net, metadata). Mismatched or damaged files raise CheckpointError naming the file.
+    One of NVIDIA's release pickles (``*.pkl``) is read by :func:`~mpdiff.storage.edm2_pickle.read_edm2_pickle`,
+    which runs nothing of it; its metadata is :meth:`~mpdiff.storage.edm2_pickle.Edm2Release.metadata`.
     """
     from mpdiff.nn.build import build_meta_network, build_network, check_network_memory, check_state_dict
 
     path = os.fspath(path)
+    if is_release_pickle(path):
+        release = read_edm2_pickle(path, device=device)
+        net = release.net.eval().requires_grad_(False) if eval_mode else release.net.train()
+        return net, release.metadata()
     meta = read_network_metadata(path)
     if not isinstance(meta.get("network"), dict):
         raise CheckpointError(f"{path}: metadata has no network config (a JSON object under 'network')")
     config = NetworkConfig.from_dict(meta["network"], source=path)
+    try:  # the same checks as the flags that set these values
+        config.check()
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: network config: {e}") from None
     tensors, _ = load_tensors(path)
     try:  # the config comes from the file: building it must fail as a clear error, never a traceback
         net = build_meta_network(config)

@@ -8,26 +8,35 @@ and the summary the run prints. Nothing in it is resolved again later.
 
 import contextlib
 import dataclasses
+import math
 import os
 from typing import Optional, Tuple
 
 import torch
 
 from mpdiff.config import (
+    STORAGE_DTYPES,
     Cadence,
     NetworkConfig,
     RunOptions,
     TrainingConfig,
-    validate_run,
+    check_device,
+    check_named_sigma_rels,
+    check_precision,
 )
 from mpdiff.data.datasets import open_dataset
+from mpdiff.data.labels import shown_class_names
 from mpdiff.data.pixels import PixelEncoder
 from mpdiff.distributed import Distributed
 from mpdiff.errors import ConfigError
-from mpdiff.presets import DEFAULT_PRESET, get_preset, ladder_preset
+from mpdiff.presets import DEFAULT_PRESET, LADDER_DERIVED, get_preset, ladder_derived, ladder_preset
 from mpdiff.storage.files import printable, read_json, write_json
 from mpdiff.storage.layout import RunLayout
 from mpdiff.storage.lock import run_directory_lock
+from mpdiff.threads import threads_note
+from mpdiff.train.advice import run_warnings
+
+MAX_DATA_WORKERS = 64  # reader processes: more only forks until the machine stalls
 
 # Cadence fields that may change between the invocations of one run (they change no result).
 RUNTIME_CADENCE_FIELDS = ("status_nimg", "sample_nimg")
@@ -45,6 +54,9 @@ class ResolvedRun:
     # The encoder between the data and the network (PixelEncoder / LatentEncoder.describe()): recorded in
     # config.json, outside the resume contract (the dataset's channel count, in it, decides the encoder).
     encoder: dict = dataclasses.field(default_factory=lambda: PixelEncoder().describe())
+    # The training fields the ablation config derived from the run's recipe (presets.ladder_derived), not
+    # given on the command line: an extended run keeps the values it started with (:func:`keep_derived`).
+    derived: Tuple[str, ...] = ()
 
     def to_dict(self):
         return {"preset": self.preset, "network": self.network.to_dict(), "training": self.training.to_dict(),
@@ -92,6 +104,7 @@ def planned_run(preset=DEFAULT_PRESET, run=None, network=None, training=None, ca
     dist = Distributed.from_env(resolved.run.device)
     try:
         with run_directory_lock(resolved.run.run_dir, "train") if dist.rank == 0 else contextlib.nullcontext():
+            resolved = keep_derived(resolved)
             resolved, micro_note = settle_micro_batch(resolved)
             if dist.active:  # every process takes the smallest micro-batch any of them chose
                 resolved = with_micro(resolved, dist.all_min(resolved.run.batch_gpu or resolved.training.batch))
@@ -131,6 +144,10 @@ def resolve_run(preset=DEFAULT_PRESET, run=None, network=None, training=None, ca
         run = run.replace(run_dir=os.path.join("runs", preset))
     network_config = chosen.network.replace(**(network or {}))
     training_config = chosen.training.replace(**(training or {}))
+    derived = ()
+    if config is not None:  # what the config derives from the recipe, from the run's own (e.g. its --duration)
+        training_config = ladder_derived(config, training_config, given=tuple(training or {}))
+        derived = tuple(f for f in LADDER_DERIVED.get(config, ()) if f not in (training or {}))
     cadence_config = chosen.cadence.replace(**(cadence or {}))
     dataset = open_dataset(run.dataset, use_labels=run.use_labels, progress=None if run.progress else False)
     encoder = _encoder_of(dataset, run)
@@ -146,7 +163,71 @@ def resolve_run(preset=DEFAULT_PRESET, run=None, network=None, training=None, ca
     _check_apart(run.run_dir, run.dataset)
     found = {"spec": run.dataset, "name": dataset.name, "size": len(dataset), "resolution": dataset.resolution,
              "channels": dataset.channels, "num_classes": dataset.num_classes}
-    return ResolvedRun(preset, network_config, training_config, cadence_config, run, found, encoder.describe()), dataset
+    return ResolvedRun(preset, network_config, training_config, cadence_config, run, found, encoder.describe(),
+                       derived), dataset
+
+
+def is_positive_finite(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def validate_run(network, training, cadence, run, resolution=None):
+    """Check one run's configuration; raises ConfigError naming the offending field as {field}."""
+    levels = len(network.channel_mult)
+    if network.backbone == "uvit":
+        if resolution is not None and (network.patch_size < 1 or resolution % network.patch_size):
+            raise ConfigError(f"{{patch_size}} {network.patch_size} does not divide the dataset resolution {resolution}",
+                              fields=("patch_size",))
+    elif resolution is not None and resolution % (1 << (levels - 1)) != 0:
+        raise ConfigError(f"dataset resolution {resolution} cannot be halved {levels - 1} times "
+                          f"(channel_mult has {levels} levels)")
+    network.check()
+    check_precision(run.precision)
+    batch = training.batch
+    if not batch > 0:
+        raise ConfigError(f"{{batch}} must be positive, got {batch}", fields=("batch",))
+    batch_gpu = batch if run.batch_gpu is None else run.batch_gpu
+    if batch_gpu <= 0 or batch % batch_gpu != 0:
+        raise ConfigError(f"{{batch_gpu}} {batch_gpu} must divide {{batch}} {batch}", fields=("batch_gpu", "batch"))
+    if training.duration <= 0 or training.duration % batch != 0:
+        raise ConfigError(f"{{duration}} {training.duration} images must be a positive multiple of {{batch}} {batch}",
+                          fields=("duration", "batch"))
+    for name in ("status_nimg", "snapshot_nimg", "checkpoint_nimg", "sample_nimg"):
+        _check_cadence(name, getattr(cadence, name), batch)
+    _check_cadence("slice_nimg", run.slice_nimg, batch)
+    if run.max_nonfinite_steps < 1:
+        raise ConfigError("{max_nonfinite_steps} must be at least 1", fields=("max_nonfinite_steps",))
+    if not (isinstance(run.data_workers, int) and 0 <= run.data_workers <= MAX_DATA_WORKERS):
+        raise ConfigError(f"{{data_workers}} must be between 0 and {MAX_DATA_WORKERS} processes, got {run.data_workers}",
+                          fields=("data_workers",))
+    if run.keep_checkpoints < 1:
+        raise ConfigError("{keep_checkpoints} must be at least 1", fields=("keep_checkpoints",))
+    if run.snapshot_dtype not in STORAGE_DTYPES:
+        raise ConfigError(f"{{snapshot_dtype}} {run.snapshot_dtype!r} is not one of {', '.join(STORAGE_DTYPES)}",
+                          fields=("snapshot_dtype",))
+    if not is_positive_finite(training.lr):
+        raise ConfigError(f"{{lr}} must be positive and finite, got {training.lr}", fields=("lr",))
+    if training.decay is not None and not is_positive_finite(training.decay):
+        raise ConfigError(f"{{decay}} must be positive (0 on the command line: constant learning rate), "
+                          f"got {training.decay}", fields=("decay",))
+    if training.rampup_img < 0:
+        raise ConfigError(f"{{rampup_img}} must be at least 0 images, got {training.rampup_img}",
+                          fields=("rampup_img",))
+    if not (isinstance(training.P_mean, (int, float)) and math.isfinite(training.P_mean)):
+        raise ConfigError(f"{{P_mean}} must be finite, got {training.P_mean}", fields=("P_mean",))
+    if not is_positive_finite(training.P_std):
+        raise ConfigError(f"{{P_std}} must be positive and finite, got {training.P_std}", fields=("P_std",))
+    if training.ema_halflife_img is not None and not training.ema_halflife_img > 0:
+        raise ConfigError(f"{{ema_halflife_img}} must be a positive number of images, got "
+                          f"{training.ema_halflife_img}", fields=("ema_halflife_img",))
+    check_device(run.device, field="device")
+    check_named_sigma_rels(training.ema_sigma_rels, field="ema_sigma_rels")
+
+
+def _check_cadence(name, value, batch):
+    if value is not None and (value <= 0 or value % batch != 0):
+        raise ConfigError(f"{{{name}}} {value} images must be a positive multiple of {{batch}} {batch}",
+                          fields=(name, "batch"))
 
 
 def _encoder_of(dataset, run):
@@ -219,6 +300,23 @@ def _changed_fields(theirs, ours):
     return changed
 
 
+def keep_derived(resolved):
+    """The run with the derived recipe values (:attr:`ResolvedRun.derived`) its config.json records: a run
+    extended to a longer duration keeps A's half-life from its start (it is part of the resume contract)."""
+    layout = RunLayout(resolved.run.run_dir)
+    if not resolved.derived or not os.path.lexists(layout.config):
+        return resolved
+    try:
+        recorded = read_json(layout.config, what="run config", error=ConfigError).get("training")
+    except (ConfigError, AttributeError):  # check_existing_run says what is wrong with it
+        return resolved
+    if not isinstance(recorded, dict):
+        return resolved
+    kept = {f: recorded[f] for f in resolved.derived
+            if isinstance(recorded.get(f), int) and not isinstance(recorded.get(f), bool) and recorded[f] > 0}
+    return dataclasses.replace(resolved, training=resolved.training.replace(**kept)) if kept else resolved
+
+
 def settle_micro_batch(resolved):
     """(resolved, note): the run with its micro-batch fixed, and one line saying where it came from.
 
@@ -287,7 +385,9 @@ def summary_lines(resolved, dataset, micro_note=None):
     from mpdiff.nn.flops import count_flops
 
     net, training, run = resolved.network, resolved.training, resolved.run
-    classes = (f"{net.label_dim} classes (labels from {dataset.label_source})" if net.label_dim
+    names = shown_class_names(getattr(dataset, "class_names", None))
+    classes = (f"{net.label_dim} classes (labels from {dataset.label_source}{': ' + names if names else ''})"
+               if net.label_dim
                else f"unconditional (labels: {dataset.label_source if run.use_labels else 'not used (--uncond)'})")
     levels = [net.img_resolution >> i for i in range(len(net.channel_mult))]
     used = [r for r in levels if r in net.attn_resolutions]
@@ -318,14 +418,18 @@ def summary_lines(resolved, dataset, micro_note=None):
         f"training  batch {training.batch} (micro-batch {micro}), {training.duration // training.batch:,} steps, "
         f"{training.duration:,} images, lr {training.lr:.4g}"
         f"{'' if training.decay else ' constant'}, EMA {', '.join(f'{s:.3f}' for s in training.ema_sigma_rels)}"
-        + (f" + traditional (half-life {training.ema_halflife_img:,} images)" if training.ema_halflife_img else ""),
+        + (f" + traditional (half-life {training.ema_halflife_img:,} images, "
+           f"{training.ema_halflife_img / training.duration:.1%} of the training)"
+           if training.ema_halflife_img else ""),
     ]
     if net.skip_scaling != "none":
         lines.append(f"skips     {skip_scaling_summary(net, meta)}")
     if micro_note:
         lines.append(f"memory    {micro_note}")
+    if str(run.device).startswith("cpu"):
+        lines.append(f"threads   {threads_note()}")
     dropped = sorted(set(net.attn_resolutions) - set(levels), reverse=True)
     if dropped and net.backbone == "unet":  # never silently: the preset asked for attention where this resolution has no level
         lines.append(f"warning   attention at {', '.join(f'{r}x{r}' for r in dropped)} (from the preset) does not "
                      f"exist at resolution {net.img_resolution}: its levels are {', '.join(map(str, levels))}")
-    return lines
+    return lines + [f"warning   {w}" for w in run_warnings(resolved)]
