@@ -144,7 +144,7 @@ def option_error(name, expect, args=None, **fields):
 
 
 OPTION_ERRORS = [
-    # Values checked when a run is set up (mpdiff.config.validate_run).
+    # Values checked when a run is set up (mpdiff.train.run.validate_run).
     option_error("batch-gpu does not divide batch", "{batch_gpu} 48 must divide {batch} 64",
                  ["--batch-gpu", "48"], batch_gpu=48),
     option_error("batch-gpu negative", "{batch_gpu} -32 must divide {batch} 64", ["--batch-gpu", "-32"], batch_gpu=-32),

@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_config
 
 from mpdiff import PRESETS, build_network
-from mpdiff.config import Cadence, RunOptions, TrainingConfig, flag_for, validate_run
+from mpdiff.config import Cadence, RunOptions, TrainingConfig, flag_for
+from mpdiff.train.run import validate_run
 from mpdiff.diffusion.generate import generate
 from mpdiff.diffusion.loss import edm2_loss, edm_weight
 from mpdiff.errors import ConfigError

@@ -31,12 +31,18 @@ class Distributed:
         """The process group of a torchrun launch (joined here), or a world of one without one.
 
         On CUDA, process LOCAL_RANK uses device cuda:LOCAL_RANK; :meth:`device` gives it."""
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        world = _launch_number("WORLD_SIZE", "1")
         if world <= 1:
             return cls.single()
         import torch.distributed as dist
 
-        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:  # a stray WORLD_SIZE in the shell, not a torchrun launch
+            raise ConfigError(f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                              f"not: start several processes with torchrun, or unset WORLD_SIZE for one")
+        rank, local = _launch_number("RANK", "0"), _launch_number("LOCAL_RANK", "0")
+        if not 0 <= rank < world:
+            raise ConfigError(f"RANK={rank} is not a rank of a world of WORLD_SIZE={world} processes")
         backend = "nccl" if str(device).startswith("cuda") else "gloo"
         if backend == "nccl":
             if local >= torch.cuda.device_count():
@@ -91,3 +97,16 @@ class Distributed:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def _launch_number(name, default):
+    """An integer that torchrun sets in the environment; anything else is one line naming the variable."""
+    text = os.environ.get(name, default) or default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={text[:20]!r} is not a whole number (torchrun sets it)") \
+            from None
+    if value < 0:
+        raise ConfigError(f"environment variable {name}={value} is negative")
+    return value

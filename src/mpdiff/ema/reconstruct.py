@@ -345,7 +345,7 @@ def reconstruct(run_dir, sigma_rels, at_nimg=None, out_dir=None, batch_outputs=6
     * Floating tensors that are bit-identical in every input (buffers such as MPFourier frequencies,
       frozen parameters) are copied verbatim from the first input instead of averaged; all other
       floating tensors are averaged; integer tensors are taken from the latest input.
-    * Outputs ``phema-{nimg:012d}-{sigma_rel:.3f}.safetensors`` go to `out_dir` (default RUN_DIR/phema)
+    * Outputs ``phema-{nimg:012d}-{sigma_rel_text(sigma_rel)}.safetensors`` (storage.layout) go to `out_dir` (default RUN_DIR/phema)
       as network files with kind "phema-reconstruction", the coefficients and the input names.
     """
     targets = target_sigma_rels(sigma_rels)

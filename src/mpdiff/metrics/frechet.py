@@ -34,9 +34,22 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     for name, value in (("mu1", mu1), ("mu2", mu2), ("sigma1", sigma1), ("sigma2", sigma2)):
         if not np.all(np.isfinite(value)):
             raise ValueError(f"{name} holds non-finite values")
+    for name, value in (("sigma1", sigma1), ("sigma2", sigma2)):
+        check_covariance(value, name)
     diff = mu1 - mu2
     distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
     return max(distance, 0.0)  # non-negative by definition; identical inputs can round to -1e-12
+
+
+def check_covariance(sigma, name="covariance"):
+    """ValueError unless `sigma` is symmetric positive semi-definite up to float64 rounding: a matrix that is
+    not a covariance has no Frechet distance (its square root is not real), and used anyway it gave FD 0."""
+    scale = max(float(np.abs(sigma).max(initial=0)), np.finfo(np.float64).tiny)
+    if not np.allclose(sigma, sigma.T, rtol=0, atol=1e-9 * scale):
+        raise ValueError(f"{name} is not a covariance (not symmetric)")
+    lowest = float(np.linalg.eigvalsh((sigma + sigma.T) / 2).min(initial=0))
+    if lowest < -1e-9 * scale * len(sigma):
+        raise ValueError(f"{name} is not a covariance (an eigenvalue of {lowest:.3g}; it must have none below 0)")
 
 
 def _significant(values):

@@ -13,8 +13,10 @@ def build_network(config: NetworkConfig, device="cpu"):
     config A-G; ConfigError for another).
 
     Weights are drawn on the CPU and then moved, so a seed gives the same initial network on every
-    device; only the meta device is built in place (shapes without memory).
+    device; only the meta device is built in place (shapes without memory). The config's values are
+    checked first (:meth:`NetworkConfig.check`), whether they came from flags or from a file.
     """
+    config.check()
     if torch.device(device).type == "meta":
         with torch.device("meta"):
             return Precond(**config.to_dict())

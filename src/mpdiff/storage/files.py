@@ -27,7 +27,8 @@ import tempfile
 
 from mpdiff.errors import MpdiffError, first_line, printable
 
-JSON_MAX_BYTES = 64 * 2 ** 20           # config.json, stats.jsonl and friends: far above any real one
+JSON_MAX_BYTES = 64 * 2 ** 20           # config.json, manifests and friends: far above any real one
+JSONL_LINE_MAX_BYTES = 2 ** 20          # one row of stats.jsonl (the file itself is read line by line)
 _KINDS = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
@@ -88,11 +89,28 @@ def check_regular(path, max_bytes=None, what="file", error=MpdiffError):
     open_regular(path, max_bytes, what, error).close()
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs):
+    """json's object_pairs_hook: an object whose key appears twice is refused (json would keep the last)."""
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
 def read_json(path, what="JSON file", error=MpdiffError, max_bytes=JSON_MAX_BYTES):
-    """A JSON document from a regular file: not UTF-8, not JSON, or nested too deep is one `error` line."""
+    """A JSON document from a regular file: not UTF-8, not JSON, a key twice in one object, or nested too
+    deep is one `error` line."""
     data = read_bytes(path, max_bytes, what, error)
     try:
-        return json.loads(data.decode("utf-8"))
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise error(f"{show_path(path)}: key {printable(str(e))[:40]!r} appears twice in one object") from None
     except UnicodeDecodeError as e:
         raise error(f"{show_path(path)}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
@@ -290,10 +308,14 @@ def append_line(path, line):
     """
     path = write_destination(path)
     data = printable(line.rstrip("\n")).encode("utf-8") + b"\n"
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), _FILE_MODE)
-    except OSError as e:
-        raise MpdiffError(f"{show_path(path)}: append failed ({_why(e)})") from None
+    fd = _open_for_append(path)
+    if os.fstat(fd).st_nlink > 1:
+        # A hard link (a run directory copied with cp -al): appending would write into the other copy
+        # too. The file is copied once into a file of its own, which replaces this name.
+        os.close(fd)
+        with open_regular(path, None, "log", MpdiffError) as old, atomic_write(path) as new:
+            shutil.copyfileobj(old, new)
+        fd = _open_for_append(path)
     try:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
@@ -308,6 +330,13 @@ def append_line(path, line):
         os.close(fd)
 
 
+def _open_for_append(path):
+    try:
+        return os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), _FILE_MODE)
+    except OSError as e:
+        raise MpdiffError(f"{show_path(path)}: append failed ({_why(e)})") from None
+
+
 class DamagedLine:
     """A line of a JSON-lines file that is not a JSON object: kept verbatim, reported by line number."""
 
@@ -318,33 +347,35 @@ class DamagedLine:
         return f"DamagedLine({self.number}, {self.reason!r})"
 
 
-def jsonl_lines(path, max_bytes=JSON_MAX_BYTES, error=MpdiffError):
-    """[(line number, raw bytes, dict or DamagedLine)] for every non-blank line of a JSON-lines file."""
-    data = read_bytes(path, max_bytes, "JSON-lines file", error)
-    lines = data.split(b"\n")
-    if data.endswith(b"\n"):
-        lines.pop()
-    out = []
-    for number, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw.decode("utf-8"))
-            reason = None if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
-        except UnicodeDecodeError:
-            reason = "not UTF-8"
-        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError, as are oversized integers
-            reason = "not valid JSON" + ("" if raw.endswith(b"}") else " (torn)")
-        out.append((number, raw, row if reason is None else DamagedLine(number, raw, reason)))
-    return out
+def jsonl_lines(path, error=MpdiffError, max_line_bytes=JSONL_LINE_MAX_BYTES):
+    """(line number, raw bytes, dict or DamagedLine) for every non-blank line of a JSON-lines file, read one
+    line at a time: an append-only log may grow without bound, so only a line has a size limit."""
+    with open_regular(path, None, "JSON-lines file", error) as f:
+        for number, raw in enumerate(iter(lambda: f.readline(max_line_bytes + 1), b""), 1):
+            if len(raw) > max_line_bytes:
+                raise error(f"{show_path(path)}: line {number} is longer than {max_line_bytes:,} bytes; "
+                            f"not a JSON-lines file mpdiff wrote")
+            raw = raw.rstrip(b"\n")
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+                reason = None if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
+            except UnicodeDecodeError:
+                reason = "not UTF-8"
+            except _DuplicateKey as e:
+                reason = f"key {printable(str(e))[:40]!r} appears twice"
+            except (ValueError, RecursionError):  # JSONDecodeError is a ValueError, as are oversized integers
+                reason = "not valid JSON" + ("" if raw.endswith(b"}") else " (torn)")
+            yield number, raw, row if reason is None else DamagedLine(number, raw, reason)
 
 
-def read_jsonl(path, max_bytes=JSON_MAX_BYTES, error=MpdiffError):
+def read_jsonl(path, error=MpdiffError):
     """Every line of a JSON-lines file: a dict for each valid row, a :class:`DamagedLine` for any other.
 
     Nothing after a damaged line is lost; the caller decides what to report.
     """
-    return [row for _, _, row in jsonl_lines(path, max_bytes, error)]
+    return [row for _, _, row in jsonl_lines(path, error)]
 
 
 # Temporary files are ours when their name is what atomic_write makes: "." + name + "." + 8 characters of

@@ -39,10 +39,10 @@ TRADITIONAL_EMA_FILE = "ema-traditional.safetensors"
 FINAL_GRID_FILE = "grid-final.png"
 
 _GRID_NAME = re.compile(r"grid-(\d{7}|final)\.png")
-_PROFILE_NAME = re.compile(r"profile-\d{12}-\d+\.\d{3}\.png")
+_PROFILE_NAME = re.compile(r"profile-\d{12}-\d+\.\d{3,6}\.png")
 _CHECKPOINT_NAME = re.compile(r"training-state-(\d{12})\.safetensors")
 _SNAPSHOT_NAME = re.compile(r"ema-(\d{12})-(\d+\.\d{3})\.safetensors")
-_PHEMA_NAME = re.compile(r"phema-(\d{12})-(\d+\.\d{3})\.safetensors")
+_PHEMA_NAME = re.compile(r"phema-(\d{12})-(\d+\.\d{3,6})\.safetensors")
 
 
 def checkpoint_name(nimg):
@@ -53,12 +53,19 @@ def snapshot_name(nimg, sigma_rel):
     return f"ema-{int(nimg):012d}-{float(sigma_rel):.3f}.safetensors"
 
 
+def sigma_rel_text(sigma_rel):
+    """An EMA length as a reconstruction's file name says it: 3 decimals (0.070), or up to 6 where 3 would
+    name another length too (0.0704), so that two reconstructions never share a file."""
+    short = f"{float(sigma_rel):.3f}"
+    return short if float(short) == float(sigma_rel) else f"{float(sigma_rel):.6f}".rstrip("0")
+
+
 def phema_name(nimg, sigma_rel):
-    return f"phema-{int(nimg):012d}-{float(sigma_rel):.3f}.safetensors"
+    return f"phema-{int(nimg):012d}-{sigma_rel_text(sigma_rel)}.safetensors"
 
 
 def profile_plot_name(nimg, sigma_rel):
-    return f"profile-{int(nimg):012d}-{float(sigma_rel):.3f}.png"
+    return f"profile-{int(nimg):012d}-{sigma_rel_text(sigma_rel)}.png"
 
 
 def grid_name(nimg):
@@ -70,7 +77,7 @@ class NetworkFileName:
     """What a snapshot or reconstruction file name says: its training time and EMA length."""
     nimg: int
     sigma_rel: float
-    sigma_rel_text: str         # as written in the name (3 decimals), for exact comparisons
+    sigma_rel_text: str         # as written in the name (3 decimals; a reconstruction's up to 6), for exact comparisons
 
 
 def parse_checkpoint_name(name):

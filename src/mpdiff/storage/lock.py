@@ -40,9 +40,12 @@ def run_directory_lock(run_dir, command):
     except OSError as e:
         raise MpdiffError(f"{show_path(path)}: cannot open the run directory's lock ({e.strerror or e})") from None
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise MpdiffError(f"{show_path(path)}: expected the run directory's lock file, found {kind_of(mode)}")
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise MpdiffError(f"{show_path(path)}: expected the run directory's lock file, found {kind_of(info.st_mode)}")
+        if info.st_nlink > 1:  # writing the holder would overwrite the other name's file
+            raise MpdiffError(f"{show_path(path)}: the lock file has {info.st_nlink - 1} other hard link(s); "
+                              f"remove it (it holds no data) and run again")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

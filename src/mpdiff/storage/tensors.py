@@ -8,11 +8,13 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from mpdiff.budgets import memory_limit
 from mpdiff.errors import CheckpointError, first_line
 from mpdiff.storage.files import check_regular, open_regular, show_path, write_bytes
 
@@ -86,9 +88,12 @@ def safe_torch_load(path):
     try:
         if os.path.getsize(path) == 0:
             raise CheckpointError(f"{show_path(path)}: empty file")
+        _check_unpacked_size(path)
         with warnings.catch_warnings():  # torch warns about pickle protocols; the error below says enough
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        _check_plain_tensors(path, loaded)
+        return loaded
     except FileNotFoundError:
         raise CheckpointError(f"{show_path(path)}: file not found") from None
     except pickle.UnpicklingError as e:
@@ -99,6 +104,42 @@ def safe_torch_load(path):
         raise
     except Exception as e:
         raise CheckpointError(f"{show_path(path)}: not a readable torch weights file ({first_line(e)})") from None
+
+
+def _check_unpacked_size(path):
+    """A torch zip file's members, uncompressed, must fit the network memory budget: a small file can hold
+    a deflated storage of gigabytes, which torch.load would allocate before any check of ours."""
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as archive:
+        members = archive.infolist()
+    packed = [m.filename for m in members if m.compress_type != zipfile.ZIP_STORED and m.file_size > 2 ** 20]
+    if packed:  # torch.save stores its members uncompressed; a deflated storage is a memory bomb, not weights
+        raise CheckpointError(f"{show_path(path)}: member {packed[0][:60]} is compressed; torch writes weights "
+                              f"uncompressed, so this is not a file torch.save made")
+    unpacked = sum(m.file_size for m in members)
+    limit, origin = memory_limit("MPDIFF_MAX_NETWORK_BYTES", error=CheckpointError)
+    if limit is not None and unpacked > limit:
+        raise CheckpointError(f"{show_path(path)}: unpacks to {unpacked:,} bytes, more than the network budget "
+                              f"of {limit:,} bytes ({origin})")
+
+
+def _check_plain_tensors(path, loaded, where="", depth=0):
+    """Every tensor in a loaded torch file must be an ordinary dense tensor in memory: a sparse, meta or
+    quantised one would fail later with a traceback, far from the file."""
+    if depth > 32:
+        raise CheckpointError(f"{show_path(path)}: nested more than 32 levels deep")
+    items = loaded.items() if isinstance(loaded, dict) else enumerate(loaded) if isinstance(loaded, (list, tuple)) \
+        else ()
+    for key, value in items:
+        name = f"{where}.{key}" if where else str(key)
+        if torch.is_tensor(value):
+            if value.layout != torch.strided or value.is_meta or value.is_quantized:
+                raise CheckpointError(f"{show_path(path)}: tensor {name[:80]} is {value.layout}"
+                                      f"{' on the meta device' if value.is_meta else ''}; only dense tensors "
+                                      f"are accepted")
+        else:
+            _check_plain_tensors(path, value, name, depth + 1)
 
 
 def _unpickling_reason(e):

@@ -15,7 +15,7 @@ import torch
 from mpdiff.errors import CheckpointError, ConfigError, NumericalError, first_line
 from mpdiff.storage.files import printable
 from mpdiff.storage.layout import parse_checkpoint_name
-from mpdiff.storage.tensors import first_nonfinite, load_tensors, save_tensors
+from mpdiff.storage.tensors import first_nonfinite, load_tensors, read_metadata, save_tensors
 from mpdiff.train.state import HEALTH_COUNTERS
 
 CHECKPOINT_FORMAT = "mpdiff-training-state/1"
@@ -70,10 +70,19 @@ def save_checkpoint(layout, train_state, contract, keep=2):
     path = layout.checkpoint(train_state.nimg)
     save_tensors(path, *flatten_state(train_state.state_dict(), contract))
     load_tensors(path)  # the new file must read back before an older one is removed
-    older = [p for _, p in layout.checkpoints() if p != path and _is_regular(p)]  # never a directory or a device
+    # Only readable checkpoints count towards `keep`, and only they are pruned: a damaged newer file (a
+    # zero-byte one, say) never costs an older good one, and is left for its owner to look at.
+    older = [p for _, p in layout.checkpoints() if p != path and _is_regular(p) and _readable(p)]
     for stale in older[:max(0, len(older) - (keep - 1))]:
         os.remove(stale)
     return path
+
+
+def _readable(path):
+    try:
+        return read_metadata(path).get("format") == CHECKPOINT_FORMAT
+    except CheckpointError:
+        return False
 
 
 def load_checkpoint(path, train_state, contract, duration=None):
@@ -85,7 +94,11 @@ def load_checkpoint(path, train_state, contract, duration=None):
         raise ConfigError(f"{path}: checkpoint was written with a different configuration; "
                           f"use a new run directory or the original options")
     check_metadata(path, meta, contract, duration)
-    bad = first_nonfinite(tensors)
+    check_optimizer_groups(path, meta.get("optim_param_groups"), train_state.optimizer)
+    try:
+        bad = first_nonfinite(tensors)
+    except (TypeError, RuntimeError) as e:  # a dtype torch cannot test (float8, say)
+        raise CheckpointError(f"{path}: a tensor of an unusable kind ({first_line(e, 80)})") from None
     if bad is not None:  # never resume from (or call "good") a state that holds NaN or infinity
         raise CheckpointError(f"{path}: tensor {bad} holds non-finite values")
     try:
@@ -123,6 +136,30 @@ def check_metadata(path, meta, contract, duration=None):
             or not (isinstance(counters["elapsed_sec"], (int, float)) and math.isfinite(counters["elapsed_sec"])
                     and counters["elapsed_sec"] >= 0):
         raise CheckpointError(f"{path}: damaged counters in its metadata")
+
+
+def check_optimizer_groups(path, stored, optimizer):
+    """The optimiser settings in a checkpoint must be those this run's Adam has: a stored `maximize` would
+    train by gradient ascent, `amsgrad` would need state the file lacks. Only the learning rate, set again
+    at every step, may differ (a finite number at least 0)."""
+    ours = optimizer.state_dict()["param_groups"]
+    if not (isinstance(stored, list) and len(stored) == len(ours) and all(isinstance(g, dict) for g in stored)):
+        raise CheckpointError(f"{path}: optimiser settings missing or of another shape")
+    for theirs, mine in zip(stored, ours):
+        if set(theirs) != set(mine):
+            extra = sorted(set(theirs) ^ set(mine), key=str)
+            raise CheckpointError(f"{path}: optimiser settings differ from this run's Adam "
+                                  f"({printable(', '.join(map(str, extra))[:60])})")
+        for key, value in mine.items():
+            given = theirs[key]
+            if key == "lr":
+                if not (isinstance(given, (int, float)) and not isinstance(given, bool) and math.isfinite(given)
+                        and given >= 0):
+                    raise CheckpointError(f"{path}: optimiser learning rate {printable(str(given)[:24])} is unusable")
+            elif (list(given) if isinstance(given, (list, tuple)) else given) != \
+                    (list(value) if isinstance(value, (list, tuple)) else value):
+                raise CheckpointError(f"{path}: optimiser setting {key} is {printable(str(given)[:24])}, this "
+                                      f"run's Adam has {value}")
 
 
 def _count(value):

@@ -11,7 +11,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from mpdiff.storage.files import DamagedLine, append_line, jsonl_lines, printable, write_bytes
+from mpdiff.storage import files
+from mpdiff.storage.files import DamagedLine, append_line, check_regular, jsonl_lines, printable
 
 log = logging.getLogger("mpdiff.train")
 
@@ -93,25 +94,32 @@ class IntervalStats:
 def truncate_stats(path, nimg):
     """Drop the stats rows written after image count `nimg` (the checkpoint a run resumed from: they
     will be written again). Damaged lines are kept verbatim, except a torn last line (a crash
-    mid-append). Returns one message per damaged line, for the log.
+    mid-append). Streams the file, however long. Returns one message per damaged line, for the log.
     """
     if not os.path.lexists(path):
         return []
-    lines = jsonl_lines(path)
-    notes, kept = [], []
-    for index, (number, raw, row) in enumerate(lines):
-        if isinstance(row, DamagedLine):
-            if index == len(lines) - 1 and row.reason.endswith("(torn)"):
-                notes.append(f"{path}: line {number} was torn by a crash; dropped")
-                continue
-            notes.append(f"{path}: line {number} is damaged ({row.reason}); kept as it is")
-            kept.append(raw + b"\n")          # byte for byte
-        elif not isinstance(row.get("nimg"), int) or isinstance(row.get("nimg"), bool):
-            notes.append(f"{path}: line {number} has no integer nimg; kept as it is")
-            kept.append(raw + b"\n")
-        elif row["nimg"] <= nimg:
-            kept.append(raw + b"\n")
-    write_bytes(path, b"".join(kept))
+    check_regular(path, what="JSON-lines file")  # before the writer: a FIFO is named as what it is
+    notes = []
+    with files.atomic_write(path) as out:  # (through the module: the kill test pauses inside its writes)
+        torn = None  # a torn line, held back until we know whether it is the last (then dropped)
+        for number, raw, row in jsonl_lines(path):
+            if torn is not None:
+                notes.append(f"{path}: line {torn[0]} is damaged ({torn[2]}); kept as it is")
+                out.write(torn[1])
+                torn = None
+            if isinstance(row, DamagedLine):
+                if row.reason.endswith("(torn)"):
+                    torn = (number, raw + b"\n", row.reason)
+                    continue
+                notes.append(f"{path}: line {number} is damaged ({row.reason}); kept as it is")
+                out.write(raw + b"\n")          # byte for byte
+            elif not isinstance(row.get("nimg"), int) or isinstance(row.get("nimg"), bool):
+                notes.append(f"{path}: line {number} has no integer nimg; kept as it is")
+                out.write(raw + b"\n")
+            elif row["nimg"] <= nimg:
+                out.write(raw + b"\n")
+        if torn is not None:
+            notes.append(f"{path}: line {torn[0]} was torn by a crash; dropped")
     return notes
 
 
