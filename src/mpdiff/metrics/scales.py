@@ -13,7 +13,7 @@ import json
 
 import numpy as np
 
-from mpdiff.metrics.compute import compute_metrics, dataset_batches, make_detector, reference_source
+from mpdiff.metrics import compute  # through the module: a test's patch of make_detector is undone after it
 
 CLASSIFIER_METRICS = {"digits": "fd_digits", "mnist": "fd_mnist"}  # built-in set -> its cheap metric
 SUBSETS = 3                     # random held-out subsets averaged when the count is below the split's size
@@ -27,7 +27,7 @@ def real_vs_real(metric, reference, ref_path, count, seed=0):
     """(value or None, text) of the real-vs-real scale of `metric` against the reference statistics
     `reference` ({metric: (mu, sigma)}) read from `ref_path`, for `count` evaluated images; None when
     none is known."""
-    source = reference_source(ref_path)
+    source = compute.reference_source(ref_path)
     if CLASSIFIER_METRICS.get(source) == metric:
         from mpdiff.data.datasets import builtin_dataset
 
@@ -36,8 +36,9 @@ def real_vs_real(metric, reference, ref_path, count, seed=0):
         rng = np.random.default_rng(seed)
         picks = [np.sort(rng.choice(len(held_out), n, replace=False))
                  for _ in range(SUBSETS if n < len(held_out) else 1)]
-        detector = make_detector(metric)
-        values = [compute_metrics(dataset_batches(held_out[p]), reference, [metric], detectors=[detector])[metric]
+        detector = compute.make_detector(metric)
+        values = [compute.compute_metrics(compute.dataset_batches(held_out[p]), reference, [metric],
+                                          detectors=[detector])[metric]
                   for p in picks]
         value = float(np.mean(values))
         return value, (f"{n:,} real held-out {source} images against the same reference: {value:.4f}"
