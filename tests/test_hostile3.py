@@ -231,3 +231,18 @@ def test_a_torch_file_is_checked_before_its_tensors_are_allocated_or_used(tmp_pa
 def test_a_huge_number_of_data_workers_is_refused_before_any_fork():
     line = _one_line_failure(run_cli("train", "--run-dir", "run", *tiny_run_flags(), "--data-workers", "100000"))
     assert "--data-workers must be between 0 and 64 processes, got 100000" in line, line
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sigma-max", "1e300"], "--sigma-max must be in [1e-06, 100000], got 1e+300"),
+    (["--sigma-min", "1e-320"], "--sigma-min must be in [1e-06, 100000]"),
+    (["--rho", "1e-300"], "--rho must be in [0.01, 1000], got 1e-300"),
+    (["--churn-noise", "1e300"], "--churn-noise must be in [0, 10], got 1e+300"),
+    (["--steps", "1000000000000"], "--steps must be at most 100,000"),
+])
+def test_sampler_numbers_that_under_or_overflow_are_refused_before_sampling(partial_run, tmp_path, flags, message):
+    # These wrote black images with exit 0, or built a list of 10^12 noise levels.
+    line = _one_line_failure(run_cli("generate", str(partial_run), "--seeds", "0-1", "--out", str(tmp_path / "out"),
+                                     *flags))
+    assert message in line, line
+    assert not (tmp_path / "out").exists()

@@ -325,6 +325,15 @@ class SamplingConfig(_Config):
         if not 0 < self.sigma_min < self.sigma_max or self.rho <= 0:
             raise ConfigError(f"need 0 < {{sigma_min}} < {{sigma_max}} and {{rho}} > 0, got {self.sigma_min}, "
                               f"{self.sigma_max}, {self.rho}", fields=("sigma_min", "sigma_max", "rho"))
+        # Beyond these the float32 network or the float64 schedule under- or overflows: black images, exit 0.
+        for name, low, high in (("sigma_min", 1e-6, 1e5), ("sigma_max", 1e-6, 1e5), ("rho", 1e-2, 1e3),
+                                ("S_noise", 0, 10), ("S_churn", 0, 1e6)):
+            if not low <= getattr(self, name) <= high:
+                raise ConfigError(f"{{{name}}} must be in [{low:g}, {high:g}], got {getattr(self, name):g}",
+                                  fields=(name,))
+        if self.num_steps > MAX_SAMPLER_STEPS:
+            raise ConfigError(f"{{num_steps}} must be at most {MAX_SAMPLER_STEPS:,}, got {self.num_steps:,}",
+                              fields=("num_steps",))
         check_precision(self.precision)
         if self.S_max is not None and not (math.isfinite(self.S_max) and self.S_max >= self.S_min):
             raise ConfigError(f"{{S_max}} must be a finite number >= {{S_min}}, got {self.S_max}",
@@ -406,6 +415,7 @@ def flag_for(name):
 
 # ---- choices and value checks that the configuration owns (the modules that use them import them) ----
 
+MAX_SAMPLER_STEPS = 100_000  # a schedule is a list of steps + 1 noise levels
 SAMPLER_NAMES = ("euler", "heun", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "unipc")  # diffusion.samplers.SAMPLERS
 CHURN_SAMPLERS = ("euler", "heun")            # the samplers that take EDM's churn (S_churn > 0)
 LADDER_CONFIGS = ("A", "B", "C", "D", "E", "F", "G")  # the ablation ladder (SPEC §4; mpdiff.nn.ladder)
