@@ -387,3 +387,25 @@ def test_evaluation_work_estimates_the_rest_from_a_timed_batch(monkeypatch):
     quick = []
     list(estimate.timed_batches(iter(batches[:3]), 192, quick.append))
     assert quick == []  # under 30 s: not worth a line
+
+
+def test_a_resumed_run_keeps_the_thread_count_it_started_with(tmp_path):
+    # Float sums depend on the thread count (1 and 2 threads give other bits on this CPU), and the default
+    # follows the machine's load: a resumed run must not change it, or it would not continue bit for bit.
+    import json
+
+    import torch
+    from conftest import run_cli, tiny_run_flags
+
+    before = torch.get_num_threads()
+    try:
+        first = run_cli("train", "--run-dir", "run", *tiny_run_flags(), "--slice", "128", "--threads", "1")
+        assert first.exit_code == 0, first.output
+        assert json.loads(open("run/config.json").read())["run"]["threads"] == 1
+        torch.set_num_threads(2)
+        second = run_cli("train", "--run-dir", "run", *tiny_run_flags(), "--slice", "128", env={"OMP_NUM_THREADS": "2"})
+        assert second.exit_code == 0, second.output
+        assert torch.get_num_threads() == 1 and "kept from when this run started" in second.output
+        assert json.loads(open("run/config.json").read())["run"]["threads"] == 1
+    finally:
+        torch.set_num_threads(before)

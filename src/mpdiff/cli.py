@@ -76,7 +76,7 @@ def train(preset, threads, **values):
         from mpdiff.presets import get_preset
 
         overrides["run"]["dataset"] = get_preset(preset).data
-    run = RunOptions(**overrides["run"])
+    run = RunOptions(**overrides["run"], threads=threads)
     trainer = run_training(preset, run, network=overrides["network"], training=overrides["training"],
                            cadence=overrides["cadence"])
     if trainer.dist.rank != 0:  # under torchrun the first process speaks for the run

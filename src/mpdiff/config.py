@@ -276,8 +276,11 @@ class RunOptions(_Config):
                                       "itself does not need it (without it, no grids).", flag="--vae")
 
     # Fields that may differ between the invocations of one run (they change no result).
+    threads: Optional[int] = option(None, "CPU threads of the run: --threads, else the count it started with "
+                                          "(config.json), else chosen for the machine's load; kept, because "
+                                          "float sums depend on it and a resumed run continues bit for bit.")
     RUNTIME_FIELDS = ("run_dir", "progress", "tensorboard", "device", "slice_nimg", "grid_steps", "final_grid",
-                      "dynamics", "data_workers", "precision", "compile", "vae")
+                      "dynamics", "data_workers", "precision", "compile", "vae", "threads")
 
 
 @dataclass(frozen=True)

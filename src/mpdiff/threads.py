@@ -78,14 +78,14 @@ class ThreadChoice(NamedTuple):
 _chosen = []                    # the choice of this process's command, for threads_note()
 
 
-def choose_threads(threads=None):
+def choose_threads(threads=None, why="--threads"):
     """Set torch's intra-op threads for a heavy command; returns a :class:`ThreadChoice`: `threads` when
     given (--threads), else what OMP_NUM_THREADS set, else :func:`default_threads`."""
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ConfigError(f"--threads must be a whole number >= 1, got {threads!r}")
         torch.set_num_threads(threads)
-        choice = ThreadChoice(threads, "--threads", False)
+        choice = ThreadChoice(threads, why, False)
     elif os.environ.get(THREADS_ENV):
         choice = ThreadChoice(torch.get_num_threads(), f"{THREADS_ENV}={os.environ[THREADS_ENV]}", False)
     else:

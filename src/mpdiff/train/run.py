@@ -33,7 +33,7 @@ from mpdiff.presets import DEFAULT_PRESET, LADDER_DERIVED, get_preset, ladder_de
 from mpdiff.storage.files import printable, read_json, write_json
 from mpdiff.storage.layout import RunLayout
 from mpdiff.storage.lock import run_directory_lock
-from mpdiff.threads import threads_note
+from mpdiff.threads import choose_threads, threads_note
 from mpdiff.train.advice import run_warnings
 
 MAX_DATA_WORKERS = 64  # reader processes: more only forks until the machine stalls
@@ -105,6 +105,7 @@ def planned_run(preset=DEFAULT_PRESET, run=None, network=None, training=None, ca
     try:
         with run_directory_lock(resolved.run.run_dir, "train") if dist.rank == 0 else contextlib.nullcontext():
             resolved = keep_derived(resolved)
+            resolved = settle_threads(resolved)
             resolved, micro_note = settle_micro_batch(resolved)
             if dist.active:  # every process takes the smallest micro-batch any of them chose
                 resolved = with_micro(resolved, dist.all_min(resolved.run.batch_gpu or resolved.training.batch))
@@ -349,6 +350,35 @@ def settle_micro_batch(resolved):
     note = (f"micro-batch {micro}: {per_image / 2**20:.3g} MiB of activations per image (measured), "
             f"about {estimate / 2**20:,.0f} MiB per micro-batch; {why}; --batch-gpu to choose")
     return with_micro(resolved, micro), note
+
+
+def settle_threads(resolved):
+    """The run with its CPU thread count fixed: `--threads` (set by the command), else the count this run
+    started with (config.json), else what this process uses now (for `mpdiff train`, chosen for the load,
+    mpdiff.threads). Float sums depend on the count, so a resumed run keeps it to continue bit for bit."""
+    run = resolved.run
+    if run.threads is None:
+        recorded = _recorded_run_option(run.run_dir, "threads")
+        if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 1:
+            choose_threads(recorded, why="kept from when this run started; --threads N to change")
+            return dataclasses.replace(resolved, run=run.replace(threads=recorded))
+        return dataclasses.replace(resolved, run=run.replace(threads=torch.get_num_threads()))
+    choose_threads(run.threads)
+    return resolved
+
+
+def _recorded_run_option(run_dir, name):
+    """A value of the 'run' section of RUN_DIR/config.json, or None (absent or unreadable: check_existing_run
+    says what is wrong with it)."""
+    layout = RunLayout(run_dir)
+    if not os.path.lexists(layout.config):
+        return None
+    try:
+        existing = read_json(layout.config, what="run config", error=ConfigError)
+    except ConfigError:
+        return None
+    section = existing.get("run") if isinstance(existing, dict) else None
+    return section.get(name) if isinstance(section, dict) else None
 
 
 def with_micro(resolved, micro):
