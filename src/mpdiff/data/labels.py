@@ -14,6 +14,7 @@ import torch
 
 from mpdiff.data.sources import MAX_FILE_BYTES, show_name
 from mpdiff.errors import DatasetError, first_line
+from mpdiff.storage.files import DuplicateKey, unique_keys
 
 LABELS_BASE_BYTES = 2**20              # dataset.json may have LABELS_BASE_BYTES + LABELS_BYTES_PER_IMAGE per image
 LABELS_BYTES_PER_IMAGE = 2**10         # (an EDM2 entry ["00000/img00000000.png", 999] is 30 bytes)
@@ -46,8 +47,8 @@ def parse_labels_document(data, where, image_names):
     checks them. The class names are mpdiff's extra key "class_names" (EDM2 reads "labels" only): a list
     of num_classes distinct strings, e.g. the folder names a converted dataset was labelled by."""
     try:
-        doc = json.loads(data, object_pairs_hook=_unique_keys)
-    except _DuplicateKey as e:
+        doc = json.loads(data, object_pairs_hook=unique_keys)
+    except DuplicateKey as e:
         raise DatasetError(f"{where}: key \"{show_name(e.args[0], 40)}\" appears twice in one object; "
                            f"refusing to guess which one is meant") from None
     except json.JSONDecodeError as e:
@@ -130,20 +131,6 @@ def shown_class_names(names, limit=10):
         return ""
     shown = ", ".join(show_name(name, 40) for name in names[:limit])
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-
-
-class _DuplicateKey(Exception):
-    """A JSON object names a key twice (json.loads would silently keep the last value)."""
-
-
-def _unique_keys(pairs):
-    """object_pairs_hook for json.loads: the object as a dict, refusing a key that appears twice."""
-    doc = {}
-    for key, value in pairs:
-        if key in doc:
-            raise _DuplicateKey(key)
-        doc[key] = value
-    return doc
 
 
 def labels_from_directories(image_names, where="dataset"):

@@ -89,16 +89,16 @@ def check_regular(path, max_bytes=None, what="file", error=MpdiffError):
     open_regular(path, max_bytes, what, error).close()
 
 
-class _DuplicateKey(ValueError):
-    pass
+class DuplicateKey(ValueError):
+    """A JSON object names a key twice (json.loads would silently keep the last value); args[0] is the key."""
 
 
-def _unique_keys(pairs):
+def unique_keys(pairs):
     """json's object_pairs_hook: an object whose key appears twice is refused (json would keep the last)."""
     obj = {}
     for key, value in pairs:
         if key in obj:
-            raise _DuplicateKey(key)
+            raise DuplicateKey(key)
         obj[key] = value
     return obj
 
@@ -108,8 +108,8 @@ def read_json(path, what="JSON file", error=MpdiffError, max_bytes=JSON_MAX_BYTE
     deep is one `error` line."""
     data = read_bytes(path, max_bytes, what, error)
     try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except _DuplicateKey as e:
+        return json.loads(data.decode("utf-8"), object_pairs_hook=unique_keys)
+    except DuplicateKey as e:
         raise error(f"{show_path(path)}: key {printable(str(e))[:40]!r} appears twice in one object") from None
     except UnicodeDecodeError as e:
         raise error(f"{show_path(path)}: not UTF-8 text (byte {e.start})") from None
@@ -359,11 +359,11 @@ def jsonl_lines(path, error=MpdiffError, max_line_bytes=JSONL_LINE_MAX_BYTES):
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+                row = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
                 reason = None if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
             except UnicodeDecodeError:
                 reason = "not UTF-8"
-            except _DuplicateKey as e:
+            except DuplicateKey as e:
                 reason = f"key {printable(str(e))[:40]!r} appears twice"
             except (ValueError, RecursionError):  # JSONDecodeError is a ValueError, as are oversized integers
                 reason = "not valid JSON" + ("" if raw.endswith(b"}") else " (torn)")
