@@ -102,7 +102,7 @@ def train_command(paths, preset, duration):
 
 
 def train(paths, preset, duration, threads):
-    command = train_command(paths, preset, duration)
+    command = [*train_command(paths, preset, duration), "--threads", str(threads)]  # a run keeps its threads
     print(" ".join(command), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     subprocess.run(command, check=True, env=env)

@@ -211,11 +211,17 @@ def test_an_interrupted_conversion_leaves_no_destination(tmp_path, monkeypatch, 
     assert convert_dataset(tmp_path / "src", tmp_path / dest, progress=False).count == 4  # and it can be redone
 
 
-def test_a_partial_folder_left_by_a_killed_conversion_is_removed(tmp_path):
+def test_a_partial_folder_left_by_a_killed_conversion_is_removed_only_if_it_carries_its_token(tmp_path):
+    from mpdiff.storage.files import write_json
+    from mpdiff.storage.staging import TOKEN_FILE, new_token
+
     write_files(tmp_path / "src", {"a.png": png_bytes(pixels(0, 8))})
-    write_files(tmp_path, {".out.partial-abcd1234/00000/img00000000.png": b"torn"})
+    write_files(tmp_path, {".out.partial-abcd1234/00000/img00000000.png": b"torn",      # a killed conversion's
+                           ".out.partial-mybackup/00000/img00000000.png": b"mine"})     # named like one
+    killed = tmp_path / ".out.partial-abcd1234"
+    write_json(killed / TOKEN_FILE, new_token(killed))
     convert_dataset(tmp_path / "src", tmp_path / "out", progress=False)
-    assert sorted(os.listdir(tmp_path)) == ["out", "src"]
+    assert sorted(os.listdir(tmp_path)) == [".out.partial-mybackup", "out", "src"]
 
 
 # ---- what open_dataset and load_dataset say about sizes and chunk folders ------------------------------

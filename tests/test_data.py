@@ -302,7 +302,7 @@ def test_inconsistent_images_fail_naming_the_file(tmp_path, case, files, offende
 
 LABEL_CASES = [
     ("malformed JSON", '{"labels": [["img00.png", 1],', "not valid JSON (Expecting value at line 1 column 30)"),
-    ("bad UTF-8", b'{"labels": "\xff"}', "not valid JSON ("),
+    ("bad UTF-8", b'{"labels": "\xff"}', "not UTF-8 text (byte 12)"),
     ("top level list", "[1, 2]", "top level must be a JSON object"),
     ("labels missing", '{"label": null}', 'missing the "labels" field'),
     ("labels not list", '{"labels": {"img00.png": 1}}', '"labels" must be a list of [path, class] pairs or null, got an object'),

@@ -326,15 +326,15 @@ def test_generate_killed_midway_leaves_no_folder_and_resumes(partial_run, monkey
     shutil.rmtree(".previous.generating")
     os.remove("previous-grid.png")
 
-    # A SIGKILL between creating the folder's staging copy and naming it leaves the staging copy (nothing in it
-    # but a manifest): the next run removes it. Another folder's is not ours to remove, and a file in the
-    # place of the folder being generated is refused, not deleted.
+    # A folder merely named like a staging copy of ours (its manifest carries no token of it) is not ours to
+    # remove, nor is another folder's (tests/test_hostile3_staging.py: a staging copy that carries its token
+    # is removed), and a file in the place of the folder being generated is refused, not deleted.
     os.makedirs(".out.generating.k1ll3d00")
     write(".out.generating.k1ll3d00/.generation.json", b"{}")
     os.makedirs(".outer.generating.abcd1234")
     succeeds("generate", partial_run, *GEN, "--out", "out")
     assert sorted(os.listdir("out")) == SAMPLES_0_3
-    assert sorted(os.listdir(".")) == [".outer.generating.abcd1234", "out", "out-grid.png"]
+    assert sorted(os.listdir(".")) == [".out.generating.k1ll3d00", ".outer.generating.abcd1234", "out", "out-grid.png"]
     write(".other.generating", b"a file, not a folder")
     refused("generate", partial_run, *GEN, "--out", "other",
             expect=["error: ", ".other.generating: in the way of generation (not a folder); remove it"])

@@ -56,6 +56,7 @@ def test_network_metadata_gets_the_checks_of_the_flags(partial_run, tmp_path):
     (["--channel-mult", "0"], "--channel-mult must be a list of positive integers"),
     (["--mlp-ratio", "nan", "--backbone", "uvit"], "--mlp-ratio must be positive and finite, got nan"),
     (["--kappa", "nan"], "--kappa must be finite, got nan"),  # stored, it would never equal itself on resume
+    (["--attn-res", "3"], "--attn-res 3: no level of this network has that resolution (its levels: 8, 4, 2)"),
 ])
 def test_shape_and_value_flags_are_checked_before_anything_is_built(flags, message):
     line = _one_line_failure(run_cli("train", "--run-dir", "run", *tiny_run_flags(), *flags))

@@ -371,7 +371,7 @@ def test_phema_output_under_a_regular_file(partial_run, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(MpdiffError) as e:
         reconstruct(partial_run, [0.07], out_dir=tmp_path / "file" / "out", progress=False)
-    assert one_line(e).endswith(": cannot write here (Not a directory)")
+    assert one_line(e) == f"{tmp_path / 'file' / 'out'}: cannot open the folder (Not a directory)"
 
 
 def test_disk_full_while_writing_a_checkpoint(run_copy, monkeypatch):

@@ -288,11 +288,15 @@ def test_attention_the_resolution_cannot_have_is_a_warning_not_a_silent_drop():
     from mpdiff.config import RunOptions
     from mpdiff.train.run import resolve_run, summary_lines
 
-    resolved, dataset = resolve_run("digits", RunOptions(run_dir="r"), network=dict(attn_resolutions=(16, 4)))
+    # From the preset (EDM2-XS's 16x16 and 8x8 at the digits' 8x8): a warning; asked for by a flag: an error.
+    resolved, dataset = resolve_run("edm2-img512-xs", RunOptions(run_dir="r", dataset="digits"))
     lines = summary_lines(resolved, dataset)
-    assert "attention at 4x4;" in lines[1]
+    assert "attention at 8x8;" in lines[1]
     assert lines[-1] == ("warning   attention at 16x16 (from the preset) does not exist at resolution 8: "
-                         "its levels are 8, 4, 2")
+                         "its levels are 8, 4, 2, 1")
+    with pytest.raises(ConfigError, match=r"attn_resolutions 16: no level of this network has that resolution "
+                                          r"\(its levels: 8, 4, 2\)"):
+        resolve_run("digits", RunOptions(run_dir="r"), network=dict(attn_resolutions=(16, 4)))
 
 
 @pytest.mark.slow

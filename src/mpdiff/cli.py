@@ -3,7 +3,6 @@
 The options shared by several commands, and how their text is parsed, are :mod:`mpdiff.cli_options`;
 their choices come from :mod:`mpdiff.config`."""
 
-import contextlib
 import json
 import os
 import traceback
@@ -247,34 +246,33 @@ def metrics(images, net_source, ref_path, num, first_seed, metric_names, dinov2,
     from tqdm import tqdm
 
     from mpdiff.distributed import Distributed
-    from mpdiff.metrics.compute import compute_metrics, dataset_batches, load_reference, network_batches, parse_metrics
+    from mpdiff.metrics.compute import (compute_metrics, dataset_batches, load_reference, metric_seeds, network_batches,
+                                        parse_metrics, reference_detectors)
 
     names = parse_metrics(metric_names)
     net_dir = sampler_values.pop("net_dir")
     if (images is None) == (net_source is None and net_dir is None):
         raise ConfigError("give exactly one of --images DIR and --net RUN_OR_FILE"
                           + (" (or --net-dir)" if net_dir else ""))
-    if num < 2 or batch < 1:
-        raise ConfigError("--num must be at least 2, --batch at least 1")
+    seed_range = metric_seeds(num, first_seed)  # before anything is built: a count of 10^10 is refused, not listed
     if vae is not None and images is not None:
         raise ConfigError("--vae decodes the latents of a --net; --images are images already")
     sampling = sampling_from(sampler_values, batch)
     check_device(device, field="device")
-    reference = load_reference(ref_path)
-    from mpdiff.metrics.compute import check_reference_has
-
-    check_reference_has(ref_path, reference, names)  # before any work, naming the command that adds them
+    reference = load_reference(ref_path, names)  # before any work: what it lacks (and how to add it), its values
     apply_threads(threads)
     evaluations = {}  # --net: the network evaluations per image, as counted
     dist = Distributed.from_env(device) if net_source is not None else Distributed.single()
     try:
         device = dist.device(device)
+        detectors = reference_detectors(ref_path, reference, names, device=device, dinov2=dinov2)  # before any image
         if images is not None:
             from mpdiff.data.datasets import open_dataset
             from mpdiff.metrics.compute import check_pixels
-
+            from mpdiff.metrics.recorded import recorded_evaluations  # the NFE generate recorded in the folder
             ds = check_pixels(open_dataset(images, use_labels=False, progress=None if progress else False))
             total, batches = len(ds), dataset_batches(ds, batch)  # streamed: one batch in memory
+            evaluations.update(recorded_evaluations(images, len(ds), warn=lambda line: click.echo(line, err=True)))
         else:
             from mpdiff.loading import load_guided, network_decoder, network_sources
 
@@ -290,7 +288,7 @@ def metrics(images, net_source, ref_path, num, first_seed, metric_names, dinov2,
                     click.echo(line, err=True)
             from mpdiff.diffusion.generate import process_batches
 
-            seeds = sum(process_batches(list(range(first_seed, first_seed + num)), sampling.batch_size, dist), [])
+            seeds = [seed for part in process_batches(seed_range, sampling.batch_size, dist) for seed in part]
             total, batches = len(seeds), network_batches(net, seeds=seeds, sampling=sampling, guide=guide_net,
                                                          guidance=choice.guidance, device=device, encoder=encoder,
                                                          evaluations=evaluations)
@@ -299,8 +297,7 @@ def metrics(images, net_source, ref_path, num, first_seed, metric_names, dinov2,
         if dist.rank == 0:  # the time it will take, once a batch has been timed
             batches = timed_batches(batches, total, lambda line: click.echo(_one_line(line), err=True))
         with tqdm(total=total, disable=not progress or dist.rank != 0, desc="metrics", unit="img") as bar:
-            result = compute_metrics(batches, reference, names, device=device, dinov2=dinov2, progress=bar.update,
-                                     dist=dist)
+            result = compute_metrics(batches, reference, names, detectors=detectors, progress=bar.update, dist=dist)
     finally:
         dist.close()
     if dist.rank != 0:
@@ -397,7 +394,7 @@ def phema(run_dir, sigma_rel, at, out_dir, dtype, progress):
     from mpdiff.ema.reconstruct import reconstruct
 
     targets = parse_range(sigma_rel, "--sigma-rel")
-    with _writing(run_dir, "phema"):
+    with _writing(run_dir, "phema", out_dir):
         paths = reconstruct(run_dir, targets, at_nimg=_at_nimg(at), out_dir=out_dir, dtype=dtype, progress=progress)
     for path in paths:
         click.echo(_one_line(path))
@@ -409,13 +406,11 @@ def phema(run_dir, sigma_rel, at, out_dir, dtype, progress):
                    err=True)
 
 
-def _writing(run_dir, command):
-    """The run directory's lock while `command` writes into it (nothing to lock if it does not exist)."""
-    from mpdiff.storage.layout import run_dir_of
-    from mpdiff.storage.lock import run_directory_lock
+def _writing(run_dir, command, out_dir):
+    """The run directory's lock while `command` uses it: shared when `out_dir` lies elsewhere (storage.lock)."""
+    from mpdiff.storage.lock import run_directory_use
 
-    directory = run_dir_of(run_dir)
-    return run_directory_lock(directory, command) if os.path.isdir(directory) else contextlib.nullcontext()
+    return run_directory_use(run_dir, command, out_dir)
 
 
 def _at_nimg(text):
@@ -450,7 +445,7 @@ def ema_sweep(run_dir, sigma_rel, seeds, sampler, steps, at, out_dir, metric_nam
     targets, seed_list = parse_range(sigma_rel, "--sigma-rel"), parse_seeds(seeds)
     metrics = parse_metrics(metric_names) if metric_names else None
     apply_threads(threads)
-    with _writing(run_dir, "ema-sweep"):
+    with _writing(run_dir, "ema-sweep", out_dir):
         result = run_sweep(run_dir, targets, seed_list, num_steps=steps, at_nimg=_at_nimg(at), out_dir=out_dir,
                            progress=progress, metrics=metrics, ref=ref_path, dinov2=dinov2, vae=vae, sampler=sampler,
                            report=lambda line: click.echo(_one_line(line), err=True))

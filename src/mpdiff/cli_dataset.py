@@ -25,19 +25,30 @@ def dataset():
 @click.option("--resolution", type=int, default=None, metavar="R",
               help="Output side, a power of two >= 4 [default: the images' size, when they all share one such size].")
 @click.option("--transform", type=click.Choice(TRANSFORMS), default=None, help=_TRANSFORM_HELP)
+@click.option("--skip-other-images", is_flag=True,
+              help="Leave out files named as images of other kinds (GIF, TIFF, HEIC, ...), which are refused "
+                   "otherwise; a line on stderr says which were left out.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def convert(src, dest, resolution, transform, progress):
+def convert(src, dest, resolution, transform, skip_other_images, progress):
     """Convert images of any size into an EDM2-style dataset.
 
     SRC: a folder or ZIP of PNG/JPEG/BMP/WebP images, grayscale or RGB (images with transparent pixels
     are refused: flatten them first), labelled by its dataset.json or by class-per-folder (sorted
     top-level folder names), else unlabelled. DEST: a new folder, or a .zip file, holding
     00000/img00000000.png ... and dataset.json; it is written whole or not at all.
+
+    Nothing is left out without a word: files named as images of other kinds (.gif, .tif, .heic, ...)
+    are refused before anything is written, naming them (convert them to PNG, or pass
+    --skip-other-images); files that are not images (notes.txt, ...) are not read, and a line on stderr
+    lists them.
     """
     from mpdiff.data.convert import convert_dataset
     from mpdiff.storage.files import printable
 
-    result = convert_dataset(src, dest, resolution, transform, progress=progress)
+    result = convert_dataset(src, dest, resolution, transform, progress=progress,
+                             skip_other_images=skip_other_images)
+    for line in result.notes():
+        click.echo(printable(f"{src}: {line}"), err=True)
     click.echo(printable(result.summary()))
 
 
@@ -57,7 +68,8 @@ def encode(src, dest, vae, batch, device, progress):
     (512 for EDM2's ImageNet-512). DEST: a new .zip file (or folder) holding, per image, a float32
     00000/img-mean-std-00000000.npy of shape [8, R/8, R/8] (the VAE encoder's 4 means, then its 4
     standard deviations; training draws mean + std * eps) and dataset.json with the same labels.
-    Needs the optional diffusers package: pip install "mpdiff[latent]".
+    Every batch is checked before it is written: latents with NaN or infinity (a damaged VAE) are an
+    error, and DEST is not made. Needs the optional diffusers package: pip install "mpdiff[latent]".
     """
     from mpdiff.config import check_device
     from mpdiff.data.latents import encode_dataset

@@ -6,12 +6,19 @@ address; :meth:`Distributed.from_env` joins the process group (gloo on the CPU, 
 A plain ``mpdiff ...`` is a world of one, and every operation is then a no-op.
 """
 
+import contextlib
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 
-from mpdiff.errors import ConfigError
+from mpdiff.errors import ConfigError, MpdiffError
+
+# What gloo and NCCL say when the process at the other end of a collective is gone (killed, crashed) or hangs.
+_PEER_GONE = re.compile(r"connection (reset|closed|refused)|broken pipe|end of file|remote process exited|"
+                        r"communicator was aborted|timed out|timeout", re.IGNORECASE)
+_COLLECTIVES = re.compile(r"gloo|nccl|c10d|process ?group", re.IGNORECASE)
 
 
 @dataclass
@@ -90,6 +97,31 @@ class Distributed:
         t = torch.tensor([int(value)], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.host_group)
         return int(t.item())
+
+    def peer_stopped(self, error, resume_from="the last checkpoint"):
+        """The one line for `error` when it is a collective that failed because another process of the launch
+        stopped (a killed rank: its sockets close, and gloo or NCCL raises in this one); None for any other."""
+        import torch.distributed as dist
+
+        text = str(error)
+        ours = isinstance(error, getattr(dist, "DistError", ())) or bool(_COLLECTIVES.search(text))
+        if not (self.active and isinstance(error, RuntimeError) and ours and _PEER_GONE.search(text)):
+            return None
+        who = f"rank {1 - self.rank}" if self.world_size == 2 else f"another of the {self.world_size} processes"
+        return (f"{who} stopped (killed?), so rank {self.rank} cannot go on; the run can be resumed from "
+                f"{resume_from} (run the same command again)")
+
+    @contextlib.contextmanager
+    def peers_watched(self, resume_from="the last checkpoint"):
+        """Inside the block, a collective that fails because another process stopped (:meth:`peer_stopped`)
+        is one MpdiffError line instead of the backend's traceback; every other error is left as it is."""
+        try:
+            yield
+        except RuntimeError as e:
+            line = self.peer_stopped(e, resume_from)
+            if line is None:
+                raise
+            raise MpdiffError(line) from None
 
     def close(self):
         if self.active:

@@ -14,6 +14,11 @@ Choices:
 * Channels: 1 when every image is grayscale, else 3 (grayscale images are repeated into RGB).
 * Every header is read before anything is written, so a size that a transform cannot take (an image
   larger than the canvas of `pad`), a missing resolution or transform fails before any output exists.
+  Each file is then read whole only after its header was looked at again (a decompression bomb, or a
+  ZIP entry that inflates to much more than it claims, costs nothing).
+* Nothing is left out without a word: files named as images of kinds the reader does not decode (GIF,
+  TIFF, HEIC, ...) are refused, naming them, unless `skip_other_images` (then listed, as the files that
+  are not images are: :meth:`Conversion.notes`).
 * Class names: the folder names (class-per-folder), or the source dataset.json's "class_names", are
   kept under that extra key of DEST's dataset.json (EDM2 reads "labels" only).
 * Output: PNG files (compressed; a ZIP stores them as they are). A folder is written into a hidden
@@ -30,20 +35,27 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mpdiff.data.image_files import decode_image, probe_image
+from mpdiff.data.image_files import MAX_IMAGE_PIXELS, decode_image
 from mpdiff.data.labels import CHUNK_FOLDERS_UNLABELLED, shown_class_names
-from mpdiff.data.reading import scan_source
+from mpdiff.data.reading import probe_file, read_checked, scan_source
 from mpdiff.data.shapes import MIN_RESOLUTION, suggested_conversion
-from mpdiff.data.sources import is_latent_name, open_source
+from mpdiff.data.sources import (
+    IMAGE_EXTENSIONS,
+    describe_other_images,
+    is_latent_name,
+    open_source,
+    other_images,
+    show_name,
+)
 from mpdiff.errors import ConfigError, DatasetError
 from mpdiff.storage.dataset_json import LABELS_FILE, labels_document
 from mpdiff.storage.files import (
     atomic_write,
     destination_stat,
-    folder_written_whole,
     show_path,
     write_bytes,
 )
+from mpdiff.storage.staging import folder_written_whole
 
 TRANSFORMS = ("pad", "resize", "center-crop", "center-crop-dhariwal")
 IMAGES_PER_FOLDER = 1000        # EDM2: 00000/img00000000.png ... 00000/img00000999.png, 00001/img00001000.png
@@ -59,6 +71,23 @@ class Conversion(NamedTuple):
     num_classes: int
     label_source: str   # as ImageDataset.label_source: "dataset.json", "directories", "none", ...
     class_names: tuple = None  # the classes' names, kept in DEST's dataset.json ("class_names"), or None
+    skipped: dict = None  # {".gif": [names], ...}: images of kinds not read, left out (skip_other_images)
+    ignored: tuple = ()   # the source's other files (not images, not dataset.json), not read
+
+    def notes(self):
+        """Lines about the files of the source that were not converted (for stderr): none when all were."""
+        lines = []
+        if self.skipped:
+            count = sum(len(names) for names in self.skipped.values())
+            lines.append(f"skipped {count:,} image{'' if count == 1 else 's'} of kinds convert does not read: "
+                         f"{describe_other_images(self.skipped)}")
+        skipped = {name for names in (self.skipped or {}).values() for name in names}
+        others = [name for name in self.ignored if name not in skipped]
+        if others:
+            shown = ", ".join(show_name(name, 80) for name in others[:5]) + (", ..." if len(others) > 5 else "")
+            what = "file that is not an image" if len(others) == 1 else "files that are not images"
+            lines.append(f"ignored {len(others):,} {what}: {shown}")
+        return lines
 
     def summary(self):
         """One line: wrote N images (RxR, C channels, K classes from <labels source>) to DEST."""
@@ -76,7 +105,7 @@ class Conversion(NamedTuple):
                 f"{channels}, {labels}) to {show_path(self.dest)}")
 
 
-def convert_dataset(src, dest, resolution=None, transform=None, *, progress=True):
+def convert_dataset(src, dest, resolution=None, transform=None, *, progress=True, skip_other_images=False):
     """Convert the images at `src` (a folder, ZIP or class-per-folder tree) into an EDM2-style dataset at
     `dest` (a folder, or a ZIP when the name ends in .zip); return a :class:`Conversion`.
 
@@ -91,6 +120,11 @@ def convert_dataset(src, dest, resolution=None, transform=None, *, progress=True
       then take the centred R x R square.
 
     progress: tqdm bars over the images (header check, then conversion).
+
+    Files named as images of other kinds (GIF, TIFF, HEIC, ...: :data:`~mpdiff.data.sources.OTHER_IMAGE_EXTENSIONS`)
+    are refused before anything is read, naming them, unless `skip_other_images`: then they are left out
+    and listed in the result (``skipped``; :meth:`Conversion.notes` says so), as are the other files
+    (``ignored``).
     """
     src = os.fsdecode(os.fspath(src))
     dest = os.fsdecode(os.fspath(dest))
@@ -98,6 +132,7 @@ def convert_dataset(src, dest, resolution=None, transform=None, *, progress=True
     check_destination(src, dest)  # before reading anything: a refused DEST costs nothing
     with open_source(src) as source:
         scan = scan_source(source)
+        skipped = _other_images(source, scan.ignored, skip_other_images)
         if is_latent_name(scan.image_names[0]):
             raise DatasetError(f"{source.shown}: holds latents (.npy files); convert takes images (mpdiff dataset "
                                f"encode makes latents from a converted image dataset)")
@@ -113,7 +148,20 @@ def convert_dataset(src, dest, resolution=None, transform=None, *, progress=True
         else:
             write_folder(dest, files, labels, num_classes, class_names=names)
     return Conversion(dest, len(shapes), resolution, channels, scan.num_classes if scan.labels is not None else 0,
-                      scan.label_source, names)
+                      scan.label_source, names, skipped, tuple(scan.ignored))
+
+
+def _other_images(source, ignored, skip):
+    """{".gif": [names], ...} of the source's images of kinds convert does not read; refused unless `skip`."""
+    kinds = other_images(ignored)
+    if kinds and not skip:
+        count = sum(len(names) for names in kinds.values())
+        readable = ", ".join(IMAGE_EXTENSIONS[:-1]) + " and " + IMAGE_EXTENSIONS[-1]
+        raise DatasetError(f"{source.shown}: {count:,} file{'s are' if count > 1 else ' is'} named as images of "
+                           f"kinds convert does not read ({describe_other_images(kinds)}); it reads {readable} files: "
+                           f"convert {'them' if count > 1 else 'it'} to PNG first, or pass --skip-other-images "
+                           f"to leave {'them' if count > 1 else 'it'} out")
+    return kinds or None
 
 
 def transform_image(image, transform, resolution):
@@ -144,13 +192,27 @@ def transform_image(image, transform, resolution):
         picture = _to_pil(image)
         while min(picture.size) >= 2 * size:  # halve with a box filter (an average of 2x2 pixels)
             picture = picture.resize((picture.width // 2, picture.height // 2), Image.Resampling.BOX)
-        scale = size / min(picture.size)  # then the short side becomes exactly `size`
-        picture = picture.resize((round(picture.width * scale), round(picture.height * scale)),
-                                 Image.Resampling.BICUBIC)
-        array = _from_pil(picture)
-        top, left = (array.shape[1] - size) // 2, (array.shape[2] - size) // 2
-        return np.ascontiguousarray(array[:, top:top + size, left:left + size])
+        return _from_pil(_bicubic_center_crop(picture, size))
     raise ValueError(f"unknown transform {transform!r}; expected one of {', '.join(TRANSFORMS)}")
+
+
+def _bicubic_center_crop(picture, size):
+    """The last steps of the ADM recipe: a bicubic resize that makes the short side `size`, then the centred
+    `size` x `size` square. The resized picture is made whole (as ADM does) only when it has at most
+    MAX_IMAGE_PIXELS pixels: a long thin image (8192x1 to 512 would be 4,194,304x512) is resized straight
+    into the square instead (PIL's resize of a box of the source: the same filter at the same places,
+    rounded once per pass as PIL orders them; memory bounded by the output)."""
+    from PIL import Image
+
+    scale = size / min(picture.size)
+    width, height = round(picture.width * scale), round(picture.height * scale)
+    top, left = (height - size) // 2, (width - size) // 2
+    if width * height <= MAX_IMAGE_PIXELS:
+        whole = picture.resize((width, height), Image.Resampling.BICUBIC)
+        return whole.crop((left, top, left + size, top + size))
+    x, y = picture.width / width, picture.height / height  # source pixels per resized pixel
+    return picture.resize((size, size), Image.Resampling.BICUBIC,
+                          box=(left * x, top * y, (left + size) * x, (top + size) * y))
 
 
 def _to_pil(image):
@@ -214,7 +276,7 @@ def _read_headers(source, names, progress):
     shapes = []
     for name in tqdm(names, desc=f"Checking {source.shown}", unit="img", disable=not progress):
         with source.open(name) as stream:
-            shapes.append(probe_image(stream, source.where(name)))
+            shapes.append(probe_file(stream, source.where(name), name))
     return shapes
 
 
@@ -269,7 +331,7 @@ def _png_files(source, names, resolution, transform, channels, progress):
 
     for index, name in enumerate(tqdm(names, desc=f"Converting {source.shown}", unit="img", disable=not progress)):
         where = source.where(name)
-        image = decode_image(source.read(name), where)
+        image = decode_image(read_checked(source, name), where)  # nothing read whole before its header
         if image.shape[1:] != (resolution, resolution):
             if transform == "pad" and max(image.shape[1:]) > resolution:  # changed since its header was read
                 raise DatasetError(f"{where}: image is {_wxh(image.shape[1:])} pixels, larger than "
@@ -317,8 +379,8 @@ def _zip_entry(name):
 
 
 def write_folder(dest, files, labels, num_classes, class_names=None):
-    """A folder written whole (:func:`~mpdiff.storage.files.folder_written_whole`)."""
-    with folder_written_whole(dest) as partial:
+    """A folder written whole (:func:`~mpdiff.storage.staging.folder_written_whole`), one writer at a time."""
+    with folder_written_whole(dest, command="dataset") as partial:
         names = []
         for entry, data in files:
             folder, _ = entry.split("/")

@@ -215,6 +215,8 @@ class StreamedImageDataset:
         """uint8 arrays [b, C, H, W] (latents: float32) of at most `batch_size` images, in order; only the
         current batch is held. progress: a tqdm bar (True/False; None: above PROGRESS_MIN_IMAGES images)."""
         batch_size = _check_batch_size(batch_size)
+        check_memory(show_name(self.path, None), min(batch_size, len(self)), self._shape,  # before np.empty
+                     self.dtype.itemsize)
         with _bar(len(self), progress, f"Reading {self.name}") as bar:
             for start in range(0, len(self), batch_size):
                 batch = np.empty((min(batch_size, len(self) - start), *self._shape), dtype=self.dtype)
@@ -324,7 +326,8 @@ def open_dataset(spec, use_labels=True, *, progress=None):
     EDM2). All images must share one channel count and one square size whose side is a power of
     two >= 4 (the size errors say how to convert other images: :mod:`mpdiff.data.convert`): the
     first image's header is checked at open, every other image against it when it is decoded.
-    Images above MAX_IMAGE_PIXELS pixels or files above MAX_FILE_BYTES are refused.
+    Images above MAX_IMAGE_PIXELS pixels or files above MAX_FILE_BYTES are refused; every file (a ZIP entry
+    too) is read whole only after its header was looked at (:func:`~mpdiff.data.reading.read_checked`).
 
     Latents: a folder or ZIP of ``.npy`` files (any case) instead is a latent dataset, as `mpdiff dataset
     encode` writes it (``00000/img-mean-std-00000000.npy``): every file a float32 array [8, R, R] (the VAE

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from mpdiff.data.sources import MAX_FILE_BYTES, show_name
-from mpdiff.errors import DatasetError, first_line
-from mpdiff.storage.files import DuplicateKey, unique_keys
+from mpdiff.errors import DatasetError
+from mpdiff.storage.files import JsonProblem, parse_json
 
 LABELS_BASE_BYTES = 2**20              # dataset.json may have LABELS_BASE_BYTES + LABELS_BYTES_PER_IMAGE per image
 LABELS_BYTES_PER_IMAGE = 2**10         # (an EDM2 entry ["00000/img00000000.png", 999] is 30 bytes)
@@ -47,14 +47,9 @@ def parse_labels_document(data, where, image_names):
     checks them. The class names are mpdiff's extra key "class_names" (EDM2 reads "labels" only): a list
     of num_classes distinct strings, e.g. the folder names a converted dataset was labelled by."""
     try:
-        doc = json.loads(data, object_pairs_hook=unique_keys)
-    except DuplicateKey as e:
-        raise DatasetError(f"{where}: key \"{show_name(e.args[0], 40)}\" appears twice in one object; "
-                           f"refusing to guess which one is meant") from None
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except (ValueError, RecursionError) as e:  # bad UTF-8, too many digits, nesting too deep
-        raise DatasetError(f"{where}: not valid JSON ({first_line(e)})") from None
+        doc = parse_json(data)  # the one JSON parse: UTF-8, no key twice, bounded nesting
+    except JsonProblem as e:
+        raise DatasetError(f"{where}: {e}") from None
     if not isinstance(doc, dict):
         raise DatasetError(f'{where}: top level must be a JSON object with a "labels" field, got {_describe(doc)}')
     if "labels" not in doc:

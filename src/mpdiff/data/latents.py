@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from mpdiff.data.latent_files import latent_value_problem
 from mpdiff.data.pixels import PixelEncoder
 from mpdiff.errors import ConfigError, DatasetError, MpdiffError, first_line
 from mpdiff.storage.files import show_path
@@ -107,25 +108,47 @@ def load_vae(path, device="cpu"):
     return vae.to(device).eval().requires_grad_(False)
 
 
-def vae_moments(vae, images_uint8):
+def vae_moments(vae, images_uint8, name="the VAE", images="these images"):
     """uint8 images [N, 1 or 3, H, W] -> float32 [N, 8, H/8, W/8] on the CPU: the VAE encoder's 4 means,
-    then its 4 standard deviations. Pixels go in as [0, 1] (uint8 / 255); grayscale is repeated to RGB."""
+    then its 4 standard deviations. Pixels go in as [0, 1] (uint8 / 255); grayscale is repeated to RGB.
+
+    Every batch is checked before anyone can write it, by the rule latent files are read with
+    (:func:`~mpdiff.data.latent_files.latent_value_problem`): non-finite values or negative standard
+    deviations from finite pixels are the VAE's fault, one MpdiffError line naming it (`name`) and the
+    `images` it was given."""
     device = next(vae.parameters()).device
     x = torch.as_tensor(images_uint8).to(device=device, dtype=torch.float32) / 255
     if x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
     with torch.no_grad():
         dist = vae.encode(x).latent_dist
-        return torch.cat([dist.mean, dist.std], dim=1).to(torch.float32).cpu()
+        moments = torch.cat([dist.mean, dist.std], dim=1).to(torch.float32).cpu()
+    problem = latent_value_problem(moments.numpy())
+    if problem:
+        raise MpdiffError(f"{name}: its encoder made latents with {problem} from {images}; the VAE is the likely "
+                          f"cause (damaged or non-finite weights): nothing of them is written")
+    return moments
 
 
-def vae_pixels(vae, z):
+def vae_pixels(vae, z, name="the VAE"):
     """Raw VAE latents [N, 4, h, w] -> uint8 images [N, 3, 8h, 8w] on the CPU: decoded, clamped to [0, 1],
-    x 255, rounded."""
+    x 255, rounded. Non-finite latents, or a non-finite decoded value (which would become a black pixel),
+    are one MpdiffError line naming the likely cause: the network that made the latents, or the VAE
+    (`name`)."""
     device = next(vae.parameters()).device
+    z = torch.as_tensor(z).to(device=device, dtype=torch.float32)
+    bad = int((~torch.isfinite(z)).sum())
+    if bad:
+        raise MpdiffError(f"the latents to decode have {bad:,} non-finite values (NaN or infinity) of {z.numel():,}; "
+                          f"the network that made them is the likely cause, not {name}")
     with torch.no_grad():
-        x = vae.decode(torch.as_tensor(z).to(device=device, dtype=torch.float32)).sample
-        return (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        x = vae.decode(z).sample
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise MpdiffError(f"{name}: its decoder made {bad:,} non-finite values (NaN or infinity) of {x.numel():,} "
+                          f"from finite latents; the VAE is the likely cause (damaged or non-finite weights): "
+                          f"no image is made of them")
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
 # ---- the encoder of latent data --------------------------------------------------------------------
@@ -211,8 +234,11 @@ class LatentEncoder:
         z = self.denormalize(torch.as_tensor(x).detach().cpu())
         if len(z) == 0:
             return torch.zeros(0, 3, z.shape[2] * DOWNSAMPLING, z.shape[3] * DOWNSAMPLING, dtype=torch.uint8)
-        return torch.cat([vae_pixels(self.vae, z[start:start + self.batch_size])
+        return torch.cat([vae_pixels(self.vae, z[start:start + self.batch_size], self._vae_name())
                           for start in range(0, len(z), self.batch_size)])
+
+    def _vae_name(self):
+        return f"VAE folder {show_path(self.vae_dir)}" if self.vae_dir else "the VAE"
 
     def describe(self, with_vae=False):
         """What a run's config.json records about the encoder (and, `with_vae`, the VAE folder too)."""
@@ -343,6 +369,7 @@ def encode_dataset(src, dest, vae, batch_size=ENCODE_BATCH, device="cpu", progre
     from mpdiff.data.convert import check_destination, write_folder, write_zip
     from mpdiff.data.datasets import open_dataset
     from mpdiff.data.shapes import MIN_RESOLUTION
+    from mpdiff.data.sources import show_name
 
     src, dest = os.fsdecode(os.fspath(src)), os.fsdecode(os.fspath(dest))
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -367,7 +394,11 @@ def encode_dataset(src, dest, vae, batch_size=ENCODE_BATCH, device="cpu", progre
         index = 0
         with tqdm(total=len(ds), desc=f"Encoding {ds.name}", unit="img", disable=not progress) as bar:
             for images in ds.batches(batch_size):
-                moments = vae_moments(model, torch.from_numpy(images)).numpy()
+                first = ds.image_name(index)
+                more = len(images) - 1
+                what = f"{show_path(src)}/{show_name(first)}" + (f" and the {more} image{'s' if more > 1 else ''} "
+                                                                  f"after it" if more else "")
+                moments = vae_moments(model, torch.from_numpy(images), f"VAE folder {show_path(vae)}", what).numpy()
                 for array in moments:
                     yield latent_entry_name(index), npy_bytes(array)
                     index += 1

@@ -1,8 +1,8 @@
 """Reading a dataset's folder or ZIP (SPEC §7.3-7.4): the machinery behind :mod:`mpdiff.data.datasets`.
 
 :func:`scan_source` lists the files and reads the labels, decoding nothing; :func:`probe_file` reads one
-file's shape from its header; :func:`decode_checked` decodes one file and checks it against the dataset's
-shape. Decoding a whole dataset into memory is :func:`check_headers` (every header, one shape), then
+file's shape from its header, bounding its memory; :func:`read_checked` reads a file whole only after its
+header; :func:`decode_checked` decodes one file and checks it against the dataset's shape. Decoding a whole dataset into memory is :func:`check_headers` (every header, one shape), then
 :func:`check_memory` (the array they need against :func:`max_dataset_bytes`), then :func:`decode_all`.
 """
 
@@ -22,7 +22,14 @@ from mpdiff.data.labels import (
 )
 from mpdiff.data.latent_files import decode_latent, probe_latent
 from mpdiff.data.shapes import check_first_shape, raise_shape_mismatch
-from mpdiff.data.sources import IMAGE_EXTENSIONS, LATENT_EXTENSIONS, is_data_name, is_latent_name, is_visible
+from mpdiff.data.sources import (
+    IMAGE_EXTENSIONS,
+    LATENT_EXTENSIONS,
+    is_data_name,
+    is_latent_name,
+    is_visible,
+    read_all,
+)
 from mpdiff.errors import DatasetError
 from mpdiff.storage.dataset_json import LABELS_FILE
 
@@ -77,8 +84,14 @@ def scan_source(source, use_labels=True):
 
 
 def probe_file(stream, where, name):
-    """(channels, height, width) from the header of an image or, for a name ending in .npy, a latent."""
-    return probe_latent(stream, where) if is_latent_name(name) else probe_image(stream, where)
+    """(channels, height, width) from the header of an image or, for a name ending in .npy, a latent: the
+    one place where what a file will take in memory is known, and bounded, before anything is allocated.
+    An image's header must promise at most MAX_IMAGE_PIXELS pixels, a latent's exactly the bytes that
+    follow it; and the decoded array must fit :func:`max_dataset_bytes` (:func:`check_memory`)."""
+    latent = is_latent_name(name)
+    shape = probe_latent(stream, where) if latent else probe_image(stream, where)
+    check_memory(where, 1, shape, itemsize=4 if latent else 1)
+    return shape
 
 
 def check_headers(source, image_names, show):
@@ -118,17 +131,32 @@ def decode_all(source, image_names, first_where, shape, show):
 
 
 def decode_checked(source, name, first_where, shape):
-    """Image `name` of an open source decoded into uint8 [C, H, W]; DatasetError naming it when it cannot be
-    read or decoded, or when its shape is not `shape` (that of the first image, named `first_where`)."""
+    """Image `name` of an open source decoded into uint8 [C, H, W] (a latent: float32 [8, R, R]); DatasetError
+    naming it when it cannot be read (:func:`read_checked`: its header first) or decoded, or when its shape
+    is not `shape` (that of the first image, named `first_where`)."""
     where = source.where(name)
-    try:
-        data = source.read(name)
-    except KeyError:  # a ZIP opened again (another process) that no longer holds it
-        raise DatasetError(f"{where}: not in the archive any more (it changed after the dataset was opened)") from None
+    data = read_checked(source, name, first_where, shape)
     array = decode_latent(data, where) if is_latent_name(name) else decode_image(data, where)
-    if array.shape != shape:  # another size or channel count, or the file changed since its header was read
+    if array.shape != shape:  # the decoder disagrees with the header (or the file changed since it was read)
         raise_shape_mismatch(array.shape, where, first_where, shape, source.path)
     return array
+
+
+def read_checked(source, name, first_where=None, shape=None):
+    """The bytes of file `name` of an open source, read only after its header was looked at through the
+    same stream (:func:`probe_file`: a few bytes, of a ZIP entry too): an image over the pixel limit, a
+    latent whose header does not match its size, an array over the memory budget or (when `shape` is
+    given) another shape than the first file's (named `first_where`) is refused before the file is read
+    whole or anything is decoded. The one way every file of a dataset is read (training, check, convert)."""
+    where = source.where(name)
+    try:
+        with source.open(name) as stream:
+            found = probe_file(stream, where, name)
+            if shape is not None and found != shape:
+                raise_shape_mismatch(found, where, first_where, shape, source.path)
+            return read_all(stream, where)
+    except KeyError:  # a ZIP opened again (another process) that no longer holds it
+        raise DatasetError(f"{where}: not in the archive any more (it changed after the dataset was opened)") from None
 
 
 def max_dataset_bytes():
@@ -137,12 +165,15 @@ def max_dataset_bytes():
     return memory_limit(MAX_DATASET_BYTES_ENV, error=DatasetError)
 
 
-def check_memory(shown, count, shape):
+def check_memory(shown, count, shape, itemsize=1):
+    """DatasetError unless `count` arrays of `shape` (C, H, W) with `itemsize` bytes per value (uint8 images:
+    1; float32 latents: 4) fit :func:`max_dataset_bytes`: checked before they are allocated."""
     channels, height, width = shape
-    need = count * channels * height * width
+    need = count * channels * height * width * itemsize
     limit, origin = max_dataset_bytes()
     if limit is not None and need > limit:
-        raise DatasetError(f"{shown}: {_count(count, 'image')} of {width}x{height} pixels with "
+        what = "latent" if itemsize == 4 else "image"
+        raise DatasetError(f"{shown}: {_count(count, what)} of {width}x{height} pixels with "
                            f"{_count(channels, 'channel')} need {_gib(need)} of memory ({need:,} bytes), more than "
                            f"the limit of {_gib(limit)} ({limit:,} bytes, {origin})")
 

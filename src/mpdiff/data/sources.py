@@ -2,7 +2,8 @@
 
 :func:`open_source` opens either as a source with one interface: ``list_files`` (relative posix paths),
 ``where(name)`` (how messages name a file), ``open`` and ``read`` (regular files only, within a size limit:
-:data:`MAX_FILE_BYTES` unless told). The name predicates say which files are images, latents, or hidden
+:data:`MAX_FILE_BYTES` unless told; :func:`stream_size` and :func:`read_all` let a reader look at a header
+through the opened stream before reading it whole). The name predicates say which files are images, latents, or hidden
 (dotfiles, ``__MACOSX/``); :func:`show_name` is how a name appears in a one-line message.
 """
 
@@ -14,6 +15,10 @@ from mpdiff.errors import DatasetError, first_line
 from mpdiff.storage.files import open_regular, show_path
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")  # matched case-insensitively
+# Images of kinds the reader does not decode (its decoders are PIL_FORMATS): named, never skipped silently
+OTHER_IMAGE_EXTENSIONS = (".apng", ".avif", ".cr2", ".dds", ".dng", ".eps", ".exr", ".gif", ".hdr", ".heic",
+                          ".heif", ".ico", ".j2k", ".jfif", ".jp2", ".jpe", ".jxl", ".nef", ".pbm", ".pcx", ".pgm",
+                          ".pnm", ".ppm", ".psd", ".qoi", ".svg", ".tga", ".tif", ".tiff", ".xbm")
 LATENT_EXTENSIONS = (".npy",)          # latents: float32 [LATENT_DATA_CHANNELS, R, R] per file (SPEC §7.1)
 MAX_FILE_BYTES = 512 * 2**20           # per image file and for dataset.json
 
@@ -30,6 +35,27 @@ def _is_image_name(name):
 
 def is_latent_name(name):
     return is_visible(name) and os.path.splitext(name)[1].lower() in LATENT_EXTENSIONS
+
+
+def other_images(names):
+    """{".gif": [names...], ...}: the visible files among `names` whose extension is that of an image of a
+    kind the reader does not decode (:data:`OTHER_IMAGE_EXTENSIONS`), by extension (lower case), sorted."""
+    kinds = {}
+    for name in sorted(names):
+        ext = os.path.splitext(name)[1].lower()
+        if is_visible(name) and ext in OTHER_IMAGE_EXTENSIONS:
+            kinds.setdefault(ext, []).append(name)
+    return dict(sorted(kinds.items()))
+
+
+def describe_other_images(kinds, limit=3):
+    """'2 .gif (a.gif, b.gif), 1 .tiff (c.tiff)' for :func:`other_images`' result: one part per kind, with
+    its count and at most `limit` names."""
+    parts = []
+    for ext, names in kinds.items():
+        shown = ", ".join(show_name(name, 80) for name in names[:limit]) + (", ..." if len(names) > limit else "")
+        parts.append(f"{len(names):,} {ext} ({shown})")
+    return ", ".join(parts)
 
 
 def is_data_name(name):
@@ -119,15 +145,8 @@ class _FolderSource:
         return f
 
     def read(self, name, max_bytes=None, why=""):
-        where, max_bytes = self.where(name), MAX_FILE_BYTES if max_bytes is None else max_bytes
         with self.open(name, max_bytes, why) as f:
-            try:
-                data = f.read(max_bytes + 1)
-            except OSError as e:
-                raise DatasetError(f"{where}: cannot read file ({e.strerror or first_line(e)})") from None
-        if len(data) > max_bytes:  # it grew since it was opened
-            raise _too_big(where, len(data), max_bytes, why)
-        return data
+            return read_all(f, self.where(name), max_bytes, why)
 
 
 class _ZipSource:
@@ -184,11 +203,11 @@ class _ZipSource:
         if info.file_size > max_bytes:
             raise _too_big(where, info.file_size, max_bytes, why)
         with _zip_errors(where):
-            return _ZipEntry(self.zip.open(info), where)
+            return _ZipEntry(self.zip.open(info), where, info.file_size)
 
     def read(self, name, max_bytes=None, why=""):
         with self.open(name, max_bytes, why) as f:
-            return f.read()  # zipfile stops at the declared size and checks the CRC
+            return read_all(f, self.where(name), max_bytes, why)  # zipfile stops at the declared size, checks the CRC
 
 
 @contextlib.contextmanager
@@ -205,8 +224,9 @@ class _ZipEntry:
     """A ZIP entry's stream whose read and seek errors are one DatasetError line naming the entry
     (so that PIL, reading a header from it, reports a damaged archive as such)."""
 
-    def __init__(self, stream, where):
+    def __init__(self, stream, where, size):
         self.stream, self.where = stream, where
+        self.size = size  # the uncompressed size the ZIP directory declares (zipfile reads no further)
 
     def read(self, *args):
         with _zip_errors(self.where):
@@ -234,6 +254,36 @@ class _ZipEntry:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+def read_all(stream, where, max_bytes=None, why=""):
+    """Every byte of `stream` (a file or ZIP entry a source opened), from its start, if there are at most
+    `max_bytes` (default MAX_FILE_BYTES); one DatasetError line naming the file otherwise. A reader first
+    looks at the header through the same stream (:func:`stream_size`, PIL's lazy open), then reads it whole."""
+    max_bytes = MAX_FILE_BYTES if max_bytes is None else max_bytes
+    try:
+        stream.seek(0)
+        data = stream.read(max_bytes + 1)
+    except OSError as e:
+        raise DatasetError(f"{where}: cannot read file ({e.strerror or first_line(e)})") from None
+    if len(data) > max_bytes:  # it grew since it was opened
+        raise _too_big(where, len(data), max_bytes, why)
+    return data
+
+
+def stream_size(stream):
+    """The size in bytes of a stream a source opened, without reading it: a ZIP entry's declared size, a
+    file's size (fstat), or the length of an in-memory stream."""
+    size = getattr(stream, "size", None)
+    if isinstance(size, int):
+        return size
+    try:
+        return os.fstat(stream.fileno()).st_size
+    except (AttributeError, OSError, ValueError):  # io.BytesIO: no file descriptor
+        position = stream.tell()
+        end = stream.seek(0, os.SEEK_END)
+        stream.seek(position)
+        return end
 
 
 def show_name(text, limit=200):

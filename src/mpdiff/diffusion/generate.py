@@ -9,6 +9,7 @@ never on its batch, its position or the number of processes.
   across the processes of a ``torchrun`` launch (:mod:`mpdiff.distributed`).
 """
 
+import contextlib
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -118,7 +119,11 @@ def _batches(net, model, seeds, class_idx, sampling, guide, guidance, device, pr
             def noise_fn(full_shape, gens=gens):
                 return torch.stack([torch.randn(full_shape[1:], generator=g) for g in gens]).to(device)
 
-            def on_step(step, share=len(batch) / sampling.num_steps):  # the bar moves every step
+            checked = []  # per step: its level, and whether the network's output and the state were finite
+
+            def on_step(step, share=len(batch) / sampling.num_steps, checked=checked):  # the bar moves every step
+                checked.append((step.sigma, step.sigma_next,
+                                torch.stack([step.denoised.isfinite().all(), step.x.isfinite().all()])))
                 if bar is not None:
                     bar.update(share)
                 if callback is not None:
@@ -131,10 +136,34 @@ def _batches(net, model, seeds, class_idx, sampling, guide, guidance, device, pr
                 x = sampler(denoise, noise.to(torch.float64) * sigmas[0], sigmas, labels, noise_fn=noise_fn,
                             callback=on_step, **sampling.sampler_options())
             evaluations = {"nfe": counted_net.calls, "guide_nfe": counted_guide.calls if counted_guide else 0}
-            yield Batch(batch, x[:len(batch)].to(torch.float32).cpu(), classes[:len(batch)], evaluations)
+            images = x[:len(batch)].to(torch.float32).cpu()
+            refuse_non_finite(images, checked, batch, guide is not None)
+            yield Batch(batch, images, classes[:len(batch)], evaluations)
     finally:
         if own_bar:
             bar.close()
+
+
+def refuse_non_finite(images, checked, seeds, guided=False):
+    """The check of every generated batch: a step whose network output or state was NaN or infinite (or
+    images beyond float32) is an error naming the step where it first happened, never an image.
+    `checked`: (sigma, sigma_next, tensor [output finite, state finite]) per step."""
+    from mpdiff.errors import MpdiffError
+
+    shown = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}..{seeds[-1]}"
+    flags = torch.stack([finite for *_, finite in checked]).cpu() if checked else torch.ones(0, 2, dtype=torch.bool)
+    bad = (~flags).any(dim=1).nonzero()
+    network = "the network or its guide" if guided else "the network"
+    if len(bad):
+        step = int(bad[0])
+        sigma, sigma_next, _ = checked[step]
+        if not flags[step, 0]:
+            raise MpdiffError(f"{shown}: {network} produced NaN or infinite values at sigma={sigma:.4g} (step "
+                              f"{step + 1} of {len(checked)}); check the network file (its weights and settings)")
+        raise MpdiffError(f"{shown}: sampling became NaN or infinite in step {step + 1} of {len(checked)} (sigma "
+                          f"{sigma:.4g} -> {sigma_next:.4g}); {network} or the sampler options are the likely cause")
+    if not images.isfinite().all():
+        raise MpdiffError(f"{shown}: the images are beyond the range of float32; check the network file")
 
 
 def generate(net, seeds, class_idx=None, sampling=None, guide=None, guidance=1.0, progress=True, device="cpu",
@@ -207,7 +236,8 @@ def generate_to_folder(net, seeds, out_dir, class_idx=None, grid_path=None, samp
     The images go into the hidden sibling ``.NAME.generating`` (with the settings they depend on);
     when every seed is there, dataset.json is written and the folder takes NAME's place, replacing a
     previous sample folder atomically. A killed generation resumed with the same settings keeps the
-    images already written and makes only the missing ones; other settings are refused.
+    images already written (each read back and checked; a damaged one is made again) and makes only the
+    missing ones; other settings are refused. Process 0 holds OUT's lock throughout: one writer at a time.
     `dist` (:class:`mpdiff.distributed.Distributed`): each process makes every world_size-th seed and
     process 0 completes the folder. Returns the folder path.
     `encoder` turns each batch into uint8 images (``encoder.decode``): pixels by default; a latent network's
@@ -217,6 +247,7 @@ def generate_to_folder(net, seeds, out_dir, class_idx=None, grid_path=None, samp
     from mpdiff.data.pixels import PixelEncoder
     from mpdiff.distributed import Distributed
     from mpdiff.storage.samples import StreamingSampleFolder
+    from mpdiff.storage.staging import destination_lock
 
     dist = dist or Distributed.single()
     sampling = sampling_config(sampling, **overrides)
@@ -226,42 +257,74 @@ def generate_to_folder(net, seeds, out_dir, class_idx=None, grid_path=None, samp
     encoder = encoder or PixelEncoder()
     if encoder.name != PixelEncoder.name:  # pixel folders keep the settings they always had
         settings["decoder"] = encoder.describe(with_vae=True)
-    folder = StreamingSampleFolder(out_dir, settings, grid_path=grid_path, subdirs=subdirs,
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    folder = StreamingSampleFolder(out_dir, settings, seeds, grid_path=grid_path, subdirs=subdirs,
                                    num_classes=net.label_dim)
-    if dist.rank == 0:
-        folder.open()
-    dist.barrier()
-    if dist.rank != 0:
-        folder.open(create=False)
-    batches = process_batches(list(range(len(seeds))), sampling.batch_size, dist)
-    mine = sum(len(b) for b in batches)
-    todo = [b for b in batches if not all(folder.has(seeds[i]) for i in b)]
-    written = sum(folder.has(seeds[i]) for b in batches for i in b)
-    if log is not None and dist.rank == 0 and written:
-        log(f"resuming {folder.partial}: {written} of {mine} images of this process already written")
-    bar = tqdm(total=mine, initial=mine - sum(len(b) for b in todo), desc="generating", unit="img",
-               dynamic_ncols=True, disable=not progress or dist.rank != 0,
-               bar_format="{l_bar}{bar}| {n:.0f}/{total} img [{elapsed}<{remaining}]")
-    try:
-        for indices in todo:  # whole batches as one process would make them: the same images, bit for bit
-            for batch in generate_batches(net, [seeds[i] for i in indices], [per_seed[i] for i in indices],
-                                          sampling, guide, guidance, device, progress=bar):
-                if dist.rank == 0:
-                    folder.record_nfe(batch.evaluations)  # before its images: a folder with images has it
-                for seed, image, cls in zip(batch.seeds, encoder.decode(batch.images).numpy(), batch.classes):
-                    if not folder.has(seed):  # a batch cut short by a kill: only its missing images
-                        folder.write(seed, image, cls)
-    finally:
-        bar.close()
-    dist.barrier()
-    if dist.rank == 0:
-        shape = (net.img_channels, net.img_resolution, net.img_resolution)
-        classes = _classes_of(seeds, shape, net.label_dim, per_seed)
-        folder.finish(seeds, classes)
-        if log is not None and folder.nfe is not None:
-            log(describe_evaluations(folder.nfe))
-    dist.barrier()
+    with destination_lock(folder.out_dir, "generate") if dist.rank == 0 else contextlib.nullcontext():
+        if dist.rank == 0:  # one writer: a second generation into OUT is refused until this one ends
+            folder.open()
+        dist.barrier()
+        if dist.rank != 0:
+            folder.open(create=False)
+        batches = process_batches(list(range(len(seeds))), sampling.batch_size, dist)
+        mine = sum(len(b) for b in batches)
+        written = _keep_whole_images(folder, [seeds[i] for b in batches for i in b],
+                                     tuple(encoder.decode(torch.zeros(0, *shape)).shape[1:]), log)
+        todo = [b for b in batches if not all(folder.has(seeds[i]) for i in b)]
+        if log is not None and dist.rank == 0 and written:
+            log(f"resuming {folder.partial}: {written} of {mine} images of this process already written")
+        bar = tqdm(total=mine, initial=mine - sum(len(b) for b in todo), desc="generating", unit="img",
+                   dynamic_ncols=True, disable=not progress or dist.rank != 0,
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total} img [{elapsed}<{remaining}]")
+        try:
+            for indices in todo:  # whole batches as one process would make them: the same images, bit for bit
+                for batch in generate_batches(net, [seeds[i] for i in indices], [per_seed[i] for i in indices],
+                                              sampling, guide, guidance, device, progress=bar):
+                    if dist.rank == 0:
+                        folder.record_nfe(batch.evaluations)  # before its images: a folder with images has it
+                    folder.write_batch(batch.seeds, encoder.decode(batch.images).numpy())
+        finally:
+            bar.close()
+        dist.barrier()
+        if dist.rank == 0:
+            folder.finish(seeds, _classes_of(seeds, shape, net.label_dim, per_seed))
+            if log is not None and folder.nfe is not None:
+                log(describe_evaluations(folder.nfe))
+        dist.barrier()
     return folder.out_dir
+
+
+def _keep_whole_images(folder, seeds, shape, log):
+    """Read back the images of `seeds` that a killed generation left, with the checks of any user's image:
+    one that does not decode, or is not an 8-bit PNG of `shape` [C, H, W] as generation writes, is made
+    again (and said so). Returns the number kept."""
+    kept = 0
+    for seed in seeds:
+        if folder.has(seed):
+            problem = _image_problem(folder.path_of(seed), shape)
+            kept += problem is None
+            if problem is not None:
+                folder.done.discard(seed)
+                if log is not None:
+                    log(f"{problem}; making it again")
+    return kept
+
+
+def _image_problem(path, shape):
+    """Why the image at `path` is not one generation wrote of `shape` (one line), or None."""
+    from mpdiff.data.image_files import decode_image
+    from mpdiff.errors import MpdiffError, first_line
+    from mpdiff.storage.files import read_bytes, show_path
+
+    try:
+        data = read_bytes(path, 2 * shape[0] * shape[1] * shape[2] + 2 ** 20, "sample image")
+        image = decode_image(data, show_path(path))
+    except MpdiffError as e:
+        return first_line(e)
+    if image.shape != shape or data[24:26] != bytes([8, 0 if shape[0] == 1 else 2]):  # IHDR: depth, colour type
+        return f"{show_path(path)}: not the {shape[2]}x{shape[1]} {'grayscale' if shape[0] == 1 else 'RGB'} PNG " \
+               f"generation writes"
+    return None
 
 
 def describe_evaluations(evaluations):

@@ -12,7 +12,7 @@ from mpdiff.ema.profiles import (
 from mpdiff.ema.reconstruct import select_inputs, target_sigma_rels
 from mpdiff.ema.snapshots import list_snapshots
 from mpdiff.storage.files import atomic_write
-from mpdiff.storage.layout import RunLayout, run_dir_of
+from mpdiff.storage.layout import RunLayout, check_folder, run_dir_of
 
 
 def plot_ema_profile(run_dir, sigma_rel, at_nimg=None, out_path=None, num_points=4001):
@@ -42,7 +42,7 @@ def plot_ema_profile(run_dir, sigma_rel, at_nimg=None, out_path=None, num_points
 
     if out_path is None:
         out_path = RunLayout(run_dir_of(run_dir)).profile_plot(at_nimg, sigma_rel)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    check_folder(os.path.dirname(os.path.abspath(out_path)))  # atomic_write makes it; a loop or a file is one line
     figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
     axes.plot(tau / 1000, target, color="black", linewidth=2, label=f"target, sigma_rel = {sigma_rel:.3f}")
     axes.plot(tau / 1000, approx, color="tab:orange", linewidth=1,

@@ -22,7 +22,7 @@ from mpdiff.ema.profiles import profile_reconstruction_error, solve_posthoc_coef
 from mpdiff.ema.snapshots import list_snapshots
 from mpdiff.errors import CheckpointError, ConfigError, first_line
 from mpdiff.storage.files import atomic_write
-from mpdiff.storage.layout import RunLayout, phema_name, run_dir_of
+from mpdiff.storage.layout import RunLayout, check_folder, phema_name, run_dir_of
 from mpdiff.storage.network_files import NETWORK_FORMAT, storage_dtype
 from mpdiff.storage.tensors import (
     FLOAT_CODES,
@@ -360,6 +360,7 @@ def reconstruct(run_dir, sigma_rels, at_nimg=None, out_dir=None, batch_outputs=6
     if not np.all(np.isfinite(coefficients)):
         raise ConfigError("post-hoc EMA coefficients are not finite (snapshot profiles too similar to solve)")
     out_dir = RunLayout(run_dir_of(run_dir)).phema_dir if out_dir is None else os.fspath(out_dir)
+    check_folder(out_dir)  # a symlink loop or a file in its place: one line, before any input is read
     groups = _ranges(len(targets), int(batch_outputs))
 
     reader = _InputReader([r.path for r in inputs], max_open=_MAX_OPEN_INPUTS)

@@ -5,16 +5,16 @@ Writing them (:func:`save_ema_snapshots`) and listing them with a consistency ch
 """
 
 import dataclasses
-import json
 import os
 from typing import Optional
 
 from mpdiff.config import NetworkConfig
 from mpdiff.config import SIGMA_REL_MAX, check_sigma_rels
 from mpdiff.errors import CheckpointError, NumericalError, first_line
-from mpdiff.storage.layout import parse_snapshot_name, snapshot_dir_of, snapshot_name
+from mpdiff.storage.files import parse_json
+from mpdiff.storage.layout import check_folder, parse_snapshot_name, snapshot_dir_of, snapshot_name
 from mpdiff.storage.network_files import NETWORK_FORMAT, save_network
-from mpdiff.storage.tensors import first_nonfinite, open_safetensors
+from mpdiff.storage.tensors import check_dtypes, first_nonfinite, open_safetensors
 
 SNAPSHOT_KIND = "ema-snapshot"
 # ------------------------------------------------------------------------------------------------
@@ -64,6 +64,7 @@ class SnapshotRecord:
 def _read_snapshot_record(path):
     try:
         with open_safetensors(path, what="snapshot") as f:  # checks the header against the file's size
+            check_dtypes(path, f)  # float8 or complex: damage, named before anything is read
             raw_meta = f.metadata() or {}
             signature = tuple(sorted((key, tuple(f.get_slice(key).get_shape())) for key in f.keys()))
     except CheckpointError:
@@ -71,9 +72,9 @@ def _read_snapshot_record(path):
     except Exception as e:  # any way a header can be garbled
         raise CheckpointError(f"{path}: unreadable or damaged snapshot ({first_line(e)})") from None
     try:
-        meta = {k: json.loads(v) for k, v in raw_meta.items()}
-    except (ValueError, RecursionError):
-        raise CheckpointError(f"{path}: snapshot metadata is not valid JSON") from None
+        meta = {k: parse_json(v) for k, v in raw_meta.items()}
+    except ValueError as e:  # storage.files.JsonProblem: not JSON, a key twice, nested too deeply
+        raise CheckpointError(f"{path}: snapshot metadata: {e}") from None
     if meta.get("format") != NETWORK_FORMAT or meta.get("kind") != SNAPSHOT_KIND:
         raise CheckpointError(f"{path}: not an mpdiff EMA snapshot (format {meta.get('format')!r}, "
                               f"kind {meta.get('kind')!r})")
@@ -100,7 +101,7 @@ def list_snapshots(path):
     different network config, different tensor names/shapes, or a different dtype.
     """
     directory = snapshot_dir_of(path)
-    if not os.path.isdir(directory):
+    if not check_folder(directory):  # a symlink loop or a file in its place is refused there, in one line
         raise CheckpointError(f"{directory}: no such directory; expected a run directory with snapshots/ in it")
     names = sorted(name for name in os.listdir(directory) if parse_snapshot_name(name))
     if not names:

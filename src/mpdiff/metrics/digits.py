@@ -41,6 +41,9 @@ _TRAIN_BATCH = 64
 _TRAIN_PEAK_LR = 3e-3
 
 
+FEATURE_DIM = 64  # the digits classifier's penultimate layer: fd_digits' features
+
+
 class DigitClassifier(nn.Module):
     """Two 3x3 convolutions, a 2x2 max-pool and two linear layers, for 8x8 grayscale digits.
 
@@ -51,7 +54,7 @@ class DigitClassifier(nn.Module):
 
     def __init__(self,
         width           = 32,   # Channels of the first convolution (the second has twice as many).
-        feature_dim     = 64,   # Size of the penultimate layer (the FD feature space).
+        feature_dim     = FEATURE_DIM,  # Size of the penultimate layer (the FD feature space).
         num_classes     = 10,   # Digits 0..9.
     ):
         super().__init__()

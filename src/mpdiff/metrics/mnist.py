@@ -61,6 +61,9 @@ _AUG_SCALE = 0.1
 _AUG_SHIFT = 2.0
 
 
+FEATURE_DIM = 128  # the MNIST classifier's penultimate layer: fd_mnist's features
+
+
 class MnistClassifier(nn.Module):
     """Three 3x3 convolutions, each followed by ReLU and a 2x2 max-pool (32 -> 16 -> 8 -> 4), then a
     linear layer (the features) and the class head, for 32x32 grayscale digits.
@@ -72,7 +75,7 @@ class MnistClassifier(nn.Module):
 
     def __init__(self,
         width           = 16,       # Channels of the first convolution (then 2x and 4x).
-        feature_dim     = 128,      # Size of the penultimate layer (the FD feature space).
+        feature_dim     = FEATURE_DIM,  # Size of the penultimate layer (the FD feature space).
         num_classes     = 10,       # Digits 0..9.
         dropout         = _DROPOUT, # Before the feature layer and before the head, in training only.
     ):

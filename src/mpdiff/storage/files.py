@@ -29,6 +29,7 @@ from mpdiff.errors import MpdiffError, first_line, printable
 
 JSON_MAX_BYTES = 64 * 2 ** 20           # config.json, manifests and friends: far above any real one
 JSONL_LINE_MAX_BYTES = 2 ** 20          # one row of stats.jsonl (the file itself is read line by line)
+JSON_MAX_DEPTH = 100                    # levels of nested arrays and objects: far more than any file we write
 _KINDS = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
@@ -105,20 +106,58 @@ def unique_keys(pairs):
 
 def read_json(path, what="JSON file", error=MpdiffError, max_bytes=JSON_MAX_BYTES):
     """A JSON document from a regular file: not UTF-8, not JSON, a key twice in one object, or nested too
-    deep is one `error` line."""
+    deep is one `error` line (:func:`parse_json`)."""
     data = read_bytes(path, max_bytes, what, error)
     try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=unique_keys)
+        return parse_json(data)
+    except JsonProblem as e:
+        raise error(f"{show_path(path)}: {e}") from None
+
+
+class JsonProblem(ValueError):
+    """Why bytes are not JSON we accept: the message, without the file's name; `short`, in two or three words."""
+
+    def __init__(self, message, short):
+        super().__init__(message)
+        self.short = short
+
+
+def parse_json(data):
+    """The one parse of every JSON mpdiff reads (files, safetensors metadata, stats rows, lock records):
+    UTF-8, valid JSON, no key twice in one object, at most JSON_MAX_DEPTH levels deep (so that nothing
+    that walks it later recurses without bound). Raises :class:`JsonProblem`."""
+    try:
+        value = json.loads(data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data,
+                           object_pairs_hook=unique_keys)
     except DuplicateKey as e:
-        raise error(f"{show_path(path)}: key {printable(str(e))[:40]!r} appears twice in one object") from None
+        twice = f"key {printable(str(e))[:40]!r} appears twice"
+        raise JsonProblem(f"{twice} in one object", twice) from None
     except UnicodeDecodeError as e:
-        raise error(f"{show_path(path)}: not UTF-8 text (byte {e.start})") from None
+        raise JsonProblem(f"not UTF-8 text (byte {e.start})", "not UTF-8") from None
     except json.JSONDecodeError as e:
-        raise error(f"{show_path(path)}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise JsonProblem(f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})", "not valid JSON") from None
     except RecursionError:
-        raise error(f"{show_path(path)}: JSON nested too deeply") from None
+        raise JsonProblem("JSON nested too deeply", "nested too deeply") from None
     except ValueError as e:  # e.g. an integer of more digits than Python converts
-        raise error(f"{show_path(path)}: not usable JSON ({first_line(e, 80)})") from None
+        raise JsonProblem(f"not usable JSON ({first_line(e, 80)})", "not valid JSON") from None
+    if _nesting(value) > JSON_MAX_DEPTH:
+        raise JsonProblem("JSON nested too deeply", "nested too deeply")
+    return value
+
+
+def _nesting(value):
+    """Levels of arrays and objects in a parsed JSON value (0 for a number or a string), counted without
+    recursion; stops counting past JSON_MAX_DEPTH."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth > JSON_MAX_DEPTH:
+                break
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)
+                           if isinstance(child, (dict, list)))
+    return deepest
 
 
 def _current_umask():
@@ -210,43 +249,6 @@ def atomic_write(path, mode="wb"):
                 from None
         raise
     _fsync_dir(directory)
-
-
-_PARTIAL = ".partial-"  # a folder NAME is written into the hidden sibling .NAME.partial-XXXXXXXX
-
-
-@contextlib.contextmanager
-def folder_written_whole(dest, replace_existing=False):
-    """Yield a hidden sibling ``.NAME.partial-XXXXXXXX`` of folder `dest` to fill; on a clean exit it takes
-    `dest`'s place at once, so that a kill leaves the previous state and never a half-written folder.
-
-    A `dest` that is a symlink is resolved (the folder it points to is filled; the link stays). The new
-    folder replaces nothing but an empty one, unless `replace_existing`: then a non-empty `dest` is
-    swapped with it atomically (Linux renameat2) and the old content removed. Leftovers of an earlier,
-    killed write of the same folder are removed first.
-    """
-    dest = os.path.normpath(os.fspath(dest))
-    if os.path.islink(dest):
-        dest = os.path.realpath(dest)
-    parent, name = os.path.dirname(os.path.abspath(dest)), os.path.basename(dest)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        prefix = f".{name}{_PARTIAL}"
-        for entry in os.scandir(parent):  # only hidden '.NAME.partial-*' folders: ours, from a killed write
-            if entry.name.startswith(prefix) and entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-        partial = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    except OSError as e:
-        raise MpdiffError(f"{show_path(dest)}: cannot write here ({e.strerror or e})") from None
-    try:
-        yield partial
-        put_folder_in_place(partial, dest, replace_existing)
-    except OSError as e:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise MpdiffError(f"{show_path(dest)}: cannot write here ({e.strerror or e})") from None
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
 
 
 def put_folder_in_place(partial, dest, replace_existing=False):
@@ -359,14 +361,11 @@ def jsonl_lines(path, error=MpdiffError, max_line_bytes=JSONL_LINE_MAX_BYTES):
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
+                row = parse_json(raw)
                 reason = None if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
-            except UnicodeDecodeError:
-                reason = "not UTF-8"
-            except DuplicateKey as e:
-                reason = f"key {printable(str(e))[:40]!r} appears twice"
-            except (ValueError, RecursionError):  # JSONDecodeError is a ValueError, as are oversized integers
-                reason = "not valid JSON" + ("" if raw.endswith(b"}") else " (torn)")
+            except JsonProblem as e:
+                torn = e.short == "not valid JSON" and not raw.endswith(b"}")
+                reason = e.short + (" (torn)" if torn else "")
             yield number, raw, row if reason is None else DamagedLine(number, raw, reason)
 
 

@@ -17,11 +17,13 @@ name that does not match is not ours.
 """
 
 import dataclasses
+import errno
 import os
 import re
 import stat
 
-from mpdiff.storage.files import temporary_target
+from mpdiff.errors import MpdiffError
+from mpdiff.storage.files import kind_of, show_path, temporary_target
 
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.txt"
@@ -211,6 +213,12 @@ class RunLayout:
             except OSError:
                 pass  # gone meanwhile, or not ours to remove: left as it is
 
+    def check_folders(self, *names):
+        """:func:`check_folder` for each of the run directory's folders `names` (e.g. CHECKPOINT_DIR), before a
+        command lists, makes or writes into them: a symlink loop or a file in a folder's place is one line."""
+        for name in names:
+            check_folder(self.path(name))
+
     def checkpoints(self):
         """[(nimg, path)] of the checkpoint files present, oldest first (other names are ignored)."""
         return _listed(self.checkpoint_dir, parse_checkpoint_name)
@@ -220,11 +228,36 @@ class RunLayout:
         return _listed(self.phema_dir, parse_phema_name)
 
 
+def check_folder(path):
+    """The check of a folder that mpdiff lists, makes or writes files into (a run directory's checkpoints/,
+    snapshots/, phema/, tensorboard/, an --out folder). True if it is a directory (also through a symlink,
+    which is the user's choice of where it lives), False if it does not exist yet; anything else is one
+    MpdiffError line: a symlink loop, a symlink to nothing, a file (or FIFO, ...) in its place."""
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise MpdiffError(f"{show_path(path)}: a symlink to {show_path(os.readlink(path))}, which does not exist; "
+                              f"create that folder or remove the link") from None
+        return False
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise MpdiffError(f"{show_path(path)}: a symlink loop (it leads back to itself); remove it, or link it "
+                              f"to a folder") from None
+        raise MpdiffError(f"{show_path(path)}: cannot open the folder ({e.strerror or e})") from None
+    if not stat.S_ISDIR(mode):
+        raise MpdiffError(f"{show_path(path)}: is {kind_of(mode)} where mpdiff keeps a folder; move it away")
+    return True
+
+
 def _listed(directory, parse):
+    if not check_folder(directory):
+        return []
     try:
         names = os.listdir(directory)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
+    except OSError as e:
+        raise MpdiffError(f"{show_path(directory)}: cannot list the folder ({e.strerror or e})") from None
     found = [(parse(name), os.path.join(directory, name)) for name in names]
     return sorted((key, path) for key, path in found if key is not None)
 
@@ -233,7 +266,7 @@ def snapshot_dir_of(path):
     """RUN_DIR/snapshots when `path` is a run directory, else `path` itself."""
     path = os.fspath(path)
     candidate = os.path.join(path, SNAPSHOT_DIR)
-    return candidate if os.path.isdir(candidate) else path
+    return candidate if os.path.lexists(candidate) and check_folder(candidate) else path
 
 
 def run_dir_of(path):

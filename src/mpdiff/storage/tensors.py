@@ -15,8 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from mpdiff.budgets import memory_limit
-from mpdiff.errors import CheckpointError, first_line
-from mpdiff.storage.files import check_regular, open_regular, show_path, write_bytes
+from mpdiff.errors import CheckpointError, first_line, printable
+from mpdiff.storage.files import check_regular, open_regular, parse_json, show_path, write_bytes
 
 
 def save_tensors(path, tensors, metadata=None):
@@ -50,23 +50,41 @@ def read_metadata(path):
     except Exception as e:  # safetensors raises its own error types for damaged headers
         raise CheckpointError(f"{show_path(path)}: not a readable safetensors file ({first_line(e)})") from None
     try:
-        return {k: json.loads(v) for k, v in meta.items()}
-    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError, as are oversized integers
-        raise CheckpointError(f"{show_path(path)}: metadata is not valid JSON") from None
+        return {k: parse_json(v) for k, v in meta.items()}
+    except ValueError as e:  # storage.files.JsonProblem: not JSON, a key twice, nested too deeply
+        raise CheckpointError(f"{show_path(path)}: metadata: {e}") from None
 
 
-def load_tensors(path, device="cpu"):
-    """Return (tensors, metadata) from a safetensors file; damaged files raise CheckpointError."""
+def load_tensors(path, device="cpu", dtypes=None):
+    """Return (tensors, metadata) from a safetensors file; damaged files raise CheckpointError.
+
+    Every tensor must be of a dtype mpdiff writes (:data:`ACCEPTED_DTYPES`: never float8 or complex, which
+    the code that uses them cannot handle), and of one of `dtypes` (floating torch dtypes) when given: any
+    other makes the file damaged, found from its header before any tensor is read.
+    """
     path = os.fspath(path)
     meta = read_metadata(path)
     try:
         with open_safetensors(path) as f:
+            check_dtypes(path, f, dtypes)
             tensors = {name: f.get_tensor(name).to(device) for name in f.offset_keys()}
     except CheckpointError:
         raise
     except Exception as e:
         raise CheckpointError(f"{show_path(path)}: damaged tensor data ({first_line(e)})") from None
     return tensors, meta
+
+
+def check_dtypes(path, opened, dtypes=None):
+    """CheckpointError unless every tensor of the safetensors file `opened` (:func:`open_safetensors`) has one
+    of `dtypes` (default :data:`ACCEPTED_DTYPES`); reads the header only."""
+    codes = {safetensors_code(dtype) for dtype in dtypes or ACCEPTED_DTYPES}
+    for name in opened.offset_keys():
+        code = opened.get_slice(name).get_dtype()
+        if code not in codes:
+            expected = " or ".join(sorted(codes)) if len(codes) <= 2 else "a dtype mpdiff writes"
+            raise CheckpointError(f"{show_path(path)}: tensor {printable(name)[:80]} has dtype "
+                                  f"{printable(str(code))[:16]}, not {expected}")
 
 
 def first_nonfinite(tensors):
@@ -138,6 +156,9 @@ def _check_plain_tensors(path, loaded, where="", depth=0):
                 raise CheckpointError(f"{show_path(path)}: tensor {name[:80]} is {value.layout}"
                                       f"{' on the meta device' if value.is_meta else ''}; only dense tensors "
                                       f"are accepted")
+            if value.dtype not in ACCEPTED_DTYPES:  # float8, complex: nothing that uses weights handles them
+                raise CheckpointError(f"{show_path(path)}: tensor {name[:80]} is {value.dtype}; only float and "
+                                      f"integer tensors are accepted")
         else:
             _check_plain_tensors(path, value, name, depth + 1)
 
@@ -155,11 +176,16 @@ def _unpickling_reason(e):
 
 # safetensors' names of the floating dtypes, and their torch dtypes.
 FLOAT_CODES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_INTEGER_CODES = {"I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                  "BOOL": torch.bool}
+# The dtypes a tensor file we read may hold: what networks, snapshots and checkpoints are written with, and the
+# integer buffers a network may have. float8 and complex tensors are refused as the file's damage.
+ACCEPTED_DTYPES = tuple(FLOAT_CODES.values()) + tuple(_INTEGER_CODES.values())
 
 
 def safetensors_code(dtype):
-    """safetensors' name of a floating torch dtype: 'F32' for torch.float32."""
-    return next(code for code, known in FLOAT_CODES.items() if known == dtype)
+    """safetensors' name of a torch dtype of :data:`ACCEPTED_DTYPES`: 'F32' for torch.float32."""
+    return next(code for code, known in {**FLOAT_CODES, **_INTEGER_CODES}.items() if known == dtype)
 
 
 # Bytes per element of the safetensors dtypes that torch tensors can have.
@@ -189,7 +215,7 @@ def tensor_layout(path):
         header_len = int.from_bytes(prefix, "little")
         if header_len > min(_MAX_HEADER_BYTES, size - 8):
             raise ValueError(f"header length {header_len} does not fit in the file ({size} bytes)")
-        tensors = json.loads(f.read(header_len).decode("utf-8"))
+        tensors = parse_json(f.read(header_len))  # a ValueError (JsonProblem) when it is not JSON we accept
     if not isinstance(tensors, dict):
         raise ValueError("header is not a JSON object")
     metadata = tensors.pop("__metadata__", None) or {}

@@ -13,12 +13,15 @@ import stat
 import torch
 
 from mpdiff.errors import CheckpointError, ConfigError, NumericalError, first_line
-from mpdiff.storage.files import printable
+from mpdiff.storage.files import parse_json, printable
 from mpdiff.storage.layout import parse_checkpoint_name
-from mpdiff.storage.tensors import first_nonfinite, load_tensors, read_metadata, save_tensors
+from mpdiff.storage.tensors import first_nonfinite, load_tensors, safetensors_code, save_tensors, tensor_layout
 from mpdiff.train.state import HEALTH_COUNTERS
 
 CHECKPOINT_FORMAT = "mpdiff-training-state/1"
+# Every tensor of a checkpoint (weights, both Adam moments and steps, EMA averages) is float32 as written; a
+# tensor of another dtype (float8, complex, an integer) is damage, and the checkpoint is skipped.
+CHECKPOINT_DTYPES = (torch.float32,)
 
 
 def flatten_state(state, contract):
@@ -69,7 +72,7 @@ def save_checkpoint(layout, train_state, contract, keep=2):
                              f"not overwriting the last good checkpoint")
     path = layout.checkpoint(train_state.nimg)
     save_tensors(path, *flatten_state(train_state.state_dict(), contract))
-    load_tensors(path)  # the new file must read back before an older one is removed
+    load_tensors(path, dtypes=CHECKPOINT_DTYPES)  # the new file must read back before an older one is removed
     # Only readable checkpoints count towards `keep`, and only they are pruned: a damaged newer file (a
     # zero-byte one, say) never costs an older good one, and is left for its owner to look at.
     older = [p for _, p in layout.checkpoints() if p != path and _is_regular(p) and _readable(p)]
@@ -79,15 +82,20 @@ def save_checkpoint(layout, train_state, contract, keep=2):
 
 
 def _readable(path):
+    """Whether a checkpoint's header reads as one of ours (its format, float32 tensors that tile the file),
+    without reading its tensors."""
     try:
-        return read_metadata(path).get("format") == CHECKPOINT_FORMAT
-    except CheckpointError:
+        _, tensors, metadata = tensor_layout(path)
+        codes = {safetensors_code(dtype) for dtype in CHECKPOINT_DTYPES}
+        return parse_json(metadata.get("format", "null")) == CHECKPOINT_FORMAT \
+            and all(entry["dtype"] in codes for entry in tensors.values())
+    except (CheckpointError, ValueError, KeyError, TypeError, OSError):
         return False
 
 
 def load_checkpoint(path, train_state, contract, duration=None):
     """Restore `train_state` from `path`; CheckpointError or ConfigError (naming the file) when it does not fit."""
-    tensors, meta = load_tensors(path)
+    tensors, meta = load_tensors(path, dtypes=CHECKPOINT_DTYPES)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an mpdiff training checkpoint")
     if _upgraded(meta.get("config")) != contract:
@@ -95,10 +103,7 @@ def load_checkpoint(path, train_state, contract, duration=None):
                           f"use a new run directory or the original options")
     check_metadata(path, meta, contract, duration)
     check_optimizer_groups(path, meta.get("optim_param_groups"), train_state.optimizer)
-    try:
-        bad = first_nonfinite(tensors)
-    except (TypeError, RuntimeError) as e:  # a dtype torch cannot test (float8, say)
-        raise CheckpointError(f"{path}: a tensor of an unusable kind ({first_line(e, 80)})") from None
+    bad = first_nonfinite(tensors)
     if bad is not None:  # never resume from (or call "good") a state that holds NaN or infinity
         raise CheckpointError(f"{path}: tensor {bad} holds non-finite values")
     try:

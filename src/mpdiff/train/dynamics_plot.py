@@ -15,7 +15,7 @@ import numpy as np
 
 from mpdiff.errors import MpdiffError
 from mpdiff.storage.files import atomic_write, read_jsonl, show_path, write_destination
-from mpdiff.storage.layout import DYNAMICS_PLOT_FILES, RunLayout
+from mpdiff.storage.layout import DYNAMICS_PLOT_FILES, RunLayout, check_folder
 from mpdiff.train.dynamics import block_of
 
 # (quantity in the rows, file name, title, y label)
@@ -98,6 +98,7 @@ def plot_dynamics(run_dir, out_dir=None, say=None):
     say = say or (lambda message: None)
     marker = "o" if len(rows) <= 12 else None  # a few rows: show where the measurements are
     out_dir = os.fspath(out_dir) if out_dir is not None else RunLayout(run_dir).plots_dir
+    check_folder(out_dir)  # a symlink loop or a file in its place: one line, before any drawing
     nimg = np.array([n for n, _ in rows], dtype=np.float64)
     scale, unit = (1e6, "Mimg") if nimg.max() >= 1e7 else (1e3, "kimg")
     paths = []

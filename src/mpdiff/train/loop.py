@@ -13,6 +13,7 @@ import warnings
 import torch
 
 from mpdiff.data.labels import one_hot
+from mpdiff.data.sources import describe_other_images, other_images
 from mpdiff.diffusion.generate import generate
 from mpdiff.ema.snapshots import save_ema_snapshots
 from mpdiff.errors import DatasetError, NumericalError
@@ -230,7 +231,12 @@ class Trainer:
         for line in self.plan.summary:
             self.say(line)
         ignored = self.dataset.ignored_files
-        if ignored:  # never a silent skip
+        kinds = other_images(ignored)  # images of a kind the reader does not decode (GIF, TIFF, ...), by name
+        if kinds:  # never a silent skip
+            self.say(f"dataset {self.dataset.name}: ignored images of kinds mpdiff does not read: "
+                     f"{describe_other_images(kinds)}; convert them to PNG to train on them")
+        ignored = [name for name in ignored if not any(name in names for names in kinds.values())]
+        if ignored:
             shown = ", ".join(ignored[:5]) + (", ..." if len(ignored) > 5 else "")
             self.say(f"dataset {self.dataset.name}: ignored {len(ignored)} file(s) that are not images: {shown}")
         if self.dynamics is not None and self.dynamics.every != cadence.status_nimg:

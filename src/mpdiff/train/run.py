@@ -31,7 +31,7 @@ from mpdiff.distributed import Distributed
 from mpdiff.errors import ConfigError
 from mpdiff.presets import DEFAULT_PRESET, LADDER_DERIVED, get_preset, ladder_derived, ladder_preset
 from mpdiff.storage.files import printable, read_json, write_json
-from mpdiff.storage.layout import RunLayout
+from mpdiff.storage.layout import CHECKPOINT_DIR, SAMPLES_DIR, SNAPSHOT_DIR, TENSORBOARD_DIR, RunLayout
 from mpdiff.storage.lock import run_directory_lock
 from mpdiff.threads import choose_threads, threads_note
 from mpdiff.train.advice import run_warnings
@@ -102,8 +102,11 @@ def planned_run(preset=DEFAULT_PRESET, run=None, network=None, training=None, ca
     (:func:`check_existing_run`); the encoder and the summary. Nothing is written here."""
     resolved, dataset = resolve_run(preset, run, network, training, cadence)
     dist = Distributed.from_env(resolved.run.device)
+    layout = RunLayout(resolved.run.run_dir)
     try:
-        with run_directory_lock(resolved.run.run_dir, "train") if dist.rank == 0 else contextlib.nullcontext():
+        with dist.peers_watched(f"the last checkpoint in {printable(layout.checkpoint_dir)}"), \
+                run_directory_lock(resolved.run.run_dir, "train") if dist.rank == 0 else contextlib.nullcontext():
+            layout.check_folders(*training_folders(resolved.run))  # before anything is built
             resolved = keep_derived(resolved)
             resolved = settle_threads(resolved)
             resolved, micro_note = settle_micro_batch(resolved)
@@ -115,6 +118,11 @@ def planned_run(preset=DEFAULT_PRESET, run=None, network=None, training=None, ca
                           tuple(summary_lines(resolved, dataset, micro_note)))
     finally:
         dist.close()
+
+
+def training_folders(run):
+    """The run directory's folders that training lists or writes into (RunOptions `run`)."""
+    return (CHECKPOINT_DIR, SNAPSHOT_DIR, SAMPLES_DIR) + ((TENSORBOARD_DIR,) if run.tensorboard else ())
 
 
 def contract_of(config):
@@ -157,6 +165,12 @@ def resolve_run(preset=DEFAULT_PRESET, run=None, network=None, training=None, ca
     network_config = network_config.replace(img_resolution=dataset.resolution,
                                             img_channels=encoder.channels(dataset.channels),
                                             label_dim=dataset.num_classes if run.use_labels else 0)
+    asked = (network or {}).get("attn_resolutions")  # asked for explicitly: an error; from the preset: a warning
+    levels = [dataset.resolution >> level for level in range(len(network_config.channel_mult))]
+    if asked and network_config.backbone == "unet" and not set(asked) <= set(levels):
+        raise ConfigError(f"{{attn_resolutions}} {','.join(str(r) for r in asked if r not in levels)}: no level of "
+                          f"this network has that resolution (its levels: {', '.join(map(str, levels))})",
+                          fields=("attn_resolutions",))
     validate_run(network_config, training_config, cadence_config, run, resolution=dataset.resolution)
     from mpdiff.nn.build import build_meta_network
 
