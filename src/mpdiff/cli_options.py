@@ -42,28 +42,26 @@ def parse_nimg(text, option="value"):
     return int(value)
 
 
-def parse_floats(text, option):
-    try:
-        values = [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"{option}: cannot parse {text!r}; expected comma-separated numbers") from None
-    if not values:
-        raise ConfigError(f"{option}: no values given")
-    return values
-
-
-def parse_ints(text, option, allow_none=False):
-    """'1,2,2' -> [1, 2, 2]; with allow_none, 'none' -> [] (e.g. no attention)."""
+def parse_list(text, option, kind=float, allow_none=False):
+    """'0.05,0.1' -> [0.05, 0.1] (`kind` int: whole numbers); with allow_none, 'none' -> [] (e.g. no attention)."""
     if allow_none and str(text).strip().lower() == "none":
         return []
     try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
+        values = [kind(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
-        raise ConfigError(f"{option}: cannot parse {text!r}; expected comma-separated whole numbers"
-                          + (" or 'none'" if allow_none else "")) from None
+        what = ("numbers" if kind is float else "whole numbers") + (" or 'none'" if allow_none else "")
+        raise ConfigError(f"{option}: cannot parse {text!r}; expected comma-separated {what}") from None
     if not values:
         raise ConfigError(f"{option}: no values given")
     return values
+
+
+def parse_floats(text, option):
+    return parse_list(text, option, float)
+
+
+def parse_ints(text, option, allow_none=False):
+    return parse_list(text, option, int, allow_none)
 
 
 def parse_range(text, option):

@@ -27,6 +27,14 @@ KIB = 2 ** 10  # images; "Ki" in the paper and CLI
 MIB = 2 ** 20  # "Mi"
 
 
+def _whole(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _type_ok(value, annotation):
     """Does a JSON-decoded value (lists already made tuples) fit a field annotation?"""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -39,35 +47,37 @@ def _type_ok(value, annotation):
             return False
         kinds = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
         return len(kinds) == len(value) and all(map(_type_ok, value, kinds))
-    if annotation is bool:
-        return isinstance(value, bool)
     if annotation in (int, float):  # JSON has one number type; a float field takes 1 as 1.0
-        ok = (int,) if annotation is int else (int, float)
-        return isinstance(value, ok) and not isinstance(value, bool)
-    return isinstance(value, annotation)
-
-
-def _from_dict(cls, d, source, what):
-    """Build a config dataclass from a JSON object, refusing unknown fields and values of the wrong type."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"{source}: the {what} config must be a JSON object, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        raise ConfigError(f"{source}: unknown {what} option(s) {', '.join(repr(str(k))[:40] for k in unknown)}")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-    for name, value in kwargs.items():
-        if not _type_ok(value, fields[name].type):
-            expected = str(fields[name].type).replace("typing.", "")
-            raise ConfigError(f"{source}: {what} option {name} = {str(value)[:40]!r} has the wrong type "
-                              f"(expected {expected})")
-    return cls(**kwargs)
+        return _whole(value) if annotation is int else _number(value)
+    return isinstance(value, annotation)  # a bool field takes only a bool
 
 
 def option(default, help, flag=None, parse=None):
     """A config field with its documentation: `help` text, command-line `flag` and how the flag's
     text is parsed (`parse`: 'nimg' image counts like 512Ki, 'floats'/'ints' comma lists; None = click's type)."""
     return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "parse": parse})
+
+
+def require(ok, message, *fields):
+    """Raise ConfigError(message) naming `fields` unless `ok`: one value check in one line."""
+    if not ok:
+        raise ConfigError(message, fields=fields)
+
+
+def check_whole(config, name, low=1):
+    """Refuse field `name` of `config` unless it is an integer of at least `low`."""
+    value = getattr(config, name)
+    wanted = "positive" if low == 1 else f"an integer of at least {low}"
+    require(_whole(value) and value >= low, f"{{{name}}} must be {wanted}, got {str(value)[:20]}", name)
+
+
+def check_real(config, name, low=-math.inf, high=math.inf, low_open=False):
+    """Refuse field `name` of `config` unless it is a finite number in [low, high] ((low, high] if `low_open`)."""
+    value = getattr(config, name)
+    wanted = ("finite" if low == -math.inf else "positive and finite" if high == math.inf
+              else f"in {'(' if low_open else '['}{low:g}, {high:g}]")
+    require(_number(value) and math.isfinite(value) and (low < value if low_open else low <= value) and value <= high,
+            f"{{{name}}} must be {wanted}, got {str(value)[:20]}", name)
 
 
 class _Config:
@@ -79,7 +89,17 @@ class _Config:
 
     @classmethod
     def from_dict(cls, d, source="config"):
-        return _from_dict(cls, d, source, cls.KIND)
+        """Build the config from a JSON object, refusing unknown fields and values of the wrong type."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: the {cls.KIND} config must be a JSON object, got {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
+        require(not unknown, f"{source}: unknown {cls.KIND} option(s) {', '.join(repr(str(k))[:40] for k in unknown)}")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        for name, value in kwargs.items():
+            require(_type_ok(value, fields[name].type), f"{source}: {cls.KIND} option {name} = {str(value)[:40]!r} "
+                    f"has the wrong type (expected {str(fields[name].type).replace('typing.', '')})")
+        return cls(**kwargs)
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -145,58 +165,39 @@ class NetworkConfig(_Config):
     def check(self):
         """Refuse a value no network can be built from, whether it came from a flag or a file (a network
         file's metadata, a run's config.json), with one line naming the field. Returns self."""
-        def whole(name, low):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
-                wanted = "positive" if low == 1 else f"an integer of at least {low}"
-                raise ConfigError(f"{{{name}}} must be {wanted}, got {str(value)[:20]}", fields=(name,))
-
-        def real(name, low, high, low_open=False, none=False):
-            value = getattr(self, name)
-            if none and value is None:
-                return
-            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                  and (low < value if low_open else low <= value) and value <= high)
-            if not ok:
-                wanted = ("finite" if low == -math.inf else "positive and finite" if high == math.inf
-                          else f"in {'(' if low_open else '['}{low:g}, {high:g}]")
-                raise ConfigError(f"{{{name}}} must be {wanted}, got {str(value)[:20]}", fields=(name,))
-
         for name, low in (("img_resolution", 1), ("img_channels", 1), ("label_dim", 0), ("model_channels", 1),
                           ("num_blocks", 1), ("channels_per_head", 1), ("logvar_channels", 1), ("patch_size", 1),
                           ("depth", 0)):
-            whole(name, low)
+            check_whole(self, name, low)
         for name in ("channel_mult_noise", "channel_mult_emb"):
             if getattr(self, name) is not None:
-                whole(name, 1)
+                check_whole(self, name)
         for name in ("channel_mult", "attn_resolutions", "resample_filter"):
             values = getattr(self, name)
-            if not (isinstance(values, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool)
-                                                              and v >= 1 for v in values)
-                    and (values or name == "attn_resolutions")):
-                raise ConfigError(f"{{{name}}} must be a list of positive integers, got {str(values)[:40]}",
-                                  fields=(name,))
+            require(isinstance(values, (tuple, list)) and all(_whole(v) and v >= 1 for v in values)
+                    and (values or name == "attn_resolutions"),
+                    f"{{{name}}} must be a list of positive integers, got {str(values)[:40]}", name)
         for name in ("label_balance", "concat_balance", "res_balance", "attn_balance"):
-            real(name, 0, 1)
-        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
-            raise ConfigError(f"{{dropout}} must be in [0, 1), got {str(self.dropout)[:20]}", fields=("dropout",))
-        real("sigma_data", 0, 1e4, low_open=True)  # a data standard deviation; 1e30 would give black images
-        real("clip_act", 0, math.inf, low_open=True, none=True)
-        real("mlp_ratio", 0, math.inf, low_open=True)
-        real("kappa", -math.inf, math.inf)  # finite always (NaN would never equal itself on resume); (0, 1] where used
+            check_real(self, name, 0, 1)
+        require(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1,
+                f"{{dropout}} must be in [0, 1), got {str(self.dropout)[:20]}", "dropout")
+        check_real(self, "sigma_data", 0, 1e4, low_open=True)  # a data standard deviation; 1e30 would give black images
+        if self.clip_act is not None:
+            check_real(self, "clip_act", 0, math.inf, low_open=True)
+        check_real(self, "mlp_ratio", 0, math.inf, low_open=True)
+        check_real(self, "kappa")  # finite always (NaN would never equal itself on resume); (0, 1] where used
         levels = len(self.channel_mult)
-        if self.backbone == "unet" and self.img_resolution % (1 << (levels - 1)):
-            raise ConfigError(f"{{img_resolution}} {self.img_resolution} cannot be halved {levels - 1} times "
-                              f"({{channel_mult}} has {levels} levels)", fields=("img_resolution", "channel_mult"))
-        if self.config not in LADDER_CONFIGS:
-            raise ConfigError(f"{{config}} {str(self.config)[:20]!r} is not an ablation-ladder config; expected one "
-                              f"of {', '.join(LADDER_CONFIGS)} (SPEC §4)", fields=("config",))
+        require(self.backbone != "unet" or self.img_resolution % (1 << (levels - 1)) == 0,
+                f"{{img_resolution}} {self.img_resolution} cannot be halved {levels - 1} times "
+                f"({{channel_mult}} has {levels} levels)", "img_resolution", "channel_mult")
+        require(self.config in LADDER_CONFIGS, f"{{config}} {str(self.config)[:20]!r} is not an ablation-ladder "
+                f"config; expected one of {', '.join(LADDER_CONFIGS)} (SPEC §4)", "config")
         for name, choices in (("attn_impl", ATTN_IMPLS), ("skip_scaling", SKIP_MODES),
                               ("kappa_rule", KAPPA_RULES), ("backbone", ("unet", "uvit"))):
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"{{{name}}} {str(getattr(self, name))[:20]!r} is not one of {', '.join(choices)}",
-                                  fields=(name,))
+            require(getattr(self, name) in choices,
+                    f"{{{name}}} {str(getattr(self, name))[:20]!r} is not one of {', '.join(choices)}", name)
         return self
+
 
 @dataclass(frozen=True)
 class TrainingConfig(_Config):
@@ -217,6 +218,20 @@ class TrainingConfig(_Config):
     ema_halflife_img: Optional[int] = option(None, "Also track a traditional EMA with this half-life in images "
                                                    "(saved as RUN_DIR/ema-traditional.safetensors).",
                                              flag="--ema-halflife", parse="nimg")
+
+    def check(self):
+        """Refuse a recipe no run can train with, naming the field. Returns self."""
+        check_real(self, "lr", 0, math.inf, low_open=True)
+        require(self.decay is None or _number(self.decay) and math.isfinite(self.decay) and self.decay > 0,
+                f"{{decay}} must be positive (0 on the command line: constant learning rate), got {self.decay}",
+                "decay")
+        require(self.rampup_img >= 0, f"{{rampup_img}} must be at least 0 images, got {self.rampup_img}", "rampup_img")
+        check_real(self, "P_mean")
+        check_real(self, "P_std", 0, math.inf, low_open=True)
+        require(self.ema_halflife_img is None or self.ema_halflife_img > 0, f"{{ema_halflife_img}} must be a "
+                f"positive number of images, got {self.ema_halflife_img}", "ema_halflife_img")
+        check_named_sigma_rels(self.ema_sigma_rels, field="ema_sigma_rels")
+        return self
 
 
 @dataclass(frozen=True)
@@ -315,40 +330,31 @@ class SamplingConfig(_Config):
 
     def check(self):
         """Refuse values no sampler can use, naming the field."""
-        if self.sampler not in SAMPLER_NAMES:
-            raise ConfigError(f"{{sampler}} {self.sampler!r} is not one of {', '.join(SAMPLER_NAMES)}",
-                              fields=("sampler",))
-        if self.num_steps < 1 or self.batch_size < 1:
-            raise ConfigError("{num_steps} and {batch_size} must be at least 1", fields=("num_steps", "batch_size"))
-        finite = {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "rho": self.rho,
-                  "S_churn": self.S_churn, "S_min": self.S_min, "S_noise": self.S_noise}
-        for name, value in finite.items():
-            if not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{{{name}}} must be a finite number >= 0, got {value}", fields=(name,))
-        if not 0 < self.sigma_min < self.sigma_max or self.rho <= 0:
-            raise ConfigError(f"need 0 < {{sigma_min}} < {{sigma_max}} and {{rho}} > 0, got {self.sigma_min}, "
-                              f"{self.sigma_max}, {self.rho}", fields=("sigma_min", "sigma_max", "rho"))
+        require(self.sampler in SAMPLER_NAMES, f"{{sampler}} {self.sampler!r} is not one of {', '.join(SAMPLER_NAMES)}",
+                "sampler")
+        require(self.num_steps >= 1 and self.batch_size >= 1, "{num_steps} and {batch_size} must be at least 1",
+                "num_steps", "batch_size")
+        for name in ("sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_noise"):
+            value = getattr(self, name)
+            require(math.isfinite(value) and value >= 0, f"{{{name}}} must be a finite number >= 0, got {value}", name)
+        require(0 < self.sigma_min < self.sigma_max and self.rho > 0, f"need 0 < {{sigma_min}} < {{sigma_max}} and "
+                f"{{rho}} > 0, got {self.sigma_min}, {self.sigma_max}, {self.rho}", "sigma_min", "sigma_max", "rho")
         # Beyond these the float32 network or the float64 schedule under- or overflows: black images, exit 0.
         for name, low, high in (("sigma_min", 1e-6, 1e5), ("sigma_max", 1e-6, 1e5), ("rho", 1e-2, 1e3),
                                 ("S_noise", 0, 10), ("S_churn", 0, 1e6)):
-            if not low <= getattr(self, name) <= high:
-                raise ConfigError(f"{{{name}}} must be in [{low:g}, {high:g}], got {getattr(self, name):g}",
-                                  fields=(name,))
-        if self.num_steps > MAX_SAMPLER_STEPS:
-            raise ConfigError(f"{{num_steps}} must be at most {MAX_SAMPLER_STEPS:,}, got {self.num_steps:,}",
-                              fields=("num_steps",))
+            value = getattr(self, name)
+            require(low <= value <= high, f"{{{name}}} must be in [{low:g}, {high:g}], got {value:g}", name)
+        require(self.num_steps <= MAX_SAMPLER_STEPS,
+                f"{{num_steps}} must be at most {MAX_SAMPLER_STEPS:,}, got {self.num_steps:,}", "num_steps")
         check_precision(self.precision)
-        if self.S_max is not None and not (math.isfinite(self.S_max) and self.S_max >= self.S_min):
-            raise ConfigError(f"{{S_max}} must be a finite number >= {{S_min}}, got {self.S_max}",
-                              fields=("S_max", "S_min"))
-        if self.S_churn > 0 and self.sampler not in CHURN_SAMPLERS:
-            raise ConfigError(f"{{S_churn}} is EDM's stochastic sampler, for {' and '.join(CHURN_SAMPLERS)}; "
-                              f"{self.sampler} takes none (dpmpp-2m-sde is the stochastic multistep solver)",
-                              fields=("S_churn", "sampler"))
+        require(self.S_max is None or (math.isfinite(self.S_max) and self.S_max >= self.S_min),
+                f"{{S_max}} must be a finite number >= {{S_min}}, got {self.S_max}", "S_max", "S_min")
+        require(self.S_churn == 0 or self.sampler in CHURN_SAMPLERS, f"{{S_churn}} is EDM's stochastic sampler, for "
+                f"{' and '.join(CHURN_SAMPLERS)}; {self.sampler} takes none (dpmpp-2m-sde is the stochastic "
+                f"multistep solver)", "S_churn", "sampler")
         lo, hi = self.guidance_interval or (0, 1)
-        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
-            raise ConfigError(f"{{guidance_interval}} must be noise levels LO,HI with 0 <= LO < HI, got {lo},{hi}",
-                              fields=("guidance_interval",))
+        require(math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi, f"{{guidance_interval}} must be noise levels "
+                f"LO,HI with 0 <= LO < HI, got {lo},{hi}", "guidance_interval")
         return self
 
     def with_nfe(self, nfe):
@@ -371,9 +377,8 @@ PRECISION_NAMES = ("fp32", "bf16", "fp16")  # --precision: activation dtypes (mp
 
 def check_precision(precision):
     """None (the network's default) or one of PRECISION_NAMES; else a ConfigError naming {precision}."""
-    if precision is not None and precision not in PRECISION_NAMES:
-        raise ConfigError(f"{{precision}} {precision!r} is not one of {', '.join(PRECISION_NAMES)}",
-                          fields=("precision",))
+    require(precision is None or precision in PRECISION_NAMES,
+            f"{{precision}} {precision!r} is not one of {', '.join(PRECISION_NAMES)}", "precision")
     return precision
 
 
@@ -440,12 +445,10 @@ def check_sigma_rels(sigma_rel, field=None):
 
     `field` names the config field the values came from, for the error message."""
     sigma_rel = np.asarray(sigma_rel, dtype=np.float64)
-    bad = ~((sigma_rel > 0) & (sigma_rel < SIGMA_REL_MAX))
-    if np.any(bad):
-        value = sigma_rel[bad].flat[0]
-        where = "{%s}: " % field if field else ""
-        raise ConfigError(f"{where}sigma_rel {value:g} is outside the valid range (0, {SIGMA_REL_MAX:.4f}) "
-                          f"of the power-function EMA", fields=(field,) if field else ())
+    bad = sigma_rel[~((sigma_rel > 0) & (sigma_rel < SIGMA_REL_MAX))]
+    if bad.size:
+        raise ConfigError(f"{'{%s}: ' % field if field else ''}sigma_rel {bad.flat[0]:g} is outside the valid range "
+                          f"(0, {SIGMA_REL_MAX:.4f}) of the power-function EMA", fields=(field,) if field else ())
     return sigma_rel
 
 
@@ -458,10 +461,9 @@ def check_named_sigma_rels(values, field=None):
         raise ConfigError(f"{where}sigma_rel {small.flat[0]:g} is below {SIGMA_REL_NAMED_MIN}, the smallest EMA "
                           f"length that file names (3 decimals) can carry", fields=fields)
     names = sorted(f"{v:.3f}" for v in values.flat)
-    for a, b in zip(names, names[1:]):
-        if a == b:  # two profiles would write the same file names
-            raise ConfigError(f"{where}two EMA lengths round to {a}; file names keep 3 decimals, so they must "
-                              f"differ in them", fields=fields)
+    for a, b in zip(names, names[1:]):  # two profiles must not write the same file names
+        require(a != b, f"{where}two EMA lengths round to {a}; file names keep 3 decimals, so they must "
+                f"differ in them", *fields)
     return values
 
 
@@ -476,13 +478,11 @@ def check_device(name, field=None):
     except (RuntimeError, TypeError, ValueError):
         raise ConfigError(f"{where}{name!r} is not a torch device (e.g. cpu, cuda, cuda:1)", fields=fields) from None
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{where}{name!r}: this PyTorch has no usable CUDA device", fields=fields)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"{where}{name!r}: only {torch.cuda.device_count()} CUDA device(s) here", fields=fields)
+        require(torch.cuda.is_available(), f"{where}{name!r}: this PyTorch has no usable CUDA device", *fields)
+        require(device.index is None or device.index < torch.cuda.device_count(),
+                f"{where}{name!r}: only {torch.cuda.device_count()} CUDA device(s) here", *fields)
     elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ConfigError(f"{where}{name!r}: this PyTorch has no usable MPS device", fields=fields)
-    elif device.type != "cpu":
-        raise ConfigError(f"{where}{name!r} is not supported (use cpu, cuda or mps)", fields=fields)
+        require(torch.backends.mps.is_available(), f"{where}{name!r}: this PyTorch has no usable MPS device", *fields)
+    else:
+        require(device.type == "cpu", f"{where}{name!r} is not supported (use cpu, cuda or mps)", *fields)
     return device

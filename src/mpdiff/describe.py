@@ -1,5 +1,6 @@
 """What `mpdiff info` tells about presets and networks: the preset list, the released guided
 configurations, and a preset's network, size, compute, recipe and (measured here) speed and memory.
+A run's summary describes its network with the same lines (:func:`network_line`).
 
 The command line parses the options and prints these lines; the numbers come from the model itself
 (:func:`mpdiff.nn.flops.describe_preset`) and from :mod:`mpdiff.train.measure`.
@@ -62,9 +63,11 @@ def description_lines(desc, as_asked=False):
     """A description as the lines `mpdiff info PRESET` prints; `as_asked`: the image size or width was
     changed from the preset's, so a line says which network was counted."""
     t, c = desc["training"], desc["cadence"]
+    net = NetworkConfig.from_dict(NetworkConfig.completed(desc["network"]))
     lines = [
         f"{desc['name']}: {desc['description']}",
-        f"  network     {network_line(desc['network'])}",
+        f"  network     {network_line(net)}"
+        + ("" if net.skip_scaling == "none" else f"; skips {skip_scaling_summary(net)}"),
         f"  parameters  {desc['params']:,} ({desc['mparams']:.2f} M)",
         f"  compute     {desc['gflops']:.4g} Gflops per network evaluation",
         f"  training    batch {t['batch']}, lr {t['lr']}, decay {t['decay']}, duration {t['duration']:,} images, "
@@ -93,21 +96,31 @@ def description_lines(desc, as_asked=False):
     return lines
 
 
-def network_line(fields):
-    """What kind of network a NetworkConfig dict describes, with its long skips and their scaling."""
-    from mpdiff.train.run import skip_scaling_summary
-
-    net = NetworkConfig.from_dict(NetworkConfig.completed(fields))
+def network_line(net):
+    """What network a NetworkConfig describes, in one line (the run's summary and `mpdiff info`)."""
     if net.backbone == "uvit":
-        tokens = (net.img_resolution // net.patch_size) ** 2
-        kind = (f"UViT, width {net.model_channels}, {net.depth} blocks + middle, patch {net.patch_size} "
-                f"({tokens} patch tokens), {net.model_channels // net.channels_per_head} heads, "
-                f"{net.depth // 2} long skips")
-    else:
-        levels = len(net.channel_mult)
-        kind = (f"U-Net config {net.config}, C0 {net.model_channels}, {levels} levels, "
-                f"{levels * (net.num_blocks + 1)} long skips")
-    return kind + ("" if net.skip_scaling == "none" else f"; skips {skip_scaling_summary(net)}")
+        return (f"UViT, width {net.model_channels}, {net.depth} blocks + middle ({net.depth // 2} long skips), patch "
+                f"{net.patch_size} ({(net.img_resolution // net.patch_size) ** 2} patch tokens), "
+                f"{net.model_channels // net.channels_per_head} heads")
+    levels = [net.img_resolution >> i for i in range(len(net.channel_mult))]
+    attention = ", ".join(f"{r}x{r}" for r in levels if r in net.attn_resolutions) or "no level"
+    return (f"U-Net (config {net.config}), C0 {net.model_channels}, {len(levels)} levels "
+            f"({', '.join(f'{r}x{r}' for r in levels)}), attention at {attention}; "
+            f"{len(levels) * (net.num_blocks + 1)} long skips")
+
+
+def skip_scaling_summary(net, built=None):
+    """One line on a network's long-skip scaling (ScaleLong, SPEC §9), e.g. for the run summary.
+    `built`: the network of config `net` if the caller has it (on any device), else one is built on meta."""
+    from mpdiff.nn.build import build_meta_network
+
+    scaling = (built if built is not None else build_meta_network(net)).backbone.skip_scaling
+    if net.skip_scaling in ("cs", "cs-mp"):
+        how = "x kappa_i on the skip" if net.skip_scaling == "cs" else "as MP-concatenation balance"
+        return (f"{net.skip_scaling}: kappa {net.kappa:g}, rule {net.kappa_rule}, kappa_i (outermost first) "
+                f"{', '.join(f'{c:.3g}' for c in scaling.coefficients)} ({how})")
+    gates = len(scaling.gates) if scaling.gates is not None else 0
+    return f"{net.skip_scaling}: {gates} learned gate{'s' if gates != 1 else ''} for {len(scaling.gate_keys)} long skips"
 
 
 def torch_threads_note():

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from mpdiff.errors import ConfigError, MpdiffError
 
@@ -41,8 +42,6 @@ class Distributed:
         world = _launch_number("WORLD_SIZE", "1")
         if world <= 1:
             return cls.single()
-        import torch.distributed as dist
-
         missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
         if missing:  # a stray WORLD_SIZE in the shell, not a torchrun launch
             raise ConfigError(f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
@@ -73,8 +72,6 @@ class Distributed:
 
     def barrier(self):
         if self.active:
-            import torch.distributed as dist
-
             dist.barrier()
 
     def all_sum(self, tensor):
@@ -82,8 +79,6 @@ class Distributed:
         gloo (in an NCCL run, its host group: no wait on the GPU), a CUDA tensor over NCCL. Gloo sums
         float64 exactly as given."""
         if self.active:
-            import torch.distributed as dist
-
             group = self.host_group if tensor.device.type == "cpu" else None
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
         return tensor
@@ -92,8 +87,6 @@ class Distributed:
         """The smallest of an integer over the processes."""
         if not self.active:
             return value
-        import torch.distributed as dist
-
         t = torch.tensor([int(value)], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.host_group)
         return int(t.item())
@@ -101,8 +94,6 @@ class Distributed:
     def peer_stopped(self, error, resume_from="the last checkpoint"):
         """The one line for `error` when it is a collective that failed because another process of the launch
         stopped (a killed rank: its sockets close, and gloo or NCCL raises in this one); None for any other."""
-        import torch.distributed as dist
-
         text = str(error)
         ours = isinstance(error, getattr(dist, "DistError", ())) or bool(_COLLECTIVES.search(text))
         if not (self.active and isinstance(error, RuntimeError) and ours and _PEER_GONE.search(text)):
@@ -125,8 +116,6 @@ class Distributed:
 
     def close(self):
         if self.active:
-            import torch.distributed as dist
-
             if dist.is_initialized():
                 dist.destroy_process_group()
 

@@ -7,8 +7,10 @@ import os
 
 import torch
 
+from mpdiff.config import require
 from mpdiff.data.latents import ENCODER_NAME, LATENT_CHANNELS, RAW_MEAN, RAW_STD, SCALE, network_encoder
-from mpdiff.diffusion.guidance import check_guidance, check_guide, get_guidance_preset, resolve_guidance
+from mpdiff.diffusion.guidance import (check_guidance, check_guide, get_guidance_preset, resolve_guidance,
+                                      with_preset_interval)
 from mpdiff.ema.snapshots import list_snapshots
 from mpdiff.errors import CheckpointError, ConfigError
 from mpdiff.nn.compat import load_edm2
@@ -31,7 +33,7 @@ def resolve_network(source, sigma_rel=None, device="cpu"):
       runs nothing of the file);
     * ``.pt``/``.pth`` holding a plain state_dict in NVIDIA's layout (loaded with weights_only).
     Returns (net, description). A network that comes with a description of its encoder (a release
-    pickle's, a converted file's) carries it as ``net.encoder_description`` (see :func:`network_decoder`).
+    pickle's, a converted file's) carries it as ``net.encoder_description`` (see :func:`sampling_networks`).
     """
     source = os.fspath(source)
     if os.path.isdir(source):
@@ -112,13 +114,17 @@ def _pick_from_run(run_dir, sigma_rel):
     return max(matching, key=lambda r: r.nimg).path
 
 
-def load_guided(source, sigma_rel=None, guide=None, guidance=None, guide_sigma_rel=None, guidance_preset=None,
-                device="cpu"):
-    """The networks of a command that samples: (net, guide or None, GuidanceChoice, description lines).
+def sampling_networks(source, sampling, sigma_rel=None, guide=None, guidance=None, guide_sigma_rel=None,
+                      guidance_preset=None, vae=None, device="cpu", say=None):
+    """What a command samples with: (net, guide or None, GuidanceChoice, decoder, sampling).
 
     The guidance preset, strength and EMA lengths resolve as :func:`~mpdiff.diffusion.guidance.resolve_guidance`
     says and are checked before anything is loaded. The guide (a source like `source`) is loaded and
     checked against the network even at w = 1, where it is not evaluated (and None is returned for it).
+    The decoder turns the network's output into images: pixels, or latents through the VAE in `vae`
+    (default: the one the run recorded), with the constants the network's file or run records. `sampling`
+    comes back with the guidance preset's interval (:func:`~mpdiff.diffusion.guidance.with_preset_interval`).
+    `say(line)` hears what was loaded.
     """
     choice = check_guidance(resolve_guidance(guidance_preset, guidance, sigma_rel, guide_sigma_rel), guide is not None)
     net, described = resolve_network(source, choice.sigma_rel, device=device)
@@ -132,18 +138,13 @@ def load_guided(source, sigma_rel=None, guide=None, guidance=None, guide_sigma_r
         guide_net = guide_net if choice.guidance != 1 else None
     if choice.preset is not None:
         lines.append(f"guidance preset {choice.preset.describe()}")
-    return net, guide_net, choice, lines
-
-
-def network_decoder(net, source, vae, device, lines):
-    """The encoder that turns `net`'s output into images (pixels, or latents through the VAE in `vae`,
-    default the one the run recorded), with the constants the network's file or run records; a line for
-    latents is added to `lines`."""
-    encoder = network_encoder(net, source, vae, device=device, recorded=getattr(net, "encoder_description", None))
-    if encoder.name != "pixels":
-        lines.append(f"decoder: latents decoded with the Stable Diffusion VAE in {encoder.vae_dir} (raw_mean "
-                     f"{list(encoder.raw_mean)}, raw_std {list(encoder.raw_std)})")
-    return encoder
+    decoder = network_encoder(net, source, vae, device=device, recorded=getattr(net, "encoder_description", None))
+    if decoder.name != "pixels":
+        lines.append(f"decoder: latents decoded with the Stable Diffusion VAE in {decoder.vae_dir} (raw_mean "
+                     f"{list(decoder.raw_mean)}, raw_std {list(decoder.raw_std)})")
+    for line in lines if say is not None else ():
+        say(line)
+    return net, guide_net, choice, decoder, with_preset_interval(sampling, choice)
 
 
 def network_sources(source, guide, net_dir, guidance_preset, source_name="SOURCE"):
@@ -151,25 +152,20 @@ def network_sources(source, guide, net_dir, guidance_preset, source_name="SOURCE
     that folder (downloaded from NVIDIA under their release names). ConfigError for a missing network or
     file, or for a `net_dir` given with a source, a guide or no preset."""
     if net_dir is None:
-        if source is None:
-            raise ConfigError(f"give {source_name} (a run directory or network file), or {{net_dir}} with "
-                              f"{{guidance_preset}}", fields=("net_dir", "guidance_preset"))
+        require(source is not None, f"give {source_name} (a run directory or network file), or {{net_dir}} with "
+                f"{{guidance_preset}}", "net_dir", "guidance_preset")
         return source, guide
-    if source is not None or guide is not None:
-        raise ConfigError(f"{{net_dir}} takes the network and its guide from the folder; give no "
-                          f"{source_name if source is not None else '{guide}'} with it", fields=("net_dir", "guide"))
-    if guidance_preset is None:
-        raise ConfigError("{net_dir} needs a {guidance_preset}, which names the two files to take from it",
-                          fields=("net_dir", "guidance_preset"))
+    require(source is None and guide is None, f"{{net_dir}} takes the network and its guide from the folder; give "
+            f"no {source_name if source is not None else '{guide}'} with it", "net_dir", "guide")
+    require(guidance_preset is not None, "{net_dir} needs a {guidance_preset}, which names the two files to take "
+            "from it", "net_dir", "guidance_preset")
     preset = get_guidance_preset(guidance_preset)
-    if not os.path.isdir(net_dir):
-        raise ConfigError(f"{{net_dir}} {show_path(net_dir)}: no such folder", fields=("net_dir",))
+    require(os.path.isdir(net_dir), f"{{net_dir}} {show_path(net_dir)}: no such folder", "net_dir")
     paths = [os.path.join(net_dir, n.release_file) for n in (preset.net, preset.guide)]
     missing = [os.path.basename(p) for p in paths if not os.path.exists(p)]
-    if missing:
-        raise ConfigError(f"{{net_dir}} {show_path(net_dir)} lacks {' and '.join(missing)}, the released "
-                          f"{'networks' if len(missing) > 1 else 'network'} of {preset.name}; download "
-                          f"{'them' if len(missing) > 1 else 'it'} from {RELEASES_URL}", fields=("net_dir",))
+    require(not missing, f"{{net_dir}} {show_path(net_dir)} lacks {' and '.join(missing)}, the released "
+            f"{'networks' if len(missing) > 1 else 'network'} of {preset.name}; download "
+            f"{'them' if len(missing) > 1 else 'it'} from {RELEASES_URL}", "net_dir")
     return paths[0], paths[1]
 
 

@@ -4,6 +4,8 @@ Names follow NVIDIA's release (`edm2-img512-s`, ...). The command line, `mpdiff 
 and the docs all read :data:`PRESETS`; the dataclasses they are made of live in :mod:`mpdiff.config`.
 """
 
+import dataclasses
+
 from mpdiff.config import KIB, LADDER_CONFIGS, MIB, Cadence, NetworkConfig, Preset, TrainingConfig
 from mpdiff.errors import ConfigError
 
@@ -76,9 +78,8 @@ def _edm2_presets():
 DIGITS = Preset(
     name="digits",
     description="Config-G U-Net for the built-in 8x8 digits (class-conditional, 10 classes)",
-    network=NetworkConfig(img_resolution=8, img_channels=1, label_dim=10, model_channels=32,
-                          channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(4,),
-                          logvar_channels=128, use_fp16=False, kappa=UNET_KAPPA["small"]),
+    network=NetworkConfig(img_resolution=8, img_channels=1, label_dim=10, model_channels=32, channel_mult=(1, 2, 2),
+                          num_blocks=2, attn_resolutions=(4,), use_fp16=False, kappa=UNET_KAPPA["small"]),
     training=TrainingConfig(batch=256, lr=0.0100, decay=1000, rampup_img=16 * KIB,
                             duration=192 * KIB, P_mean=-0.8, P_std=1.6),
     cadence=Cadence(status_nimg=16 * KIB, snapshot_nimg=16 * KIB, checkpoint_nimg=64 * KIB),
@@ -93,9 +94,8 @@ DIGITS = Preset(
 CPU32 = Preset(
     name="cpu32",
     description="Config-G U-Net for small 32x32 datasets on a CPU (gray or RGB; ~19 min on 1 core)",
-    network=NetworkConfig(img_resolution=32, img_channels=1, label_dim=0, model_channels=16,
-                          channel_mult=(1, 2, 2, 2), num_blocks=2, attn_resolutions=(8,),
-                          logvar_channels=128, use_fp16=False, kappa=UNET_KAPPA["small"]),
+    network=NetworkConfig(img_resolution=32, img_channels=1, label_dim=0, model_channels=16, channel_mult=(1, 2, 2, 2),
+                          num_blocks=2, attn_resolutions=(8,), use_fp16=False, kappa=UNET_KAPPA["small"]),
     training=TrainingConfig(batch=64, lr=0.0100, decay=1000, rampup_img=8 * KIB, duration=64 * KIB,
                             P_mean=-0.8, P_std=1.6),
     cadence=Cadence(status_nimg=4 * KIB, snapshot_nimg=4 * KIB, checkpoint_nimg=16 * KIB),
@@ -104,9 +104,8 @@ CPU32 = Preset(
 CPU64 = Preset(
     name="cpu64",
     description="Config-G U-Net for small 64x64 datasets on a CPU (gray or RGB; ~45 min on 1 core)",
-    network=NetworkConfig(img_resolution=64, img_channels=3, label_dim=0, model_channels=16,
-                          channel_mult=(1, 2, 2, 2), num_blocks=1, attn_resolutions=(8,),
-                          logvar_channels=128, use_fp16=False, kappa=UNET_KAPPA["small"]),
+    network=NetworkConfig(img_resolution=64, img_channels=3, label_dim=0, model_channels=16, channel_mult=(1, 2, 2, 2),
+                          num_blocks=1, attn_resolutions=(8,), use_fp16=False, kappa=UNET_KAPPA["small"]),
     training=TrainingConfig(batch=32, lr=0.0100, decay=1000, rampup_img=4 * KIB, duration=64 * KIB,
                             P_mean=-0.8, P_std=1.6),
     cadence=Cadence(status_nimg=2 * KIB, snapshot_nimg=4 * KIB, checkpoint_nimg=8 * KIB),
@@ -135,8 +134,7 @@ UVIT_CIFAR10 = Preset(
     name="uvit-cifar10",
     description="UViT of ScaleLong's CIFAR-10 experiments (32x32x3, patch 2, width 512, depth 12, 8 heads)",
     network=NetworkConfig(img_resolution=32, img_channels=3, label_dim=0, backbone="uvit", model_channels=512,
-                          depth=12, patch_size=2, channels_per_head=64, mlp_ratio=4.0, kappa=0.5,
-                          logvar_channels=128, use_fp16=False),
+                          depth=12, patch_size=2, channels_per_head=64, mlp_ratio=4.0, kappa=0.5, use_fp16=False),
     training=TrainingConfig(batch=128, lr=2e-4, decay=None, rampup_img=2500 * 128, duration=500_000 * 128,
                             betas=(0.99, 0.999), P_mean=-1.2, P_std=1.2),
     cadence=Cadence(status_nimg=128 * KIB, snapshot_nimg=4 * MIB, checkpoint_nimg=16 * MIB),
@@ -152,8 +150,7 @@ DIGITS_UVIT = Preset(
     name="digits-uvit",
     description="UViT for the built-in 8x8 digits (patch 2, width 96, depth 8; class-conditional)",
     network=NetworkConfig(img_resolution=8, img_channels=1, label_dim=10, backbone="uvit", model_channels=96,
-                          depth=8, patch_size=2, channels_per_head=32, mlp_ratio=4.0, kappa=0.5,
-                          logvar_channels=128, use_fp16=False),
+                          depth=8, patch_size=2, channels_per_head=32, mlp_ratio=4.0, kappa=0.5, use_fp16=False),
     training=DIGITS.training.replace(lr=6e-3, decay=None),
     cadence=DIGITS.cadence,
     dataset="digits (built in)",
@@ -224,8 +221,8 @@ LADDER_DERIVED = {"A": ("ema_halflife_img",)}
 
 
 def _renamed(preset, network, training, config):
-    return Preset(name=preset.name, description=f"{preset.description}, ablation config {config}",
-                  network=network, training=training, cadence=preset.cadence, dataset=preset.dataset, data=preset.data)
+    return dataclasses.replace(preset, description=f"{preset.description}, ablation config {config}",
+                               network=network, training=training)
 
 
 def get_preset(name):

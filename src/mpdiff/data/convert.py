@@ -27,7 +27,6 @@ Choices:
   exists and is not empty is refused.
 """
 
-import io
 import json
 import os
 import zipfile
@@ -37,7 +36,7 @@ import numpy as np
 
 from mpdiff.data.image_files import MAX_IMAGE_PIXELS, decode_image
 from mpdiff.data.labels import CHUNK_FOLDERS_UNLABELLED, shown_class_names
-from mpdiff.data.reading import probe_file, read_checked, scan_source
+from mpdiff.data.reading import read_checked, read_headers, scan_source
 from mpdiff.data.shapes import MIN_RESOLUTION, suggested_conversion
 from mpdiff.data.sources import (
     IMAGE_EXTENSIONS,
@@ -136,17 +135,12 @@ def convert_dataset(src, dest, resolution=None, transform=None, *, progress=True
         if is_latent_name(scan.image_names[0]):
             raise DatasetError(f"{source.shown}: holds latents (.npy files); convert takes images (mpdiff dataset "
                                f"encode makes latents from a converted image dataset)")
-        shapes = _read_headers(source, scan.image_names, progress)
+        shapes = [shape for _, shape in read_headers(source, scan.image_names, progress)]  # nothing decoded
         resolution = _plan(source, scan.image_names, shapes, resolution, transform)
         channels = 3 if any(shape[0] == 3 for shape in shapes) else 1
-        labels = [None] * len(shapes) if scan.labels is None else [int(c) for c in scan.labels]
-        num_classes = scan.num_classes if scan.labels is not None else None
         names = scan.class_names if scan.labels is not None else None
         files = _png_files(source, scan.image_names, resolution, transform, channels, progress)
-        if dest.lower().endswith(".zip"):
-            write_zip(dest, files, labels, num_classes, class_names=names)
-        else:
-            write_folder(dest, files, labels, num_classes, class_names=names)
+        write_dataset(dest, files, len(shapes), scan.labels, scan.num_classes, names)
     return Conversion(dest, len(shapes), resolution, channels, scan.num_classes if scan.labels is not None else 0,
                       scan.label_source, names, skipped, tuple(scan.ignored))
 
@@ -181,18 +175,20 @@ def transform_image(image, transform, resolution):
         return canvas
     from PIL import Image
 
+    from mpdiff.storage.images import from_pil, to_pil
+
     if transform == "resize":
-        return _from_pil(_to_pil(image).resize((size, size), Image.Resampling.LANCZOS))
+        return from_pil(to_pil(image).resize((size, size), Image.Resampling.LANCZOS))
     if transform == "center-crop":
         side = min(height, width)
         top, left = (height - side) // 2, (width - side) // 2
         square = image[:, top:top + side, left:left + side]
-        return _from_pil(_to_pil(square).resize((size, size), Image.Resampling.LANCZOS))
+        return from_pil(to_pil(square).resize((size, size), Image.Resampling.LANCZOS))
     if transform == "center-crop-dhariwal":
-        picture = _to_pil(image)
+        picture = to_pil(image)
         while min(picture.size) >= 2 * size:  # halve with a box filter (an average of 2x2 pixels)
             picture = picture.resize((picture.width // 2, picture.height // 2), Image.Resampling.BOX)
-        return _from_pil(_bicubic_center_crop(picture, size))
+        return from_pil(_bicubic_center_crop(picture, size))
     raise ValueError(f"unknown transform {transform!r}; expected one of {', '.join(TRANSFORMS)}")
 
 
@@ -213,16 +209,6 @@ def _bicubic_center_crop(picture, size):
     x, y = picture.width / width, picture.height / height  # source pixels per resized pixel
     return picture.resize((size, size), Image.Resampling.BICUBIC,
                           box=(left * x, top * y, (left + size) * x, (top + size) * y))
-
-
-def _to_pil(image):
-    from mpdiff.storage.images import to_pil
-    return to_pil(image)
-
-
-def _from_pil(picture):
-    array = np.asarray(picture)
-    return np.ascontiguousarray(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
 
 
 # ---- checks before any work -----------------------------------------------------------------------
@@ -267,17 +253,6 @@ def check_destination(src, dest, command="convert"):
         if os.path.commonpath([inner, outer]) == outer:
             raise ConfigError(f"DEST {shown} is inside SRC {show_path(src)}; its images would become part of "
                               f"the source (choose a folder outside it)")
-
-
-def _read_headers(source, names, progress):
-    """(C, H, W) of every image from its header; nothing decoded."""
-    from tqdm import tqdm
-
-    shapes = []
-    for name in tqdm(names, desc=f"Checking {source.shown}", unit="img", disable=not progress):
-        with source.open(name) as stream:
-            shapes.append(probe_file(stream, source.where(name), name))
-    return shapes
 
 
 def _plan(source, names, shapes, resolution, transform):
@@ -350,9 +325,18 @@ def entry_name(index):
 
 
 def _png(image):
-    buffer = io.BytesIO()
-    _to_pil(image).save(buffer, format="PNG")
-    return buffer.getvalue()
+    from mpdiff.storage.images import png_bytes  # PIL is imported when an image is written, not with this module
+
+    return png_bytes(image)
+
+
+def write_dataset(dest, files, count, labels, num_classes, class_names=None):
+    """The `count` (EDM2 name, bytes) `files` and their dataset.json, written whole: a ZIP when `dest` ends in
+    .zip, else a folder. `labels` (int [count], with `num_classes` and `class_names`) or None: unlabelled."""
+    if labels is None:
+        labels, num_classes, class_names = [None] * count, None, None
+    write = write_zip if dest.lower().endswith(".zip") else write_folder
+    write(dest, files, [c if c is None else int(c) for c in labels], num_classes, class_names)
 
 
 def write_zip(dest, files, labels, num_classes, class_names=None):

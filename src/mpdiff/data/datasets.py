@@ -19,14 +19,8 @@ streamed only (``load()`` is for images).
 Every problem raises :class:`~mpdiff.errors.DatasetError` with one line naming the file; nothing is
 skipped silently. Problems of the index (labels, no images, an unusable first image) fail at open; a
 damaged image elsewhere fails when it is read, which :func:`check_dataset` (`mpdiff dataset check`)
-finds up front, every bad file in one pass.
-
-This module holds the two classes and :func:`open_dataset`, :func:`load_dataset`, :func:`check_dataset`.
-What they use lies below it, one job a module: :mod:`~mpdiff.data.sources` (the folder or ZIP, which names
-are data), :mod:`~mpdiff.data.labels` (dataset.json and folder classes), :mod:`~mpdiff.data.image_files`
-(the image decoding policy), :mod:`~mpdiff.data.latent_files` (the .npy reader), :mod:`~mpdiff.data.shapes`
-(the one shape of a dataset), and :mod:`~mpdiff.data.reading` (the index, checked decoding, the memory
-budget); :mod:`~mpdiff.data.digits` has the built-in datasets' arrays.
+finds up front, every bad file in one pass. What this module uses lies below it, one job a module (see
+:mod:`mpdiff.data`).
 """
 
 import operator
@@ -44,7 +38,22 @@ from mpdiff.errors import DatasetError
 PROGRESS_MIN_IMAGES = 1000             # progress=None shows a bar above this many images
 
 
-class ImageDataset:
+class _Dataset:
+    """What both kinds derive from their `shape` (C, H, W) and ``read``."""
+
+    @property
+    def channels(self):
+        return self.shape[0]
+
+    @property
+    def resolution(self):
+        return self.shape[1]
+
+    def __getitem__(self, i):
+        return self.read(i)
+
+
+class ImageDataset(_Dataset):
     """A dataset held in memory: uint8 images [N, C, H, W] (`images`) and integer labels [N] (or None).
 
     The built-in datasets, and what :func:`load_dataset` gives. It has the interface of
@@ -83,20 +92,9 @@ class ImageDataset:
         """(channels, height, width) of every image."""
         return tuple(self.images.shape[1:])
 
-    @property
-    def channels(self):
-        return self.images.shape[1]
-
-    @property
-    def resolution(self):
-        return self.images.shape[2]
-
     def read(self, i):
         """Image `i` as uint8 [C, H, W] (a view of `images`)."""
         return self.images[i]
-
-    def __getitem__(self, i):
-        return self.read(i)
 
     def batches(self, batch_size=64, progress=False):
         """uint8 arrays [b, C, H, W] of at most `batch_size` images, in order (views of `images`)."""
@@ -116,7 +114,7 @@ class ImageDataset:
         return []
 
 
-class StreamedImageDataset:
+class StreamedImageDataset(_Dataset):
     """A folder or ZIP of images opened as an index (:func:`open_dataset`): file names, labels and the
     shape (C, H, W) of the first image; every image is read and decoded when it is asked for.
 
@@ -176,14 +174,6 @@ class StreamedImageDataset:
         return self._shape
 
     @property
-    def channels(self):
-        return self._shape[0]
-
-    @property
-    def resolution(self):
-        return self._shape[1]
-
-    @property
     def dtype(self):
         """What ``read`` gives: uint8 images, or float32 latents."""
         return np.dtype(np.float32) if self.latent else np.dtype(np.uint8)
@@ -207,9 +197,6 @@ class StreamedImageDataset:
         """Image `i` as uint8 [C, H, W] (a latent dataset: float32 [8, R, R]), read and decoded now;
         DatasetError (one line naming the file) when it is damaged or its shape differs from the first one's."""
         return decode_checked(self._source_here(), self.image_name(i), self._first_where, self._shape)
-
-    def __getitem__(self, i):
-        return self.read(i)
 
     def batches(self, batch_size=64, progress=False):
         """uint8 arrays [b, C, H, W] (latents: float32) of at most `batch_size` images, in order; only the
@@ -384,11 +371,8 @@ def builtin_dataset(name, split="train"):
 
 
 def load_dataset(spec, use_labels=True, *, progress=None):
-    """A dataset decoded whole into memory (an :class:`ImageDataset`): :func:`open_dataset`, then every
-    image's header is read and checked (one shape for all), the memory they need is compared with
-    :func:`~mpdiff.data.reading.max_dataset_bytes`, and every image is decoded, before this returns. For
-    datasets small enough to hold in memory (evaluation folders, MNIST-sized sets). progress: tqdm bars
-    (None = above PROGRESS_MIN_IMAGES images; True/False)."""
+    """:func:`open_dataset`, then every image decoded into memory (:meth:`StreamedImageDataset.load`, headers and
+    memory checked first): for datasets small enough to hold (evaluation folders, MNIST-sized sets)."""
     return open_dataset(spec, use_labels, progress=progress).load()
 
 
@@ -406,9 +390,7 @@ def count_images(spec):
 
 
 def check_dataset(spec, use_labels=True, progress=None):
-    """Decode and check every image of a dataset in one pass; return one line per bad file (empty when all
-    are good): a damaged or unreadable file, a shape other than the first image's, transparency, a file or
-    image too large, ... Problems of the index (dataset.json, no images, an unusable first image) raise
-    DatasetError as :func:`open_dataset` does. progress: a tqdm bar (None = above PROGRESS_MIN_IMAGES
-    images; True/False). This is `mpdiff dataset check`."""
+    """`mpdiff dataset check`: one line per bad file (:meth:`StreamedImageDataset.check`), empty when all are
+    good; problems of the index (dataset.json, no images, an unusable first image) raise DatasetError as
+    :func:`open_dataset` does."""
     return open_dataset(spec, use_labels, progress=progress).check(progress)

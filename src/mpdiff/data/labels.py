@@ -1,12 +1,12 @@
 """Class labels of a dataset (SPEC §7.4): EDM2's ``dataset.json``, or the names of top-level folders.
 
-:func:`parse_labels_json` checks a ``dataset.json`` against the dataset's images, refusing every
-doubtful entry (:func:`parse_labels_document` also reads mpdiff's extra "class_names"); :func:`labels_from_directories` gives classes by folder (not for EDM2's numbered
-chunk folders, :func:`in_chunk_folders`); :func:`one_hot` turns class ids into the network's labels.
+:func:`parse_labels_document` checks a ``dataset.json`` against the dataset's images, refusing every
+doubtful entry (and reads mpdiff's extra "class_names"); :func:`labels_from_directories` gives classes by
+folder (not for EDM2's numbered chunk folders, :func:`in_chunk_folders`); :func:`one_hot` turns class ids
+into the network's labels.
 (Writing dataset.json is :mod:`mpdiff.storage.dataset_json`'s job.)
 """
 
-import json
 import re
 
 import numpy as np
@@ -33,19 +33,11 @@ def one_hot(class_ids, num_classes):
     return torch.nn.functional.one_hot(torch.as_tensor(class_ids), num_classes).to(torch.float32)
 
 
-def parse_labels_json(data, where, image_names):
-    """Validate dataset.json bytes against the sorted image names; return (labels or None, num_classes).
-
-    `where` names the file in messages. Raises DatasetError with one line for every defect.
-    """
-    labels, num_classes, _ = parse_labels_document(data, where, image_names)
-    return labels, num_classes
-
-
 def parse_labels_document(data, where, image_names):
-    """(labels or None, num_classes, class names or None) of dataset.json bytes, as :func:`parse_labels_json`
-    checks them. The class names are mpdiff's extra key "class_names" (EDM2 reads "labels" only): a list
-    of num_classes distinct strings, e.g. the folder names a converted dataset was labelled by."""
+    """(labels or None, num_classes, class names or None) of dataset.json bytes, checked against the sorted
+    image names: every defect is one DatasetError line (`where` names the file). The class names are mpdiff's
+    extra key "class_names" (EDM2 reads "labels" only): a list of num_classes distinct strings, e.g. the
+    folder names a converted dataset was labelled by."""
     try:
         doc = parse_json(data)  # the one JSON parse: UTF-8, no key twice, bounded nesting
     except JsonProblem as e:

@@ -16,6 +16,7 @@ import numpy as np
 from mpdiff.data.shapes import LATENT_DATA_CHANNELS, MIN_RESOLUTION
 from mpdiff.data.sources import stream_size
 from mpdiff.errors import DatasetError, first_line
+from mpdiff.storage.tensors import NPY_MAX_HEADER_BYTES, npy_header
 
 
 def probe_latent(stream, where):
@@ -27,7 +28,7 @@ def probe_latent(stream, where):
     if size == 0:
         raise DatasetError(f"{where}: cannot read latent (empty file)")
     with _latent_errors(where):
-        shape, dtype = _npy_header(stream)
+        shape, dtype = npy_header(stream)
         header_bytes = stream.tell()
     _check_latent_header(shape, dtype, where)
     _check_data_size(shape, size - header_bytes, where)
@@ -47,22 +48,6 @@ def _check_data_size(shape, present, where):
                            f"is damaged)")
 
 
-_NPY_HEADER_BYTES = 10000  # NumPy's own default limit on an .npy header
-
-
-def _npy_header(stream):
-    """(shape, dtype) from an .npy header (format versions 1.0 and 2.0, which NumPy writes for arrays
-    such as ours; 3.0 only adds UTF-8 field names, which a float32 array has none of)."""
-    version = np.lib.format.read_magic(stream)
-    if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(stream, max_header_size=_NPY_HEADER_BYTES)
-    elif version == (2, 0):
-        shape, _, dtype = np.lib.format.read_array_header_2_0(stream, max_header_size=_NPY_HEADER_BYTES)
-    else:
-        raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported (1.0 or 2.0)")
-    return shape, dtype
-
-
 def decode_latent(data, where):
     """One latent .npy file's bytes -> float32 [8, R, R] (native byte order), refusing anything doubtful:
     not NumPy's .npy format, a damaged or truncated file, trailing bytes, pickled objects (never
@@ -74,12 +59,12 @@ def decode_latent(data, where):
         raise DatasetError(f"{where}: cannot read latent (empty file)")
     stream = io.BytesIO(data)
     with _latent_errors(where):
-        shape, dtype = _npy_header(stream)
+        shape, dtype = npy_header(stream)
     _check_latent_header(shape, dtype, where)  # before reading any data: no object array is ever built
     _check_data_size(shape, len(data) - stream.tell(), where)  # nor one larger than the file
     stream.seek(0)
     with _latent_errors(where):
-        array = np.lib.format.read_array(stream, allow_pickle=False, max_header_size=_NPY_HEADER_BYTES)
+        array = np.lib.format.read_array(stream, allow_pickle=False, max_header_size=NPY_MAX_HEADER_BYTES)
     array = np.ascontiguousarray(array, dtype=np.float32)  # native byte order
     problem = latent_value_problem(array)
     if problem:

@@ -24,8 +24,11 @@ import torch
 
 from mpdiff.data.latent_files import latent_value_problem
 from mpdiff.data.pixels import PixelEncoder
+from mpdiff.data.shapes import MIN_RESOLUTION
+from mpdiff.data.sources import show_name
 from mpdiff.errors import ConfigError, DatasetError, MpdiffError, first_line
-from mpdiff.storage.files import show_path
+from mpdiff.storage.files import read_json, show_path
+from mpdiff.storage.layout import CONFIG_FILE, PHEMA_DIR, SNAPSHOT_DIR
 
 RAW_MEAN = (5.81, 3.25, 0.12, -2.15)    # per-channel mean of the VAE's latents over ImageNet (SPEC §7.1)
 RAW_STD = (4.17, 4.62, 3.71, 3.28)      # ... and their standard deviation
@@ -73,8 +76,6 @@ def check_vae_dir(path):
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise MpdiffError(f"VAE folder {shown}: no config.json, so not a diffusers model folder; {vae_hint()}")
-    from mpdiff.storage.files import read_json
-
     config = read_json(config_path, what="VAE config")
     kind = config.get("_class_name") if isinstance(config, dict) else None
     if kind != "AutoencoderKL":
@@ -198,10 +199,9 @@ class LatentEncoder:
         return LATENT_CHANNELS
 
     def _constants(self, x):
-        shape = (1, LATENT_CHANNELS, 1, 1)
-        mean = torch.tensor(self.raw_mean, dtype=torch.float32, device=x.device).reshape(shape)
-        std = torch.tensor(self.raw_std, dtype=torch.float32, device=x.device).reshape(shape)
-        return mean, std
+        """(raw_mean, raw_std) as float32 [1, 4, 1, 1] on x's device."""
+        return [torch.tensor(v, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
+                for v in (self.raw_mean, self.raw_std)]
 
     def normalize(self, z):
         """Raw VAE latents -> what the network sees: (z - raw_mean) * (0.5 / raw_std), per channel."""
@@ -268,9 +268,6 @@ def encoder_for(data_channels, vae=None, device="cpu"):
 def recorded_encoder(source):
     """(encoder dict, VAE folder) that the config.json of the run holding network `source` (a run
     directory, or a file in its snapshots/ or phema/ folder) records; (None, None) when there is none."""
-    from mpdiff.storage.files import read_json
-    from mpdiff.storage.layout import CONFIG_FILE, PHEMA_DIR, SNAPSHOT_DIR
-
     if source is None:
         return None, None
     source = os.path.abspath(os.fspath(source))
@@ -366,10 +363,8 @@ def encode_dataset(src, dest, vae, batch_size=ENCODE_BATCH, device="cpu", progre
     """
     from tqdm import tqdm
 
-    from mpdiff.data.convert import check_destination, write_folder, write_zip
+    from mpdiff.data.convert import check_destination, write_dataset
     from mpdiff.data.datasets import open_dataset
-    from mpdiff.data.shapes import MIN_RESOLUTION
-    from mpdiff.data.sources import show_name
 
     src, dest = os.fsdecode(os.fspath(src)), os.fsdecode(os.fspath(dest))
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -387,8 +382,6 @@ def encode_dataset(src, dest, vae, batch_size=ENCODE_BATCH, device="cpu", progre
                            f"{DOWNSAMPLING * MIN_RESOLUTION} (EDM2: 512x512, convert with --transform "
                            f"center-crop-dhariwal)")
     model = load_vae(vae, device)
-    labels = [None] * len(ds) if ds.labels is None else [int(c) for c in ds.labels]
-    num_classes = ds.num_classes if ds.labels is not None else None
 
     def files():
         index = 0
@@ -404,10 +397,6 @@ def encode_dataset(src, dest, vae, batch_size=ENCODE_BATCH, device="cpu", progre
                     index += 1
                 bar.update(len(images))
 
-    names = ds.class_names if ds.labels is not None else None  # kept, as convert keeps them
-    if dest.lower().endswith(".zip"):
-        write_zip(dest, files(), labels, num_classes, class_names=names)
-    else:
-        write_folder(dest, files(), labels, num_classes, class_names=names)
+    write_dataset(dest, files(), len(ds), ds.labels, ds.num_classes, ds.class_names)  # class names kept, as in convert
     return Encoding(dest, len(ds), side, side // DOWNSAMPLING, ds.num_classes if ds.labels is not None else 0)
 

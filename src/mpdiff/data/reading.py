@@ -94,22 +94,25 @@ def probe_file(stream, where, name):
     return shape
 
 
-def check_headers(source, image_names, show):
-    """Read every image's header; check that all share one valid shape. Returns (where, shape) of the first."""
+def read_headers(source, names, show):
+    """(where, shape) of each file from its header (:func:`probe_file`), nothing decoded; `show`: a tqdm bar."""
     from tqdm import tqdm
 
+    for name in tqdm(names, desc=f"Checking {source.shown}", unit="img", disable=not show):
+        where = source.where(name)
+        with source.open(name) as stream:
+            yield where, probe_file(stream, where, name)
+
+
+def check_headers(source, image_names, show):
+    """Read every image's header; check that all share one valid shape. Returns (where, shape) of the first."""
     first = None  # (where, shape) of the first image: every other must match it
-    with tqdm(total=len(image_names), desc=f"Checking {source.shown}", unit="img", disable=not show) as bar:
-        for name in image_names:
-            where = source.where(name)
-            with source.open(name) as stream:
-                shape = probe_file(stream, where, name)
-            if first is None:
-                check_first_shape(shape, where, source.path)
-                first = (where, shape)
-            elif shape != first[1]:
-                raise_shape_mismatch(shape, where, *first, source.path)
-            bar.update(1)
+    for where, shape in read_headers(source, image_names, show):
+        if first is None:
+            check_first_shape(shape, where, source.path)
+            first = (where, shape)
+        elif shape != first[1]:
+            raise_shape_mismatch(shape, where, *first, source.path)
     return first
 
 

@@ -7,12 +7,11 @@ through the opened stream before reading it whole). The name predicates say whic
 (dotfiles, ``__MACOSX/``); :func:`show_name` is how a name appears in a one-line message.
 """
 
-import contextlib
 import os
 import zipfile
 
 from mpdiff.errors import DatasetError, first_line
-from mpdiff.storage.files import open_regular, show_path
+from mpdiff.storage.files import errors_as, open_regular, show_path
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")  # matched case-insensitively
 # Images of kinds the reader does not decode (its decoders are PIL_FORMATS): named, never skipped silently
@@ -83,12 +82,8 @@ def _too_big(where, size, limit, why=""):
     return DatasetError(f"{where}: file is {size:,} bytes, above the limit of {limit:,} bytes{why}")
 
 
-class _FolderSource:
-    """Files of a directory tree, named by relative posix path.
-
-    Every file is opened with :func:`mpdiff.storage.files.open_regular`: only regular files (after
-    following symbolic links) are read; a FIFO, device, socket, directory or dangling link is one line.
-    """
+class _Source:
+    """What a folder and a ZIP source share: ``read`` is ``open``, then :func:`read_all`."""
 
     def __init__(self, path):
         self.path = path
@@ -99,6 +94,18 @@ class _FolderSource:
 
     def __exit__(self, *exc):
         return False
+
+    def read(self, name, max_bytes=None, why=""):
+        with self.open(name, max_bytes, why) as f:
+            return read_all(f, self.where(name), max_bytes, why)  # a ZIP entry: zipfile checks its CRC
+
+
+class _FolderSource(_Source):
+    """Files of a directory tree, named by relative posix path.
+
+    Every file is opened with :func:`mpdiff.storage.files.open_regular`: only regular files (after
+    following symbolic links) are read; a FIFO, device, socket, directory or dangling link is one line.
+    """
 
     def where(self, name):
         return os.path.join(self.shown, *show_name(name, None).split("/"))
@@ -144,17 +151,12 @@ class _FolderSource:
             raise _too_big(self.where(name), size, max_bytes, why)
         return f
 
-    def read(self, name, max_bytes=None, why=""):
-        with self.open(name, max_bytes, why) as f:
-            return read_all(f, self.where(name), max_bytes, why)
 
-
-class _ZipSource:
+class _ZipSource(_Source):
     """Members of a ZIP archive (stored or deflated), named by posix path."""
 
     def __init__(self, path):
-        self.path = path
-        self.shown = show_name(path, None)  # for messages
+        super().__init__(path)
         self.file = None
         self.zip = None
         self.members = {}
@@ -203,21 +205,12 @@ class _ZipSource:
         if info.file_size > max_bytes:
             raise _too_big(where, info.file_size, max_bytes, why)
         with _zip_errors(where):
-            return _ZipEntry(self.zip.open(info), where, info.file_size)
-
-    def read(self, name, max_bytes=None, why=""):
-        with self.open(name, max_bytes, why) as f:
-            return read_all(f, self.where(name), max_bytes, why)  # zipfile stops at the declared size, checks the CRC
+            return _ZipEntry(self.zip.open(info), where, info.file_size)  # zipfile stops at the declared size
 
 
-@contextlib.contextmanager
 def _zip_errors(where):
-    try:
-        yield
-    except DatasetError:
-        raise
-    except Exception as e:  # BadZipFile (bad CRC), zlib.error, EOFError, NotImplementedError, encrypted, ...
-        raise DatasetError(f"{where}: damaged ZIP entry ({first_line(e)})") from None
+    """BadZipFile (bad CRC), zlib.error, EOFError, NotImplementedError, encrypted, ...: one line naming the entry."""
+    return errors_as(DatasetError, f"{where}: damaged ZIP entry")
 
 
 class _ZipEntry:

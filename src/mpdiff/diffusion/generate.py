@@ -230,19 +230,16 @@ def generation_settings(net, seeds, class_idx, sampling, guide=None, guidance=1.
 def generate_to_folder(net, seeds, out_dir, class_idx=None, grid_path=None, sampling=None, guide=None,
                        guidance=1.0, device="cpu", progress=True, subdirs=False, dist=None, log=None,
                        encoder=None, **overrides):
-    """Write one PNG per seed and dataset.json into `out_dir`, streaming: images are written as each
-    batch is made, and memory holds one batch whatever the number of seeds.
+    """Write one PNG per seed and dataset.json into `out_dir` as the batches are made (memory: one batch);
+    returns the folder path (docs/SAMPLING.md, "Generation: streamed, resumable, several processes").
 
-    The images go into the hidden sibling ``.NAME.generating`` (with the settings they depend on);
-    when every seed is there, dataset.json is written and the folder takes NAME's place, replacing a
-    previous sample folder atomically. A killed generation resumed with the same settings keeps the
-    images already written (each read back and checked; a damaged one is made again) and makes only the
-    missing ones; other settings are refused. Process 0 holds OUT's lock throughout: one writer at a time.
-    `dist` (:class:`mpdiff.distributed.Distributed`): each process makes every world_size-th seed and
-    process 0 completes the folder. Returns the folder path.
-    `encoder` turns each batch into uint8 images (``encoder.decode``): pixels by default; a latent network's
-    :class:`mpdiff.data.latents.LatentEncoder` decodes through the VAE, batch by batch, and the decoder
-    becomes one of the settings a resumed folder must match.
+    Images go into the hidden ``.NAME.generating`` with the settings they depend on; when every seed is
+    there, the folder takes NAME's place atomically. A killed generation resumed with the same settings
+    keeps the images already written (each read back and checked; a damaged one is made again) and makes
+    the missing ones; other settings are refused. Process 0 holds OUT's lock throughout. `dist`: each
+    process makes every world_size-th batch and process 0 completes the folder. `encoder` (default pixels)
+    turns each batch into uint8 images; a latent network's decoder is one of the settings a resumed folder
+    must match.
     """
     from mpdiff.data.pixels import PixelEncoder
     from mpdiff.distributed import Distributed

@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from mpdiff.config import require
 from mpdiff.errors import ConfigError
 
 
@@ -44,12 +45,9 @@ class GuidedDenoiser:
         self.net, self.guide, self.guidance = net, guide, guidance
         self.lo, self.hi = (float(v) for v in interval)
 
-    def inside(self, sigma):
-        return self.lo < float(sigma) <= self.hi
-
     def for_step(self, sigma):
         """The denoiser of a step starting at level `sigma`: guided inside the interval, the network outside."""
-        if self.inside(sigma):
+        if self.lo < float(sigma) <= self.hi:
             return lambda x, s, labels: self.guide(x, s, labels).lerp(self.net(x, s, labels), self.guidance)
         return lambda x, s, labels: self.net(x, s, labels)
 
@@ -82,18 +80,15 @@ def check_guide(net, guide, kind=None):
     Returns 'cfg' or 'autoguidance' (what the pair is)."""
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
     guide_shape = (guide.img_channels, guide.img_resolution, guide.img_resolution)
-    if shape != guide_shape:
-        raise ConfigError(f"{{guide}} makes {'x'.join(map(str, guide_shape))} images, the network "
-                          f"{'x'.join(map(str, shape))}", fields=("guide",))
-    if guide.label_dim not in (0, net.label_dim):
-        raise ConfigError(f"{{guide}} has {guide.label_dim} classes, the network {net.label_dim}; a guide is "
-                          f"unconditional (classifier-free guidance) or has the same classes (autoguidance)",
-                          fields=("guide",))
+    require(shape == guide_shape, f"{{guide}} makes {'x'.join(map(str, guide_shape))} images, the network "
+            f"{'x'.join(map(str, shape))}", "guide")
+    require(guide.label_dim in (0, net.label_dim), f"{{guide}} has {guide.label_dim} classes, the network "
+            f"{net.label_dim}; a guide is unconditional (classifier-free guidance) or has the same classes "
+            f"(autoguidance)", "guide")
     found = "cfg" if guide.label_dim == 0 and net.label_dim else "autoguidance"
-    if kind is not None and kind != found:
-        need = "an unconditional guide" if kind == "cfg" else f"a guide with the network's {net.label_dim} classes"
-        raise ConfigError(f"{{guide}}: this guidance preset is {kind}, which needs {need}; the guide has "
-                          f"{guide.label_dim} classes", fields=("guide",))
+    need = "an unconditional guide" if kind == "cfg" else f"a guide with the network's {net.label_dim} classes"
+    require(kind in (None, found), f"{{guide}}: this guidance preset is {kind}, which needs {need}; the guide has "
+            f"{guide.label_dim} classes", "guide")
     return found
 
 
@@ -227,8 +222,7 @@ def resolve_guidance(preset=None, guidance=None, sigma_rel=None, guide_sigma_rel
 def check_guidance(choice, has_guide):
     """Refuse a resolved guidance that cannot be sampled: a strength that is not a finite number, or
     one other than 1 without a guide network."""
-    if not math.isfinite(choice.guidance):
-        raise ConfigError(f"{{guidance}} must be a finite number, got {choice.guidance}", fields=("guidance",))
-    if choice.guidance != 1 and not has_guide:
-        raise ConfigError(f"{{guidance}} {choice.guidance:g} needs a {{guide}} network", fields=("guidance", "guide"))
+    require(math.isfinite(choice.guidance), f"{{guidance}} must be a finite number, got {choice.guidance}", "guidance")
+    require(choice.guidance == 1 or has_guide, f"{{guidance}} {choice.guidance:g} needs a {{guide}} network",
+            "guidance", "guide")
     return choice

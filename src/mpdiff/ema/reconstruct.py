@@ -17,26 +17,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mpdiff.config import STORAGE_DTYPES, check_named_sigma_rels
+from mpdiff.config import STORAGE_DTYPES, check_named_sigma_rels, require
 from mpdiff.ema.profiles import profile_reconstruction_error, solve_posthoc_coefficients
 from mpdiff.ema.snapshots import list_snapshots
 from mpdiff.errors import CheckpointError, ConfigError, first_line
 from mpdiff.storage.files import atomic_write
 from mpdiff.storage.layout import RunLayout, check_folder, phema_name, run_dir_of
 from mpdiff.storage.network_files import NETWORK_FORMAT, storage_dtype
-from mpdiff.storage.tensors import (
-    FLOAT_CODES,
-    open_safetensors,
-    safetensors_code,
-    tensor_layout,
-)
+from mpdiff.storage.tensors import FLOAT_CODES, open_safetensors, safetensors_code, tensor_layout
 from mpdiff.threads import torch_threads
 
 RECONSTRUCTION_KIND = "phema-reconstruction"
-
-
-# ------------------------------------------------------------------------------------------------
-# Post-hoc reconstruction.
 
 
 def target_sigma_rels(sigma_rels):
@@ -132,10 +123,7 @@ class _InputReader:
     others are reopened for every read. Safe to use from two threads.
     """
 
-    def __init__(self,
-        paths,                              # Snapshot files, in input order.
-        max_open,                           # How many of them stay open between reads.
-    ):
+    def __init__(self, paths, max_open):  # snapshot files in input order; how many of them stay open
         self.paths = list(paths)
         self.fds = {}
         self.data_starts, self.spans = [], []
@@ -263,8 +251,6 @@ def _stream_pass(reader, weights, range_elements, on_bytes, emit):
             emit(out)
 
 
-
-
 def _raw_tensors(path, keep):
     """{name: (safetensors dtype, shape, bytes)} of the tensors of a snapshot file for which keep(dtype) holds."""
     try:
@@ -334,31 +320,23 @@ def _write_pass(reader, weights, paths, headers, raw, range_elements, dtype, on_
 def reconstruct(run_dir, sigma_rels, at_nimg=None, out_dir=None, batch_outputs=64, dtype="float32", progress=True):
     """Post-hoc EMA: write network files for new profiles `sigma_rels` at time `at_nimg`; returns their paths.
 
-    * Inputs are all snapshots with 0 < nimg <= at_nimg. `at_nimg` (images) defaults to the last snapshot
-      time and must be one of the snapshot times (:func:`select_inputs`: a profile ending between two
-      snapshots would need weights nobody saved); snapshots after it are not used (they carry weights the
-      profile must not see).
-    * Targets are processed in passes of up to `batch_outputs`. A pass reads every input byte once, one
-      tensor range from all inputs at a time, mixes all its targets with one float64 matmul per range and
-      appends the results to the pass's output files, which are open for the whole pass. Memory is about
-      one snapshot, however many targets.
-    * Floating tensors that are bit-identical in every input (buffers such as MPFourier frequencies,
-      frozen parameters) are copied verbatim from the first input instead of averaged; all other
-      floating tensors are averaged; integer tensors are taken from the latest input.
-    * Outputs ``phema-{nimg:012d}-{sigma_rel_text(sigma_rel)}.safetensors`` (storage.layout) go to `out_dir` (default RUN_DIR/phema)
-      as network files with kind "phema-reconstruction", the coefficients and the input names.
+    Inputs are the snapshots with 0 < nimg <= at_nimg; `at_nimg` defaults to the last snapshot time and must be
+    one of them (:func:`select_inputs`). Targets go in passes of up to `batch_outputs`, each reading every input
+    byte once and mixing all its targets with one float64 matmul per range (memory: about one snapshot).
+    Floating tensors bit-identical in every input are copied, the others averaged; integer tensors come from
+    the latest input. Outputs (``phema-{nimg:012d}-{sigma_rel:.3f}.safetensors``) go to `out_dir` (default
+    RUN_DIR/phema) as network files of kind "phema-reconstruction" with the coefficients and the input names
+    (docs/POSTHOC_EMA.md).
     """
     targets = target_sigma_rels(sigma_rels)
-    if dtype not in STORAGE_DTYPES:
-        raise ConfigError(f"output dtype {dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
-    if int(batch_outputs) < 1:
-        raise ConfigError(f"batch_outputs must be >= 1, got {batch_outputs}")
+    require(dtype in STORAGE_DTYPES, f"output dtype {dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
+    require(int(batch_outputs) >= 1, f"batch_outputs must be >= 1, got {batch_outputs}")
     records = list_snapshots(run_dir)
     at_nimg, inputs = select_inputs(records, at_nimg)
     coefficients = solve_posthoc_coefficients([r.nimg for r in inputs], [r.sigma_rel for r in inputs],
                                               at_nimg, targets)
-    if not np.all(np.isfinite(coefficients)):
-        raise ConfigError("post-hoc EMA coefficients are not finite (snapshot profiles too similar to solve)")
+    require(np.all(np.isfinite(coefficients)),
+            "post-hoc EMA coefficients are not finite (snapshot profiles too similar to solve)")
     out_dir = RunLayout(run_dir_of(run_dir)).phema_dir if out_dir is None else os.fspath(out_dir)
     check_folder(out_dir)  # a symlink loop or a file in its place: one line, before any input is read
     groups = _ranges(len(targets), int(batch_outputs))

@@ -8,8 +8,7 @@ import dataclasses
 import os
 from typing import Optional
 
-from mpdiff.config import NetworkConfig
-from mpdiff.config import SIGMA_REL_MAX, check_sigma_rels
+from mpdiff.config import SIGMA_REL_MAX, NetworkConfig, check_sigma_rels
 from mpdiff.errors import CheckpointError, NumericalError, first_line
 from mpdiff.storage.files import parse_json
 from mpdiff.storage.layout import check_folder, parse_snapshot_name, snapshot_dir_of, snapshot_name
@@ -17,25 +16,19 @@ from mpdiff.storage.network_files import NETWORK_FORMAT, save_network
 from mpdiff.storage.tensors import check_dtypes, first_nonfinite, open_safetensors
 
 SNAPSHOT_KIND = "ema-snapshot"
-# ------------------------------------------------------------------------------------------------
-# Snapshots: one network file per (training time, profile).
 
 
 def save_ema_snapshots(ema, snapshot_dir, network_config, step, batch_size, dtype="float32"):
     """Write one snapshot per tracked profile of `ema` (a PowerFunctionEMA) at its current time; returns the paths."""
-    paths = []
     states = [ema.averaged_state_dict(index) for index in range(len(ema.sigma_rels))]
     for sigma_rel, state in zip(ema.sigma_rels, states):
         bad = first_nonfinite(state)
         if bad is not None:  # a NaN snapshot would poison every reconstruction that uses it
             raise NumericalError(f"EMA profile {sigma_rel:.3f} holds non-finite values in {bad} at {ema.nimg} "
                                  f"images; no snapshot written")
-    for index, sigma_rel in enumerate(ema.sigma_rels):
-        path = os.path.join(snapshot_dir, snapshot_name(ema.nimg, sigma_rel))
-        save_snapshot(path, states[index], nimg=ema.nimg, sigma_rel=sigma_rel, step=step,
-                      batch_size=batch_size, network_config=network_config, dtype=dtype)
-        paths.append(path)
-    return paths
+    return [save_snapshot(os.path.join(snapshot_dir, snapshot_name(ema.nimg, sigma_rel)), state, nimg=ema.nimg,
+                          sigma_rel=sigma_rel, step=step, batch_size=batch_size, network_config=network_config,
+                          dtype=dtype) for sigma_rel, state in zip(ema.sigma_rels, states)]
 
 
 def save_snapshot(path, state_dict, nimg, sigma_rel, step, batch_size, network_config, dtype="float32"):

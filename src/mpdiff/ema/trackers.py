@@ -5,16 +5,12 @@ They hold state only: :meth:`state_dict`/:meth:`load_state_dict` for checkpoints
 coefficients come from the pure math in :mod:`mpdiff.ema.profiles`.
 """
 
-
 import numpy as np
 import torch
 
 from mpdiff.config import TrainingConfig
 from mpdiff.ema.profiles import power_function_beta, sigma_rel_to_gamma
 from mpdiff.errors import CheckpointError, ConfigError
-
-# ------------------------------------------------------------------------------------------------
-# Trackers.
 
 
 class _ParameterAverages:
@@ -37,12 +33,15 @@ class _ParameterAverages:
                 else:
                     average[name].lerp_(param.detach().to(torch.float32), 1 - beta)
 
-    @staticmethod
-    def _check_times(nimg, delta_nimg):
+    def update(self, nimg, delta_nimg):
+        """Fold in the live weights. nimg = images seen after this step, delta_nimg = images since the last update."""
         if not delta_nimg > 0 or nimg < delta_nimg:
             raise ValueError(f"EMA update needs 0 < delta_nimg <= nimg, got nimg={nimg}, delta_nimg={delta_nimg}")
+        self._apply([float(beta) for beta in self.betas(nimg, delta_nimg)])
+        self.nimg = int(nimg)
 
-    def _averaged_state_dict(self, index):
+    def averaged_state_dict(self, index=0):
+        """A full state_dict for the module: averaged parameters (float32) + the live module's buffers."""
         average = self.averages[index]
         params = dict(self.module.named_parameters(remove_duplicate=False))
         ids = {id(p): name for name, p in self.module.named_parameters()}  # tied weights share one average
@@ -53,6 +52,11 @@ class _ParameterAverages:
             else:
                 state[key] = value.detach().clone()  # buffers come from the live module
         return state
+
+    def copy_to(self, module, index=0):
+        """Load an average into `module` (same architecture as the tracked one)."""
+        module.load_state_dict(self.averaged_state_dict(index))
+        return module
 
     def _load_averages(self, averages, source):
         """Copy stored averages (list of name -> tensor) into place after checking them against the module."""
@@ -81,20 +85,13 @@ class PowerFunctionEMA(_ParameterAverages):
     previous update, so the profile stays exact however the updates are spaced).
     """
 
-    def __init__(self,
-        module,                         # Live torch.nn.Module whose parameters are averaged.
-        sigma_rels = TrainingConfig().ema_sigma_rels,  # Relative std of each tracked profile.
-    ):
+    def __init__(self, module, sigma_rels=TrainingConfig().ema_sigma_rels):  # the live module; each profile's std
         self.sigma_rels = tuple(float(s) for s in sigma_rels)
         sigma_rel_to_gamma(self.sigma_rels)  # validate
         super().__init__(module, len(self.sigma_rels))
 
-    def update(self, nimg, delta_nimg):
-        """Fold in the live weights. nimg = images seen after this step, delta_nimg = images since the last update."""
-        self._check_times(nimg, delta_nimg)
-        betas = power_function_beta(self.sigma_rels, nimg, delta_nimg)
-        self._apply([float(beta) for beta in betas])
-        self.nimg = int(nimg)
+    def betas(self, nimg, delta_nimg):
+        return power_function_beta(self.sigma_rels, nimg, delta_nimg)
 
     def profile_index(self, index_or_sigma_rel):
         """Index of a profile given its index (int) or its sigma_rel (float)."""
@@ -109,13 +106,8 @@ class PowerFunctionEMA(_ParameterAverages):
                           f"{', '.join(f'{s:.3f}' for s in self.sigma_rels)})")
 
     def averaged_state_dict(self, index_or_sigma_rel=0):
-        """A full state_dict for the module: averaged parameters (float32) + the live module's buffers."""
-        return self._averaged_state_dict(self.profile_index(index_or_sigma_rel))
-
-    def copy_to(self, module, index_or_sigma_rel=0):
-        """Load one profile's average into `module` (same architecture as the tracked one)."""
-        module.load_state_dict(self.averaged_state_dict(index_or_sigma_rel))
-        return module
+        """A full state_dict of one profile (index or sigma_rel; :meth:`copy_to` takes either too)."""
+        return super().averaged_state_dict(self.profile_index(index_or_sigma_rel))
 
     def state_dict(self):
         return {"sigma_rels": list(self.sigma_rels), "nimg": self.nimg, "averages": self.averages}
@@ -133,11 +125,8 @@ class PowerFunctionEMA(_ParameterAverages):
 class TraditionalEMA(_ParameterAverages):
     """Traditional (exponential) EMA with an optional half-life ramp-up (SPEC §5.2, config A)."""
 
-    def __init__(self,
-        module,                         # Live torch.nn.Module whose parameters are averaged.
-        halflife_img,                   # Half-life in training images.
-        rampup_ratio = 0.09,            # Half-life is at most rampup_ratio * nimg; None disables the ramp-up.
-    ):
+    def __init__(self, module, halflife_img, rampup_ratio=0.09):
+        """`halflife_img`: in training images; it is at most `rampup_ratio` * nimg (None: no ramp-up)."""
         if not halflife_img > 0:
             raise ConfigError(f"EMA half-life must be positive, got {halflife_img}")
         self.halflife_img = float(halflife_img)
@@ -150,20 +139,8 @@ class TraditionalEMA(_ParameterAverages):
             halflife = min(halflife, self.rampup_ratio * nimg)
         return halflife
 
-    def update(self, nimg, delta_nimg):
-        """Fold in the live weights. nimg = images seen after this step, delta_nimg = images since the last update."""
-        self._check_times(nimg, delta_nimg)
-        beta = 0.5 ** (delta_nimg / max(self.current_halflife(nimg), 1e-8))  # Eq. 120, SPEC §5.2
-        self._apply([float(beta)])
-        self.nimg = int(nimg)
-
-    def averaged_state_dict(self):
-        """A full state_dict for the module: averaged parameters (float32) + the live module's buffers."""
-        return self._averaged_state_dict(0)
-
-    def copy_to(self, module):
-        module.load_state_dict(self.averaged_state_dict())
-        return module
+    def betas(self, nimg, delta_nimg):
+        return [0.5 ** (delta_nimg / max(self.current_halflife(nimg), 1e-8))]  # Eq. 120, SPEC §5.2
 
     def state_dict(self):
         return {"halflife_img": self.halflife_img, "rampup_ratio": self.rampup_ratio, "nimg": self.nimg,

@@ -28,9 +28,11 @@ import torch
 from mpdiff.diffusion.generate import MAX_SEEDS
 from mpdiff.errors import ConfigError, MpdiffError, first_line
 from mpdiff.metrics import digits, dinov2, inception, mnist
-from mpdiff.metrics.detectors import Detector, FeatureStats, check_images
+from mpdiff.metrics.detectors import FeatureStats, check_images
+from mpdiff.metrics.digits import DigitsDetector
 from mpdiff.metrics.frechet import check_covariance, frechet_distance
 from mpdiff.storage.files import read_bytes, show_path, write_bytes
+from mpdiff.storage.tensors import npy_header
 
 METRICS = ("fid", "fd_dinov2", "fd_digits", "fd_mnist")
 # The dimension D of each metric's features: its reference statistics are a [D] mean and a [D, D] covariance.
@@ -40,28 +42,6 @@ REFERENCE_MAX_BYTES = 256 * 2 ** 20  # two 2048-d and 1024-d covariances are ~42
 NPY_HEADER_MAX_BYTES = 4096          # an .npy header: numpy pads it to 64 or 128 bytes
 SOURCE_MAX_CHARS = 4096              # the dataset `mpdiff ref` records: a name or a path
 MIN_IMAGES = 2                       # a covariance needs two images
-
-
-class DigitsDetector(Detector):
-    """The built-in digits classifier's penultimate features (8x8 grayscale images only)."""
-
-    name = "digits"
-    metric = "fd_digits"
-
-    def __init__(self, classifier=None, device="cpu"):
-        super().__init__(device)
-        from mpdiff.metrics.digits import load_digit_classifier
-
-        self.classifier = (classifier or load_digit_classifier()).to(self.device)
-        self.feature_dim = self.classifier.fc.out_features
-
-    def preprocess(self, images):
-        if tuple(images.shape[1:]) != (1, 8, 8):
-            raise MpdiffError(f"fd_digits measures 8x8 grayscale digits, got images of shape {list(images.shape[1:])}")
-        return images.to(self.device)
-
-    def embed(self, inputs):
-        return self.classifier.features(inputs)
 
 
 def parse_metrics(text):
@@ -76,19 +56,15 @@ def parse_metrics(text):
 def make_detector(metric, device="cpu", dinov2=None):
     """The detector of a metric name. Weights come from local files only (see each module)."""
     if metric == "fid":
-        from mpdiff.metrics.inception import InceptionDetector
-
-        return InceptionDetector(device=device)
+        return inception.InceptionDetector(device=device)
     if metric == "fd_dinov2":
-        from mpdiff.metrics.dinov2 import DinoV2Detector
+        from mpdiff.metrics.dinov2 import DinoV2Detector  # (the argument `dinov2` is the weights file)
 
         return DinoV2Detector(path=dinov2, device=device)
     if metric == "fd_digits":
         return DigitsDetector(device=device)
     if metric == "fd_mnist":
-        from mpdiff.metrics.mnist import MnistDetector
-
-        return MnistDetector(device=device)
+        return mnist.MnistDetector(device=device)
     raise ConfigError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
 
 
@@ -219,12 +195,7 @@ def check_reference_member(where, archive, info):
     if info.flag_bits & 0x1:
         raise MpdiffError(f"{where}: {name[:60]} is encrypted; numpy never writes encrypted members")
     with archive.open(info) as f:
-        version = np.lib.format.read_magic(f)
-        if version not in ((1, 0), (2, 0)):
-            raise ValueError(f"{name[:60]}: .npy format version {version} is not one numpy writes for numbers")
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-            np.lib.format.read_array_header_2_0
-        shape, _, dtype = read_header(f)
+        shape, dtype = npy_header(f)
     if math.prod(shape) * dtype.itemsize > info.file_size:  # np.load allocates what the header says, then reads
         raise MpdiffError(f"{where}: {name[:60]} declares a {dtype} array of shape {list(shape)}, more than its "
                           f"{info.file_size:,} bytes hold")
@@ -398,6 +369,3 @@ def compute_metrics(batches, reference, metrics, device="cpu", dinov2=None, dete
     result["num_images"] = next(iter(stats.values())).count
     return result
 
-
-def default_reference_name(dataset):
-    return os.path.splitext(os.path.basename(os.path.normpath(str(dataset))))[0] + "-ref.npz"

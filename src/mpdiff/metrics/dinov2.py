@@ -22,15 +22,16 @@ The weights are not shipped and are never downloaded by mpdiff: see :data:`WEIGH
 """
 
 import os
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpdiff.errors import CheckpointError, first_line
+from mpdiff.errors import CheckpointError
 from mpdiff.metrics.detectors import Detector, check_images
 from mpdiff.nn.build import check_state_dict
-from mpdiff.storage.files import show_path
+from mpdiff.storage.files import errors_as, show_path
 from mpdiff.storage.tensors import open_safetensors, safe_torch_load
 
 WEIGHTS_ENV = "MPDIFF_DINOV2"
@@ -85,17 +86,6 @@ class _SelfAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(n, tokens, width))
 
 
-class _FeedForward(nn.Module):
-    def __init__(self, width, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, width)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class _LayerScale(nn.Module):
     """Per-channel gain on a residual branch (the official models start it at 1.0)."""
 
@@ -114,7 +104,8 @@ class _Block(nn.Module):
         self.attn = _SelfAttention(width, heads)
         self.ls1 = _LayerScale(width)
         self.norm2 = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
-        self.mlp = _FeedForward(width, int(width * mlp_ratio))
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(width, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, width)))
         self.ls2 = _LayerScale(width)
 
     def forward(self, x):
@@ -238,13 +229,9 @@ def load_dinov2(path=None, device="cpu", build=vit_l14):
 
 def _read_safetensors(path):
     """All tensors of a safetensors file, whatever its metadata (files converted elsewhere carry their own)."""
-    try:
-        with open_safetensors(path, what="DINOv2 weights file") as f:
-            return {name: f.get_tensor(name) for name in f.offset_keys()}
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        raise CheckpointError(f"{show_path(path)}: not a readable safetensors file ({first_line(e)})") from None
+    with errors_as(CheckpointError, f"{show_path(path)}: not a readable safetensors file"), \
+            open_safetensors(path, what="DINOv2 weights file") as f:
+        return {name: f.get_tensor(name) for name in f.offset_keys()}
 
 
 class DinoV2Detector(Detector):

@@ -15,6 +15,7 @@ from mpdiff.ema.profiles import profile_reconstruction_error
 from mpdiff.ema.reconstruct import PROFILE_ERROR_WARNING, reconstruct, select_inputs
 from mpdiff.ema.snapshots import list_snapshots
 from mpdiff.errors import ConfigError
+from mpdiff.metrics.estimate import duration_text
 from mpdiff.storage.files import atomic_write, read_json, write_json, write_text
 from mpdiff.storage.layout import RunLayout
 from mpdiff.storage.images import save_grid
@@ -57,14 +58,12 @@ def _evaluator(run_dir, metrics=None, ref=None, dinov2=None, device="cpu", count
     if spec in ("digits", "mnist") and count is not None and count > BUILTIN_MAX_SAMPLES:
         raise ConfigError(f"--seeds: the built-in {spec} evaluation keeps every sample in memory, at most "
                           f"{BUILTIN_MAX_SAMPLES:,}, got {count:,} (--metrics with --ref streams them)")
-    if spec == "digits":
-        from mpdiff.metrics.digits import evaluate_digits, load_digit_classifier
-        classifier = load_digit_classifier()
-        return lambda images, labels: evaluate_digits(images, labels, classifier=classifier)
-    if spec == "mnist":
-        from mpdiff.metrics.mnist import evaluate_mnist, load_mnist_classifier
-        classifier = load_mnist_classifier()
-        return lambda images, labels: evaluate_mnist(images, labels, classifier=classifier)
+    if spec in ("digits", "mnist"):
+        from mpdiff.metrics import digits, mnist
+        load, evaluate = {"digits": (digits.load_digit_classifier, digits.evaluate_digits),
+                          "mnist": (mnist.load_mnist_classifier, mnist.evaluate_mnist)}[spec]
+        classifier = load()
+        return lambda images, labels: evaluate(images, labels, classifier=classifier)
     return None
 
 
@@ -152,18 +151,12 @@ def length_line(row, done, total, seconds, error=None):
     scores = [f"{k} {row[k]:.4g}" for k in row if k not in ROW_INFO + ("num_samples", "fd_real_vs_real")
               and isinstance(row[k], (int, float))]
     left = total - done
-    timing = f"{_minutes(seconds)} so far" + (f", about {_minutes(seconds / done * left)} for the {left} left"
-                                               if left else "")
+    timing = f"{duration_text(seconds)} so far" + (f", about {duration_text(seconds / done * left)} for the {left} "
+                                                   f"left" if left else "")
     misses = (f"; its reconstruction misses the target profile by {error:.0%}"
               if error is not None and error > PROFILE_ERROR_WARNING else "")
     return (f"sigma_rel {row['sigma_rel']:.3f} ({done} of {total}): {', '.join(scores) or 'grid ' + row['grid']}"
             f"{misses} ({timing})")
-
-
-def _minutes(seconds):
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
 def edge_note(rows, key, errors=None):

@@ -17,7 +17,6 @@ import collections
 import hashlib
 import io
 import logging
-import math
 import os
 import pickle
 import subprocess
@@ -37,6 +36,8 @@ from mpdiff.metrics.inception import (
     default_inception_path,
     weights_digest,
 )
+from mpdiff.nn.build import check_state_dict
+from mpdiff.storage.edm2_pickle import STORAGE_TYPES, Refused, StorageType, rebuild_tensor
 from mpdiff.storage.files import open_regular, read_bytes, show_path
 from mpdiff.storage.tensors import save_tensors
 
@@ -148,18 +149,12 @@ def _inception_tensors(data, where):
             raise MpdiffError(f"{where}: tensor {name} is outside the module's 'net' (not the Inception file)")
         tensors[name[len("net."):]] = tensor
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in InceptionV3().state_dict().items()}
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise MpdiffError(f"{where}: tensors do not match Inception-v3 ({len(missing)} missing, e.g. "
-                          f"{missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]})")
-    for name, shape in expected.items():
-        t = tensors[name]
-        if tuple(t.shape) != shape or t.dtype != torch.float32:
-            raise MpdiffError(f"{where}: tensor {name} is {str(t.dtype).replace('torch.', '')} {list(t.shape)}, "
-                              f"expected float32 {list(shape)}")
-        if not bool(torch.isfinite(t).all()):
-            raise MpdiffError(f"{where}: tensor {name} holds NaN or infinity")
+        expected = InceptionV3().state_dict()
+    check_state_dict(expected, tensors, f"{where}: tensors do not match Inception-v3")  # names, shapes, finite
+    other = next((name for name in expected if tensors[name].dtype != torch.float32), None)
+    if other is not None:
+        raise MpdiffError(f"{where}: tensor {other} is {str(tensors[other].dtype).replace('torch.', '')}, expected "
+                          f"float32")
     return {name: tensors[name] for name in expected}
 
 
@@ -186,29 +181,9 @@ class _ScriptObject:
         return f"<{self.qualified_name}>"
 
 
-class _StorageType:
-    """What a pickled storage class (torch.FloatStorage, ...) stands for: the dtype of its elements."""
-
-    def __init__(self, dtype):
-        self.dtype = dtype
-
-
-_STORAGE_TYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-                  "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-                  "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-                  "BoolStorage": torch.bool}
-
-
-def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    """A tensor of `size` and `stride` viewing the flat `storage` from `offset`, copied out."""
-    if not isinstance(storage, torch.Tensor):
-        raise pickle.UnpicklingError("a tensor's storage is not a storage")
-    size, stride = tuple(size), tuple(stride)
-    if not all(isinstance(v, int) and v >= 0 for v in (offset, *size, *stride)) or len(size) != len(stride):
-        raise pickle.UnpicklingError(f"bad tensor layout: offset {offset}, size {size}, stride {stride}")
-    if math.prod(size) and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.numel():
-        raise pickle.UnpicklingError(f"tensor {list(size)} at offset {offset} overruns its storage")
-    return storage.as_strided(size, stride, offset).clone(memory_format=torch.contiguous_format)
+def _rebuild_tensor(*args):
+    """:func:`~mpdiff.storage.edm2_pickle.rebuild_tensor`, copied out of its storage."""
+    return rebuild_tensor(*args).clone(memory_format=torch.contiguous_format)
 
 
 # The only globals (besides "__torch__" classes and storage types) a module's pickle may name, and what
@@ -234,21 +209,17 @@ class _ArchiveUnpickler(pickle.Unpickler):
             if key not in self._classes:
                 self._classes[key] = type(name, (_ScriptObject,), {"qualified_name": key})
             return self._classes[key]
-        if module == "torch" and name in _STORAGE_TYPES:
-            return _StorageType(_STORAGE_TYPES[name])
+        if module == "torch" and name in STORAGE_TYPES:
+            return StorageType(STORAGE_TYPES[name])
         if (module, name) in _ALLOWED_GLOBALS:
             return _ALLOWED_GLOBALS[(module, name)]
-        raise _Refused(f"{module}.{name}")
+        raise Refused(f"{module}.{name}")  # a global that rebuilding tensors does not need
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)
                 and isinstance(pid[2], str) and isinstance(pid[4], int) and pid[4] >= 0):
             raise pickle.UnpicklingError(f"unknown persistent id {str(pid)[:80]}")
         return self._read_storage(pid[2], pid[1].dtype, pid[4])
-
-
-class _Refused(Exception):
-    """The pickle names a global that rebuilding tensors does not need."""
 
 
 def read_torchscript_tensors(source, where=None, max_bytes=2 ** 30):
@@ -299,7 +270,7 @@ def read_torchscript_tensors(source, where=None, max_bytes=2 ** 30):
                 root = _ArchiveUnpickler(io.BytesIO(f.read()), read_storage).load()
     except MpdiffError:
         raise
-    except _Refused as e:
+    except Refused as e:
         raise MpdiffError(f"{where}: refused: its pickle would import and call {e}, which tensors do not need") \
             from None
     except (pickle.UnpicklingError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError,

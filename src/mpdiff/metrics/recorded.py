@@ -8,7 +8,6 @@ labels), so a record that cannot be read is not an error either: :func:`recorded
 no NFE and one line saying why, for the command to print as a warning.
 """
 
-import json
 import os
 
 from mpdiff.data.digits import BUILTIN_DATASETS
@@ -16,7 +15,7 @@ from mpdiff.data.labels import labels_file_limit
 from mpdiff.data.sources import open_source
 from mpdiff.errors import MpdiffError, first_line
 from mpdiff.storage.dataset_json import LABELS_FILE
-from mpdiff.storage.files import DuplicateKey, unique_keys
+from mpdiff.storage.files import JsonProblem, parse_json
 
 RECORD_KEY = "generation"           # dataset.json's key for how generate made the folder
 EVALUATION_KEYS = ("nfe", "guide_nfe")  # the counted evaluations per image it holds (Batch.evaluations)
@@ -46,11 +45,9 @@ def _read_record(spec, num_images):
     except MpdiffError as e:
         return {}, f"NFE per image unknown: {first_line(e)}"
     try:
-        doc = json.loads(data, object_pairs_hook=unique_keys)
-    except DuplicateKey as e:
-        return {}, f"NFE per image unknown: {where}: key {str(e.args[0])[:40]!r} appears twice in one object"
-    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep
-        return {}, f"NFE per image unknown: {where}: not valid JSON ({first_line(e)[:120]})"
+        doc = parse_json(data)  # the one JSON parse: UTF-8, no key twice, bounded nesting
+    except JsonProblem as e:
+        return {}, f"NFE per image unknown: {where}: {e}"
     record = doc.get(RECORD_KEY) if isinstance(doc, dict) else None
     if record is None:
         return {}, None

@@ -201,15 +201,10 @@ def describe_preset(name_or_preset, **network_changes):
         preset = dataclasses.replace(preset, network=preset.network.replace(**network_changes))
     result = count_flops(build_meta_network(preset.network))
     return {
-        "name": preset.name,
-        "description": preset.description,
-        "dataset": preset.dataset,
+        **preset.to_dict(),  # name, description, dataset, data, network, training, cadence
         "params": int(result["params"]),
         "mparams": round(result["params"] / 1e6, 2),
         "gflops": float(f"{result['flops'] / 1e9:.5g}"),  # per network evaluation, batch 1 (5 significant digits)
         "gflops_by_op": {op: round(flops / 1e9, 4) for op, flops in result["by_op"].items()
                          if round(flops / 1e9, 4)},
-        "network": preset.network.to_dict(),
-        "training": preset.training.to_dict(),
-        "cadence": preset.cadence.to_dict(),
     }

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from mpdiff.config import require
 from mpdiff.nn.ladder import CONFIG_G, LadderFlags, Layers
 from mpdiff.nn.unet import UNet
 
@@ -146,23 +147,19 @@ class Precond(Preconditioner):
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = True,
                  sigma_data: float = 0.5, logvar_channels: int = 128, config: str = "G", backbone: str = "unet",
                  **options):
-        from mpdiff.errors import ConfigError
-
+        require(backbone in BACKBONES, f"{{backbone}} {str(backbone)[:20]!r} is not one of {', '.join(BACKBONES)}",
+                "backbone")
         shape = dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim)
         # The backbone draws its random weights before the log-variance head does.
         if backbone == "unet":
             net = UNet(config=config, **shape, **{k: v for k, v in options.items() if k not in UVIT_ONLY})
             flags = net.flags
-        elif backbone == "uvit":
-            if config != "G":
-                raise ConfigError(f"{{config}} {str(config)[:8]!r}: the ablation configs A-F are U-Net variants; "
-                                  f"a UViT takes none (leave config at G)", fields=("config",))
+        else:
+            require(config == "G", f"{{config}} {str(config)[:8]!r}: the ablation configs A-F are U-Net variants; "
+                    f"a UViT takes none (leave config at G)", "config")
             from mpdiff.nn.uvit import UViT
 
             net = UViT(**shape, **{k: options[k] for k in UVIT_ONLY + UVIT_SHARED if k in options})
             flags = CONFIG_G
-        else:
-            raise ConfigError(f"{{backbone}} {str(backbone)[:20]!r} is not one of {', '.join(BACKBONES)}",
-                              fields=("backbone",))
         super().__init__(net, use_fp16=use_fp16, sigma_data=sigma_data, logvar_channels=logvar_channels,
                          flags=flags, **shape)

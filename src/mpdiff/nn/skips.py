@@ -30,8 +30,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from mpdiff.config import KAPPA_RULES, SKIP_MODES as MODES  # the choices, owned by the configuration
-from mpdiff.errors import ConfigError
+from mpdiff.config import KAPPA_RULES, SKIP_MODES as MODES, require  # the choices, owned by the configuration
 
 GATE_REDUCTION = 16  # the bottleneck ratio r of ScaleLong's calibration module
 
@@ -39,23 +38,19 @@ GATE_REDUCTION = 16  # the bottleneck ratio r of ScaleLong's calibration module
 def check_skip_options(mode: str, kappa: float, rule: str, num_skips: int, mp_concat: bool, backbone: str):
     """Raise ConfigError unless `mode` / `kappa` / `rule` apply to a backbone with `num_skips` long skips
     whose concatenation is magnitude-preserving (`mp_concat`) or not."""
-    if mode not in MODES:
-        raise ConfigError(f"{{skip_scaling}} {str(mode)[:20]!r} is not one of {', '.join(MODES)} (SPEC §9)",
-                          fields=("skip_scaling",))
-    if rule not in KAPPA_RULES:
-        raise ConfigError(f"{{kappa_rule}} {str(rule)[:20]!r} is not one of {', '.join(KAPPA_RULES)}",
-                          fields=("kappa_rule",))
+    require(mode in MODES, f"{{skip_scaling}} {str(mode)[:20]!r} is not one of {', '.join(MODES)} (SPEC §9)",
+            "skip_scaling")
+    require(rule in KAPPA_RULES, f"{{kappa_rule}} {str(rule)[:20]!r} is not one of {', '.join(KAPPA_RULES)}",
+            "kappa_rule")
     if mode == "none":
         return
-    if num_skips == 0:
-        raise ConfigError(f"{{skip_scaling}} {mode}: this {backbone} has no long skip connections to scale",
-                          fields=("skip_scaling",))
-    if mode in ("cs", "cs-mp") and not (isinstance(kappa, (int, float)) and 0 < kappa <= 1):
-        raise ConfigError(f"{{kappa}} must be in (0, 1] for constant skip scaling, got {kappa}", fields=("kappa",))
-    if mode == "cs-mp" and not mp_concat:
-        raise ConfigError(f"{{skip_scaling}} cs-mp rebalances a magnitude-preserving concatenation, and this "
-                          f"{backbone} joins its skips without one (only U-Net config G has it); use cs, ls or "
-                          f"ls-nonshared", fields=("skip_scaling",))
+    require(num_skips > 0, f"{{skip_scaling}} {mode}: this {backbone} has no long skip connections to scale",
+            "skip_scaling")
+    require(mode not in ("cs", "cs-mp") or (isinstance(kappa, (int, float)) and 0 < kappa <= 1),
+            f"{{kappa}} must be in (0, 1] for constant skip scaling, got {kappa}", "kappa")
+    require(mode != "cs-mp" or mp_concat, f"{{skip_scaling}} cs-mp rebalances a magnitude-preserving concatenation, "
+            f"and this {backbone} joins its skips without one (only U-Net config G has it); use cs, ls or "
+            f"ls-nonshared", "skip_scaling")
 
 
 def skip_coefficients(num_skips: int, kappa: float, rule: str = "skip",

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpdiff.config import require
 from mpdiff.nn.layout import LongSkip
 from mpdiff.nn.primitives import FourierFeatures
 from mpdiff.nn.skips import SkipGate, SkipScaling, check_skip_options, skip_coefficients
@@ -95,16 +96,13 @@ class UViT(nn.Module):
                  depth: int = 12, patch_size: int = 2, channels_per_head: int = 64, mlp_ratio: float = 4.0,
                  skip_scaling: str = "none", kappa: float = 0.5, kappa_rule: str = "skip"):
         super().__init__()
-        from mpdiff.errors import ConfigError
-
-        if depth < 2 or depth % 2:
-            raise ConfigError(f"{{depth}} of a UViT must be a positive even number, got {depth}", fields=("depth",))
-        if patch_size < 1 or img_resolution % patch_size:
-            raise ConfigError(f"{{patch_size}} {patch_size} does not divide the image resolution {img_resolution}",
-                              fields=("patch_size",))
-        if channels_per_head < 1 or model_channels % channels_per_head:
-            raise ConfigError(f"{{model_channels}} {model_channels} of a UViT must be a multiple of "
-                              f"channels_per_head {channels_per_head}", fields=("model_channels",))
+        require(depth >= 2 and depth % 2 == 0, f"{{depth}} of a UViT must be a positive even number, got {depth}",
+                "depth")
+        require(patch_size >= 1 and img_resolution % patch_size == 0,
+                f"{{patch_size}} {patch_size} does not divide the image resolution {img_resolution}", "patch_size")
+        require(channels_per_head >= 1 and model_channels % channels_per_head == 0, f"{{model_channels}} "
+                f"{model_channels} of a UViT must be a multiple of channels_per_head {channels_per_head}",
+                "model_channels")
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim

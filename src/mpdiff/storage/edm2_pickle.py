@@ -109,14 +109,16 @@ class _Call:
 
 # ---- tensors ----------------------------------------------------------------------------------------
 
-_STORAGE_DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-                   "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-                   "BoolStorage": torch.bool}
+STORAGE_TYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+                 "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                 "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                 "BoolStorage": torch.bool}
 _LEGACY_MAGIC, _LEGACY_PROTOCOL = 0x1950A86A20F9469CFC6C, 1001   # torch's legacy serialisation header
 
 
-class _StorageType:
+class StorageType:
+    """What a pickled storage class (torch.FloatStorage, ...) stands for: the dtype of its elements."""
+
     def __init__(self, dtype):
         self.dtype = dtype
 
@@ -130,13 +132,13 @@ class _DataUnpickler(pickle.Unpickler):
         self.storages = storages
 
     def find_class(self, module, name):
-        if self.storages is not None and module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(_STORAGE_DTYPES[name])
+        if self.storages is not None and module == "torch" and name in STORAGE_TYPES:
+            return StorageType(STORAGE_TYPES[name])
         raise refused_global(module, name)
 
     def persistent_load(self, pid):
         if self.storages is None or not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"
-                                         and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)
+                                         and isinstance(pid[1], StorageType) and isinstance(pid[2], str)
                                          and type(pid[4]) is int and pid[4] >= 0 and pid[5] is None):
             raise pickle.UnpicklingError(f"unknown persistent id {str(pid)[:60]}")
         self.storages.setdefault(pid[2], (pid[1].dtype, pid[4]))
@@ -212,14 +214,9 @@ class NumpyArray:
     """numpy's _reconstruct(ndarray, ...), then its state (version, shape, dtype, fortran, raw bytes)."""
 
     def __setstate__(self, state):
-        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], NumpyDtype)
-                and isinstance(state[4], bytes) and isinstance(state[1], tuple)
-                and all(type(n) is int and n >= 0 for n in state[1])):
+        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[4], bytes)):
             raise pickle.UnpicklingError("a numpy array that is not numbers")
-        shape, dtype = state[1], state[2].dtype
-        if len(state[4]) != math.prod(shape) * dtype.itemsize:
-            raise pickle.UnpicklingError(f"a numpy array of shape {shape} with {len(state[4])} bytes")
-        self.__dict__["value"] = np.frombuffer(state[4], dtype).reshape(shape, order="F" if state[3] else "C")
+        self.__dict__["value"] = _numpy_frombuffer(state[4], state[2], state[1], "F" if state[3] else "C")
 
 
 def _numpy_array(kind, shape, typecode):
@@ -229,7 +226,7 @@ def _numpy_array(kind, shape, typecode):
 
 
 def _numpy_frombuffer(buffer, dtype, shape, order="C"):
-    """numpy's _frombuffer (how protocol 5 writes an array in-band)."""
+    """numpy's _frombuffer (how protocol 5 writes an array in-band); an array's state too (:class:`NumpyArray`)."""
     if not isinstance(buffer, (bytes, bytearray)) or not isinstance(dtype, NumpyDtype) or order not in ("C", "F") \
             or not isinstance(shape, tuple) or not all(type(n) is int and n >= 0 for n in shape) \
             or len(buffer) != math.prod(shape) * dtype.dtype.itemsize:

@@ -90,6 +90,18 @@ def check_regular(path, max_bytes=None, what="file", error=MpdiffError):
     open_regular(path, max_bytes, what, error).close()
 
 
+@contextlib.contextmanager
+def errors_as(error, message):
+    """Any exception in the block but an `error` becomes one `error` line, "<message> (<its first line>)": how
+    readers of formats whose libraries raise assorted types (safetensors, zipfile) report damage."""
+    try:
+        yield
+    except error:
+        raise
+    except Exception as e:
+        raise error(f"{message} ({first_line(e)})") from None
+
+
 class DuplicateKey(ValueError):
     """A JSON object names a key twice (json.loads would silently keep the last value); args[0] is the key."""
 
@@ -187,16 +199,12 @@ def _why(e):
 
 
 def _fsync_dir(path):
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def destination_stat(path):

@@ -17,10 +17,20 @@ def to_pil(image_uint8):
     return Image.fromarray(np.transpose(array, (1, 2, 0)), mode="RGB")
 
 
-def save_png(path, image_uint8):
+def from_pil(picture):
+    """PIL image (mode L or RGB) -> uint8 array [C, H, W]."""
+    array = np.asarray(picture)
+    return np.ascontiguousarray(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+
+
+def png_bytes(image_uint8):
     buffer = io.BytesIO()
     to_pil(image_uint8).save(buffer, format="PNG")
-    write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_png(path, image_uint8):
+    write_bytes(path, png_bytes(image_uint8))
 
 
 def make_grid(images_uint8, columns=None, pad=1, upscale=1, pad_value=80):

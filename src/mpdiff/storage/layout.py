@@ -110,65 +110,26 @@ class RunLayout:
 
     def __init__(self, run_dir):
         self.run_dir = os.fspath(run_dir)
+        self.config = self.path(CONFIG_FILE)
+        self.log = self.path(LOG_FILE)
+        self.stats = self.path(STATS_FILE)
+        self.tensorboard = self.path(TENSORBOARD_DIR)
+        self.checkpoint_dir = self.path(CHECKPOINT_DIR)
+        self.snapshot_dir = self.path(SNAPSHOT_DIR)
+        self.phema_dir = self.path(PHEMA_DIR)
+        self.samples_dir = self.path(SAMPLES_DIR)
+        self.ema_sweep_dir = self.path(EMA_SWEEP_DIR)
+        self.traditional_ema = self.path(TRADITIONAL_EMA_FILE)
+        self.plots_dir = self.path(PLOTS_DIR)
 
     def path(self, *parts):
         return os.path.join(self.run_dir, *parts)
 
-    @property
-    def config(self):
-        return self.path(CONFIG_FILE)
-
-    @property
-    def log(self):
-        return self.path(LOG_FILE)
-
-    @property
-    def stats(self):
-        return self.path(STATS_FILE)
-
-    @property
-    def tensorboard(self):
-        return self.path(TENSORBOARD_DIR)
-
-    @property
-    def checkpoint_dir(self):
-        return self.path(CHECKPOINT_DIR)
-
-    @property
-    def snapshot_dir(self):
-        return self.path(SNAPSHOT_DIR)
-
-    @property
-    def phema_dir(self):
-        return self.path(PHEMA_DIR)
-
-    @property
-    def samples_dir(self):
-        return self.path(SAMPLES_DIR)
-
-    @property
-    def ema_sweep_dir(self):
-        return self.path(EMA_SWEEP_DIR)
-
-    @property
-    def traditional_ema(self):
-        return self.path(TRADITIONAL_EMA_FILE)
-
     def checkpoint(self, nimg):
         return self.path(CHECKPOINT_DIR, checkpoint_name(nimg))
 
-    def snapshot(self, nimg, sigma_rel):
-        return self.path(SNAPSHOT_DIR, snapshot_name(nimg, sigma_rel))
-
-    def phema(self, nimg, sigma_rel):
-        return self.path(PHEMA_DIR, phema_name(nimg, sigma_rel))
-
     def profile_plot(self, nimg, sigma_rel):
         return self.path(PHEMA_DIR, profile_plot_name(nimg, sigma_rel))
-
-    @property
-    def plots_dir(self):
-        return self.path(PLOTS_DIR)
 
     def grid(self, nimg=None):
         """samples/grid-<kimg>.png, or the end-of-training grid when `nimg` is None."""

@@ -38,7 +38,7 @@ from mpdiff.storage.files import (
     write_destination,
     write_json,
 )
-from mpdiff.storage.images import class_grid, save_grid, save_png
+from mpdiff.storage.images import class_grid, from_pil, save_grid, save_png
 from mpdiff.storage.staging import carries_token, new_token, read_token, sweep_ours
 
 _IMAGE_NAME = re.compile(r"\d{6,}\.png")
@@ -284,8 +284,7 @@ class StreamingSampleFolder:
         images = []
         for seed, _ in picked:
             with Image.open(self.path_of(seed)) as im:
-                array = np.asarray(im)
-            images.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+                images.append(from_pil(im))
         return class_grid(np.stack(images), [c for _, c in picked])
 
 

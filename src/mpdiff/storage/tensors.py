@@ -1,5 +1,5 @@
-"""Tensor files: safetensors (no code runs on load) with JSON metadata, and the only way mpdiff
-reads torch pickles (``weights_only``, refusing anything but tensors)."""
+"""Tensor files: safetensors (no code runs on load) with JSON metadata, the only way mpdiff reads torch
+pickles (``weights_only``, refusing anything but tensors), and the header of NumPy's .npy files."""
 
 import contextlib
 import json
@@ -10,13 +10,14 @@ import re
 import warnings
 import zipfile
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
 from mpdiff.budgets import memory_limit
 from mpdiff.errors import CheckpointError, first_line, printable
-from mpdiff.storage.files import check_regular, open_regular, parse_json, show_path, write_bytes
+from mpdiff.storage.files import check_regular, errors_as, open_regular, parse_json, show_path, write_bytes
 
 
 def save_tensors(path, tensors, metadata=None):
@@ -42,13 +43,8 @@ def open_safetensors(path, what="tensor file"):
 def read_metadata(path):
     """Metadata of a safetensors file written by :func:`save_tensors` (JSON-decoded)."""
     path = os.fspath(path)
-    try:
-        with open_safetensors(path) as f:
-            meta = f.metadata() or {}
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise CheckpointError(f"{show_path(path)}: not a readable safetensors file ({first_line(e)})") from None
+    with errors_as(CheckpointError, f"{show_path(path)}: not a readable safetensors file"), open_safetensors(path) as f:
+        meta = f.metadata() or {}
     try:
         return {k: parse_json(v) for k, v in meta.items()}
     except ValueError as e:  # storage.files.JsonProblem: not JSON, a key twice, nested too deeply
@@ -64,14 +60,9 @@ def load_tensors(path, device="cpu", dtypes=None):
     """
     path = os.fspath(path)
     meta = read_metadata(path)
-    try:
-        with open_safetensors(path) as f:
-            check_dtypes(path, f, dtypes)
-            tensors = {name: f.get_tensor(name).to(device) for name in f.offset_keys()}
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"{show_path(path)}: damaged tensor data ({first_line(e)})") from None
+    with errors_as(CheckpointError, f"{show_path(path)}: damaged tensor data"), open_safetensors(path) as f:
+        check_dtypes(path, f, dtypes)
+        tensors = {name: f.get_tensor(name).to(device) for name in f.offset_keys()}
     return tensors, meta
 
 
@@ -233,3 +224,17 @@ def tensor_layout(path):
         raise ValueError(f"file has {size} bytes but its header describes {8 + header_len + data_end} "
                          f"(truncated or extended)")
     return 8 + header_len, tensors, metadata
+
+
+NPY_MAX_HEADER_BYTES = 10000  # NumPy's own default limit on an .npy header
+
+
+def npy_header(stream):
+    """(shape, dtype) from an .npy header, leaving `stream` at the data: format versions 1.0 and 2.0 only,
+    which NumPy writes for arrays of numbers (3.0 only adds UTF-8 field names). Raises ValueError."""
+    version = np.lib.format.read_magic(stream)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported (1.0 or 2.0)")
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(stream, max_header_size=NPY_MAX_HEADER_BYTES)
+    return shape, dtype

@@ -1,27 +1,18 @@
-"""Training-dynamics diagnostics cheap enough to leave on (SPEC §10.1-10.2; paper Figs. 3 and 15).
+"""Training-dynamics diagnostics cheap enough to leave on (SPEC §10.1-10.2, §10.4; paper Figs. 3 and 15),
+measured at the stats rows of a run from its live network (docs/TRAINING.md, docs/SCALELONG.md):
 
-Measured at the stats rows of a run, from its live network:
+* ``act``: RMS of each block's output (the modules of ``unet.enc`` and ``unet.dec``, through forward
+  hooks) on a fixed probe batch: the same images, noise levels and noise at every row;
+* ``weight``: RMS of each layer's stored weight; ``update``: ||w_after - w_before|| / ||w_before|| of the
+  optimizer step that ends on the row (the effective learning rate, SPEC §10.2);
+* ``skip_in`` / ``skip_out``: RMS of every long skip (``skip<i>``, 0 the outermost) as the encoder made it
+  and after the backbone's skip scaling;
+* ``sensitivity``: RMS(F(u + delta) - F(u)) / RMS(delta), u = c_in x the backbone's input on the probe and
+  delta = :data:`SENSITIVITY_EPS` times unit Gaussian noise.
 
-* ``act``: RMS of each U-Net block's output (the modules of ``unet.enc`` and ``unet.dec``) on a fixed
-  probe batch: the same images, noise levels and noise at every row, so that the curves compare over
-  time. Only the two ModuleDicts and forward hooks are used, never a block's internals.
-* ``weight``: RMS of each layer's stored weight tensor (a layer scaled by k reports k times as much).
-* ``update``: ||w_after - w_before|| / ||w_before|| of one optimizer step per layer, the effective
-  learning rate of SPEC §10.2, taken around the Adam step that ends on the row.
-* ``skip_in`` and ``skip_out``: RMS of every long skip on the probe batch (``skip<i>``, i = 0 the
-  outermost) as the encoder produced it and as the decoder receives it after the backbone's skip
-  scaling (ScaleLong's feature-norm measurement, SPEC §10.4; equal when there is no scaling).
-* ``sensitivity``: how much the backbone's output moves under a small input perturbation,
-  RMS(F(u + delta) - F(u)) / RMS(delta) with u = c_in x the backbone's input on the probe batch and
-  delta = :data:`SENSITIVITY_EPS` times unit Gaussian noise (ScaleLong's robustness measure; SPEC §10.4).
-
-The gradient norm of every step is not here but in each stats row (``grad_norm``: mean over the
-row's steps, ``grad_norm_max``), since it comes free with the step.
-
-None of it changes training: the probe draws from its own generator, runs without autograd in eval
-mode (MPConv re-normalises its stored weight in place only in training mode), restores every
-module's mode and leaves the global random state as it found it; the update is measured on a copy.
-The math is in plain functions; :class:`TrainingDynamics` only holds the probe and the copy.
+None of it changes training: the probe draws from its own generator, runs without autograd in eval mode,
+restores every module's mode and the global random state; the update is measured on a copy. The gradient
+norm is in every stats row already (it comes free with the step).
 """
 
 import dataclasses

@@ -17,6 +17,7 @@ from mpdiff.data.sources import describe_other_images, other_images
 from mpdiff.diffusion.generate import generate
 from mpdiff.ema.snapshots import save_ema_snapshots
 from mpdiff.errors import DatasetError, NumericalError
+from mpdiff.metrics.estimate import duration_text
 from mpdiff.nn.build import build_network
 from mpdiff.nn.fast import accelerate
 from mpdiff.storage.images import class_grid, save_grid
@@ -46,23 +47,17 @@ class Trainer:
     trains, writes outputs."""
 
     def __init__(self, plan: RunPlan):
-        resolved = plan.config
-        self.plan = plan
-        self.resolved = resolved
-        self.run_options = resolved.run
-        self.cadence = resolved.cadence
-        self.training = resolved.training
+        resolved = self.resolved = plan.config
+        self.plan, self.dist, self.device, self.dataset = plan, plan.dist, plan.device, plan.dataset
+        self.run_options, self.cadence, self.training = resolved.run, resolved.cadence, resolved.training
         self.layout = RunLayout(resolved.run.run_dir)
-        self.dist = plan.dist
         self.writer = self.dist.rank == 0  # only the first process writes (stats, snapshots, checkpoints, grids)
-        self.device = plan.device
         apply_precision_policy(self.device)
-        self.dataset = dataset = plan.dataset
+        dataset = plan.dataset
         self.state = TrainState(resolved.network, resolved.training, resolved.run.seed, device=self.device)
         accelerate(self.state.net)  # the fast twin, in place: the same function, same weights (mpdiff.nn.fast)
-        labels = None
-        if resolved.network.label_dim:
-            labels = one_hot(torch.from_numpy(dataset.labels), resolved.network.label_dim)
+        classes = resolved.network.label_dim
+        labels = one_hot(torch.from_numpy(dataset.labels), classes) if classes else None
         ddp = None
         if self.dist.active:
             from torch.nn.parallel import DistributedDataParallel
@@ -190,7 +185,7 @@ class Trainer:
         steps_left = (stop_at - self.state.nimg) // self.training.batch
         if steps_left > 0:
             per_step = sorted(seconds)[len(seconds) // 2]
-            self.say(f"estimate  {_duration(per_step * steps_left)} for the remaining {steps_left:,} steps "
+            self.say(f"estimate  {duration_text(per_step * steps_left)} for the remaining {steps_left:,} steps "
                      f"({per_step:.3g} s per step, measured; snapshots, checkpoints and grids come on top)")
         self.expected_ips = self.training.batch / max(sorted(seconds)[len(seconds) // 2], 1e-9)
 
@@ -201,7 +196,7 @@ class Trainer:
         ips = row["img_per_sec"]
         left = (stop_at - row["nimg"]) / ips if ips > 0 else float("inf")
         self.say(f"status    {row['nimg']:,} of {self.training.duration:,} images, loss {row['loss']:.4g}, "
-                 f"{ips:,.3g} img/s" + (f", about {_duration(left)} left" if row["nimg"] < stop_at and left < 1e8
+                 f"{ips:,.3g} img/s" + (f", about {duration_text(left)} left" if row["nimg"] < stop_at and left < 1e8
                                         else ""))
         expected = self.expected_ips
         if not first and expected and ips < expected / SLOW_FACTOR and not self.slow_warned:
@@ -292,38 +287,19 @@ class Trainer:
                 raise NumericalError(f"the last {bad} training steps produced non-finite losses or gradients; "
                                      f"the run ended without a usable network")
             grid = self.sample_grid(final=True) if self.run_options.final_grid and self.writer else None
-            if grid is not None:
-                self.say(f"training complete at {self.state.nimg} images; samples: {grid}")
-            elif self.run_options.final_grid:
-                self.say(f"training complete at {self.state.nimg} images (no final grid: no --vae to decode latents)")
-            else:
-                self.say(f"training complete at {self.state.nimg} images (no final grid: --no-final-grid)")
+            end = (f"; samples: {grid}" if grid is not None else " (no final grid: no --vae to decode latents)"
+                   if self.run_options.final_grid else " (no final grid: --no-final-grid)")
+            self.say(f"training complete at {self.state.nimg} images{end}")
         return self.state.nimg
 
 
-def _duration(seconds):
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
-
-
 class _QuietReport:
-    """The report of a process other than the first: it says and writes nothing."""
+    """The report of a process other than the first: RunReport's methods, saying and writing nothing."""
 
-    def say(self, message):
-        pass
-
-    def open(self, nimg, duration):
-        pass
-
-    def tick(self, nimg):
-        pass
-
-    def row(self, row):
-        pass
-
-    def close(self):
-        pass
+    def __getattr__(self, name):
+        if name in ("say", "open", "tick", "row", "close"):
+            return lambda *args: None
+        raise AttributeError(name)
 
 
 def train(preset="digits", run=None, network=None, training=None, cadence=None):

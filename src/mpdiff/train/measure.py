@@ -74,6 +74,8 @@ def measure(network, batch, steps=2, threads=None):
     train: img/s of training steps (forward, backward, Adam); sample: img/s of the default sampler
     (2 x steps - 1 evaluations per image); working_bytes: peak memory above the built network.
     """
+    from mpdiff.nn.build import build_meta_network
+
     threads = threads or torch.get_num_threads()
     context = multiprocessing.get_context("spawn")
     out = {}
@@ -83,14 +85,8 @@ def measure(network, batch, steps=2, threads=None):
         process.start()
         out[kind] = result.get(timeout=600)
         process.join()
-    out["network_bytes"] = sum(p.numel() * 4 for p in _meta_params(network))
+    out["network_bytes"] = sum(p.numel() * 4 for p in build_meta_network(network).parameters())
     return out
-
-
-def _meta_params(network):
-    from mpdiff.nn.build import build_meta_network
-
-    return list(build_meta_network(network).parameters())
 
 
 # ------------------------------------------------------------------ the default micro-batch on CPU

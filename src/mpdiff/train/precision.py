@@ -21,24 +21,22 @@ CUDA_PRECISION_POLICY = {
 _OWNERS = {"matmul": lambda: torch.backends.cuda.matmul, "cudnn": lambda: torch.backends.cudnn}
 
 
+def _owner_and_name(key):
+    owner, name = key.split(".", 1)
+    return _OWNERS[owner](), name
+
+
 def apply_precision_policy(device=None):
     """Set every flag of :data:`CUDA_PRECISION_POLICY`; returns the previous values."""
     previous = current_precision_flags()
-    for key, value in CUDA_PRECISION_POLICY.items():
-        owner, name = key.split(".", 1)
-        setattr(_OWNERS[owner](), name, value)
+    restore_precision_flags(CUDA_PRECISION_POLICY)
     return previous
 
 
 def current_precision_flags():
-    out = {}
-    for key in CUDA_PRECISION_POLICY:
-        owner, name = key.split(".", 1)
-        out[key] = getattr(_OWNERS[owner](), name)
-    return out
+    return {key: getattr(*_owner_and_name(key)) for key in CUDA_PRECISION_POLICY}
 
 
 def restore_precision_flags(flags):
     for key, value in flags.items():
-        owner, name = key.split(".", 1)
-        setattr(_OWNERS[owner](), name, value)
+        setattr(*_owner_and_name(key), value)

@@ -8,25 +8,17 @@ and the summary the run prints. Nothing in it is resolved again later.
 
 import contextlib
 import dataclasses
-import math
 import os
 from typing import Optional, Tuple
 
 import torch
 
-from mpdiff.config import (
-    STORAGE_DTYPES,
-    Cadence,
-    NetworkConfig,
-    RunOptions,
-    TrainingConfig,
-    check_device,
-    check_named_sigma_rels,
-    check_precision,
-)
+from mpdiff.config import (STORAGE_DTYPES, Cadence, NetworkConfig, RunOptions, TrainingConfig, check_device,
+                           check_precision, require)
 from mpdiff.data.datasets import open_dataset
 from mpdiff.data.labels import shown_class_names
 from mpdiff.data.pixels import PixelEncoder
+from mpdiff.describe import network_line, skip_scaling_summary
 from mpdiff.distributed import Distributed
 from mpdiff.errors import ConfigError
 from mpdiff.presets import DEFAULT_PRESET, LADDER_DERIVED, get_preset, ladder_derived, ladder_preset
@@ -79,9 +71,10 @@ class RunPlan:
     summary: Tuple[str, ...]     # what the run understood, printed at its start
 
     @classmethod
-    def single(cls, resolved, dataset, micro_note: Optional[str] = None):
-        """The plan of one process (no torchrun) from an already resolved run; no lock, no contract check."""
-        dist = Distributed.single()
+    def single(cls, resolved, dataset, micro_note: Optional[str] = None, dist=None):
+        """The plan of an already resolved run, by default of one process (no torchrun); no lock, no contract
+        check."""
+        dist = dist or Distributed.single()
         device = torch.device(dist.device(resolved.run.device))
         return cls(resolved, dataset, encoder_of(resolved, device), dist, device,
                    tuple(summary_lines(resolved, dataset, micro_note)))
@@ -113,9 +106,7 @@ def planned_run(preset=DEFAULT_PRESET, run=None, network=None, training=None, ca
             if dist.active:  # every process takes the smallest micro-batch any of them chose
                 resolved = with_micro(resolved, dist.all_min(resolved.run.batch_gpu or resolved.training.batch))
             check_existing_run(resolved)
-            device = torch.device(dist.device(resolved.run.device))
-            yield RunPlan(resolved, dataset, encoder_of(resolved, device), dist, device,
-                          tuple(summary_lines(resolved, dataset, micro_note)))
+            yield RunPlan.single(resolved, dataset, micro_note, dist)
     finally:
         dist.close()
 
@@ -146,6 +137,8 @@ def resolve_run(preset=DEFAULT_PRESET, run=None, network=None, training=None, ca
     """
     run = run or RunOptions()
     chosen = get_preset(preset)
+    if run.dataset is None:  # the preset's own data (mnist for --preset mnist)
+        run = run.replace(dataset=chosen.data)
     config = (network or {}).get("config")
     if config is not None:  # the ablation ladder's deltas first; explicit options then win (SPEC §4.2)
         chosen = ladder_preset(chosen, config)
@@ -182,67 +175,34 @@ def resolve_run(preset=DEFAULT_PRESET, run=None, network=None, training=None, ca
                        derived), dataset
 
 
-def is_positive_finite(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
-
 def validate_run(network, training, cadence, run, resolution=None):
     """Check one run's configuration; raises ConfigError naming the offending field as {field}."""
     levels = len(network.channel_mult)
-    if network.backbone == "uvit":
-        if resolution is not None and (network.patch_size < 1 or resolution % network.patch_size):
-            raise ConfigError(f"{{patch_size}} {network.patch_size} does not divide the dataset resolution {resolution}",
-                              fields=("patch_size",))
-    elif resolution is not None and resolution % (1 << (levels - 1)) != 0:
-        raise ConfigError(f"dataset resolution {resolution} cannot be halved {levels - 1} times "
-                          f"(channel_mult has {levels} levels)")
+    if resolution is not None and network.backbone == "uvit":
+        require(network.patch_size >= 1 and resolution % network.patch_size == 0, f"{{patch_size}} "
+                f"{network.patch_size} does not divide the dataset resolution {resolution}", "patch_size")
+    elif resolution is not None:
+        require(resolution % (1 << (levels - 1)) == 0, f"dataset resolution {resolution} cannot be halved "
+                f"{levels - 1} times (channel_mult has {levels} levels)")
     network.check()
     check_precision(run.precision)
     batch = training.batch
-    if not batch > 0:
-        raise ConfigError(f"{{batch}} must be positive, got {batch}", fields=("batch",))
+    require(batch > 0, f"{{batch}} must be positive, got {batch}", "batch")
     batch_gpu = batch if run.batch_gpu is None else run.batch_gpu
-    if batch_gpu <= 0 or batch % batch_gpu != 0:
-        raise ConfigError(f"{{batch_gpu}} {batch_gpu} must divide {{batch}} {batch}", fields=("batch_gpu", "batch"))
-    if training.duration <= 0 or training.duration % batch != 0:
-        raise ConfigError(f"{{duration}} {training.duration} images must be a positive multiple of {{batch}} {batch}",
-                          fields=("duration", "batch"))
-    for name in ("status_nimg", "snapshot_nimg", "checkpoint_nimg", "sample_nimg"):
-        _check_cadence(name, getattr(cadence, name), batch)
-    _check_cadence("slice_nimg", run.slice_nimg, batch)
-    if run.max_nonfinite_steps < 1:
-        raise ConfigError("{max_nonfinite_steps} must be at least 1", fields=("max_nonfinite_steps",))
-    if not (isinstance(run.data_workers, int) and 0 <= run.data_workers <= MAX_DATA_WORKERS):
-        raise ConfigError(f"{{data_workers}} must be between 0 and {MAX_DATA_WORKERS} processes, got {run.data_workers}",
-                          fields=("data_workers",))
-    if run.keep_checkpoints < 1:
-        raise ConfigError("{keep_checkpoints} must be at least 1", fields=("keep_checkpoints",))
-    if run.snapshot_dtype not in STORAGE_DTYPES:
-        raise ConfigError(f"{{snapshot_dtype}} {run.snapshot_dtype!r} is not one of {', '.join(STORAGE_DTYPES)}",
-                          fields=("snapshot_dtype",))
-    if not is_positive_finite(training.lr):
-        raise ConfigError(f"{{lr}} must be positive and finite, got {training.lr}", fields=("lr",))
-    if training.decay is not None and not is_positive_finite(training.decay):
-        raise ConfigError(f"{{decay}} must be positive (0 on the command line: constant learning rate), "
-                          f"got {training.decay}", fields=("decay",))
-    if training.rampup_img < 0:
-        raise ConfigError(f"{{rampup_img}} must be at least 0 images, got {training.rampup_img}",
-                          fields=("rampup_img",))
-    if not (isinstance(training.P_mean, (int, float)) and math.isfinite(training.P_mean)):
-        raise ConfigError(f"{{P_mean}} must be finite, got {training.P_mean}", fields=("P_mean",))
-    if not is_positive_finite(training.P_std):
-        raise ConfigError(f"{{P_std}} must be positive and finite, got {training.P_std}", fields=("P_std",))
-    if training.ema_halflife_img is not None and not training.ema_halflife_img > 0:
-        raise ConfigError(f"{{ema_halflife_img}} must be a positive number of images, got "
-                          f"{training.ema_halflife_img}", fields=("ema_halflife_img",))
+    require(batch_gpu > 0 and batch % batch_gpu == 0, f"{{batch_gpu}} {batch_gpu} must divide {{batch}} {batch}",
+            "batch_gpu", "batch")
+    for name, value in {"duration": training.duration, **cadence.to_dict(), "slice_nimg": run.slice_nimg}.items():
+        require(value is None or (value > 0 and value % batch == 0),
+                f"{{{name}}} {value} images must be a positive multiple of {{batch}} {batch}", name, "batch")
+    require(run.max_nonfinite_steps >= 1, "{max_nonfinite_steps} must be at least 1", "max_nonfinite_steps")
+    require(isinstance(run.data_workers, int) and 0 <= run.data_workers <= MAX_DATA_WORKERS,
+            f"{{data_workers}} must be between 0 and {MAX_DATA_WORKERS} processes, got {run.data_workers}",
+            "data_workers")
+    require(run.keep_checkpoints >= 1, "{keep_checkpoints} must be at least 1", "keep_checkpoints")
+    require(run.snapshot_dtype in STORAGE_DTYPES,
+            f"{{snapshot_dtype}} {run.snapshot_dtype!r} is not one of {', '.join(STORAGE_DTYPES)}", "snapshot_dtype")
+    training.check()
     check_device(run.device, field="device")
-    check_named_sigma_rels(training.ema_sigma_rels, field="ema_sigma_rels")
-
-
-def _check_cadence(name, value, batch):
-    if value is not None and (value <= 0 or value % batch != 0):
-        raise ConfigError(f"{{{name}}} {value} images must be a positive multiple of {{batch}} {batch}",
-                          fields=(name, "batch"))
 
 
 def _encoder_of(dataset, run):
@@ -270,10 +230,8 @@ def _check_apart(run_dir, dataset):
     if not os.path.isdir(dataset):
         return
     run_real, data_real = os.path.realpath(run_dir), os.path.realpath(dataset)
-    inside = os.path.commonpath([run_real, data_real]) in (run_real, data_real)
-    if inside:
-        raise ConfigError(f"{{run_dir}} {run_dir} and the dataset folder {dataset} overlap; keep the run directory "
-                          f"outside the dataset", fields=("run_dir",))
+    require(os.path.commonpath([run_real, data_real]) not in (run_real, data_real), f"{{run_dir}} {run_dir} and the "
+            f"dataset folder {dataset} overlap; keep the run directory outside the dataset", "run_dir")
 
 
 def check_existing_run(resolved):
@@ -292,9 +250,8 @@ def check_existing_run(resolved):
             from None
     ours = resolved.contract()
     trained = max([nimg for nimg, _ in layout.checkpoints()], default=0)
-    if trained > resolved.training.duration:
-        raise ConfigError(f"{{duration}} {resolved.training.duration} is shorter than the {trained} images this run "
-                          f"has trained; a run can be extended, not shortened", fields=("duration",))
+    require(trained <= resolved.training.duration, f"{{duration}} {resolved.training.duration} is shorter than the "
+            f"{trained} images this run has trained; a run can be extended, not shortened", "duration")
     if theirs != ours:
         changed = _changed_fields(theirs, ours)
         raise ConfigError(f"{resolved.run.run_dir} holds a run with different options ({', '.join(changed)} differ); "
@@ -318,17 +275,7 @@ def _changed_fields(theirs, ours):
 def keep_derived(resolved):
     """The run with the derived recipe values (:attr:`ResolvedRun.derived`) its config.json records: a run
     extended to a longer duration keeps A's half-life from its start (it is part of the resume contract)."""
-    layout = RunLayout(resolved.run.run_dir)
-    if not resolved.derived or not os.path.lexists(layout.config):
-        return resolved
-    try:
-        recorded = read_json(layout.config, what="run config", error=ConfigError).get("training")
-    except (ConfigError, AttributeError):  # check_existing_run says what is wrong with it
-        return resolved
-    if not isinstance(recorded, dict):
-        return resolved
-    kept = {f: recorded[f] for f in resolved.derived
-            if isinstance(recorded.get(f), int) and not isinstance(recorded.get(f), bool) and recorded[f] > 0}
+    kept = {f: value for f in resolved.derived if (value := _recorded(resolved.run.run_dir, "training", f))}
     return dataclasses.replace(resolved, training=resolved.training.replace(**kept)) if kept else resolved
 
 
@@ -342,15 +289,9 @@ def settle_micro_batch(resolved):
     run, batch = resolved.run, resolved.training.batch
     if run.batch_gpu is not None:
         return resolved, f"micro-batch {run.batch_gpu} (--batch-gpu)"
-    layout = RunLayout(run.run_dir)
-    if os.path.lexists(layout.config):
-        try:
-            existing = read_json(layout.config, what="run config", error=ConfigError)
-        except ConfigError:  # check_existing_run says what is wrong with it
-            return resolved, None
-        section = existing.get("run") if isinstance(existing, dict) else None
-        chosen = section.get("batch_gpu") if isinstance(section, dict) else None
-        if isinstance(chosen, int) and not isinstance(chosen, bool) and chosen > 0 and batch % chosen == 0:
+    if os.path.lexists(RunLayout(run.run_dir).config):
+        chosen = _recorded(run.run_dir, "run", "batch_gpu")
+        if chosen and batch % chosen == 0:
             return with_micro(resolved, chosen), f"micro-batch {chosen} (chosen when this run started)"
         return resolved, f"micro-batch {batch} (the whole batch)"
     if not str(run.device).startswith("cpu"):
@@ -371,28 +312,27 @@ def settle_threads(resolved):
     started with (config.json), else what this process uses now (for `mpdiff train`, chosen for the load,
     mpdiff.threads). Float sums depend on the count, so a resumed run keeps it to continue bit for bit."""
     run = resolved.run
-    if run.threads is None:
-        recorded = _recorded_run_option(run.run_dir, "threads")
-        if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 1:
-            choose_threads(recorded, why="kept from when this run started; --threads N to change")
-            return dataclasses.replace(resolved, run=run.replace(threads=recorded))
-        return dataclasses.replace(resolved, run=run.replace(threads=torch.get_num_threads()))
-    choose_threads(run.threads)
-    return resolved
+    if run.threads is not None:
+        choose_threads(run.threads)
+        return resolved
+    recorded = _recorded(run.run_dir, "run", "threads")
+    if recorded:
+        choose_threads(recorded, why="kept from when this run started; --threads N to change")
+    return dataclasses.replace(resolved, run=run.replace(threads=recorded or torch.get_num_threads()))
 
 
-def _recorded_run_option(run_dir, name):
-    """A value of the 'run' section of RUN_DIR/config.json, or None (absent or unreadable: check_existing_run
-    says what is wrong with it)."""
+def _recorded(run_dir, section, name):
+    """The positive whole number RUN_DIR/config.json records as `section`.`name`, else None (no file, or one
+    that does not read: check_existing_run says what is wrong with it)."""
     layout = RunLayout(run_dir)
     if not os.path.lexists(layout.config):
         return None
     try:
-        existing = read_json(layout.config, what="run config", error=ConfigError)
-    except ConfigError:
+        part = read_json(layout.config, what="run config", error=ConfigError).get(section)
+    except (ConfigError, AttributeError):
         return None
-    section = existing.get("run") if isinstance(existing, dict) else None
-    return section.get(name) if isinstance(section, dict) else None
+    value = part.get(name) if isinstance(part, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def with_micro(resolved, micro):
@@ -401,26 +341,8 @@ def with_micro(resolved, micro):
 
 def write_run_config(resolved):
     """Write config.json for a new run, or rewrite it when an existing run was extended."""
-    layout = RunLayout(resolved.run.run_dir)
-    if os.path.exists(layout.config):
-        existing = read_json(layout.config, what="run config", error=ConfigError)
-        if existing.get("training", {}).get("duration") == resolved.training.duration:
-            return
-    write_json(layout.config, resolved.to_dict())
-
-
-def skip_scaling_summary(net, built=None):
-    """One line on a network's long-skip scaling (ScaleLong, SPEC §9), e.g. for the run summary.
-    `built`: the network of config `net` if the caller has it (on any device), else one is built on meta."""
-    from mpdiff.nn.build import build_meta_network
-
-    scaling = (built if built is not None else build_meta_network(net)).backbone.skip_scaling
-    if net.skip_scaling in ("cs", "cs-mp"):
-        how = "x kappa_i on the skip" if net.skip_scaling == "cs" else "as MP-concatenation balance"
-        return (f"{net.skip_scaling}: kappa {net.kappa:g}, rule {net.kappa_rule}, kappa_i (outermost first) "
-                f"{', '.join(f'{c:.3g}' for c in scaling.coefficients)} ({how})")
-    gates = len(scaling.gates) if scaling.gates is not None else 0
-    return f"{net.skip_scaling}: {gates} learned gate{'s' if gates != 1 else ''} for {len(scaling.gate_keys)} long skips"
+    if _recorded(resolved.run.run_dir, "training", "duration") != resolved.training.duration:
+        write_json(RunLayout(resolved.run.run_dir).config, resolved.to_dict())
 
 
 def summary_lines(resolved, dataset, micro_note=None):
@@ -434,20 +356,9 @@ def summary_lines(resolved, dataset, micro_note=None):
                if net.label_dim
                else f"unconditional (labels: {dataset.label_source if run.use_labels else 'not used (--uncond)'})")
     levels = [net.img_resolution >> i for i in range(len(net.channel_mult))]
-    used = [r for r in levels if r in net.attn_resolutions]
     meta = build_meta_network(net)
     counted = count_flops(meta)
     micro = run.batch_gpu or training.batch
-    size = f"{int(counted['params']):,} parameters, {counted['flops'] / 1e9:.4g} Gflops per evaluation"
-    if net.backbone == "uvit":
-        tokens = (net.img_resolution // net.patch_size) ** 2
-        shape = (f"network   UViT, width {net.model_channels}, {net.depth} blocks + middle ({net.depth // 2} long skips), "
-                 f"patch {net.patch_size} ({tokens} patch tokens), {net.model_channels // net.channels_per_head} "
-                 f"heads; {size}")
-    else:
-        shape = (f"network   U-Net (config {getattr(net, 'config', 'G')}), C0 {net.model_channels}, {len(levels)} levels "
-                 f"({', '.join(f'{r}x{r}' for r in levels)}), attention at "
-                 f"{', '.join(f'{r}x{r}' for r in used) or 'no level'}; {size}")
     lines = [
         f"data      {dataset.name}: {len(dataset):,} images, {net.img_resolution}x{net.img_resolution}, "
         f"{net.img_channels} channel{'s' if net.img_channels > 1 else ''}, {classes}",
@@ -458,7 +369,8 @@ def summary_lines(resolved, dataset, micro_note=None):
                      f"{resolved.encoder.get('raw_mean')}, raw_std {resolved.encoder.get('raw_std')}; grids "
                      + (f"decoded with the VAE in {run.vae}" if run.vae else "not drawn (no --vae)"))
     lines += [
-        shape,
+        f"network   {network_line(net)}; {int(counted['params']):,} parameters, {counted['flops'] / 1e9:.4g} Gflops "
+        f"per evaluation",
         f"training  batch {training.batch} (micro-batch {micro}), {training.duration // training.batch:,} steps, "
         f"{training.duration:,} images, lr {training.lr:.4g}"
         f"{'' if training.decay else ' constant'}, EMA {', '.join(f'{s:.3f}' for s in training.ema_sigma_rels)}"

@@ -31,6 +31,7 @@ import dataclasses
 
 import torch
 
+from mpdiff.config import require
 from mpdiff.data.pixels import PixelEncoder
 from mpdiff.diffusion.loss import EDM2Loss, sample_sigma
 from mpdiff.errors import DatasetError, NumericalError
@@ -135,10 +136,8 @@ class TrainStep:
         self.training = training
         self.seed = seed
         self.dist = dist or Distributed.single()
-        if training.batch % self.dist.world_size:
-            from mpdiff.errors import ConfigError
-            raise ConfigError(f"{{batch}} {training.batch} cannot be split evenly over {self.dist.world_size} "
-                              f"processes", fields=("batch",))
+        require(training.batch % self.dist.world_size == 0, f"{{batch}} {training.batch} cannot be split evenly over "
+                f"{self.dist.world_size} processes", "batch")
         self.local_batch = training.batch // self.dist.world_size
         self.micro_batch = min(micro_batch or training.batch, self.local_batch)
         self.max_nonfinite_steps = max_nonfinite_steps
