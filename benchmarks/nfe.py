@@ -6,6 +6,8 @@
     python benchmarks/nfe.py timing   [--batch 256] [--repeats 3]
     python benchmarks/nfe.py report   # benchmarks/results/nfe/: table.md, table.json, nfe.png
     python benchmarks/nfe.py all      # the three in turn (train only when RUN does not exist yet)
+    python benchmarks/nfe.py quality|guided|timing|report --preset mnist ...   # the MNIST preset with FID:
+                                      # benchmarks/nfe_mnist.py, results in benchmarks/results/nfe/mnist/
 
 `train` runs the digits main job, `mpdiff train --precision bf16 --run-dir RUN` (the default preset,
 196,608 images; it resumes if stopped). `quality` samples, for every sampler of
@@ -66,11 +68,26 @@ def machine():
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def read_rows():
-    if not os.path.exists(ROWS):
+def read_rows(path=None):
+    """The rows of `path` (default ROWS); rows of the same key (a later score of the same samples, e.g. the
+    MNIST preset's FID) are merged into the first, in order."""
+    path = path or ROWS
+    if not os.path.exists(path):
         return []
-    with open(ROWS, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    merged = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                merged.setdefault(row_key(row), {}).update(row)
+    return list(merged.values())
+
+
+def row_key(row):
+    """A row's point: the sampler, budget, precision, seed set and count, and for a guided row the guide
+    (kind, w, interval)."""
+    guided = (row["kind"], row["w"], tuple(row["interval"] or ())) if "kind" in row else ()
+    return (*guided, *key(row))
 
 
 def key(row):
@@ -191,11 +208,20 @@ def summarise(rows):
                   "accuracy": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
                   "fd": float(fd.mean()), "fd_std": float(fd.std(ddof=1)) if len(fd) > 1 else 0.0,
                   "fd_min": float(fd.min()), "fd_max": float(fd.max()), "ms_per_image": float(np.median(ms)),
-                  "fd_real_vs_real": float(np.mean([r["fd_real_vs_real"] for r in group])),
+                  "fd_real_vs_real": float(np.mean([r["fd_real_vs_real"] for r in group]))
+                  if all("fd_real_vs_real" in r for r in group) else None,
                   "fd_vs_baseline": float(np.mean([r["fd"] - base[r["set"]]["fd"] for r in paired]))
                   if paired else None,
                   "accuracy_vs_baseline": float(np.mean([r["accuracy"] - base[r["set"]]["accuracy"] for r in paired]))
                   if paired else None}
+        scored = [r for r in group if "fid" in r]  # the MNIST preset: FID, on the seed sets given it
+        if scored:
+            fid = np.array([r["fid"] for r in scored])
+            with_base = [r for r in scored if "fid" in base.get(r["set"], {})]
+            out[k].update({"fid": float(fid.mean()), "fid_std": float(fid.std(ddof=1)) if len(fid) > 1 else None,
+                           "fid_sets": [r["set"] for r in scored],
+                           "fid_vs_baseline": float(np.mean([r["fid"] - base[r["set"]]["fid"] for r in with_base]))
+                           if with_base else None})
     return out
 
 
@@ -336,17 +362,38 @@ def plot(points, samplers, base):
 def main(argv=None):
     global RESULTS, ROWS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=("train", "quality", "timing", "report", "all"))
-    parser.add_argument("--run", default=DEFAULT_RUN, help=f"the digits run directory [{DEFAULT_RUN}]")
+    parser.add_argument("what", choices=("train", "quality", "guided", "timing", "report", "all"))
+    parser.add_argument("--preset", choices=("digits", "mnist"), default="digits",
+                        help="digits: the digits main job; mnist: the MNIST preset with FID (benchmarks/nfe_mnist.py) "
+                             "[digits]")
+    parser.add_argument("--run", default=None, help=f"the run directory [{DEFAULT_RUN}; mnist: out/mnist/run]")
     parser.add_argument("--num", type=int, default=1000, help="images per seed set [1000]")
-    parser.add_argument("--sets", type=int, default=3, help="seed sets per point [3]")
-    parser.add_argument("--nfe", default=DEFAULT_NFE, help=f"NFE budgets [{DEFAULT_NFE}]")
+    parser.add_argument("--sets", type=int, default=None, help="seed sets per point [3; mnist: 1]")
+    parser.add_argument("--nfe", default=None, help=f"NFE budgets [{DEFAULT_NFE}; mnist: 5,9,15,25]")
     parser.add_argument("--samplers", default=None, help="comma list [every sampler]")
     parser.add_argument("--threads", type=int, default=1, help="torch threads [1]")
     parser.add_argument("--batch", type=int, default=256, help="images per timed batch [256]")
     parser.add_argument("--repeats", type=int, default=3, help="timed generations per point [3]")
-    parser.add_argument("--out", default=RESULTS, help="results folder [benchmarks/results/nfe]")
+    parser.add_argument("--out", default=None, help="results folder [benchmarks/results/nfe; mnist: .../nfe/mnist]")
+    parser.add_argument("--fid", default="", help="mnist: SAMPLER:NFE[:PRECISION] points (or guided KIND:W:LO-HI|all) scored with "
+                                                  "FID too, in this order, after every point's classifier scores")
+    parser.add_argument("--fid-sets", default="0", help="mnist: the seed sets of the --fid points [0]")
+    parser.add_argument("--guided-sampler", default="dpmpp-2m", help="mnist guided: the sampler [dpmpp-2m]")
+    parser.add_argument("--guided-nfe", type=int, default=25, help="mnist guided: the main network's NFE budget [25]")
+    parser.add_argument("--guide-run", default=None, help="mnist guided: the CFG guide's run [out/guidance/uncond]")
+    parser.add_argument("--w", default="2,3", help="mnist guided: guidance strengths [2,3]")
+    parser.add_argument("--interval", default="0.28,2.9", help="mnist guided: the guidance interval LO,HI "
+                                                               "[0.28,2.9: the paper's EDM2-S FID interval]")
     args = parser.parse_args(argv)
+    if args.preset == "mnist":
+        sys.modules.setdefault("nfe", sys.modules[__name__])  # nfe_mnist's `import nfe` is this module
+        import nfe_mnist
+
+        return nfe_mnist.main(args)
+    if args.what == "guided":
+        parser.error("guided: --preset mnist only")
+    args.run, args.out = args.run or DEFAULT_RUN, args.out or RESULTS
+    args.sets, args.nfe = args.sets or 3, args.nfe or DEFAULT_NFE
     RESULTS, ROWS = args.out, os.path.join(args.out, "rows.jsonl")
     from mpdiff.diffusion.samplers import SAMPLERS
 
