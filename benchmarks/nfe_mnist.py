@@ -339,12 +339,16 @@ def report():
     how = "the timing pass: median of its repeats" if timed else "the sampling of the scored sets, median"
     lines += _table(f"Wall time per image (ms; {how}; one torch thread, bf16):", samplers, budgets, points,
                     lambda p: f"{p['ms_per_image']:.2f}")
-    if fp32 is not None:
-        lines += ["", f"Heun, 63 NFE, float32: accuracy {100 * fp32['accuracy']:.1f}%, FD {fp32['fd']:.2f}"
-                      + (f", FID {fp32['fid']:.2f}" if fp32.get("fid") is not None else "")
-                      + f", {fp32['ms_per_image']:.2f} ms per image"
-                      + (f"; its images differ from bf16's by {fp32['rms_to_heun_63']:.1f} RMS (0-255)"
-                         if fp32.get("rms_to_heun_63") is not None else "") + "."]
+    singles = [p for p in points.values() if p["precision"] == "fp32"]
+    if singles:
+        lines += ["", "In float32 (set 0; the time of Heun-63 from the timing pass where it ran, the others from their "
+                      "sampling, batches of 250):", ""]
+    for p in sorted(singles, key=lambda p: -p["nfe"]):
+        lines.append(f"- {p['sampler']}, {p['nfe']} NFE: accuracy {100 * p['accuracy']:.1f}%, FD {p['fd']:.2f}"
+                     + (f", FID {p['fid']:.2f}" if p.get("fid") is not None else "")
+                     + f", {p['ms_per_image']:.2f} ms per image"
+                     + (f"; its images are {p['rms_to_heun_63']:.1f} RMS (0-255) from Heun-63's in bf16"
+                        if p.get("rms_to_heun_63") is not None else ""))
     guided_lines, guided_rows = report_guided()
     text = "\n".join(lines + guided_lines) + "\n"
     with open(os.path.join(RESULTS, "table.md"), "w", encoding="utf-8") as f:
