@@ -59,14 +59,15 @@ def sweep(configs, metrics=None, ref=None):
         if not os.path.exists(os.path.join(out, "sweep.json")):
             scoring = ["--metrics", metrics, "--ref", ref] if metrics else []  # else the digits evaluation
             subprocess.run(["mpdiff", "ema-sweep", run_dir(config), "--sigma-rel", SWEEP, "--seeds", SWEEP_SEEDS,
-                            "--steps", str(SWEEP_STEPS), "--no-progress", *scoring], check=True)
+                            "--sampler", "heun", "--steps", str(SWEEP_STEPS), "--no-progress", *scoring], check=True)
         traditional = os.path.join(run_dir(config), "ema-traditional.safetensors")
         samples = os.path.join(run_dir(config), "traditional-samples")
         result = os.path.join(run_dir(config), "traditional-eval.json")
         if os.path.exists(traditional) and not os.path.exists(result):
             if os.path.exists(samples):
                 shutil.rmtree(samples)
-            subprocess.run(["mpdiff", "generate", traditional, "--seeds", SWEEP_SEEDS, "--steps", str(SWEEP_STEPS),
+            subprocess.run(["mpdiff", "generate", traditional, "--seeds", SWEEP_SEEDS, "--sampler", "heun",
+                            "--steps", str(SWEEP_STEPS),
                             "--out", samples, "--no-progress"], check=True)
             text = subprocess.run(["mpdiff", "eval", samples, "--json"], check=True, capture_output=True,
                                   text=True).stdout

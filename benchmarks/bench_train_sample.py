@@ -56,7 +56,8 @@ def bench_sampling(preset, device, num_images, num_steps=32):
     generate(net, range(8), num_steps=2, progress=False, device=device)  # warm-up
     sync(device)
     start = time.perf_counter()
-    generate(net, range(num_images), batch_size=num_images, num_steps=num_steps, progress=False, device=device)
+    generate(net, range(num_images), batch_size=num_images, sampler="heun", num_steps=num_steps, progress=False,
+             device=device)
     sync(device)
     return num_images / (time.perf_counter() - start)
 

@@ -125,7 +125,7 @@ def quality(out, guide_run, mnist_paths, num, steps, w_values, fid, threads, aut
         seeds = list(range(num))
         images, classes = [], []
         for batch in generate_batches(net, seeds, [s % 10 for s in seeds], guide=guide_net, guidance=w,
-                                      num_steps=steps, batch_size=100):
+                                      sampler="heun", num_steps=steps, batch_size=100):
             images.append(decode_images(batch.images).numpy())
             classes += batch.classes
         images = np.concatenate(images)

@@ -278,7 +278,7 @@ def quality(paths, num, every, steps, fid, threads, while_training=False, real_e
         net, _ = load_network(path)
         seeds = list(range(num))
         images, classes = generate(net, seeds, class_idx=[s % 10 for s in seeds] if net.label_dim else None,
-                                   num_steps=steps, progress=False)
+                                   sampler="heun", num_steps=steps, progress=False)
         images = decode_images(images).numpy()
         sampled = time.perf_counter()
         _, predicted = classifier_outputs(classifier, images)

@@ -18,7 +18,7 @@ for name, images in (("heldout", p["test_images"]), ("train1000", p["train_image
         Image.fromarray(im[0]).save(f"{name}/{i:04d}.png")
 PY
 date
-mpdiff generate "$RUN" --sigma-rel 0.05 --seeds 0-499 --steps 32 --out samples --no-progress
+mpdiff generate "$RUN" --sigma-rel 0.05 --seeds 0-499 --sampler heun --steps 32 --out samples --no-progress
 date
 mpdiff ref heldout --out heldout-fid.npz --metrics fid --no-progress
 date

@@ -58,7 +58,7 @@ def evaluate(out, results, name, run_dir, setting, first_seed):
         precision, _, compile_ = setting.partition("-")
         start = time.perf_counter()
         mpdiff("generate", run_dir, "--seeds", f"{first_seed}-{first_seed + 999}", "--out", folder,
-               "--precision", precision, *(["--compile"] if compile_ else []))
+               "--sampler", "heun", "--precision", precision, *(["--compile"] if compile_ else []))
         seconds = time.perf_counter() - start
         result = json.loads(mpdiff("eval", folder, "--json"))
         results[key] = dict(run=name, train_precision=name.split("-")[0], sample_precision=setting,

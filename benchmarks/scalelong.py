@@ -125,7 +125,7 @@ def quality(names, metrics=None, ref=None):
                      if abs(s.sigma_rel - QUALITY_SIGMA_REL) < 1e-6 and s.nimg not in done]
         for snapshot in sorted(snapshots, key=lambda s: s.nimg):
             net, _ = load_network(snapshot.path)
-            images, classes = generate(net, list(QUALITY_SEEDS), num_steps=QUALITY_STEPS, progress=False)
+            images, classes = generate(net, list(QUALITY_SEEDS), sampler="heun", num_steps=QUALITY_STEPS, progress=False)
             pixels = decode_images(images)
             result = evaluate_digits(pixels.numpy(), classes, classifier=classifier)
             row = {"nimg": snapshot.nimg, "accuracy": result["accuracy"], "fd": result["fd"],
@@ -142,7 +142,7 @@ def quality(names, metrics=None, ref=None):
             last = max((s for s in list_snapshots(RunLayout(run_dir(name)).snapshot_dir)
                         if abs(s.sigma_rel - QUALITY_SIGMA_REL) < 1e-6), key=lambda s: s.nimg)
             net, _ = load_network(last.path)
-            images, classes = generate(net, list(FINAL_SEEDS), num_steps=QUALITY_STEPS, progress=False)
+            images, classes = generate(net, list(FINAL_SEEDS), sampler="heun", num_steps=QUALITY_STEPS, progress=False)
             result = evaluate_digits(decode_images(images).numpy(), classes, classifier=classifier)
             write_json(final_path, {"nimg": last.nimg, "num_samples": len(FINAL_SEEDS), "accuracy": result["accuracy"],
                                     "fd": result["fd"], "fd_real_vs_real": result["fd_real_vs_real"],

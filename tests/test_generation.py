@@ -123,17 +123,22 @@ def tiny_net():
 
 
 def test_stochastic_generation_is_per_seed_and_differs_from_the_deterministic(tiny_net):
-    kwargs = dict(num_steps=3, progress=False, S_churn=30.0)
+    kwargs = dict(sampler="heun", num_steps=3, progress=False, S_churn=30.0)
     together, _ = generate(tiny_net, [4, 8, 1], batch_size=3, **kwargs)
     moved, _ = generate(tiny_net, [1, 4, 8, 9], batch_size=3, **kwargs)
     assert torch.equal(together, moved[[1, 2, 0]])  # churn noise comes from each seed's own stream
-    plain, _ = generate(tiny_net, [4, 8, 1], batch_size=3, num_steps=3, progress=False)
-    assert torch.equal(generate(tiny_net, [4, 8, 1], batch_size=3, num_steps=3, progress=False, S_churn=0.0)[0], plain)
+    plain, _ = generate(tiny_net, [4, 8, 1], batch_size=3, sampler="heun", num_steps=3, progress=False)
+    assert torch.equal(generate(tiny_net, [4, 8, 1], batch_size=3, sampler="heun", num_steps=3, progress=False,
+                                S_churn=0.0)[0], plain)
     assert (together - plain).abs().max() > 1e-3
 
 
 def test_sampling_config_refuses_what_no_sampler_can_use():
-    assert SAMPLING.check() is SAMPLING and SAMPLING.sampler == "heun"
+    # the default: DPM-Solver++(2M) in 25 steps; heun alone is EDM2's sampler, 32 steps (63 NFE)
+    assert SAMPLING.sampler == "dpmpp-2m" and SAMPLING.num_steps is None and SAMPLING.check().num_steps == 25
+    assert SAMPLING.check().check() == SAMPLING.check()
+    assert SAMPLING.replace(sampler="heun").check().num_steps == 32
+    assert SAMPLING.replace(sampler="heun", num_steps=7).check().num_steps == 7
     for bad, field in [(dict(sampler="rk4"), "sampler"), (dict(num_steps=0), "num_steps"),
                        (dict(S_churn=float("nan")), "S_churn"), (dict(sigma_min=90.0), "sigma_min"),
                        (dict(S_noise=-1.0), "S_noise"), (dict(S_max=-1.0), "S_max")]:
@@ -436,7 +441,7 @@ def test_two_process_generation_and_metrics_equal_one_process(partial_run, tmp_p
     # One process: this one (the command through click's runner); two: torchrun's.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["generate", str(partial_run), "--seeds", "0-10", "--batch", "3", "--steps", "2", "--no-progress",
-              "--class", "4", "--churn", "5"]
+              "--class", "4", "--sampler", "heun", "--churn", "5"]
     one = run_cli(*common, "--out", tmp_path / "one")
     assert one.exit_code == 0, one.output
     # "--" ends torchrun's own options: without it, Python's argparse takes "--num" for an abbreviation of

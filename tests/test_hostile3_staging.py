@@ -228,7 +228,7 @@ def test_a_network_that_produces_nan_writes_no_image(partial_run, monkeypatch, b
             return out * float("nan") if float(torch.as_tensor(sigma).max()) < below else out
 
     monkeypatch.setattr(generation, "Counted", NanNetwork)
-    line = _refused(run_cli("generate", partial_run, *GEN, "--out", "out"))  # Heun: its correction at 0.002
+    line = _refused(run_cli("generate", partial_run, *GEN, "--sampler", "heun", "--out", "out"))  # its correction at 0.002
     assert f"error: seeds 0..3: {message}" in line, line
     assert not os.path.exists("out") and [n for n in os.listdir(".out.generating") if n.endswith(".png")] == []
 

@@ -223,8 +223,10 @@ def test_counted_counts_calls_and_passes_them_through():
 
 
 def test_nfe_budget_chooses_the_steps():
-    assert SAMPLING.with_nfe(63).num_steps == 32 and SAMPLING.with_nfe(25).num_steps == 13
-    assert SAMPLING.with_nfe(24).num_steps == 12  # Heun's NFE is odd: 23 within a budget of 24
+    heun = SAMPLING.replace(sampler="heun")
+    assert heun.with_nfe(63).num_steps == 32 and heun.with_nfe(25).num_steps == 13
+    assert heun.with_nfe(24).num_steps == 12  # Heun's NFE is odd: 23 within a budget of 24
+    assert SAMPLING.with_nfe(25).num_steps == 25  # the default sampler, one evaluation per step
     for name in SAMPLER_NAMES:
         sampling = SAMPLING.replace(sampler=name).with_nfe(15)
         assert network_evaluations(name, sampling.num_steps) <= 15
@@ -239,7 +241,7 @@ def test_nfe_budget_chooses_the_steps():
 
 
 def test_churn_is_for_euler_and_heun_and_the_interval_must_be_an_interval():
-    assert SAMPLING.replace(S_churn=5.0).check().S_churn == 5.0
+    assert SAMPLING.replace(sampler="heun", S_churn=5.0).check().S_churn == 5.0
     for name in ("dpmpp-2m", "dpmpp-2m-sde", "unipc"):
         with pytest.raises(ConfigError) as e:
             SAMPLING.replace(sampler=name, S_churn=5.0).check()

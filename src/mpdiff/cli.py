@@ -387,7 +387,7 @@ def _at_nimg(text):
 @click.option("--seeds", default="0-499", show_default=True, help="Samples per EMA length.")
 @click.option("--sampler", type=click.Choice(SAMPLER_NAMES), default=SAMPLING.sampler, show_default=True,
               help="Solver (as for generate).")
-@click.option("--steps", type=int, default=SAMPLING.num_steps, show_default=True, help="Sampler steps per sample.")
+@click.option("--steps", type=int, default=None, help="Sampler steps per sample [32 for heun, 25 for the others].")
 @click.option("--at", "at", default=None, help="Snapshot time in images, e.g. 8Mi or 8388608 [default: the last].")
 @click.option("--out", "out_dir", default=None, help="Output folder [default: RUN_DIR/ema-sweep].")
 @click.option("--metrics", "metric_names", default=None,

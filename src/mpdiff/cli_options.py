@@ -162,8 +162,9 @@ def sampling_options(func):
     fields = [f for f in dataclasses.fields(SamplingConfig) if f.metadata.get("flag") and f.name != "batch_size"]
     for field in reversed(fields):
         default = getattr(SAMPLING, field.name)
+        shown = f" [{default}]" if field.name != "num_steps" else ""  # its help says the sampler's defaults
         func = click.option(field.metadata["flag"], field.name, default=None, type=_click_type(field),
-                            help=f"{field.metadata['help']} [{default}]")(func)
+                            help=f"{field.metadata['help']}{shown}")(func)
         if field.name == "num_steps":  # the budget as network evaluations, beside the steps
             func = click.option("--nfe", "nfe", type=int, default=None,
                                 help="NFE budget per image: the most --steps of the sampler within it (heun: "

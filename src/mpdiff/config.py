@@ -266,7 +266,7 @@ class RunOptions(_Config):
     keep_checkpoints: int = option(2, "Checkpoints kept; older verified ones are pruned.")
     max_nonfinite_steps: int = option(50, "Stop after this many consecutive steps with non-finite loss or "
                                           "gradients.", flag="--max-nonfinite-steps")
-    grid_steps: int = option(32, "Sampler steps for the sample grids.")
+    grid_steps: Optional[int] = option(None, "Sampler steps for the sample grids; None = the default sampler's.")
     final_grid: bool = option(True, "Sample a grid at the end of training (one sampler batch, at most one "
                                     "training batch of images).", flag="--final-grid/--no-final-grid")
     device: str = option("cpu", "Torch device, e.g. cpu or cuda.", flag="--device")
@@ -300,13 +300,17 @@ class RunOptions(_Config):
 
 @dataclass(frozen=True)
 class SamplingConfig(_Config):
-    """The sampler and its noise-level schedule (SPEC §6.1-6.3): EDM's Heun sampler by default; Euler, EDM's
-    churn for either, multistep solvers (docs/SAMPLING.md); and the guidance interval."""
+    """The sampler and its noise-level schedule (SPEC §6.1-6.3): DPM-Solver++(2M) in 25 steps by default
+    (Heun-63's quality at 25 NFE, measured: docs/SAMPLING.md); EDM2's Heun sampler (32 steps, 63 NFE) is
+    `sampler="heun"`; Euler, EDM's churn for either, the other multistep solvers; the guidance interval.
+    `num_steps` None is the sampler's default (:func:`default_steps`), made explicit by `check()`."""
     KIND = "sampling"
-    sampler: str = option("heun", "Solver: 'heun' (2nd order, NFE = 2 x steps - 1), 'euler' (1st order), 'dpmpp-2m', "
-                                  "'dpmpp-3m' (DPM-Solver++, 2nd and 3rd order), 'dpmpp-2m-sde' (stochastic) or "
-                                  "'unipc' (UniPC-bh2, 3rd order); NFE = steps for all but heun.", flag="--sampler")
-    num_steps: int = option(32, "Sampler steps (--nfe sets them from an NFE budget instead).", flag="--steps")
+    sampler: str = option("dpmpp-2m", "Solver: 'dpmpp-2m', 'dpmpp-3m' (DPM-Solver++, 2nd and 3rd order), "
+                                      "'dpmpp-2m-sde' (stochastic), 'unipc' (UniPC-bh2, 3rd order), 'euler' (1st "
+                                      "order) or 'heun' (EDM2's: 2nd order, NFE = 2 x steps - 1); NFE = steps for "
+                                      "all but heun.", flag="--sampler")
+    num_steps: Optional[int] = option(None, "Sampler steps (or --nfe, a budget); None = the sampler's default: "
+                                            "32 for heun (EDM2's 63 NFE), 25 for the others.", flag="--steps")
     sigma_min: float = option(0.002, "Lowest noise level.", flag="--sigma-min")
     sigma_max: float = option(80.0, "Highest noise level.", flag="--sigma-max")
     rho: float = option(7.0, "Schedule exponent.", flag="--rho")
@@ -329,7 +333,9 @@ class SamplingConfig(_Config):
               "[or the guidance preset's].", flag="--guidance-interval", parse="floats")
 
     def check(self):
-        """Refuse values no sampler can use, naming the field."""
+        """Refuse values no sampler can use, naming the field; the config with its steps made explicit."""
+        if self.num_steps is None:
+            return self.replace(num_steps=default_steps(self.sampler)).check()
         require(self.sampler in SAMPLER_NAMES, f"{{sampler}} {self.sampler!r} is not one of {', '.join(SAMPLER_NAMES)}",
                 "sampler")
         require(self.num_steps >= 1 and self.batch_size >= 1, "{num_steps} and {batch_size} must be at least 1",
@@ -349,9 +355,9 @@ class SamplingConfig(_Config):
         check_precision(self.precision)
         require(self.S_max is None or (math.isfinite(self.S_max) and self.S_max >= self.S_min),
                 f"{{S_max}} must be a finite number >= {{S_min}}, got {self.S_max}", "S_max", "S_min")
-        require(self.S_churn == 0 or self.sampler in CHURN_SAMPLERS, f"{{S_churn}} is EDM's stochastic sampler, for "
-                f"{' and '.join(CHURN_SAMPLERS)}; {self.sampler} takes none (dpmpp-2m-sde is the stochastic "
-                f"multistep solver)", "S_churn", "sampler")
+        require(self.S_churn == 0 or self.sampler in CHURN_SAMPLERS, f"{{S_churn}} is EDM's stochastic sampler: give "
+                f"{{sampler}} {' or '.join(CHURN_SAMPLERS[::-1])}; {self.sampler} takes none (dpmpp-2m-sde is the "
+                f"stochastic multistep solver)", "S_churn", "sampler")
         lo, hi = self.guidance_interval or (0, 1)
         require(math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi, f"{{guidance_interval}} must be noise levels "
                 f"LO,HI with 0 <= LO < HI, got {lo},{hi}", "guidance_interval")
@@ -426,12 +432,18 @@ def flag_for(name):
 MAX_SAMPLER_STEPS = 100_000  # a schedule is a list of steps + 1 noise levels
 SAMPLER_NAMES = ("euler", "heun", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "unipc")  # diffusion.samplers.SAMPLERS
 CHURN_SAMPLERS = ("euler", "heun")            # the samplers that take EDM's churn (S_churn > 0)
+EDM2_STEPS = 32     # EDM2's sampler: Heun in 32 steps, 63 NFE (the paper's FIDs)
+DEFAULT_STEPS = 25  # every other sampler: Heun-63's quality at 25 NFE on both measured jobs (docs/SAMPLING.md)
 LADDER_CONFIGS = ("A", "B", "C", "D", "E", "F", "G")  # the ablation ladder (SPEC §4; mpdiff.nn.ladder)
 SKIP_MODES = ("none", "cs", "cs-mp", "ls", "ls-nonshared")  # long-skip scaling (ScaleLong, SPEC §9; mpdiff.nn.skips)
 KAPPA_RULES = ("skip", "level", "all")        # kappa_i of the i-th skip (mpdiff.nn.skips.skip_coefficients)
 ATTN_IMPLS = ("matmul", "sdpa")               # attention kernels (mpdiff.nn.primitives.cosine_attention)
 SIGMA_REL_NAMED_MIN = 0.001  # the smallest EMA length that file names (3 decimals) tell apart from 0
 SIGMA_REL_MAX = 12 ** -0.5  # gamma -> 0 (uniform profile); the open upper end of the valid range (Eq. 123)
+
+
+def default_steps(sampler):  # the steps of `sampler` when none are given
+    return EDM2_STEPS if sampler == "heun" else DEFAULT_STEPS
 
 
 def network_evaluations(sampler, num_steps):

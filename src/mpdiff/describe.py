@@ -81,7 +81,7 @@ def description_lines(desc, as_asked=False):
                      f"C0 {n['model_channels']}")
     if "measured" in desc:
         m = desc["measured"]
-        evaluations = network_evaluations(SAMPLING.sampler, SAMPLING.num_steps)  # what train.measure times
+        evaluations = network_evaluations(SAMPLING.sampler, SAMPLING.check().num_steps)  # what train.measure times
         d = m["default_micro_batch"]
         lines += [
             f"  measured    batch {m['batch']} on this machine ({torch_threads_note()}):",

@@ -128,7 +128,7 @@ def sampling_networks(source, sampling, sigma_rel=None, guide=None, guidance=Non
     """
     choice = check_guidance(resolve_guidance(guidance_preset, guidance, sigma_rel, guide_sigma_rel), guide is not None)
     net, described = resolve_network(source, choice.sigma_rel, device=device)
-    lines = [f"network: {described}"]
+    lines = [f"network: {described}", f"sampler: {sampling.sampler}, {sampling.check().num_steps} steps"]
     guide_net = None
     if guide is not None:
         guide_net, guide_described = resolve_network(guide, choice.guide_sigma_rel, device=device)

@@ -2,10 +2,10 @@
 
 import torch
 
-from mpdiff.config import SAMPLING
+from mpdiff.config import EDM2_STEPS, SAMPLING
 
 
-def edm_sigmas(num_steps=SAMPLING.num_steps, sigma_min=SAMPLING.sigma_min, sigma_max=SAMPLING.sigma_max,
+def edm_sigmas(num_steps=EDM2_STEPS, sigma_min=SAMPLING.sigma_min, sigma_max=SAMPLING.sigma_max,
                rho=SAMPLING.rho, device="cpu"):
     """t_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, then t_N = 0."""
     if num_steps < 1:

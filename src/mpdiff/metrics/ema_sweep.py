@@ -79,7 +79,7 @@ def profile_errors(run_dir, sigma_rels, at_nimg=None):
     return {round(float(s), 6): profile_reconstruction_error(in_t, in_sigma, at_nimg, s)[1] for s in sigma_rels}
 
 
-def ema_sweep(run_dir, sigma_rels, seeds, num_steps=SAMPLING.num_steps, at_nimg=None, out_dir=None, progress=True,
+def ema_sweep(run_dir, sigma_rels, seeds, num_steps=None, at_nimg=None, out_dir=None, progress=True,
               metrics=None, ref=None, dinov2=None, device="cpu", vae=None, sampler=SAMPLING.sampler, report=None):
     """Returns dict(rows, table, plot, json). Each row: sigma_rel, nimg, the grid of its samples and the
     evaluation's numbers (none in the grids-only mode; see :func:`_evaluator`). A latent run's samples are

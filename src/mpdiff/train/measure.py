@@ -57,7 +57,7 @@ def _run(kind, network, batch, steps, threads, result):
         def work():
             with torch.no_grad():
                 net(images, sigma, labels)
-        evaluations = network_evaluations(SAMPLING.sampler, SAMPLING.num_steps)  # one image, default sampler
+        evaluations = network_evaluations(SAMPLING.sampler, SAMPLING.check().num_steps)  # one image, default sampler
     work()  # warm-up: first-call costs are not the steady state
     start = time.perf_counter()
     for _ in range(steps):
