@@ -340,14 +340,22 @@ def report():
     lines += _table(f"Wall time per image (ms; {how}; one torch thread, bf16):", samplers, budgets, points,
                     lambda p: f"{p['ms_per_image']:.2f}")
     singles = [p for p in points.values() if p["precision"] == "fp32"]
+    fids = {(r["sampler"], r["nfe_budget"], r["precision"], r["set"]): r["fid"] for r in rows if "fid" in r}
     if singles:
-        lines += ["", "In float32 (set 0; the time of Heun-63 from the timing pass where it ran, the others from their "
-                      "sampling, batches of 250):", ""]
+        lines += ["", "In float32 (means over the seed sets scored; FID paired against Heun-63 in float32 on the same "
+                      "sets; the time of Heun-63 from the timing pass where it ran, the others from their sampling, "
+                      "batches of 250):", ""]
     for p in sorted(singles, key=lambda p: -p["nfe"]):
+        sets = sorted(k for (s, n, q, k) in fids if (s, n, q) == (p["sampler"], p["nfe"], "fp32"))
+        paired = [fids[(p["sampler"], p["nfe"], "fp32", k)] - fids[(*nfe.BASELINE, "fp32", k)] for k in sets
+                  if (*nfe.BASELINE, "fp32", k) in fids]
         lines.append(f"- {p['sampler']}, {p['nfe']} NFE: accuracy {100 * p['accuracy']:.1f}%, FD {p['fd']:.2f}"
-                     + (f", FID {p['fid']:.2f}" if p.get("fid") is not None else "")
+                     + (f", FID {p['fid']:.2f} (sets {', '.join(map(str, sets))})" if p.get("fid") is not None else "")
+                     + (f", {np.mean(paired):+.2f} against Heun-63 in float32 "
+                        f"({', '.join(f'{d:+.2f}' for d in paired)})"
+                        if paired and (p["sampler"], p["nfe"]) != nfe.BASELINE else "")
                      + f", {p['ms_per_image']:.2f} ms per image"
-                     + (f"; its images are {p['rms_to_heun_63']:.1f} RMS (0-255) from Heun-63's in bf16"
+                     + (f"; its images are {p['rms_to_heun_63']:.1f} RMS (0-255) from Heun-63's in bf16 (set 0)"
                         if p.get("rms_to_heun_63") is not None else ""))
     guided_lines, guided_rows = report_guided()
     text = "\n".join(lines + guided_lines) + "\n"

@@ -133,6 +133,35 @@ def test_stochastic_generation_is_per_seed_and_differs_from_the_deterministic(ti
     assert (together - plain).abs().max() > 1e-3
 
 
+def test_bf16_sampling_evaluates_the_low_noise_levels_in_float32(tiny_net):
+    # bf16 cannot resolve the noise of c_in x at low sigma (docs/SAMPLING.md): there the network runs in float32.
+    from mpdiff.nn.fast import accelerate
+    from mpdiff.nn.runtime import BF16_FLOAT32_BELOW, low_noise_float32, precision_of
+
+    net = accelerate(tiny_net)
+    shape = (3, net.img_channels, net.img_resolution, net.img_resolution)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    labels = torch.eye(10)[[1, 4, 7]]
+    with torch.no_grad():
+        exact = {s: net(x, torch.full([3], s), labels) for s in (0.002, 0.5, BF16_FLOAT32_BELOW, 1.5, 80.0)}
+        assert low_noise_float32(net, net) is net  # float32: nothing to do
+        with precision_of("bf16", net):
+            denoise = low_noise_float32(net, net)
+            for s, d in exact.items():
+                plain = net(x, torch.full([3], s), labels)
+                assert torch.equal(denoise(x, torch.full([3], s), labels), d if s <= BF16_FLOAT32_BELOW else plain)
+                assert not torch.equal(plain, d)  # bf16 does differ, so the equalities above say something
+    seen = []
+    hook = net.register_forward_pre_hook(lambda m, args, kwargs: seen.append(
+        (float(args[1].max()), kwargs.get("force_fp32", False))), with_kwargs=True)
+    try:
+        generate(net, [0, 1], num_steps=6, progress=False, precision="bf16")
+    finally:
+        hook.remove()
+    assert len(seen) == 6 and [f for _, f in seen] == [s <= BF16_FLOAT32_BELOW for s, _ in seen]
+    assert 0 < sum(f for _, f in seen) < 6
+
+
 def test_sampling_config_refuses_what_no_sampler_can_use():
     # the default: DPM-Solver++(2M) in 25 steps; heun alone is EDM2's sampler, 32 steps (63 NFE)
     assert SAMPLING.sampler == "dpmpp-2m" and SAMPLING.num_steps is None and SAMPLING.check().num_steps == 25

@@ -80,25 +80,28 @@ def generate_batches(net, seeds, class_idx=None, sampling=None, guide=None, guid
     `callback(step)` is passed to the sampler (:class:`mpdiff.diffusion.samplers.Step`).
     Keyword overrides are SamplingConfig fields (num_steps=..., batch_size=..., S_churn=...).
     """
-    from mpdiff.nn.runtime import compiled, precision_of
+    from mpdiff.nn.runtime import compiled, low_noise_float32, precision_of
 
     sampling = sampling_config(sampling, **overrides)
     net = accelerate(net.eval())  # the fast twin, in place: the same function (mpdiff.nn.fast)
     if guide is not None:
         guide = accelerate(guide.eval())
-    with precision_of(sampling.precision, net, guide):
-        yield from _batches(net, compiled(net, sampling.compile, frozen=True), seeds, class_idx, sampling,
-                            compiled(guide, sampling.compile, frozen=True), guidance, device, progress,
-                            callback)
+    with precision_of(sampling.precision, net, guide):  # bf16: float32 at low noise levels
+        model = low_noise_float32(compiled(net, sampling.compile, frozen=True), net, device)
+        guide_model = low_noise_float32(compiled(guide, sampling.compile, frozen=True), guide, device)
+        yield from _batches((net, model), seeds, class_idx, sampling, (guide, guide_model), guidance, device,
+                            progress, callback)
 
 
-def _batches(net, model, seeds, class_idx, sampling, guide, guidance, device, progress, callback):
-    """generate_batches' loop: `net` describes the images, `model` (net, or net compiled) makes them."""
+def _batches(nets, seeds, class_idx, sampling, guides, guidance, device, progress, callback):
+    """generate_batches' loop. `nets` is (net, model): `net` describes the images, `model` makes them (net,
+    or net compiled, as a denoiser); `guides` likewise, (None, None) without a guide."""
+    (net, model), (guide, guide_model) = nets, guides
     seeds = [int(s) for s in seeds]
     per_seed = classes_per_seed(class_idx, len(seeds))
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
     sigmas = edm_sigmas(sampling.num_steps, sampling.sigma_min, sampling.sigma_max, sampling.rho)
-    counted_net, counted_guide = Counted(model), None if guide is None else Counted(guide)
+    counted_net, counted_guide = Counted(model), None if guide is None else Counted(guide_model)
     denoise = guided(counted_net, counted_guide, guidance, sampling.guidance_interval)
     sampler = SAMPLERS[sampling.sampler]
     own_bar = progress is True
