@@ -133,7 +133,7 @@ def main():
             if side == "ours" and precision == "bf16-all":  # every evaluation in bf16 (before issue 31)
                 denoise = set_precision(ours.eval(), "bf16")
             elif side == "ours":  # as mpdiff generate runs it: bf16 evaluates sigma <= T in float32
-                runtime.BF16_FLOAT32_BELOW = float(precision[5:]) if precision.startswith("bf16@") else below
+                runtime.BF16_FLOAT32_BELOW = float(precision[5:]) if (precision or "").startswith("bf16@") else below
                 denoise = low_noise_float32(set_precision(ours.eval(), precision and precision[:4]), ours)
             try:
                 with torch.no_grad():
