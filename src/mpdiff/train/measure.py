@@ -72,7 +72,8 @@ def measure(network, batch, steps=2, threads=None):
     """{'train': {...}, 'sample': {...}} for `network` (a NetworkConfig) at `batch` images per step.
 
     train: img/s of training steps (forward, backward, Adam); sample: img/s of the default sampler
-    (2 x steps - 1 evaluations per image); working_bytes: peak memory above the built network.
+    (its evaluations per image, in the network's default precision); working_bytes: peak memory above the
+    built network.
     """
     from mpdiff.nn.build import build_meta_network
 
