@@ -65,8 +65,8 @@ class Batch(NamedTuple):
 
 
 def sampling_config(sampling=None, **overrides):
-    """`sampling` (default: the EDM sampler's defaults) with field overrides such as num_steps=16,
-    checked. Unknown names raise TypeError, as a misspelt keyword should."""
+    """`sampling` (default: mpdiff.config.SAMPLING, DPM-Solver++(2M) in 25 steps) with field overrides such
+    as num_steps=16, checked. Unknown names raise TypeError, as a misspelt keyword should."""
     sampling = sampling or SAMPLING
     return (sampling.replace(**overrides) if overrides else sampling).check()
 
