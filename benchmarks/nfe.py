@@ -295,13 +295,18 @@ def report():
         faster = f"; {fp32['ms_per_image'] / p['ms_per_image']:.1f}x as fast as Heun-63 in float32" if fp32 else ""
         lines.append(f"- {s}: NFE {fewest[s]} (FD {p['fd']:.2f}, accuracy {100 * p['accuracy']:.1f}%, "
                      f"{p['ms_per_image']:.2f} ms per image{faster})")
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(RESULTS, "table.md"), "w", encoding="utf-8") as f:
-        f.write(text)
-    with open(os.path.join(RESULTS, "table.json"), "w", encoding="utf-8") as f:
-        json.dump({"points": list(points.values()), "fewest_nfe_matching_heun_63": fewest,
-                   "machine": rows[0]["machine"], "dates": [rows[0]["date"], rows[-1]["date"]]}, f, indent=1)
+    write_tables(RESULTS, "\n".join(lines) + "\n",
+                 {"points": list(points.values()), "fewest_nfe_matching_heun_63": fewest,
+                  "machine": rows[0]["machine"], "dates": [rows[0]["date"], rows[-1]["date"]]})
     plot(points, samplers, base)
+
+
+def write_tables(folder, text, summary):
+    """A report's table.md (`text`, also printed) and table.json (`summary`) in `folder`."""
+    with open(os.path.join(folder, "table.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    with open(os.path.join(folder, "table.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
     print(text)
 
 

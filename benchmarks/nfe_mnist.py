@@ -358,14 +358,10 @@ def report():
                      + (f"; its images are {p['rms_to_heun_63']:.1f} RMS (0-255) from Heun-63's in bf16 (set 0)"
                         if p.get("rms_to_heun_63") is not None else ""))
     guided_lines, guided_rows = report_guided()
-    text = "\n".join(lines + guided_lines) + "\n"
-    with open(os.path.join(RESULTS, "table.md"), "w", encoding="utf-8") as f:
-        f.write(text)
-    with open(os.path.join(RESULTS, "table.json"), "w", encoding="utf-8") as f:
-        json.dump({"points": list(points.values()), "guided": guided_rows, "machine": rows[0]["machine"],
-                   "dates": [dates[0], dates[-1]]}, f, indent=1)
+    nfe.write_tables(RESULTS, "\n".join(lines + guided_lines) + "\n",
+                     {"points": list(points.values()), "guided": guided_rows, "machine": rows[0]["machine"],
+                      "dates": [dates[0], dates[-1]]})
     plot(points, samplers, base)
-    print(text)
 
 
 def plot(points, samplers, base):
