@@ -309,7 +309,7 @@ class SamplingConfig(_Config):
                                       "'dpmpp-2m-sde' (stochastic), 'unipc' (UniPC-bh2, 3rd order), 'euler' (1st "
                                       "order) or 'heun' (EDM2's: 2nd order, NFE = 2 x steps - 1); NFE = steps for "
                                       "all but heun.", flag="--sampler")
-    num_steps: Optional[int] = option(None, "Sampler steps (or --nfe, a budget); None = the sampler's default: "
+    num_steps: Optional[int] = option(None, "Sampler steps (or --nfe, a budget); unset: the sampler's default: "
                                             "32 for heun (EDM2's 63 NFE), 25 for the others.", flag="--steps")
     sigma_min: float = option(0.002, "Lowest noise level.", flag="--sigma-min")
     sigma_max: float = option(80.0, "Highest noise level.", flag="--sigma-max")
